@@ -1,0 +1,42 @@
+# One place for every command a user or CI types. See README.md.
+PY      ?= .venv/bin/python
+TASK    ?= gsm8k
+DIV     ?= rkl
+PRESET  ?= tiny
+SEED    ?= 0
+QUICK   ?=
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test models train eval report bench-loss bench-specdec bench-train clean
+
+setup:  ## create .venv and install runtime + test dependencies
+	python3 -m venv .venv
+	.venv/bin/pip install --upgrade -q pip
+	.venv/bin/pip install -r requirements.txt -r requirements-test.txt
+
+test:   ## the whole test suite, offline
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+models: ## build (or reuse) the offline tiny teacher/student pairs and print their summary
+	$(PY) models.py --task all
+
+train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|paper] [SEED=0]
+	$(PY) distill.py --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED)
+
+eval:   ## speculative-decoding acceptance of the baseline and every distilled student [TASK=...]
+	$(PY) evaluate.py --preset $(PRESET) $(if $(filter command line,$(origin TASK)),--task $(TASK),)
+
+report: ## the whole study -> results/REPORT.md  (QUICK=1: one seed, fewer steps)
+	$(PY) report.py $(if $(QUICK),--quick,)
+
+bench-loss:
+	$(PY) bench/bench_loss.py
+
+bench-specdec:
+	$(PY) bench/bench_specdec.py
+
+bench-train:
+	$(PY) bench/bench_train.py
+
+clean:
+	rm -rf runs results .pytest_cache
