@@ -1,0 +1,458 @@
+"""On-policy distillation of a speculative-decoding draft (the student q) from a frozen target (the teacher p).
+
+The objective is GKD's (Agarwal et al. 2024, arXiv 2306.13649):
+
+    L(theta) = (1 - lmbda) * E_{(x, y) ~ data}[ D(x, y) ]  +  lmbda * E_{x ~ prompts, y ~ q_theta(.|x)}[ D(x, y) ]
+
+    D(x, y) = sum_t  d( p(. | x, y_<t), q_theta(. | x, y_<t) )   summed over the completion tokens y_t,
+
+and no gradient flows through the sampling of y (the samples are data, drawn under torch.no_grad).
+lmbda = 1 (the default, as in the seed project) is purely on-policy and needs no dataset answers
+("zero-label"). The off-policy share (1 - lmbda) uses the dataset's reference answers, or, with
+--off-policy teacher, completions sampled from the teacher (sequence-level KD).
+
+The per-token divergence d is chosen with --div (implemented in divergences.py; p = teacher, q = student):
+    fkl   forward KL   KL(p || q) = sum_x p log(p / q)    mean-seeking: q must cover all of p's mass
+    rkl   reverse KL   KL(q || p) = sum_x q log(q / p)    mode-seeking: q may drop p's minor modes
+    jsd   generalized JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+          (TRL's convention: beta = 0 is exactly fkl, beta = 1 exactly rkl)
+    tvd   total variation  0.5 * sum_x |p - q|  = 1 - sum_x min(p, q) = 1 - (the acceptance probability)
+    ajsd  JSD with a per-token beta that falls with the teacher's entropy (see divergences.py)
+
+Both distributions are softmax(logits / tau) with tau = --loss-temperature. Default: tau = the sampling
+temperature (the task's, e.g. 0.6 for gsm8k). Why: speculative decoding is evaluated at that temperature,
+and the acceptance probability of a drafted token is sum_x min(p_tau, q_tau), so the distributions the
+draft must match are the tempered ones; also the on-policy samples come from q_tau, so with tau equal to
+the sampling temperature E_{y ~ q_tau}[KL(q_tau || p_tau)] is exactly the sequence-level reverse KL of the
+distributions being sampled. (TRL's GKDTrainer samples at T but computes the loss at 1.0 - an accident.)
+With sampling temperature 0 (greedy) the default falls back to tau = 1. Top-p is not applied in the loss.
+
+Loss normaliser: the sum of d over every completion token of the whole optimizer step (all
+gradient-accumulation micro-batches, all ranks), divided by the number of those tokens. Every token
+weighs the same however the batch is split; per-micro-batch means (TRL) weigh short micro-batches more.
+
+Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
+      torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+import data
+import divergences
+import models
+import specdec
+
+OFF_POLICY = ("dataset", "teacher")
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    # what to distil
+    task: str = "gsm8k"
+    div: str = "rkl"
+    beta: float = 0.5                # jsd only (0 = fkl, 1 = rkl)
+    preset: str = "tiny"             # models.preset_config: models, lr, temperature, lengths, steps
+    teacher: str | None = None       # override the preset's teacher (path or hub id)
+    student: str | None = None       # override the preset's student
+    seed: int = 0
+    out: str | None = None           # default runs/<preset>/<task>/<div>-s<seed>
+    resume: bool = False             # continue from the last checkpoint in `out`
+    # data: the GKD mixture
+    lmbda: float = 1.0               # probability that a step's batch is sampled from the student
+    off_policy: str = "dataset"      # the other batches: dataset answers or teacher samples (seq-KD)
+    source: str | None = None        # data.load_examples source: standin | file | hub (preset's)
+    data_path: str | None = None
+    n_train: int | None = None       # number of training prompts (preset's; None there = all)
+    # sampling (None = the preset's value)
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    loss_temperature: float | None = None   # None = the sampling temperature (see the docstring)
+    # optimisation
+    steps: int | None = None         # optimizer steps (preset's, else its epochs over the prompts)
+    batch_size: int | None = None    # prompts per optimizer step, summed over ranks and micro-batches
+    grad_accum: int | None = None    # micro-batches per optimizer step (per rank)
+    epochs: float | None = None      # only when steps is None: steps = epochs x prompts / batch_size
+    lr: float | None = None
+    warmup: float | None = None      # fraction of the steps with linear warm-up, then cosine to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # system
+    device: str | None = None        # default: cuda:<local rank> if available, else cpu
+    bf16: bool = True                # bfloat16 autocast for the forwards (CUDA only)
+    gradient_checkpointing: bool = False
+    teacher_8bit: bool = False       # bitsandbytes 8-bit teacher (CUDA only)
+    save_every: int | None = None    # checkpoint every N steps (and always at the end)
+
+
+# used when neither the command line nor models.preset_config gives a value
+FALLBACK = dict(temperature=1.0, top_p=1.0, max_new_tokens=128, batch_size=8, grad_accum=1, lr=5e-5,
+                warmup=0.1, save_every=50, source="standin")
+PRESET_KEYS = {"n_train": "n_train_prompts", "source": "data_source"}   # Config name -> preset name
+
+
+def parse_args(argv=None) -> Config:
+    """Every Config field is a flag: --max-new-tokens 64, --resume / --no-resume."""
+    p = argparse.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.")
+    for f in Config.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:                                     # `int | None` -> int
+            typ = next(a for a in getattr(f.type, "__args__", (f.type,)) if a is not type(None))
+            p.add_argument(flag, type=typ, default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Check every user value (ValueError naming it and the valid choices), then fill the blanks
+    from the preset. Runs before any model is built or loaded."""
+    data.check_task(cfg.task)
+    if cfg.div not in divergences.DIVERGENCES:
+        raise ValueError(f"unknown --div {cfg.div!r}; valid: {', '.join(divergences.DIVERGENCES)}")
+    for name in ("beta", "lmbda"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"--{name} {v} is outside [0, 1]")
+    if cfg.off_policy not in OFF_POLICY:
+        raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
+    if cfg.preset not in models.PRESETS:
+        raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
+    preset = dict(models.preset_config(cfg.preset, cfg.task))
+    for key in ("n_train", "steps", *FALLBACK):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, preset.get(PRESET_KEYS.get(key, key), FALLBACK.get(key)))
+    cfg.epochs = cfg.epochs or preset.get("epochs") or 1
+    if cfg.loss_temperature is None:
+        cfg.loss_temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    for name in ("loss_temperature", "lr"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {cfg.temperature}, {cfg.top_p}")
+    for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "n_train", "save_every"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.out is None:
+        tag = cfg.div if cfg.div != "jsd" or cfg.beta == 0.5 else f"jsd{cfg.beta:g}"
+        cfg.out = str(Path("runs") / cfg.preset / cfg.task / f"{tag}-s{cfg.seed}")
+    if cfg.resume and latest_checkpoint(Path(cfg.out)) is None:
+        raise ValueError(f"--resume: no checkpoint (ckpt-*/trainer_state.pt) in {cfg.out}; "
+                         f"train without --resume or pass the run's --out")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+def cut_at_stop(tokens: list[int], stop_ids, max_new_tokens: int) -> list[int]:
+    """Keep tokens up to and including the first stop id, and at most max_new_tokens of them."""
+    tokens = list(tokens)[:max_new_tokens]
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
+    """One row per sample: [pad ... pad | prompt | completion | pad ... pad].
+
+    Prompts are left-padded to width P and completions right-padded to width C, so every completion
+    starts at column P. loss_mask is True exactly on the completion tokens (the stop token included,
+    nothing after it); position_ids count real tokens only, so padding never shifts a row.
+    """
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)   # (B, P + C)
+    attention_mask = torch.zeros((B, P + C), dtype=torch.long)
+    loss_mask = torch.zeros((B, P + C), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p): P + len(c)] = 1
+        if c:
+            input_ids[i, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
+            loss_mask[i, P: P + len(c)] = True
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                loss_mask=loss_mask, prompt_width=P)
+
+
+def completion_logits(model, batch: dict):
+    """Logits that predict the completion tokens: (B, C, V).
+
+    Column P - 1 + j predicts completion token j, so only the last C + 1 columns are kept
+    (logits_to_keep: no (B, P, V) logits for the prompt) and the very last one is dropped."""
+    C = batch["input_ids"].shape[1] - batch["prompt_width"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
+    return out.logits[:, :-1]                                      # (B, C, V)
+
+
+def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: float, temperature: float,
+                         vocab_size: int | None = None):
+    """Sum of the per-token divergence d(p, q) over the masked completion tokens (a scalar).
+    vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows)."""
+    if vocab_size is not None or student_logits.shape[-1] != teacher_logits.shape[-1]:
+        student_logits, teacher_logits = divergences.shared_vocab(student_logits, teacher_logits, vocab_size)
+    return divergences.divergence_sum(student_logits, teacher_logits, mask, div,
+                                      beta=beta, temperature=temperature)
+
+
+def entropy_sum(logits, mask, temperature: float) -> float:
+    """Sum over masked positions of the entropy (nats) of softmax(logits / temperature)."""
+    logp = torch.log_softmax(logits[mask].float() / temperature, dim=-1)   # (N, V)
+    return float(-(logp.exp() * logp).sum())
+
+
+def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
+    """The global batch of prompt indices for an optimizer step: consecutive slices of one seeded
+    permutation per epoch. A pure function of the step, so a resumed run sees the same batches."""
+    out = []
+    start = step * batch_size
+    for k in range(start, start + batch_size):
+        epoch, i = divmod(k, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """The sampling RNG of (run seed, step, rank): reproducible across --resume without replaying."""
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1009 + rank) % 2**63)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (ckpt-<step>; a .tmp directory is an interrupted write)."""
+    done = sorted(p for p in out.glob("ckpt-*") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler):
+    """Write ckpt-<step> atomically: everything into a temporary directory, then one rename, then
+    delete the older checkpoints. A crash at any point leaves the previous checkpoint intact."""
+    final = out / f"ckpt-{step:07d}"
+    tmp = out / f".ckpt-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)                                  # safetensors
+    tokenizer.save_pretrained(tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state()}
+    torch.save(state, tmp / "trainer_state.pt")                   # plain tensors / dicts only
+    os.replace(tmp, final)
+    for old in out.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_final(out: Path, student, tokenizer) -> Path:
+    """<out>/final: a plain Hugging Face model directory (from_pretrained, assistant_model)."""
+    final, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed():
+    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def all_reduce_sum(x: float, world: int, device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def main(argv=None):
+    cfg = resolve_config(parse_args(argv))
+    rank, world, local_rank = init_distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
+                         f"x --grad-accum {cfg.grad_accum}")
+    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    master = rank == 0
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+
+    # -- models: frozen teacher (eval, no grad), trainable student; resume loads the student from the checkpoint
+    if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
+        teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
+        cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
+                                                   device=device, load_in_8bit=cfg.teacher_8bit)
+    teacher.eval().requires_grad_(False)
+    student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    stop_ids = sorted(set(models.stop_ids(tokenizer)) | set(specdec.resolve_stop_ids(student)))
+    pad_id = tokenizer.pad_token_id
+    vocab = len(tokenizer)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
+                else nullcontext())
+
+    # -- prompts (chat template) and, for dataset batches, the reference answers + a stop token
+    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path,
+                                  n=cfg.n_train, seed=cfg.seed)
+    prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
+    references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]
+    if cfg.steps is None:                                          # the paper preset: epochs over the prompts
+        cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
+
+    # -- optimiser + schedule (AdamW, linear warm-up then cosine to 0), restored on --resume
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    metrics = open(out / "metrics.jsonl", "a") if master else None
+    per_rank = cfg.batch_size // world
+    micro = per_rank // cfg.grad_accum
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master,
+               desc=f"{cfg.task}/{cfg.div}")
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1) sample: this rank's shard of the step's prompts, completions from the student (prob. lmbda),
+        #    else from the dataset or the teacher. No gradient flows through sampling.
+        idx = step_prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)[rank::world]
+        coin = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).item()
+        source = "student" if coin < cfg.lmbda else cfg.off_policy
+        gen = step_generator(cfg.seed, step, rank, device)
+        micro_batches = []
+        for m in range(cfg.grad_accum):
+            p = [prompts[i] for i in idx[m * micro:(m + 1) * micro]]
+            if source == "dataset":
+                c = [references[i] for i in idx[m * micro:(m + 1) * micro]]
+            else:
+                sampler = student if source == "student" else teacher
+                sampler.eval()
+                with torch.no_grad(), autocast:
+                    c = specdec.autoregressive_generate(
+                        sampler, p, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, eos_token_id=stop_ids, generator=gen, vocab_size=vocab).tokens
+                student.train()
+            c = [cut_at_stop(ci, stop_ids, cfg.max_new_tokens) for ci in c]
+            micro_batches.append({k: (v.to(device) if torch.is_tensor(v) else v)
+                                  for k, v in build_batch(p, c, pad_id).items()})
+
+        # 2) the normaliser: completion tokens in the whole step (all micro-batches, all ranks)
+        n_local = sum(int(b["loss_mask"].sum()) for b in micro_batches)
+        n_tokens = all_reduce_sum(n_local, world, device)
+
+        # 3) teacher forward (frozen), student forward, loss = sum of d / n_tokens, backward
+        loss_sum, ent_sum = 0.0, 0.0
+        for m, batch in enumerate(micro_batches):
+            mask = batch["loss_mask"][:, batch["prompt_width"]:]                   # (B, C)
+            with torch.no_grad(), autocast:
+                t_logits = completion_logits(teacher, batch)                      # (B, C, V)
+            sync = nullcontext() if world == 1 or m == cfg.grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    s_logits = completion_logits(model, batch)                    # (B, C, V)
+                div_sum = batch_divergence_sum(s_logits, t_logits, mask, cfg.div, cfg.beta,
+                                               cfg.loss_temperature, vocab)
+                # DDP averages gradients over ranks; * world turns that average into the global sum
+                (div_sum * world / max(n_tokens, 1.0)).backward()
+            loss_sum += float(div_sum.detach())
+            ent_sum += entropy_sum(t_logits[..., :vocab], mask, cfg.loss_temperature)
+            del t_logits, s_logits
+
+        # 4) clip, AdamW step, schedule
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5) log: global mean loss per completion token, tokens/s of the whole step (sampling included)
+        loss_sum = all_reduce_sum(loss_sum, world, device)
+        ent_sum = all_reduce_sum(ent_sum, world, device)
+        dt = all_reduce_sum(time.perf_counter() - t0, world, device) / world
+        row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=float(grad_norm),
+                   completion_len=n_tokens / cfg.batch_size, teacher_entropy=ent_sum / max(n_tokens, 1.0),
+                   tokens_per_s=n_tokens / dt, source=source)
+        if master:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+        # 6) checkpoint (atomic), every save_every steps and at the end
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            if master:
+                save_checkpoint(out, step + 1, student, tokenizer, optimizer, scheduler)
+            if world > 1:
+                dist.barrier()
+
+    if master:
+        metrics.close()
+        final = save_final(out, student, tokenizer)
+        print(f"final student: {final}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main()

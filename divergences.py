@@ -1,0 +1,406 @@
+"""Token-level divergences between a teacher (target) and a student (draft) next-token distribution.
+
+Notation. At every position the two models give logits over one vocabulary of size V; at temperature T
+
+    p_T = softmax(teacher_logits / T)      the teacher  (= the target p of speculative decoding)
+    p_S = softmax(student_logits / T)      the student  (= the draft q of speculative decoding)
+
+and s = log p_S, t = log p_T. Sums run over the vocabulary v. The divergences (`kind`):
+
+    fkl   forward KL    KL(p_T || p_S) = sum_v p_T(v) [t(v) - s(v)]            mass-covering
+    rkl   reverse KL    KL(p_S || p_T) = sum_v p_S(v) [s(v) - t(v)]            mode-seeking
+    jsd   generalized Jensen-Shannon, TRL's convention (beta = weight toward reverse KL):
+              M         = beta p_T + (1 - beta) p_S
+              JSD(beta) = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
+          The formula is 0 at beta = 0 and at beta = 1, so the endpoints are defined as TRL defines them:
+          JSD(0) = fkl, JSD(1) = rkl. (The limits behave like that after rescaling:
+          JSD(beta) / beta -> fkl as beta -> 0 and JSD(beta) / (1 - beta) -> rkl as beta -> 1.)
+    tvd   total variation  TVD = 1/2 sum_v |p_T(v) - p_S(v)| = 1 - sum_v min(p_T(v), p_S(v)),
+          and sum_v min(p_T, p_S) is exactly the probability that speculative decoding accepts a drafted token.
+    ajsd  entropy-adaptive JSD (ours). Per position, beta follows the teacher's entropy H = -sum_v p_T t:
+              beta(H) = floor + (1 - floor) exp(-H / scale)          (ajsd_floor, ajsd_scale in nats)
+          beta = 1 (reverse KL, mode-seeking) where the teacher is certain (H = 0) and decays to `floor`
+          (0.5 = symmetric JSD by default) where it is uncertain; monotone decreasing in H. The JSD is divided by
+          its natural size beta (1 - beta) (near p_T = p_S, JSD(beta) ~ beta (1 - beta) chi^2 / 2):
+              AJSD = JSD(beta) / (beta (1 - beta)) = KL(p_T || M) / (1 - beta) + KL(p_S || M) / beta,
+          which is continuous in beta, equals fkl at beta = 0 and rkl at beta = 1. Without the division, the
+          confident tokens (beta -> 1) would not become reverse KL, they would just get a weight near 0.
+          With a constant beta it is the fixed-beta jsd times the constant 1 / (beta (1 - beta)): the same
+          minimiser and gradient direction (ajsd_scale=0 makes beta = ajsd_floor everywhere).
+
+Gradients (with respect to the student logits). Every divergence D here depends on the student only through
+p_S = softmax(z / T), so by the softmax Jacobian
+
+    dD/dz = (1 / T) p_S * (g - sum_v p_S g),      g = dD/dp_S, the "score" of the divergence:
+        fkl  g = -p_T / p_S      rkl  g = s - t      jsd  g = (1 - beta)(s - log M)
+        tvd  g = sign(p_S - p_T) / 2                  ajsd g = (s - log M) / beta
+
+The chunked losses use these closed forms instead of autograd, so the full (N, V) tensors of log-probabilities,
+mixtures and per-vocabulary terms that an autograd graph would keep never exist at once: they are recomputed
+block by block in the backward pass. The teacher is a constant: no gradient flows into `teacher_logits`.
+
+Numerics. Half-precision logits (float16, bfloat16) are computed in float32 (float64 stays float64), and
+log-probabilities are floored at log(tiny), the smallest normal float (about -87.3 nats in float32): a
+probability below it cannot be represented anyway, and the floor keeps every divergence and gradient finite
+when logits are -inf (a top-k-masked teacher would otherwise make rkl = +inf and TRL's formula NaN).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "ajsd")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")  # generalized_jsd_loss, as TRL names them
+IGNORE_INDEX = -100  # label value that masks a position out, as in TRL and transformers
+CHUNK_ELEMENTS = 2**22  # default chunk: about 4M logits (16 MB of float32) per block of positions
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One fully specified divergence: which kind, its beta, the temperature, and the ajsd parameters."""
+
+    kind: str
+    beta: float = 0.5
+    temperature: float = 1.0
+    ajsd_scale: float = 1.0
+    ajsd_floor: float = 0.5
+
+
+# ---------------------------------------------------------------------------------------------- the math
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 -> float32; float32 and float64 unchanged."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) in >= float32, floored at log(tiny) so that later products stay finite."""
+    dtype = compute_dtype(logits.dtype)
+    floor = math.log(torch.finfo(dtype).tiny)
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (n, V)
+    return logp.clamp_min(floor).nan_to_num(nan=floor)  # a row with no finite logit: zero mass everywhere
+
+
+def mixture_log_probs(s: torch.Tensor, t: torch.Tensor, beta) -> torch.Tensor:
+    """log M for M = beta p_T + (1 - beta) p_S, computed in log space (beta: float or (n, 1) tensor)."""
+    return torch.logaddexp(t + _log(beta), s + _log(1 - beta))
+
+
+def teacher_entropy(t: torch.Tensor) -> torch.Tensor:
+    """H(p_T) = -sum_v p_T log p_T in nats, from teacher log-probs t (..., V) -> (...,)."""
+    return -(t.exp() * t).sum(-1)
+
+
+def ajsd_beta(entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
+    """beta(H) = floor + (1 - floor) exp(-H / scale), and 1 - beta computed without cancellation.
+
+    Returns (beta, 1 - beta), each shaped like `entropy`. scale = 0 gives beta = floor everywhere.
+    """
+    if scale == 0:
+        beta = torch.full_like(entropy, floor)
+        return beta, torch.full_like(entropy, 1 - floor)
+    decay = torch.exp(-entropy / scale)
+    one_minus_beta = -(1 - floor) * torch.expm1(-entropy / scale)  # (1 - floor)(1 - exp(-H/scale)), exact near H = 0
+    return floor + (1 - floor) * decay, one_minus_beta
+
+
+def _log(x):
+    return torch.log(x) if isinstance(x, torch.Tensor) else (math.log(x) if x > 0 else -math.inf)
+
+
+def _ajsd_parts(s, t, spec):
+    """The two mixture gaps of ajsd divided by their weights: A = -log(M/p_T)/(1-beta), B = -log(M/p_S)/beta.
+
+    log(M/p_T) and log(M/p_S) are computed from d = t - s directly (never as a difference of two large logs), so
+    dividing them by a tiny 1 - beta (a near-certain teacher) stays exact; at 1 - beta = 0 (or beta = 0) the
+    ratio takes its limit -expm1(-d) (or -expm1(d)).
+    """
+    beta, one_minus_beta = ajsd_beta(teacher_entropy(t), spec.ajsd_scale, spec.ajsd_floor)
+    beta, one_minus_beta = beta.unsqueeze(-1), one_minus_beta.unsqueeze(-1)  # (n, 1)
+    log_beta = torch.where(beta < 0.5, torch.log(beta), torch.log1p(-one_minus_beta))  # exact near 0 and 1
+    log_one_minus_beta = torch.where(beta < 0.5, torch.log1p(-beta), torch.log(one_minus_beta))
+    d = t - s  # (n, V), |d| <= ~87 thanks to the floor
+    gap_t = torch.logaddexp(log_beta, log_one_minus_beta - d)  # log(M / p_T)
+    gap_s = torch.logaddexp(log_one_minus_beta, log_beta + d)  # log(M / p_S)
+    tiny = torch.finfo(s.dtype).tiny
+    a = torch.where(one_minus_beta >= tiny, -gap_t / one_minus_beta, -torch.expm1(-d))
+    b = torch.where(beta >= tiny, -gap_s / beta, -torch.expm1(d))
+    return a, b
+
+
+def divergence_terms(s: torch.Tensor, t: torch.Tensor, spec: Divergence) -> torch.Tensor:
+    """Per-vocabulary terms of the divergence from log-probs s (student) and t (teacher): (n, V) -> (n, V).
+
+    Their sum over the last axis is the divergence at each position.
+    """
+    kind, beta = spec.kind, spec.beta
+    if kind == "fkl":
+        return t.exp() * (t - s)  # p_T (log p_T - log p_S)
+    if kind == "rkl":
+        return s.exp() * (s - t)  # p_S (log p_S - log p_T)
+    if kind == "jsd":
+        m = mixture_log_probs(s, t, beta)
+        return beta * t.exp() * (t - m) + (1 - beta) * s.exp() * (s - m)
+    if kind == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs()
+    if kind == "ajsd":
+        a, b = _ajsd_parts(s, t, spec)
+        return t.exp() * a + s.exp() * b
+    raise ValueError(f"kind={kind!r} is not one of {DIVERGENCES}")
+
+
+def divergence_score(s: torch.Tensor, t: torch.Tensor, spec: Divergence) -> torch.Tensor:
+    """g = dD/dp_S, the derivative of the divergence with respect to the student probabilities: (n, V)."""
+    kind, beta = spec.kind, spec.beta
+    if kind == "fkl":
+        return -(t - s).exp()  # -p_T / p_S
+    if kind == "rkl":
+        return s - t  # (+1, which the centering removes)
+    if kind == "jsd":
+        return (1 - beta) * (s - mixture_log_probs(s, t, beta))
+    if kind == "tvd":
+        return 0.5 * torch.sign(s - t)  # sign(p_S - p_T) / 2
+    if kind == "ajsd":
+        return _ajsd_parts(s, t, spec)[1]  # (s - log M) / beta
+    raise ValueError(f"kind={kind!r} is not one of {DIVERGENCES}")
+
+
+def student_logit_grad(s: torch.Tensor, t: torch.Tensor, spec: Divergence) -> torch.Tensor:
+    """dD/d(student logits) = (1/T) p_S (g - sum_v p_S g), the softmax Jacobian applied to the score: (n, V)."""
+    p_s = s.exp()
+    g = divergence_score(s, t, spec)
+    return p_s * (g - (p_s * g).sum(-1, keepdim=True)) / spec.temperature
+
+
+# --------------------------------------------------------------------------------- the memory-lean engine
+def _row_blocks(student, teacher, size, start=0):
+    """Yield (first row, student block, teacher block): aligned views of <= size positions; never a copy.
+
+    Inputs are (..., V); rows are numbered in row-major order of the leading axes. A non-contiguous input such
+    as logits[:, :-1] cannot be flattened without a copy, so it is walked one leading index at a time.
+    """
+    try:
+        s, t = student.view(-1, student.shape[-1]), teacher.view(-1, teacher.shape[-1])  # (N, V)
+    except RuntimeError:
+        for a, b in zip(student.unbind(0), teacher.unbind(0)):
+            yield from _row_blocks(a, b, size, start)
+            start += a.numel() // a.shape[-1]
+        return
+    for i in range(0, s.shape[0], size):
+        yield start + i, s[i : i + size], t[i : i + size]
+
+
+def _blocks_in_mask(student, teacher, mask, size):
+    """The row blocks restricted to the positions where mask (N,) is True: (rows, student, teacher).
+
+    rows is a slice when the whole block is kept (the block is then used as is), else an index tensor of the
+    kept rows, which are gathered (a copy of at most one block). Fully masked blocks are skipped.
+    """
+    for start, s_blk, t_blk in _row_blocks(student, teacher, size):
+        keep = mask[start : start + s_blk.shape[0]]  # (n,)
+        if keep.all():
+            yield slice(start, start + s_blk.shape[0]), s_blk, t_blk
+        elif keep.any():
+            yield start + keep.nonzero().squeeze(-1), s_blk[keep], t_blk[keep]
+
+
+def _sweep(student, teacher, mask, spec, chunk_size, want_grad):
+    """One pass over the blocks: per-position values (N,) and, if want_grad, dD/d(student logits) (..., V).
+
+    Masked positions get value 0 and gradient 0. Per block only a few (n, V) float32 temporaries exist.
+    """
+    n_rows = student.numel() // student.shape[-1]
+    values = torch.zeros(n_rows, dtype=compute_dtype(student.dtype), device=student.device)  # (N,)
+    grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
+    for rows, s_blk, t_blk in _blocks_in_mask(student, teacher, mask, chunk_size):
+        s, t = log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)  # (n, V)
+        values[rows] = divergence_terms(s, t, spec).sum(-1)
+        if want_grad:
+            grad.view(-1, grad.shape[-1])[rows] = student_logit_grad(s, t, spec).to(grad.dtype)
+    return values, grad
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Per-position divergence (N,) of (..., V) logits, with the analytic gradient for the student logits.
+
+    Forward computes the values and the gradient in the same sweep over blocks of positions (the log-probs are
+    computed once) and keeps only that gradient, one tensor like the student logits: backward scales it by the
+    incoming per-position gradient, in place, and hands it on. No (n, V) intermediates survive a block.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, spec, chunk_size):
+        values, ctx.grad = _sweep(student, teacher, mask, spec, chunk_size, want_grad=True)
+        ctx.save_for_backward(student, teacher, mask)
+        ctx.spec, ctx.chunk_size = spec, chunk_size
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values):  # grad_values: (N,)
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward (retain_graph=True): the first one consumed the gradient; redo it
+            student, teacher, mask = ctx.saved_tensors
+            grad = _sweep(student, teacher, mask, ctx.spec, ctx.chunk_size, want_grad=True)[1]
+        grad.view(-1, grad.shape[-1]).mul_(grad_values.to(grad.dtype).unsqueeze(-1))  # (N, V) * (N, 1)
+        return grad, None, None, None, None
+
+
+def per_position(student_logits, teacher_logits, mask, spec, chunk_size):
+    """Values (N,) at every position of (..., V) logits (0 where mask (N,) is False), autograd-aware."""
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), mask, spec, chunk_size)
+    return _sweep(student_logits, teacher_logits, mask, spec, chunk_size, want_grad=False)[0]
+
+
+# -------------------------------------------------------------------------------------- argument checks
+def _check_float(name, x):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] == 0:
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating-point tensor (..., V) with V > 0, got {got}")
+
+
+def _check_logits(student_logits, teacher_logits):
+    _check_float("student_logits", student_logits)
+    _check_float("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must "
+            "have the same shape (..., V); for lm_heads of different widths use shared_vocab(...) first"
+        )
+
+
+def _check_mask(mask, logits, name="mask"):
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"{name} shape {tuple(mask.shape)} must equal the logits' leading shape "
+                         f"{tuple(logits.shape[:-1])}")
+
+
+def make_divergence(kind, beta=0.5, temperature=1.0, ajsd_scale=1.0, ajsd_floor=0.5) -> Divergence:
+    """Check the arguments and return the Divergence; jsd at beta 0 / 1 becomes fkl / rkl, as in TRL."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"kind={kind!r} is not one of {DIVERGENCES}")
+    beta, temperature = float(beta), float(temperature)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature} must be a finite number > 0")
+    if not (float(ajsd_scale) >= 0):
+        raise ValueError(f"ajsd_scale={ajsd_scale} must be >= 0 (nats; 0 = constant beta = ajsd_floor)")
+    if not 0.0 <= float(ajsd_floor) <= 1.0:
+        raise ValueError(f"ajsd_floor={ajsd_floor} must lie in [0, 1]")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "fkl" if beta == 0.0 else "rkl"
+    return Divergence(kind, beta, temperature, float(ajsd_scale), float(ajsd_floor))
+
+
+def _check_chunk(chunk_size, vocab):
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // vocab)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (positions per block) or None")
+    return chunk_size
+
+
+# ------------------------------------------------------------------------------------------- public API
+def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0, *,
+                     ajsd_scale=1.0, ajsd_floor=0.5, chunk_size=None) -> torch.Tensor:
+    """The divergence between p_T and p_S at every position: logits (..., V) -> values (...,).
+
+    kind in DIVERGENCES; beta is used by "jsd"; ajsd_scale / ajsd_floor by "ajsd". Differentiable with
+    respect to student_logits (chunked, analytic gradient); computed in >= float32.
+    """
+    _check_logits(student_logits, teacher_logits)
+    spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
+    chunk = _check_chunk(chunk_size, student_logits.shape[-1])
+    everywhere = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device).view(-1)
+    values = per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
+    return values.view(student_logits.shape[:-1])  # (...,)
+
+
+def divergence_sum(student_logits, teacher_logits, mask, kind, beta=0.5, temperature=1.0, chunk_size=None, *,
+                   ajsd_scale=1.0, ajsd_floor=0.5) -> torch.Tensor:
+    """Sum of token_divergence over the positions where mask (...,) is True: a scalar (>= float32).
+
+    Memory-lean: blocks of chunk_size positions (default: about 4M logits per block), masked positions are never
+    computed, and the backward pass writes the analytic gradient block by block. The training loop divides this
+    sum by its own token count. mask=None means every position.
+    """
+    _check_logits(student_logits, teacher_logits)
+    spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
+    chunk = _check_chunk(chunk_size, student_logits.shape[-1])
+    if mask is None:
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    _check_mask(mask, student_logits)
+    values = per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec, chunk)
+    return values.sum()
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                         reduction="batchmean", num_items_in_batch=None, *, chunk_size=None):
+    """TRL 1.16's `GKDTrainer.generalized_jsd_loss`, same signature and meaning, memory-lean.
+
+    beta = 0: KL(p_T || p_S); beta = 1: KL(p_S || p_T); otherwise JSD(beta). Positions with labels == -100 are
+    left out. Reductions, as TRL computes them on the masked per-vocabulary terms `jsd` (shape (n, V)):
+      "batchmean": jsd.sum() / (number of unmasked positions, at least 1), or / logits.shape[0] without labels;
+      "sum": jsd.sum();  "mean": jsd.mean() = sum / (n * V) (NaN when every position is masked, as in TRL);
+      "none": the per-vocabulary terms themselves, (n, V) with labels or (..., V) without (not memory-lean:
+      the output is that big). num_items_in_batch: jsd.sum() / num_items_in_batch, whatever the reduction.
+    Differences from TRL: computed in >= float32 (a bfloat16 input gives a float32 loss), -inf logits stay
+    finite, and no gradient flows into teacher_logits.
+    """
+    _check_logits(student_logits, teacher_logits)
+    spec = make_divergence("jsd", beta, temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if labels is not None:
+        _check_mask(labels, student_logits, name="labels")
+        mask = labels != IGNORE_INDEX  # (...,)
+    else:
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    if reduction == "none" and num_items_in_batch is None:
+        s = log_probs(student_logits, spec.temperature)  # (..., V)
+        t = log_probs(teacher_logits.detach(), spec.temperature)  # (..., V)
+        terms = divergence_terms(s, t, spec)  # (..., V)
+        return terms[mask] if labels is not None else terms
+
+    chunk = _check_chunk(chunk_size, student_logits.shape[-1])
+    values = per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
+    total = values.sum()
+    n_positions = mask.sum()
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    if reduction == "batchmean":
+        denom = n_positions.clamp_min(1) if labels is not None else max(student_logits.shape[0], 1)
+        return total / denom
+    if reduction == "sum":
+        return total
+    return total / (n_positions * student_logits.shape[-1])  # "mean"
+
+
+def shared_vocab(student_logits, teacher_logits, vocab_size=None):
+    """Both logits cut to the vocabulary they share: (..., V_s), (..., V_t) -> (..., V), (..., V) (views).
+
+    One tokenizer, two lm_heads of different widths (Qwen pads its lm_head: 151936 rows for 151669 real
+    tokens) -> pass vocab_size=len(tokenizer): both are cut to the real tokens, and the softmax renormalises
+    over them. Equal widths and vocab_size=None: unchanged. Raises ValueError when the widths differ and no
+    vocab_size is given, or vocab_size exceeds a head (then the models do not share a vocabulary).
+    """
+    _check_float("student_logits", student_logits)
+    _check_float("teacher_logits", teacher_logits)
+    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"leading shapes differ: student {tuple(student_logits.shape)}, teacher "
+                         f"{tuple(teacher_logits.shape)}")
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(f"lm_head widths differ (student {v_s}, teacher {v_t}): pass "
+                             "vocab_size=len(tokenizer), the real vocabulary both heads cover")
+        return student_logits, teacher_logits
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size!r} must be a positive int (len(tokenizer))")
+    if vocab_size > min(v_s, v_t):
+        raise ValueError(f"vocab_size={vocab_size} exceeds the lm_head widths (student {v_s}, teacher {v_t}): "
+                         "these models do not share that vocabulary")
+    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]

@@ -1,0 +1,227 @@
+"""How much of a draft's drafting does the target accept? Baseline vs every distilled draft of a task.
+
+p = target (the teacher), q = draft (the student). For a preset and a task, each draft (the preset's
+untrained student, "baseline", and every runs/<preset>/<task>/<run>/final written by distill.py)
+drafts for the teacher with exact batched speculative decoding (specdec.speculative_generate) on the
+task's held-out eval prompts, with the seed's protocol: gamma 5, nucleus sampling top-p 0.95 at the
+task's temperature (both p and q processed the same way). Every draft sees the same prompts and the
+same sampling seed. Per prompt (one row of the batch):
+
+    token acceptance       A / D: drafted tokens accepted / drafted tokens (the seed's metric; NOT alpha)
+    analytic alpha         mean over drafted positions of beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i)
+    mean accepted length   generated tokens / target calls (tokens per verification, bonus included)
+
+The table reports the mean over prompts (a macro-mean, as the seed did; a prompt with nothing drafted
+has no acceptance and is left out, not counted as 0) with a 95% percentile bootstrap interval over
+prompts, and the drafts' generation speed (generated tokens / wall time, tokens/s).
+Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
+and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
+accepted) for the entropy analysis (entropy.py / report.py).
+
+Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import models
+import specdec
+
+METRICS = ("token_acceptance", "alpha", "mean_accepted_length")
+HEADERS = {"token_acceptance": "token acceptance", "alpha": "analytic alpha",
+           "mean_accepted_length": "mean accepted length"}
+
+
+# ----------------------------------------------------------------------------- statistics (pure)
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the per-prompt values and its percentile bootstrap interval (prompts resampled with
+    replacement). NaN values (prompts with nothing drafted) are left out. -> (mean, lo, hi)"""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    boot = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)   # (n_boot,)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def per_prompt(per_row: list[dict]) -> dict[str, list]:
+    """specdec's per-row stats -> per-prompt metric columns (None where nothing was drafted)."""
+    drafted = [r["drafted"] for r in per_row]
+    return {
+        "token_acceptance": [r["acceptance_rate"] if d else None for r, d in zip(per_row, drafted)],
+        "alpha": [r["alpha"] if d else None for r, d in zip(per_row, drafted)],
+        "mean_accepted_length": [r["mean_accepted_length"] for r in per_row],
+        "drafted": drafted,
+        "accepted": [r["accepted"] for r in per_row],
+        "generated": [r["generated"] for r in per_row],
+    }
+
+
+def summarize(pp: dict, n_boot: int, seed: int) -> dict:
+    """{metric: {mean, lo, hi}} with bootstrap intervals over prompts."""
+    out = {}
+    for m in METRICS:
+        vals = [math.nan if v is None else v for v in pp[m]]
+        mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
+        out[m] = {"mean": mean, "lo": lo, "hi": hi}
+    return out
+
+
+def fmt(s: dict, pct: bool) -> str:
+    k = 100.0 if pct else 1.0
+    return f"{s['mean'] * k:.2f} [{s['lo'] * k:.2f}, {s['hi'] * k:.2f}]"
+
+
+def table_markdown(entries: list[dict]) -> str:
+    """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s."""
+    lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for e in entries:
+        s = e["summary"]
+        lines.append(f"| {e['name']} | {e['divergence']} | {fmt(s['token_acceptance'], True)} | "
+                     f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- I/O
+
+def trained_runs(runs_root: Path, preset: str, task: str) -> list[Path]:
+    """Every distilled student of the task: runs/<preset>/<task>/<run>/final."""
+    return sorted(p for p in (runs_root / preset / task).glob("*/final") if (p / "config.json").exists())
+
+
+def divergence_label(run_dir: Path) -> str:
+    """'rkl', 'jsd(beta=0.9)', ... from the run's config.json (written by distill.py)."""
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        return "?"
+    cfg = json.loads(cfg_file.read_text())
+    div = cfg.get("div", "?")
+    return f"jsd(beta={cfg.get('beta'):g})" if div == "jsd" else div
+
+
+@torch.no_grad()
+def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, **protocol) -> dict:
+    """speculative_generate over the prompts in batches; per-prompt metrics, speed and records."""
+    per_row, records, tokens, seconds = [], [], 0, 0.0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record, **protocol)
+        per_row += res.stats["per_row"]
+        tokens += sum(len(t) for t in res.tokens)
+        seconds += res.stats["wall_time_s"]
+        if record:
+            rec = {k: v.tolist() for k, v in res.records.items()}
+            rec["row"] = [r + start for r in rec["row"]]
+            records.append(rec)
+    out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
+           "generated_tokens": tokens, "wall_time_s": seconds,
+           "pooled_acceptance": sum(r["accepted"] for r in per_row) / max(1, sum(r["drafted"] for r in per_row))}
+    if record:
+        out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
+    return out
+
+
+def evaluate_task(args, task: str) -> dict:
+    pc = models.preset_config(args.preset, task)
+    teacher_id, student_id = models.resolve_pair(task, args.preset)
+    teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
+    n = args.n_prompts or pc.get("n_eval_prompts") or 64
+    prompts = data.task_prompts(task, tok, split="eval", n=n, source=pc.get("data_source", "standin"))
+    stop_ids = sorted(set(models.stop_ids(tok)) | set(specdec.resolve_stop_ids(teacher)))
+    protocol = dict(gamma=args.gamma or pc.get("gamma", 5), max_new_tokens=pc["max_new_tokens"],
+                    temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
+    drafts = [("baseline", "baseline (no distillation)", student_id, baseline)]
+    for final in trained_runs(Path(args.runs), args.preset, task):
+        run = final.parent
+        drafts.append((run.name, divergence_label(run), str(final),
+                       models.load_model(final, device=teacher.device)))
+    entries = []
+    for name, label, path, draft in drafts:
+        res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
+                             record=args.record, **protocol)
+        entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
+                        "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res})
+        print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}")
+    return {"preset": args.preset, "task": task, "teacher": teacher_id,
+            "protocol": {**protocol, "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
+                         "split": "eval"},
+            "runs": {e["name"]: e for e in entries}}
+
+
+def write_results(doc: dict, results_root: Path) -> Path:
+    out = results_root / doc["preset"] / doc["task"]
+    out.mkdir(parents=True, exist_ok=True)
+    p = doc["protocol"]
+    md = [f"# {doc['task']} ({doc['preset']} preset): speculative decoding with each draft", "",
+          f"Target {doc['teacher']}; gamma {p['gamma']}, top-p {p['top_p']}, temperature {p['temperature']}, "
+          f"max_new_tokens {p['max_new_tokens']}, {p['n_prompts']} held-out prompts, seed {p['seed']}. "
+          f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples].", "",
+          table_markdown(list(doc["runs"].values())), ""]
+    (out / "eval.md").write_text("\n".join(md))
+
+    def clean(x):                                                  # NaN -> null: strict JSON
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    (out / "eval.json").write_text(json.dumps(clean(doc)))
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(models.PRESETS)}")
+    p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: every task with trained drafts)")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--results", default="results")
+    p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
+    p.add_argument("--record", action="store_true", help="store the per-drafted-position records in the JSON")
+    p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the preset's, 5)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per speculative_generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--teacher-8bit", action="store_true")
+    args = p.parse_args(argv)
+    models.check_preset(args.preset)
+    if args.task is not None:
+        data.check_task(args.task)
+    for name in ("n_prompts", "gamma", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.task is not None:
+        tasks = [args.task]
+    else:
+        tasks = [t for t in data.TASKS if trained_runs(Path(args.runs), args.preset, t)]
+        if not tasks:
+            raise ValueError(f"no trained drafts under {args.runs}/{args.preset}/<task>/*/final; "
+                             f"train one (make train TASK=gsm8k DIV=rkl) or pass --task to evaluate the baseline")
+    docs = {}
+    for task in tasks:
+        doc = evaluate_task(args, task)
+        out = write_results(doc, Path(args.results))
+        print(f"\n{task} ({args.preset}):\n{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
+        docs[task] = doc
+    return docs
+
+
+if __name__ == "__main__":
+    main()

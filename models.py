@@ -1,0 +1,538 @@
+"""Teacher/student pairs: the paper's hub models, and a tiny offline pair the project builds itself.
+
+p = target/teacher, q = draft/student. Speculative decoding accepts a drafted token x with
+probability min(1, p(x)/q(x)), so the expected acceptance at one position is
+    beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q),   alpha = E[beta] over the draft's own samples.
+Distillation tries to raise alpha; the study asks how that depends on the teacher entropy
+    H(p) = -sum_x p(x) log p(x)   (nats, of p after the task's temperature and top-p).
+
+Presets (``PRESETS``, ``preset_config(preset, task)``):
+
+- ``paper``: the seed's hub models and hyper-parameters (GSM8k: Qwen3-4B-Instruct-2507 -> Qwen3-0.6B;
+  CNN/DM: SmolLM-1.7B-Instruct -> SmolLM-360M-Instruct). Needs the network or a filled HF cache;
+  ``resolve_pair`` fails early, naming the files, when neither is there.
+- ``tiny`` (default): an offline pair per task, built here on first use in a few minutes on a CPU
+  and cached under ``checkpoints/tiny/<task>/{teacher,student}``, each a plain Hugging Face folder
+  (safetensors + tokenizer) that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load like a hub model.
+
+How a tiny pair is built (``ensure_tiny_pair``), reproducibly from a seed:
+1. a byte-level BPE tokenizer (``tokenizers``; digits split one by one, as Qwen does) is trained on
+   the task's stand-in corpus (data.py), wrapped as a ``PreTrainedTokenizerFast`` with a ChatML chat
+   template, eos = <|im_end|>, bos = <|endoftext|>, pad = <|pad|> (pad != eos: the seed's pad = eos
+   made TRL mask every EOS, so its student never learned to stop);
+2. the teacher (Qwen3 architecture for gsm8k, Llama for cnndm, as SmolLM is a Llama) is trained on
+   prompt + reference completion (loss on the completion and its <|im_end|> only) to a low loss:
+   on gsm8k the completion is a function of the prompt (low H(p)), on cnndm it is one draw among
+   many equally good summaries (high H(p));
+3. the student, a smaller model of the same family, is trained the same way for fewer steps:
+   a plausible but clearly imperfect draft (as Qwen3-0.6B is for Qwen3-4B).
+The lm_head is padded to a multiple of 64 rows beyond the real vocabulary, as Qwen's is
+(151936 rows for 151669 tokens); see ``load_pair`` for lm_heads of different widths.
+
+Why a module of its own: data.py is about text, distill.py about the loss and loop; building and
+loading models is used by both, by specdec benchmarks and by evaluate.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import data
+
+REPO = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------------------------
+# Presets: one visible table
+# --------------------------------------------------------------------------------------------
+
+_STOP = ["<|im_end|>", "<|endoftext|>"]    # every preset's chat models stop on either
+PRESETS = {
+    "paper": {   # the seed's models and hyper-parameters (1 epoch, cosine, bf16; eval on 1000 test prompts)
+        "gsm8k": {"teacher": "Qwen/Qwen3-4B-Instruct-2507", "student": "Qwen/Qwen3-0.6B",
+                  "lr": 5e-5, "temperature": 0.6, "max_new_tokens": 312, "top_p": 0.95, "gamma": 5,
+                  "batch_size": 24, "epochs": 1, "steps": None, "schedule": "cosine",
+                  "n_train_prompts": None, "n_eval_prompts": 1000, "stop_tokens": _STOP,
+                  "data_source": "hub"},
+        "cnndm": {"teacher": "HuggingFaceTB/SmolLM-1.7B-Instruct", "student": "HuggingFaceTB/SmolLM-360M-Instruct",
+                  "lr": 7e-5, "temperature": 0.7, "max_new_tokens": 128, "top_p": 0.95, "gamma": 5,
+                  "batch_size": 150, "epochs": 1, "steps": None, "schedule": "cosine",
+                  "n_train_prompts": None, "n_eval_prompts": 1000, "stop_tokens": _STOP,
+                  "data_source": "hub"},
+    },
+    "tiny": {    # the offline pair; sized so `make train` takes a few minutes on 2 CPU cores
+        "gsm8k": {"teacher": "checkpoints/tiny/gsm8k/teacher", "student": "checkpoints/tiny/gsm8k/student",
+                  "lr": 5e-4, "temperature": 0.6, "max_new_tokens": 64, "top_p": 0.95, "gamma": 5,
+                  "batch_size": 16, "epochs": None, "steps": 60, "schedule": "cosine",
+                  "n_train_prompts": 960, "n_eval_prompts": 64, "stop_tokens": _STOP,
+                  "data_source": "standin"},
+        "cnndm": {"teacher": "checkpoints/tiny/cnndm/teacher", "student": "checkpoints/tiny/cnndm/student",
+                  "lr": 5e-4, "temperature": 0.7, "max_new_tokens": 48, "top_p": 0.95, "gamma": 5,
+                  "batch_size": 16, "epochs": None, "steps": 60, "schedule": "cosine",
+                  "n_train_prompts": 960, "n_eval_prompts": 64, "stop_tokens": _STOP,
+                  "data_source": "standin"},
+    },
+}
+PRESET_NAMES = tuple(PRESETS)
+
+
+def check_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESET_NAMES)}")
+    return preset
+
+
+def preset_config(preset: str, task: str) -> dict:
+    """A copy of the preset's settings for the task: teacher, student (hub id or path), lr,
+    temperature, max_new_tokens, top_p, gamma, batch_size, steps/epochs, stop_tokens, ..."""
+    cfg = dict(PRESETS[check_preset(preset)][data.check_task(task)])
+    cfg.update(preset=preset, task=task, stop_tokens=list(cfg["stop_tokens"]))
+    if preset == "tiny":                       # paths are relative to the repository
+        cfg["teacher"], cfg["student"] = (str(REPO / cfg["teacher"]), str(REPO / cfg["student"]))
+    return cfg
+
+
+def stop_ids(tokenizer, stop_tokens=_STOP) -> list[int]:
+    """Ids of the stop tokens the tokenizer has (Qwen3 stops on <|im_end|> or <|endoftext|>)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens if t in tokenizer.get_vocab()]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny pair: architectures and build sizes
+# --------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD, BOS, EOS = "<|pad|>", "<|endoftext|>", "<|im_end|>"
+CHAT_TEMPLATE = (   # ChatML, as Qwen3 and SmolLM-Instruct use
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ARCH = {"gsm8k": "qwen3", "cnndm": "llama"}   # the paper pairs' families
+
+# Model shapes and training budgets. "full": `make models`; "test": a reduced pair in seconds.
+SCALES = {
+    "full": {
+        "vocab_size": 1024, "n_train": 3000,
+        "teacher": {"hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 192,
+                    "steps": 400, "batch_size": 32, "lr": 3e-3},
+        "student": {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "ffn": 96,
+                    "steps": 150, "batch_size": 32, "lr": 3e-3},
+    },
+    "test": {
+        "vocab_size": 400, "n_train": 200,
+        "teacher": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "ffn": 64,
+                    "steps": 12, "batch_size": 8, "lr": 3e-3},
+        "student": {"hidden": 16, "layers": 1, "heads": 1, "kv_heads": 1, "ffn": 32,
+                    "steps": 6, "batch_size": 8, "lr": 3e-3},
+    },
+}
+BUILD_VERSION = 1   # bump when the recipe changes: cached pairs with another version are rebuilt
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE trained on texts, wrapped as a PreTrainedTokenizerFast with a chat template."""
+    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tk_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def model_config(task: str, size: dict, tokenizer):
+    """A Qwen3 (gsm8k) or Llama (cnndm) config of the given size over the tokenizer's vocabulary,
+    its lm_head padded to a multiple of 64 rows (as Qwen pads 151669 tokens to 151936)."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=64 * math.ceil(len(tokenizer) / 64), hidden_size=size["hidden"],
+                  intermediate_size=size["ffn"], num_hidden_layers=size["layers"],
+                  num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
+                  head_dim=size["hidden"] // size["heads"], max_position_embeddings=1024,
+                  tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids(tokenizer))
+    return Qwen3Config(**common) if ARCH[task] == "qwen3" else LlamaConfig(**common)
+
+
+def sft_sequences(tokenizer, task: str, examples) -> list[tuple[list[int], int]]:
+    """(prompt + reference + <|im_end|> ids, prompt length) per example."""
+    out = []
+    for ex in examples:
+        p = data.build_prompt_ids(tokenizer, task, ex)
+        c = tokenizer(ex.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((p + c, len(p)))
+    return out
+
+
+def collate(seqs, pad_id: int):
+    """Right-padded batch; labels are -100 on the prompt and the padding (loss on the completion)."""
+    T = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)       # (B, T)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)      # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)             # (B, T)
+    for i, (s, n_prompt) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, n_prompt:len(s)] = torch.tensor(s[n_prompt:])
+        mask[i, :len(s)] = 1
+    return ids, mask, labels
+
+
+def train_lm(model, seqs, *, steps: int, batch_size: int, lr: float, seed: int, pad_id: int, desc: str) -> float:
+    """AdamW with linear warm-up then cosine decay, random batches; returns the last-20-step mean loss."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
+    for _ in bar:
+        idx = torch.randint(len(seqs), (batch_size,), generator=g).tolist()
+        ids, mask, labels = collate([seqs[i] for i in idx], pad_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return sum(losses[-20:]) / len(losses[-20:])
+
+
+def tiny_dir(task: str, root="checkpoints", seed: int = 0, scale: str = "full") -> Path:
+    """checkpoints/tiny/<task> (seed 0, full size); other seeds and scales get their own folder."""
+    root = Path(root) if Path(root).is_absolute() else REPO / root
+    name = task + (f"-s{seed}" if seed else "")
+    return root / ("tiny" if scale == "full" else f"tiny-{scale}") / name
+
+
+def _stamp(task: str, seed: int, scale: str) -> dict:
+    return {"task": task, "seed": seed, "scale": scale, "version": BUILD_VERSION}
+
+
+def _is_built(d: Path, task: str, seed: int, scale: str) -> bool:
+    try:
+        info = json.loads((d / "build.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(info.get(k) == v for k, v in _stamp(task, seed, scale).items())
+
+
+def build_tiny_pair(task: str, out: Path, seed: int = 0, scale: str = "full") -> dict:
+    """Train tokenizer, teacher and student for the task; save both into out/{teacher,student}."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    sc = SCALES[scale]
+    t0 = time.time()
+    examples = data.load_examples(task, "train", n=sc["n_train"], seed=seed)
+    corpus = [f"system\n{data.SYSTEM_PROMPTS[task]}\nuser\n{e.prompt}\nassistant\n{e.reference}\n" for e in examples]
+    tok = train_tokenizer(corpus, sc["vocab_size"])
+    seqs = sft_sequences(tok, task, examples)
+    info = {**_stamp(task, seed, scale), "arch": ARCH[task], "real_vocab": len(tok),
+            "mean_tokens": sum(len(s) for s, _ in seqs) / len(seqs)}
+    cfg = preset_config("tiny", task)
+    for role, k in (("teacher", 0), ("student", 1)):
+        size = sc[role]
+        torch.manual_seed(seed * 1000 + k)
+        model = AutoModelForCausalLM.from_config(model_config(task, size, tok))
+        info[f"{role}_loss"] = train_lm(model, seqs, steps=size["steps"], batch_size=size["batch_size"],
+                                        lr=size["lr"], seed=seed * 1000 + k, pad_id=tok.pad_token_id,
+                                        desc=f"{task} {role}")
+        info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
+        model.generation_config = GenerationConfig(
+            do_sample=True, temperature=cfg["temperature"], top_p=cfg["top_p"],
+            max_new_tokens=cfg["max_new_tokens"], eos_token_id=stop_ids(tok),
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        model.save_pretrained(out / role)              # safetensors
+        tok.save_pretrained(out / role)
+    info["build_s"] = round(time.time() - t0, 1)
+    (out / "build.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def ensure_tiny_pair(task: str, root="checkpoints", seed: int = 0, scale: str = "full") -> Path:
+    """The folder holding teacher/ and student/ of the tiny pair, built on first use.
+    Built in a temporary folder and renamed into place, so concurrent callers never see half a pair."""
+    data.check_task(task)
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+    d = tiny_dir(task, root, seed, scale)
+    if _is_built(d, task, seed, scale):
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}-", dir=d.parent))
+    try:
+        info = build_tiny_pair(task, tmp, seed=seed, scale=scale)
+        if _is_built(d, task, seed, scale):            # someone else finished first
+            return d
+        if d.exists():                                 # a stale pair from an older recipe
+            shutil.rmtree(d)
+        try:
+            os.replace(tmp, d)
+        except OSError:
+            if not _is_built(d, task, seed, scale):
+                raise
+        if scale == "full":
+            print(f"built tiny {task} pair in {info['build_s']} s -> {d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Loading any pair
+# --------------------------------------------------------------------------------------------
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        from huggingface_hub import constants
+        if constants.HF_HUB_OFFLINE:
+            return False
+        host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    except Exception:
+        host = "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    has = lambda f: isinstance(try_to_load_from_cache(repo_id, f), str)   # noqa: E731
+    return has("config.json") and has("tokenizer_config.json") and (
+        has("model.safetensors") or has("model.safetensors.index.json"))
+
+
+def _check_available(path_or_id: str) -> None:
+    """Fail early, naming what is missing, when a model is neither a folder, cached, nor downloadable."""
+    if Path(path_or_id).exists() or _cached(path_or_id) or _hub_reachable():
+        return
+    from huggingface_hub import constants
+    raise RuntimeError(
+        f"{path_or_id!r} is not a local folder, not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        f"and the hub is unreachable (offline). It needs config.json, tokenizer.json, tokenizer_config.json, "
+        f"generation_config.json and model*.safetensors: run `huggingface-cli download {path_or_id}` where "
+        f"there is network (or copy that cache here), or use the offline preset: --preset tiny.")
+
+
+def resolve_pair(task: str, preset: str = "tiny", root="checkpoints") -> tuple[str, str]:
+    """(teacher, student) as local folders (tiny: built on first use) or hub ids (paper: checked)."""
+    data.check_task(task), check_preset(preset)
+    if preset == "tiny":
+        d = ensure_tiny_pair(task, root=root)
+        return str(d / "teacher"), str(d / "student")
+    cfg = preset_config(preset, task)
+    for m in (cfg["teacher"], cfg["student"]):
+        _check_available(m)
+    return cfg["teacher"], cfg["student"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path_or_id):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path_or_id))
+    if tok.pad_token_id is None:                       # never pad with eos: it would be masked as padding
+        raise ValueError(f"tokenizer of {str(path_or_id)!r} has no pad token; set one that is not eos")
+    return tok
+
+
+def load_model(path_or_id, *, device=None, dtype=None, load_in_8bit: bool = False, trust_remote_code: bool = False):
+    """A causal LM in eval mode: float32 on CPU, bfloat16 on CUDA unless dtype is given;
+    load_in_8bit quantises the linear layers with bitsandbytes (LLM.int8)."""
+    from transformers import AutoModelForCausalLM
+
+    p = str(path_or_id)
+    if not Path(p).exists() and (p.startswith(str(REPO / "checkpoints")) or p.startswith("checkpoints")):
+        raise FileNotFoundError(f"no tiny model at {p!r}: build it with `make models` or models.resolve_pair")
+    device = device or default_device()
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_8bit:
+        from transformers import BitsAndBytesConfig
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": str(device)})
+    model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
+    if not load_in_8bit:
+        model.to(device)
+    return model.eval()
+
+
+def same_tokenizer(a, b) -> bool:
+    """Same token <-> id map (incl. added/special tokens). Chat templates may differ
+    (Qwen3-4B-Instruct-2507 has no thinking mode, Qwen3-0.6B has): the teacher's is used."""
+    return a.get_vocab() == b.get_vocab()
+
+
+def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
+    """(teacher_model, student_model, tokenizer). The teacher's tokenizer is returned; the student's
+    must map the same tokens to the same ids (ValueError otherwise). The two lm_heads may have
+    different widths (padding rows beyond len(tokenizer)); both must cover the real vocabulary.
+    Compare logits on the first len(tokenizer) columns only: divergences.shared_vocab(..., vocab_size=
+    len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only."""
+    tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
+    if not same_tokenizer(tok_t, tok_s):
+        raise ValueError(f"teacher {str(teacher)!r} and student {str(student)!r} have different tokenizers "
+                         f"({len(tok_t)} vs {len(tok_s)} tokens or different ids); speculative decoding and "
+                         f"token-level distillation need one shared vocabulary")
+    t = load_model(teacher, device=device, load_in_8bit=load_in_8bit)
+    s = load_model(student, device=device)
+    for name, m in (("teacher", t), ("student", s)):
+        width = m.get_output_embeddings().weight.shape[0]
+        if width < len(tok_t):
+            raise ValueError(f"{name} lm_head has {width} rows, fewer than the {len(tok_t)} tokens of the tokenizer")
+    return t, s, tok_t
+
+
+# --------------------------------------------------------------------------------------------
+# Summary: teacher entropy on its own samples, analytic alpha of the student as a draft
+# --------------------------------------------------------------------------------------------
+
+def processed_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) restricted to the top-p nucleus and renormalised. (..., V) -> (..., V)"""
+    probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p                 # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats over the last axis. (..., V) -> (...)"""
+    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+def overlap(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q). (..., V) -> (...)"""
+    return torch.minimum(p, q).sum(-1)
+
+
+@torch.no_grad()
+def sample(model, prompts, tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, seed: int = 0):
+    """Left-padded batched sampling with transformers' generate. Returns (ids (B, T), mask (B, T),
+    generated (B, T) bool: True on the sampled tokens up to and including the first stop id)."""
+    pad = tokenizer.pad_token_id
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])              # (B, P)
+    mask = (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                         eos_token_id=stop_ids(tokenizer), pad_token_id=pad)      # (B, P + N)
+    new = out[:, P:]                                                             # (B, N)
+    stops = torch.isin(new, torch.tensor(stop_ids(tokenizer)))
+    after_stop = (stops.long().cumsum(1) - stops.long()) > 0                     # strictly after the first stop
+    generated = torch.cat([torch.zeros_like(ids, dtype=torch.bool), ~after_stop], 1)   # (B, P + N)
+    full_mask = torch.cat([mask, (~after_stop).long()], 1)
+    return out, full_mask, generated
+
+
+@torch.no_grad()
+def next_token_probs(model, ids, mask, vocab: int, temperature: float, top_p: float) -> torch.Tensor:
+    """Processed p(. | ids[:, :t]) for every t, on the real vocabulary. (B, T) -> (B, T-1, vocab)"""
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1, :vocab]  # (B, T-1, V)
+    return processed_probs(logits, temperature, top_p)
+
+
+@torch.no_grad()
+def pair_summary(teacher, student, tokenizer, task: str, cfg: dict, n_prompts: int = 64, seed: int = 0) -> dict:
+    """Teacher's mean H(p) on its own samples; student's analytic alpha = mean sum min(p, q) on the
+    student's own samples (both under the task's temperature and top-p) over stand-in eval prompts."""
+    prompts = data.task_prompts(task, tokenizer, split="eval", n=n_prompts)
+    kw = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"])
+    V = len(tokenizer)
+    ids, mask, gen = sample(teacher, prompts, tokenizer, seed=seed, **kw)
+    p = next_token_probs(teacher, ids, mask, V, cfg["temperature"], cfg["top_p"])   # (B, T-1, V)
+    h = entropy(p)[gen[:, 1:]]                                                      # (n_tokens,)
+    ids, mask, gen = sample(student, prompts, tokenizer, seed=seed + 1, **kw)
+    p = next_token_probs(teacher, ids, mask, V, cfg["temperature"], cfg["top_p"])
+    q = next_token_probs(student, ids, mask, V, cfg["temperature"], cfg["top_p"])
+    b = overlap(p, q)[gen[:, 1:]]
+    return {"teacher_entropy": h.mean().item(), "teacher_tokens": h.numel(),
+            "alpha": b.mean().item(), "student_tokens": b.numel()}
+
+
+def specdec_summary(teacher, student, tokenizer, task: str, cfg: dict, n_prompts: int = 64, seed: int = 0):
+    """Acceptance measured by specdec.speculative_generate, when specdec.py is there."""
+    try:
+        import specdec
+    except ImportError:
+        return None
+    prompts = data.task_prompts(task, tokenizer, split="eval", n=n_prompts)
+    res = specdec.speculative_generate(teacher, student, prompts, gamma=cfg["gamma"],
+                                       max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                       top_p=cfg["top_p"], eos_token_id=stop_ids(tokenizer), seed=seed)
+    return {k: res.stats[k] for k in ("acceptance_rate", "alpha", "mean_accepted_length") if k in res.stats}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
+    ap.add_argument("--task", default="all", choices=("all",) + data.TASKS)
+    ap.add_argument("--root", default="checkpoints")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", default="full", choices=tuple(SCALES))
+    ap.add_argument("--n-prompts", type=int, default=64)
+    ap.add_argument("--no-specdec", action="store_true", help="skip the specdec.py acceptance")
+    args = ap.parse_args(argv)
+    tasks = data.TASKS if args.task == "all" else (args.task,)
+    t0 = time.time()
+    rows = []
+    for task in tasks:
+        d = ensure_tiny_pair(task, root=args.root, seed=args.seed, scale=args.scale)
+        info = json.loads((d / "build.json").read_text())
+        teacher, student, tok = load_pair(d / "teacher", d / "student")
+        cfg = preset_config("tiny", task)
+        s = pair_summary(teacher, student, tok, task, cfg, n_prompts=args.n_prompts, seed=args.seed)
+        sd = None
+        if not args.no_specdec:
+            try:
+                sd = specdec_summary(teacher, student, tok, task, cfg, n_prompts=args.n_prompts, seed=args.seed)
+            except Exception as e:                       # specdec.py is someone else's work in progress
+                print(f"[{task}] specdec acceptance unavailable: {type(e).__name__}: {e}")
+        rows.append((task, info, s, sd))
+    print(f"\nTiny pairs (seed {args.seed}, scale {args.scale}; built or loaded in {time.time() - t0:.0f} s)")
+    print("| task | arch | teacher/student params | train loss T/S | build s | H(p) teacher, nats | alpha (analytic) | specdec accepted/drafted | specdec alpha |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for task, info, s, sd in rows:
+        acc = f"{sd['acceptance_rate']:.3f}" if sd and "acceptance_rate" in sd else "n/a"
+        sal = f"{sd['alpha']:.3f}" if sd and "alpha" in sd else "n/a"
+        print(f"| {task} | {info['arch']} | {info['teacher_params'] / 1e3:.0f}k/{info['student_params'] / 1e3:.0f}k | "
+              f"{info['teacher_loss']:.3f}/{info['student_loss']:.3f} | {info['build_s']} | "
+              f"{s['teacher_entropy']:.3f} | {s['alpha']:.3f} | {acc} | {sal} |")
+    if len(rows) == 2:
+        ratio = rows[1][2]["teacher_entropy"] / max(rows[0][2]["teacher_entropy"], 1e-9)
+        print(f"entropy ratio cnndm/gsm8k = {ratio:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Exact batched speculative decoding over jagged batches, with KV caches, and its metrics.
+
+Notation: p = target (the large model whose output distribution must be reproduced exactly),
+q = draft (the small model that proposes tokens). Both next-token distributions are processed the same
+way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order).
+
+The algorithm (Leviathan et al. 2023; Chen et al. 2023), one *round* for all rows of the batch at once:
+  1. draft k = min(gamma, most tokens any row may still emit) tokens x_1..x_k autoregressively from q,
+     keeping q_i = q(. | prefix, x_<i);
+  2. verify all of them in ONE target forward pass over [last token, x_1..x_k] -> p_1..p_{k+1};
+  3. accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), left to right, until the first rejection;
+  4. at the first rejection i sample the next token from norm(max(0, p_i - q_i)); if all k drafts are
+     accepted sample a bonus token from p_{k+1}.
+Every round emits (accepted + 1) tokens, distributed exactly as tokens sampled from p one at a time.
+temperature == 0 is exact greedy: x_i = argmax q_i, x_i is accepted iff x_i == argmax p_i, and the
+next token is argmax p (no random number is drawn).
+
+Jagged batches, caches, no per-row Python loop:
+  * prompts are left-padded; every model call gets a 2-D attention mask over all cache slots and
+    explicit per-row `position_ids` (position = number of real tokens before the token);
+  * both models keep one DynamicCache for the whole run. Rejected draft slots are never cropped: they
+    stay in the cache as *holes* (mask 0), which gives the same logits as a cache without them
+    (verified for stock transformers 5.x Qwen3 / Llama / GPT-2, see tests/test_specdec.py);
+  * when holes make up more than half of a cache, it is compacted with one stable sort + gather per
+    layer (valid slots move right, order kept); finished rows are evicted with `batch_select_indices`;
+  * the draft feeds [pending, x_1..x_{k-1}] in a round, so when all k drafts are accepted x_k is not
+    in its cache yet: the next round's first draft call feeds two tokens [x_k or a hole, pending].
+  * draft and target may have lm_heads of different widths over one tokenizer: both logits are cut to
+    the shared vocabulary (the narrower width, or `vocab_size`); exactness is w.r.t. p on that vocabulary.
+  * limitation: full-attention decoders (sliding-window layers would count holes as tokens).
+
+Metrics (`.stats`; the same keys for each row under stats["per_row"]). A drafted x_i is *counted*
+unless the row's budget ends before it (g + i > max_new_tokens, g = tokens the row generated before the
+round) or x_1..x_{i-1} contains a stop id. With beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i):
+  drafted                  D = number of counted drafted positions
+  accepted                 A = number of counted drafted tokens accepted (a prefix of each block)
+  acceptance_rate          A / D   (the seed's "token acceptance"; NOT alpha)
+  alpha                    (1 / D) * sum over counted positions of beta_i   (analytic acceptance)
+  mean_accepted_length     generated tokens / target calls   (tokens per verification, bonus included)
+  per_position_acceptance  list over i = 1..gamma: accepted at position i / counted drafted at
+                           position i (nan where nothing was drafted there)
+  target_calls, draft_calls  batched forward passes after the prefill (per row: the passes it was in)
+  wall_time_s              seconds from the call to the end (per row: until the row finished)
+  tokens_per_s             generated tokens / wall_time_s
+The batch aggregates pool over rows (A / D over all rows, not a mean of per-row rates); target_calls
+and draft_calls of the batch count batched passes; mean_accepted_length of the batch divides by the
+sum of the per-row target calls.
+With record=True, `.records` holds one entry per counted drafted position, in order (round by round,
+rows in batch order, positions ascending): row (index into `prompts`), position (1..gamma), accepted,
+teacher_entropy (nats, H(p_i) of the processed p) and acceptance_prob (beta_i). A position after a
+rejection in its block is recorded with accepted=False (it was drafted but never tested).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per row: generated ids only, cut after the first stop id
+    stats: dict
+    records: dict | None = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits (..., V) -> probabilities (..., V) in float32: / temperature, top-k, top-p.
+    temperature 0 -> one-hot argmax (greedy)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as transformers' TopPLogitsWarper
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from probs (B, V) -> (B,)."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q): the chance a draft from q is accepted. (..., V) -> (...)."""
+    return torch.minimum(p, q).sum(-1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats, 0 log 0 = 0. (..., V) -> (...)."""
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)), the distribution to sample from after a rejection; p where p == q. (B, V)."""
+    r = (p - q).clamp(min=0)
+    s = r.sum(-1, keepdim=True)  # (B, 1)
+    return torch.where(s > 0, r / s.clamp(min=1e-30), p)
+
+
+def resolve_stop_ids(model, eos_token_id=None) -> list[int]:
+    """Stop ids: an int or a list as given ([] = never stop early); None -> the model's generation
+    config (Qwen3 lists several), else its config."""
+    if eos_token_id is None:
+        gen_config = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen_config, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(i) for i in eos_token_id]
+
+
+def _context_length(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return None
+
+
+def _check_args(models, prompts, max_new_tokens, temperature, top_k, top_p, gamma=1):
+    if gamma < 1:
+        raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists, got an empty list")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    for i, prompt in enumerate(prompts):
+        for model in models:
+            ctx = _context_length(model)
+            if ctx is not None and len(prompt) + max_new_tokens > ctx:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                    f"the model's context of {ctx} positions (max_position_embeddings)")
+
+
+def _left_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged token lists -> ids (B, T) and attention mask (B, T), left-padded with id 0 / mask 0."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward(model, ids, mask, positions, cache, logits_to_keep=0):
+    """One cached forward pass; `mask` covers every slot of the cache plus the new ones. -> (B, T', V)."""
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 renamed it
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=logits_to_keep, **{cache_kw: cache})
+    return out.logits
+
+
+def _compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop holes: move every row's valid slots to the right end, in order. Returns the new mask (B, L')."""
+    width = int(mask.sum(1).max())
+    keep = torch.sort(mask, dim=1, stable=True).indices[:, -width:]  # (B, L'): holes first, then valid slots
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            kv = getattr(layer, name)  # (B, H, L, D)
+            idx = keep[:, None, :, None].expand(-1, kv.shape[1], -1, kv.shape[-1])
+            setattr(layer, name, kv.gather(2, idx))  # (B, H, L', D)
+    return mask.gather(1, keep)
+
+
+def _shared_vocab(models, vocab_size):
+    widths = [m.get_output_embeddings().weight.shape[0] for m in models]
+    shared = min(widths)
+    if vocab_size is not None:
+        if vocab_size > shared:
+            raise ValueError(f"vocab_size={vocab_size} is larger than the narrowest lm_head ({shared})")
+        shared = vocab_size
+    return shared
+
+
+def _make_generator(seed, generator, device):
+    if generator is not None:
+        return generator
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _rate(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128, temperature=1.0, top_p=1.0,
+                         top_k=0, eos_token_id=None, seed=None, record=False, vocab_size=None, generator=None,
+                         compact=True) -> GenerationResult:
+    """Sample continuations of `prompts` (list of token-id lists) from `target` (p), drafted by `draft` (q)."""
+    _check_args([target, draft], prompts, max_new_tokens, temperature, top_k, top_p, gamma)
+    t0 = time.perf_counter()
+    device = target.device
+    gen = _make_generator(seed, generator, device)
+    V = _shared_vocab([target, draft], vocab_size)
+    stop_ids = torch.tensor(resolve_stop_ids(target, eos_token_id), dtype=torch.long, device=device)
+    greedy = temperature == 0
+    B = len(prompts)
+
+    # per original row, filled by index_add_ as rows progress
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # generated ids
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)
+    drafted, accepted_n, target_calls, draft_calls = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(4))
+    beta_sum = torch.zeros(B, device=device)
+    pos_drafted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+    pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+    finish = [0.0] * B
+    recs = {k: [] for k in ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")}
+    batched_target_calls = batched_draft_calls = 0
+
+    # prefill both caches with every prompt token but the last (the "pending" token of the first round)
+    tcache, dcache = DynamicCache(), DynamicCache()
+    ids, mask = _left_pad([p[:-1] for p in prompts], device) if max(map(len, prompts)) > 1 else (
+        torch.zeros(B, 0, dtype=torch.long, device=device), torch.zeros(B, 0, dtype=torch.long, device=device))
+    if ids.shape[1] > 0:
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+        _forward(target, ids, mask, positions, tcache, logits_to_keep=1)
+        _forward(draft, ids, mask, positions, dcache, logits_to_keep=1)
+    tmask, dmask = mask.clone(), mask.clone()  # (B, L) one entry per cache slot: 1 = real token, 0 = pad/hole
+    rows = torch.arange(B, device=device)  # original index of each active row
+    pending = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # (B,)
+    n_seq = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # real tokens incl. pending
+    lag = torch.zeros(B, dtype=torch.long, device=device)  # x_k of the last round when all k were accepted
+    lag_valid = torch.zeros(B, dtype=torch.bool, device=device)
+    first_round = True
+    if max_new_tokens == 0:
+        rows = rows[:0]
+
+    while rows.numel() > 0:
+        b = rows.numel()
+        g = n_gen[rows]  # (b,) tokens generated so far
+        k = min(gamma, int((max_new_tokens - g).max()))
+
+        # 1. draft k tokens from q, one call each (the first call also feeds last round's x_k or a hole)
+        if first_round:
+            x, valid, positions = pending[:, None], torch.ones(b, 1, dtype=torch.long, device=device), (n_seq - 1)[:, None]
+        else:
+            x = torch.stack([lag, pending], 1)  # (b, 2)
+            valid = torch.stack([lag_valid.long(), torch.ones_like(lag)], 1)
+            positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
+        drafts, qs = [], []
+        for i in range(k):
+            dmask = torch.cat([dmask, valid], 1)
+            q_i = process_logits(_forward(draft, x, dmask, positions, dcache, logits_to_keep=1)[:, -1, :V],
+                                 temperature, top_k, top_p)  # (b, V)
+            x_i = q_i.argmax(-1) if greedy else sample(q_i, gen)  # (b,)
+            drafts.append(x_i)
+            qs.append(q_i)
+            x, valid, positions = x_i[:, None], torch.ones(b, 1, dtype=torch.long, device=device), (n_seq + i)[:, None]
+        drafts = torch.stack(drafts, 1)  # (b, k)
+        q = torch.stack(qs, 1)  # (b, k, V)
+        batched_draft_calls += k
+
+        # 2. verify [pending, x_1..x_k] in one target call -> p_1..p_{k+1}
+        x = torch.cat([pending[:, None], drafts], 1)  # (b, k+1)
+        positions = n_seq[:, None] - 1 + torch.arange(k + 1, device=device)  # (b, k+1)
+        tmask = torch.cat([tmask, torch.ones(b, k + 1, dtype=torch.long, device=device)], 1)
+        p = process_logits(_forward(target, x, tmask, positions, tcache)[..., :V], temperature, top_k, top_p)  # (b, k+1, V)
+        batched_target_calls += 1
+
+        # 3. accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), stop at the first rejection
+        p_x = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # (b, k)
+        if greedy:
+            ok = drafts == p[:, :k].argmax(-1)
+        else:
+            q_x = q.gather(-1, drafts[..., None]).squeeze(-1)  # (b, k)
+            ok = torch.rand(b, k, device=device, generator=gen) * q_x < p_x
+        i = torch.arange(1, k + 1, device=device)  # draft positions 1..k
+        is_stop = torch.isin(drafts, stop_ids)
+        stop_before = (is_stop.long().cumsum(1) - is_stop.long()) > 0  # a stop id among x_1..x_{i-1}
+        counted = (g[:, None] + i <= max_new_tokens) & ~stop_before  # (b, k)
+        acc = (ok & counted).long().cumprod(1).bool()  # (b, k) accepted prefix
+        n = acc.sum(1)  # (b,) accepted drafts per row
+
+        # 4. next token: from norm(max(0, p_{n+1} - q_{n+1})) after a rejection, from p_{k+1} if all accepted
+        q_ext = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # (b, k+1, V); q_{k+1} = 0 -> residual = p
+        at_n = n[:, None, None].expand(b, 1, V)
+        p_n, q_n = p.gather(1, at_n).squeeze(1), q_ext.gather(1, at_n).squeeze(1)  # (b, V)
+        t = p_n.argmax(-1) if greedy else sample(residual(p_n, q_n), gen)  # (b,)
+
+        # emit x_1..x_n, t; cut after the first stop id and at the budget
+        j = torch.arange(k + 1, device=device)
+        emit = torch.where(j < n[:, None], torch.cat([drafts, t[:, None]], 1), t[:, None])  # (b, k+1)
+        stop_in = torch.isin(emit, stop_ids) & (j <= n[:, None])
+        first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # tokens up to the stop
+        e = torch.minimum(first_stop, max_new_tokens - g)  # (b,) tokens emitted this round
+        done = (stop_in.any(1) & (first_stop <= max_new_tokens - g)) | (g + e >= max_new_tokens)
+        write = j < e[:, None]  # (b, k+1)
+        out[rows[:, None].expand(b, k + 1)[write], (g[:, None] + j)[write]] = emit[write]
+
+        # metrics, indexed by original row
+        beta = acceptance_prob(p[:, :k], q)  # (b, k)
+        n_gen.index_add_(0, rows, e)
+        drafted.index_add_(0, rows, counted.sum(1))
+        accepted_n.index_add_(0, rows, acc.sum(1))
+        beta_sum.index_add_(0, rows, (beta * counted).sum(1))
+        pos_drafted[:, :k].index_add_(0, rows, counted.long())
+        pos_accepted[:, :k].index_add_(0, rows, acc.long())
+        target_calls.index_add_(0, rows, torch.ones_like(rows))
+        draft_calls.index_add_(0, rows, torch.full_like(rows, k))
+        if record:
+            recs["row"].append(rows[:, None].expand(b, k)[counted])
+            recs["position"].append(i[None].expand(b, k)[counted])
+            recs["accepted"].append(acc[counted])
+            recs["teacher_entropy"].append(entropy(p[:, :k])[counted])
+            recs["acceptance_prob"].append(beta[counted])
+
+        # cache bookkeeping: slots of rejected drafts become holes
+        tmask[:, -(k + 1):] = (j[None] <= n[:, None]).long()  # [pending, x_1..x_k]: valid up to x_n
+        dmask[:, -k:] = (j[None, :k] <= n[:, None]).long()  # [pending, x_1..x_{k-1}]: valid up to x_n
+        lag, lag_valid = drafts[:, -1], n == k
+        pending, n_seq = t, n_seq + n + 1
+        first_round = False
+
+        # evict finished rows; compact caches that are mostly holes
+        if done.any():
+            now = time.perf_counter() - t0
+            for r in rows[done].tolist():
+                finish[r] = now
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            for cache in (tcache, dcache):
+                cache.batch_select_indices(keep)
+            tmask, dmask, rows, pending, n_seq, lag, lag_valid = (
+                v[keep] for v in (tmask, dmask, rows, pending, n_seq, lag, lag_valid))
+        if compact:
+            if tmask.shape[1] > 2 * int(tmask.sum(1).max()):
+                tmask = _compact(tcache, tmask)
+            if dmask.shape[1] > 2 * int(dmask.sum(1).max()):
+                dmask = _compact(dcache, dmask)
+
+    wall = time.perf_counter() - t0
+    tokens = [out[r, : n_gen[r]].tolist() for r in range(B)]
+    stats = _spec_stats(n_gen, drafted, accepted_n, beta_sum, pos_drafted, pos_accepted, target_calls,
+                        draft_calls, finish, wall, batched_target_calls, batched_draft_calls)
+    records = None
+    if record:
+        records = {k: (torch.cat(v).cpu() if v else torch.zeros(0)) for k, v in recs.items()}
+        records["row"], records["position"] = records["row"].long(), records["position"].long()
+        records["accepted"] = records["accepted"].bool()
+        records["teacher_entropy"] = records["teacher_entropy"].float()
+        records["acceptance_prob"] = records["acceptance_prob"].float()
+    return GenerationResult(tokens, stats, records)
+
+
+def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, target_calls, draft_calls,
+                finish, wall, batched_target_calls, batched_draft_calls) -> dict:
+    """The metrics of the module docstring, per row and pooled over the batch."""
+    n_gen, drafted, accepted, beta_sum = (v.cpu() for v in (n_gen, drafted, accepted, beta_sum))
+    pos_drafted, pos_accepted, target_calls, draft_calls = (v.cpu() for v in (pos_drafted, pos_accepted,
+                                                                             target_calls, draft_calls))
+
+    def summary(gen, d, a, bsum, pd, pa, tc, dc, seconds):
+        gen, d, a, tc, dc = int(gen), int(d), int(a), int(tc), int(dc)
+        return {"generated": int(gen), "drafted": int(d), "accepted": int(a), "acceptance_rate": _rate(a, d),
+                "alpha": _rate(bsum, d), "mean_accepted_length": _rate(gen, tc),
+                "per_position_acceptance": [_rate(x, y) for x, y in zip(pa.tolist(), pd.tolist())],
+                "target_calls": int(tc), "draft_calls": int(dc), "wall_time_s": seconds,
+                "tokens_per_s": _rate(gen, seconds)}
+
+    per_row = [summary(n_gen[r], drafted[r], accepted[r], float(beta_sum[r]), pos_drafted[r], pos_accepted[r],
+                       target_calls[r], draft_calls[r], finish[r] or wall) for r in range(len(finish))]
+    stats = summary(n_gen.sum(), drafted.sum(), accepted.sum(), float(beta_sum.sum()), pos_drafted.sum(0),
+                    pos_accepted.sum(0), target_calls.sum(), draft_calls.sum(), wall)
+    stats["target_calls"], stats["draft_calls"] = batched_target_calls, batched_draft_calls
+    stats["per_row"] = per_row
+    return stats
+
+
+# ----------------------------------------------------------------------------- plain sampling (the baseline)
+
+@torch.no_grad()
+def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
+                            eos_token_id=None, seed=None, generator=None, vocab_size=None) -> GenerationResult:
+    """Sample continuations of `prompts` token by token from `model` (same sampling rules, left padding,
+    KV cache, several stop ids, finished rows evicted). Pass a torch.Generator for reproducibility."""
+    _check_args([model], prompts, max_new_tokens, temperature, top_k, top_p)
+    t0 = time.perf_counter()
+    device = model.device
+    gen = _make_generator(seed, generator, device)
+    V = _shared_vocab([model], vocab_size)
+    stop_ids = torch.tensor(resolve_stop_ids(model, eos_token_id), dtype=torch.long, device=device)
+    B = len(prompts)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)
+    finish = [0.0] * B
+    calls = torch.zeros(B, dtype=torch.long, device=device)
+    batched_calls = 0
+
+    cache = DynamicCache()
+    x, mask = _left_pad(prompts, device)  # (B, T)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    n_seq = mask.sum(1)  # (B,) real tokens so far
+    rows = torch.arange(B, device=device)
+    while max_new_tokens > 0 and rows.numel() > 0:
+        probs = process_logits(_forward(model, x, mask, positions, cache, logits_to_keep=1)[:, -1, :V],
+                               temperature, top_k, top_p)  # (b, V)
+        batched_calls += 1
+        calls.index_add_(0, rows, torch.ones_like(rows))
+        t = probs.argmax(-1) if temperature == 0 else sample(probs, gen)  # (b,)
+        out[rows, n_gen[rows]] = t
+        n_gen.index_add_(0, rows, torch.ones_like(rows))
+        done = torch.isin(t, stop_ids) | (n_gen[rows] >= max_new_tokens)
+        if done.any():
+            now = time.perf_counter() - t0
+            for r in rows[done].tolist():
+                finish[r] = now
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            mask, rows, t, n_seq = mask[keep], rows[keep], t[keep], n_seq[keep]
+        x, positions = t[:, None], n_seq[:, None]  # (b, 1)
+        mask = torch.cat([mask, torch.ones_like(x)], 1)
+        n_seq = n_seq + 1
+
+    wall = time.perf_counter() - t0
+    n_gen, calls = n_gen.cpu(), calls.cpu()
+    tokens = [out[r, : n_gen[r]].tolist() for r in range(B)]
+
+    def summary(gen_, calls_, seconds):
+        return {"generated": int(gen_), "target_calls": int(calls_), "wall_time_s": seconds,
+                "tokens_per_s": _rate(int(gen_), seconds)}
+
+    stats = summary(n_gen.sum(), batched_calls, wall)
+    stats["per_row"] = [summary(n_gen[r], calls[r], finish[r] or wall) for r in range(B)]
+    return GenerationResult(tokens, stats)

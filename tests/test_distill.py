@@ -1,0 +1,351 @@
+"""distill.py: TRL parity, masking, the normaliser, learning, checkpoints, resume and DDP.
+
+Everything runs on the reduced offline tiny pair (models.ensure_tiny_pair(scale="test")), a few
+steps at a time, on the CPU."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import distill
+import divergences
+import models
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(teacher_dir, student_dir) of the reduced tiny gsm8k pair, built once for this module."""
+    root = models.ensure_tiny_pair("gsm8k", root=tmp_path_factory.mktemp("ckpt"), scale="test")
+    return str(Path(root) / "teacher"), str(Path(root) / "student")
+
+
+@pytest.fixture(scope="module")
+def loaded(pair):
+    teacher, student, tok = models.load_pair(*pair)
+    return teacher.eval(), student, tok
+
+
+def run_args(pair, out, *extra):
+    """A small, fast training run on the test pair."""
+    return ["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(out),
+            "--steps", "4", "--batch-size", "4", "--max-new-tokens", "8", "--n-train", "16",
+            "--lr", "1e-3", "--save-every", "2", *map(str, extra)]
+
+
+def read_metric(out, key):
+    return [json.loads(line)[key] for line in open(Path(out) / "metrics.jsonl")]
+
+
+def read_losses(out):
+    return read_metric(out, "loss")
+
+
+def state(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+
+def fresh_student(pair):
+    return AutoModelForCausalLM.from_pretrained(pair[1]).train()
+
+
+def loss_of(student, teacher, batch, div="jsd", beta=0.5, temperature=1.0):
+    """Our per-batch loss: sum of d over the completion tokens / their number."""
+    mask = batch["loss_mask"][:, batch["prompt_width"]:]
+    with torch.no_grad():
+        t = distill.completion_logits(teacher, batch)
+    s = distill.completion_logits(student, batch)
+    return distill.batch_divergence_sum(s, t, mask, div, beta, temperature) / mask.sum()
+
+
+def prompts_of(tok, n=3):
+    import data
+    return data.task_prompts("gsm8k", tok, split="train", n=n)
+
+
+# ----------------------------------------------------------------------------- TRL parity
+
+def make_gkd_trainer(student, teacher, tok, beta, tmp_path, stop_ids):
+    """A real trl GKDTrainer around our tiny pair (CPU, no logging)."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    cfg = GKDConfig(output_dir=str(tmp_path / "trl"), beta=beta, lmbda=1.0, temperature=1.0, max_new_tokens=8,
+                    per_device_train_batch_size=3, report_to=[], use_cpu=True, save_strategy="no",
+                    logging_strategy="no", bf16=False, fp16=False)
+    ds = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "ok"}]}] * 3)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok)
+    trainer.generation_config.eos_token_id = stop_ids
+    return trainer
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_loss_and_grads_match_trl_gkd(pair, loaded, tmp_path, beta):
+    """On the batch TRL's own generate_on_policy_outputs builds from jagged prompts, our loss and
+    student gradients equal GKDTrainer.compute_loss's (TRL is right here: loss at T=1, EOS kept,
+    one micro-batch). Many stop ids make some rows stop early, so the post-stop masking is exercised."""
+    teacher, _, tok = loaded
+    student = fresh_student(pair)
+    prompts = prompts_of(tok, 3)
+    prompts = [prompts[0][:20], prompts[1], prompts[2][:35]]          # jagged
+    stop_ids = sorted(set(range(5, 64, 4)))                           # frequent stops
+    trainer = make_gkd_trainer(student, teacher, tok, beta, tmp_path, stop_ids)
+    P = max(map(len, prompts))
+    pad = tok.pad_token_id
+    inputs = {"prompts": torch.tensor([[pad] * (P - len(p)) + p for p in prompts]),
+              "prompt_attention_mask": torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])}
+    torch.manual_seed(0)
+    ids, attn, labels = trainer.generate_on_policy_outputs(student, inputs, trainer.generation_config)
+    student.train()
+    trl_loss = trainer.compute_loss(student, {"input_ids": ids, "attention_mask": attn, "labels": labels})
+    trl_loss.backward()
+    trl_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    completions = [distill.cut_at_stop(row[P:].tolist(), stop_ids, 8) for row in ids]
+    assert any(len(c) < 8 for c in completions) and any(c[-1] in stop_ids for c in completions)
+    batch = distill.build_batch(prompts, completions, pad)
+    ours = loss_of(student, teacher, batch, "jsd", beta, 1.0)
+    ours.backward()
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
+    for g_ours, g_trl in zip((p.grad for p in student.parameters()), trl_grads):
+        torch.testing.assert_close(g_ours, g_trl, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulated_normaliser_is_the_full_batch_mean_unlike_trl(pair, loaded):
+    """Split a batch into two micro-batches with different completion-token counts. The gradient we
+    accumulate (each micro-batch's sum / tokens of the whole step) equals the gradient of the one-batch
+    mean over all completion tokens: every token weighs the same. TRL's per-micro-batch 'batchmean'
+    averaged over micro-batches (Trainer's default) weighs the tokens of the shorter micro-batch more,
+    and its num_items_in_batch path counts the dataset's label tokens, not the generated ones."""
+    teacher, _, tok = loaded
+    from trl.experimental.gkd import GKDTrainer
+    prompts = prompts_of(tok, 4)
+    completions = [[11, 12, 13, 14, 15, 16, 17, 2], [21, 22], [31, 32, 33], [41]]
+    halves = [(prompts[:2], completions[:2]), (prompts[2:], completions[2:])]
+    n_total = sum(map(len, completions))
+
+    def grads(loss_fn):
+        student = fresh_student(pair)
+        for p, c in halves:
+            loss_fn(student, distill.build_batch(p, c, tok.pad_token_id)).backward()
+        return torch.cat([q.grad.flatten() for q in student.parameters()])
+
+    def ours(student, b):
+        mask = b["loss_mask"][:, b["prompt_width"]:]
+        with torch.no_grad():
+            t = distill.completion_logits(teacher, b)
+        return distill.batch_divergence_sum(distill.completion_logits(student, b), t, mask, "rkl", 0.5, 1.0) / n_total
+
+    def trl_per_micro_mean(student, b):
+        P = b["prompt_width"]
+        labels = b["input_ids"].masked_fill(~b["loss_mask"], -100)[:, P:]
+        with torch.no_grad():
+            t = distill.completion_logits(teacher, b)
+        return GKDTrainer.generalized_jsd_loss(distill.completion_logits(student, b), t, labels, beta=1.0) / 2
+
+    student = fresh_student(pair)
+    full = loss_of(student, teacher, distill.build_batch(prompts, completions, tok.pad_token_id), "rkl")
+    full.backward()
+    g_full = torch.cat([q.grad.flatten() for q in student.parameters()])
+    torch.testing.assert_close(grads(ours), g_full, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grads(trl_per_micro_mean), g_full, rtol=1e-2, atol=1e-6)
+
+
+def test_grad_accumulation_run_equals_one_big_batch(pair, tmp_path):
+    """The whole loop: one step with 2 micro-batches of uneven completion lengths (dataset answers)
+    makes the same update as one micro-batch of 4 prompts."""
+    one = distill.main(run_args(pair, tmp_path / "one", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64))
+    two = distill.main(run_args(pair, tmp_path / "two", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64,
+                                "--grad-accum", 2))
+    assert read_metric(one, "grad_norm") == pytest.approx(read_metric(two, "grad_norm"), rel=1e-5)
+    assert read_losses(one) == pytest.approx(read_losses(two), rel=1e-5)
+    a, b = state(one / "final"), state(two / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masking
+
+def test_cut_at_stop_keeps_the_first_stop_and_drops_the_rest():
+    """The student must learn to stop: the first stop token is a training target, what follows is not."""
+    assert distill.cut_at_stop([5, 6, 2, 7, 2], [2, 3], 10) == [5, 6, 2]
+    assert distill.cut_at_stop([5, 3, 2], [2, 3], 10) == [5, 3]
+    assert distill.cut_at_stop([5, 6, 7, 8], [2], 3) == [5, 6, 7]
+
+
+def test_build_batch_masks_prompt_and_padding_but_not_the_stop_token():
+    """loss_mask marks exactly the completion tokens (stop included); padding is out of attention;
+    position ids count real tokens only, so a row's positions do not depend on its neighbours."""
+    b = distill.build_batch([[1, 2, 3], [4]], [[7, 2], [8, 9, 2]], pad_id=0)
+    assert b["prompt_width"] == 3
+    assert b["input_ids"].tolist() == [[1, 2, 3, 7, 2, 0], [0, 0, 4, 8, 9, 2]]
+    assert b["loss_mask"].int().tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert b["position_ids"][1, 2:].tolist() == [0, 1, 2, 3]
+
+
+def test_loss_ignores_prompt_padding_and_post_stop_tokens(pair, loaded):
+    """Changing a prompt-pad or post-stop token id changes nothing in the loss; the loss is the mean of
+    d over the completion tokens computed position by position, stop token included."""
+    teacher, student, tok = loaded
+    prompts = prompts_of(tok, 2)
+    prompts = [prompts[0][:12], prompts[1]]
+    b = distill.build_batch(prompts, [[9, 10, 2], [11]], tok.pad_token_id)
+    with torch.no_grad():
+        base = loss_of(student, teacher, b, "fkl")
+        b2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
+        b2["input_ids"][0, 0] = 17                       # left padding of row 0
+        b2["input_ids"][1, -1] = 17                      # right padding after row 1's completion
+        torch.testing.assert_close(loss_of(student, teacher, b2, "fkl"), base)
+        # by hand: d at the positions that predict the 4 completion tokens
+        P = b["prompt_width"]
+        s = student(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+        t = teacher(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+        d = divergences.token_divergence(s, t, "fkl")   # (B, T)
+        by_hand = (d[0, P - 1] + d[0, P] + d[0, P + 1] + d[1, P - 1]) / 4
+        torch.testing.assert_close(base, by_hand, rtol=1e-5, atol=1e-7)
+
+
+def test_left_padded_rows_give_the_same_loss_as_each_row_alone(loaded):
+    """Batching is an implementation detail: left padding and right padding must not change any row's d."""
+    teacher, student, tok = loaded
+    prompts = prompts_of(tok, 3)
+    prompts = [prompts[0][:10], prompts[1], prompts[2][:25]]
+    comps = [[9, 10, 11, 2], [12], [13, 14]]
+    with torch.no_grad():
+        def row_sums(ps, cs):
+            b = distill.build_batch(ps, cs, tok.pad_token_id)
+            mask = b["loss_mask"][:, b["prompt_width"]:]
+            s, t = distill.completion_logits(student, b), distill.completion_logits(teacher, b)
+            return (divergences.token_divergence(s, t, "jsd") * mask).sum(-1)
+        batched = row_sums(prompts, comps)
+        alone = torch.cat([row_sums([p], [c]) for p, c in zip(prompts, comps)])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- learning
+
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "ajsd"])
+def test_a_few_steps_reduce_the_divergence_on_a_fixed_batch(pair, tmp_path, div):
+    """The loop optimises what it claims to: with one fixed batch (4 prompts, dataset answers), the
+    divergence after 5 updates is below the divergence before the first."""
+    out = distill.main(run_args(pair, tmp_path, "--div", div, "--lmbda", 0, "--n-train", 4, "--steps", 6,
+                                "--lr", 3e-3, "--save-every", 100))
+    losses = read_losses(out)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume, final
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(pair, tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint and resumed with --resume logs exactly the losses and
+    ends with exactly the weights of the run that was never interrupted (on-policy sampling included)."""
+    full = distill.main(run_args(pair, tmp_path / "full"))
+    calls = {"n": 0}
+    real = distill.specdec.autoregressive_generate
+
+    def dies_at_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(run_args(pair, tmp_path / "cut"))
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", real)
+    assert len(read_losses(tmp_path / "cut")) == 2
+    cut = distill.main(run_args(pair, tmp_path / "cut", "--resume"))
+    assert read_losses(cut) == read_losses(full)
+    a, b = state(full / "final"), state(cut / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(pair, loaded, tmp_path, monkeypatch):
+    """A crash in the middle of writing checkpoint 4 (after the weights, before the trainer state)
+    leaves checkpoint 2 complete: --resume picks it and its files load (safetensors, weights_only)."""
+    out = distill.main(run_args(pair, tmp_path, "--steps", 2))
+    student = fresh_student(pair)
+    opt = torch.optim.AdamW(student.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(distill.torch, "save", crash)
+    with pytest.raises(OSError):
+        distill.save_checkpoint(out, 4, student, loaded[2], opt, sched)
+    monkeypatch.undo()
+    ckpt = distill.latest_checkpoint(out)
+    assert ckpt.name == "ckpt-0000002"
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 2
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    distill.main(run_args(pair, tmp_path, "--steps", 3, "--resume"))
+    assert len(read_losses(out)) == 3 and not list(out.glob(".*.tmp"))
+
+
+def test_final_student_works_as_assistant_model(pair, loaded, tmp_path):
+    """<out>/final is a plain HF directory: from_pretrained loads it and transformers' assisted
+    generation with it as assistant_model reproduces the teacher's greedy output."""
+    teacher, _, tok = loaded
+    out = distill.main(run_args(pair, tmp_path, "--steps", 1))
+    draft = AutoModelForCausalLM.from_pretrained(out / "final")
+    ids = torch.tensor([prompts_of(tok, 1)[0]])
+    plain = teacher.generate(ids, max_new_tokens=8, do_sample=False)
+    assisted = teacher.generate(ids, max_new_tokens=8, do_sample=False, assistant_model=draft)
+    assert plain.tolist() == assisted.tolist()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def test_two_process_torchrun_equals_one_process_on_the_combined_batch(pair, tmp_path):
+    """DDP with the global token normaliser: 2 ranks x 2 prompts make the same update as one process
+    with the 4 prompts (dataset answers, so the samples do not depend on the sharding)."""
+    args = run_args(pair, tmp_path / "ddp", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    str(REPO / "distill.py"), *args], check=True, env=env, cwd=tmp_path, capture_output=True)
+    one = distill.main(run_args(pair, tmp_path / "one", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64))
+    assert read_metric(tmp_path / "ddp", "grad_norm") == pytest.approx(read_metric(one, "grad_norm"), rel=1e-5)
+    assert read_losses(tmp_path / "ddp") == pytest.approx(read_losses(one), rel=1e-5)
+    a, b = state(tmp_path / "ddp" / "final"), state(one / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("extra, words", [
+    (["--task", "mnist"], ["mnist", "gsm8k"]),
+    (["--div", "kl"], ["kl", "rkl", "tvd"]),
+    (["--beta", "1.5"], ["1.5", "[0, 1]"]),
+    (["--resume"], ["--resume", "checkpoint"]),
+])
+def test_bad_input_stops_before_any_work(pair, tmp_path, extra, words):
+    """A wrong value fails at once with a message naming it and the valid choices; nothing is written."""
+    with pytest.raises(ValueError) as e:
+        distill.main(run_args(pair, tmp_path / "run") + extra)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_different_tokenizers_are_refused(pair, tmp_path):
+    """A teacher whose tokenizer differs from the student's cannot be distilled token by token."""
+    other = tmp_path / "teacher"
+    shutil.copytree(pair[0], other)
+    tok = models.load_tokenizer(str(other))
+    tok.add_tokens(["<zz_new_token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError):
+        distill.main(run_args((str(other), pair[1]), tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,360 @@
+"""Tests of specdec.py: exact batched speculative decoding (p = target, q = draft) and its metrics.
+
+All models are tiny random decoders built here (hidden 32, 2 layers). A large initializer range makes
+their next-token distributions peaked, so greedy decoding has no near-ties and drafts get both accepted
+and rejected. "Perturbed copy" drafts (the target's weights plus noise) agree with the target often
+enough to exercise whole accepted blocks, bonus tokens and rejections in the same run.
+"""
+import math
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from specdec import (autoregressive_generate, process_logits, resolve_stop_ids, speculative_generate)
+
+ARCHS = ("qwen3", "llama", "gpt2")
+PROMPT_LENS = (1, 5, 12, 3)  # a jagged batch, including a one-token prompt
+
+
+def tiny_model(arch, seed, vocab=96, hidden=32, layers=2, init=0.5):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, initializer_range=init, eos_token_id=None, bos_token_id=None)
+    if arch == "qwen3":
+        config = Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                             max_position_embeddings=128, pad_token_id=None, **common)
+        return Qwen3ForCausalLM(config).eval()
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             pad_token_id=None, **common)
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **common)
+    return GPT2LMHeadModel(config).eval()
+
+
+def perturbed_copy(model, seed, noise=0.03):
+    """A draft that agrees with the target often but not always: its weights plus Gaussian noise."""
+    draft = type(model)(model.config).eval()
+    draft.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(noise * param.std() * torch.randn(param.shape, generator=gen))
+    return draft
+
+
+def make_prompts(lens=PROMPT_LENS, vocab=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lens]
+
+
+def hf_greedy(model, prompt, n):
+    """The reference: transformers' own greedy decoding of one prompt alone, exactly n new tokens."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """target, perturbed draft, prompts and the target's own greedy continuations, per architecture."""
+    result = {}
+    for arch in ARCHS:
+        target = tiny_model(arch, 0)
+        prompts = make_prompts()
+        result[arch] = (target, perturbed_copy(target, 1), prompts, [hf_greedy(target, p, 24) for p in prompts])
+    return result
+
+
+# ----------------------------------------------------------------------------- greedy exactness
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_target_generate_for_every_row_and_gamma(arch, pairs):
+    """temperature 0 must reproduce the target's own greedy decoding token for token, for every row of a
+    jagged batch (pads, holes, per-row positions, cache compaction and eviction must all be invisible)
+    and every gamma; the run must also contain both accepted and rejected drafts, or it tests nothing."""
+    target, draft, prompts, reference = pairs[arch]
+    for gamma in (1, 2, 5, 8):
+        result = speculative_generate(target, draft, prompts, gamma=gamma, max_new_tokens=24, temperature=0,
+                                      eos_token_id=[])
+        assert result.tokens == reference, f"gamma={gamma}"
+        assert 0 < result.stats["accepted"] < result.stats["drafted"], f"gamma={gamma}"
+
+
+def test_greedy_batch_of_one_with_one_token_prompt(pairs):
+    """The smallest input (one row, one prompt token, so nothing to prefill) must still be exact."""
+    target, draft, _, _ = pairs["qwen3"]
+    prompt = [7]
+    result = speculative_generate(target, draft, [prompt], gamma=3, max_new_tokens=10, temperature=0, eos_token_id=[])
+    assert result.tokens == [hf_greedy(target, prompt, 10)]
+
+
+def test_autoregressive_greedy_equals_generate(pairs):
+    """The baseline sampler must be the target itself: same tokens as transformers' greedy generate on a jagged
+    batch (left padding and eviction must not change a row)."""
+    target, _, prompts, reference = pairs["llama"]
+    result = autoregressive_generate(target, prompts, max_new_tokens=24, temperature=0, eos_token_id=[])
+    assert result.tokens == reference
+
+
+def test_lm_heads_of_different_widths_use_the_shared_vocabulary():
+    """A draft whose lm_head has padding columns (wider vocabulary, same tokenizer) must be compared on the shared
+    vocabulary: the output is still exactly the target's greedy decoding."""
+    target = tiny_model("qwen3", 0, vocab=96)
+    draft = tiny_model("qwen3", 1, vocab=112)
+    prompts = make_prompts()
+    result = speculative_generate(target, draft, prompts, gamma=4, max_new_tokens=12, temperature=0, eos_token_id=[])
+    assert result.tokens == [hf_greedy(target, p, 12) for p in prompts]
+    assert max(t for row in result.tokens for t in row) < 96
+
+
+# ----------------------------------------------------------------------------- sampling exactness
+
+def sampling_setup():
+    """A tiny vocabulary, two unrelated random models, and the sampling rules applied to both."""
+    target = tiny_model("qwen3", 10, vocab=64, init=0.3)
+    draft = perturbed_copy(target, 11, noise=0.06)  # acceptance about one half
+    rules = dict(temperature=0.8, top_k=12, top_p=0.9)
+    return target, draft, [3, 17, 42], rules
+
+
+def target_two_token_distribution(target, prompt, rules):
+    """Exact P_p(t1, t2) after temperature/top-k/top-p: p(t1 | prompt) * p(t2 | prompt, t1). -> (V, V)."""
+    with torch.no_grad():
+        p1 = process_logits(target(torch.tensor([prompt])).logits[0, -1], **rules)  # (V,)
+        V = p1.shape[0]
+        ids = torch.cat([torch.tensor([prompt]).expand(V, -1), torch.arange(V)[:, None]], 1)  # (V, T+1)
+        p2 = process_logits(target(ids).logits[:, -1], **rules)  # (V, V)
+    return p1[:, None] * p2
+
+
+def chi_square_p_value(counts, expected):
+    """Pearson's chi-square test; cells expected < 5 are pooled into one. Upper tail via the regularized gamma."""
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    assert obs[~keep].sum() == 0, "a token pair the target can never produce was generated"
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2))
+
+
+def test_speculative_sampling_reproduces_the_target_distribution():
+    """The speculative output must be distributed exactly as the target's (temperature, top-k, top-p applied to p
+    and q alike). 6000 samples of the first two tokens, all rows of one batch, must pass a chi-square test against
+    the exactly computed P_p(t1, t2); a sampler that skipped the residual correction fails it by far."""
+    target, draft, prompt, rules = sampling_setup()
+    n = 6000
+    result = speculative_generate(target, draft, [prompt] * n, gamma=2, max_new_tokens=2, eos_token_id=[], seed=0,
+                                  **rules)
+    V = 64
+    pairs_ = torch.tensor(result.tokens)  # (n, 2)
+    counts = torch.bincount(pairs_[:, 0] * V + pairs_[:, 1], minlength=V * V).double()
+    expected = n * target_two_token_distribution(target, prompt, rules).flatten().double()
+    assert 0.2 < result.stats["acceptance_rate"] < 0.9  # both branches (accept, resample) are exercised
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
+def test_autoregressive_sampling_reproduces_the_target_distribution():
+    """The baseline sampler must also draw from the processed p: same chi-square test, with a torch.Generator."""
+    target, _, prompt, rules = sampling_setup()
+    n = 6000
+    result = autoregressive_generate(target, [prompt] * n, max_new_tokens=2, eos_token_id=[],
+                                     generator=torch.Generator().manual_seed(1), **rules)
+    pairs_ = torch.tensor(result.tokens)
+    counts = torch.bincount(pairs_[:, 0] * 64 + pairs_[:, 1], minlength=64 * 64).double()
+    expected = n * target_two_token_distribution(target, prompt, rules).flatten().double()
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
+def test_per_position_acceptance_matches_sum_of_min_p_q():
+    """Position i is accepted with probability beta_i = sum_x min(p_i, q_i) once it is reached. At position 1 beta
+    is a fixed number computed here from both models' logits; the recorded acceptance_prob must equal it and the
+    observed frequency must agree within 4.5 standard errors; at position 2 (reached when position 1 was accepted)
+    the frequency must agree with the mean recorded beta of the reached positions."""
+    target, draft, prompt, rules = sampling_setup()
+    n = 6000
+    result = speculative_generate(target, draft, [prompt] * n, gamma=2, max_new_tokens=2, eos_token_id=[], seed=1,
+                                  record=True, **rules)
+    rec = {k: v[: 2 * n] for k, v in result.records.items()}  # the first round: (row, 1), (row, 2) for every row
+    with torch.no_grad():
+        p1 = process_logits(target(torch.tensor([prompt])).logits[0, -1], **rules)
+        q1 = process_logits(draft(torch.tensor([prompt])).logits[0, -1], **rules)
+    beta1 = torch.minimum(p1, q1).sum().item()
+    first = torch.nonzero(rec["position"] == 1).squeeze(1)
+    assert first.numel() == n
+    assert torch.allclose(rec["acceptance_prob"][first], torch.tensor(beta1), atol=1e-5)
+    freq1 = rec["accepted"][first].float().mean().item()
+    assert abs(freq1 - beta1) < 4.5 * math.sqrt(beta1 * (1 - beta1) / n)
+    # position 2 is reached iff position 1 was accepted; its record follows the row's position-1 record
+    reached = first[rec["accepted"][first]] + 1
+    assert bool((rec["position"][reached] == 2).all()) and bool((rec["row"][reached] == rec["row"][reached - 1]).all())
+    beta2 = rec["acceptance_prob"][reached].double().mean().item()
+    freq2 = rec["accepted"][reached].float().mean().item()
+    assert abs(freq2 - beta2) < 4.5 * math.sqrt(beta2 * (1 - beta2) / reached.numel())
+
+
+def test_process_logits_matches_transformers_warpers():
+    """process_logits must apply the same temperature -> top-k -> top-p rules as transformers' generate(do_sample),
+    so our baseline and generate() sample the same distribution."""
+    logits = torch.randn(5, 50) * 3
+    expected = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        expected = warper(None, expected)
+    assert torch.allclose(process_logits(logits, 0.7, 10, 0.8), expected.softmax(-1), atol=1e-6)
+    assert torch.equal(process_logits(logits, 0, 0, 1.0).argmax(-1), logits.argmax(-1))
+    assert torch.equal(process_logits(logits, 0, 0, 1.0).sum(-1), torch.ones(5))
+
+
+# ----------------------------------------------------------------------------- draft == target
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_equal_to_target_accepts_every_draft(temperature, pairs):
+    """With q == p every draft must be accepted (min(1, p/q) = 1), in greedy and in sampling mode; a dropped or
+    shifted token in the draft's context (a bug of the seed) would show up as a rejection."""
+    target, _, prompts, _ = pairs["gpt2"]
+    result = speculative_generate(target, target, prompts, gamma=5, max_new_tokens=30, temperature=temperature,
+                                  eos_token_id=[], seed=0)
+    stats = result.stats
+    assert stats["accepted"] == stats["drafted"] > 0
+    assert stats["acceptance_rate"] == 1.0
+    assert all(a == 1.0 for a in stats["per_position_acceptance"])
+    assert stats["alpha"] > 0.9999
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+def test_stop_id_inside_a_draft_block(pairs):
+    """A row must end right after its first stop id even when the stop is drafted inside an accepted block; the
+    drafts after it are not counted. With draft == target every block is fully accepted, so the stop is inside one."""
+    target, _, prompts, reference = pairs["qwen3"]
+    stop = reference[0][6]
+    c = reference[0].index(stop) + 1  # row 0 ends with its c-th token
+    result = speculative_generate(target, target, prompts, gamma=5, max_new_tokens=24, temperature=0,
+                                  eos_token_id=[stop, 10_000])
+    for tokens, ref in zip(result.tokens, reference):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert tokens == ref[:cut]
+    # every full round drafts 5 and emits 6 (bonus); the last round drafts up to and including the stop
+    full, rest = divmod(c - 1, 6)
+    row0 = result.stats["per_row"][0]
+    assert row0["drafted"] == row0["accepted"] == 5 * full + min(rest + 1, 5)
+    assert row0["generated"] == c
+
+
+def test_max_new_tokens_reached_mid_block_is_never_exceeded(pairs):
+    """Rows accept different numbers of drafts, so one row's budget runs out in the middle of a block while others
+    still draft; every row must stop at exactly max_new_tokens (no stop ids) and never emit more."""
+    target, draft, prompts, reference = pairs["llama"]
+    for budget in (1, 3, 7):
+        result = speculative_generate(target, draft, prompts * 8, gamma=5, max_new_tokens=budget, temperature=1.0,
+                                      eos_token_id=[], seed=budget)
+        assert [len(t) for t in result.tokens] == [budget] * len(prompts) * 8
+        assert all(r["accepted"] + r["target_calls"] >= budget for r in result.stats["per_row"])  # <= accepted+1 per call
+        greedy = speculative_generate(target, draft, prompts, gamma=5, max_new_tokens=budget, temperature=0,
+                                      eos_token_id=[])
+        assert greedy.tokens == [ref[:budget] for ref in reference]
+
+
+def test_gamma_larger_than_tokens_left(pairs):
+    """gamma may exceed the whole budget: the block shrinks to the tokens left, so no more than max_new_tokens draft
+    calls are made and the output is still the target's greedy decoding."""
+    target, draft, prompts, reference = pairs["gpt2"]
+    result = speculative_generate(target, draft, prompts, gamma=8, max_new_tokens=3, temperature=0, eos_token_id=[])
+    assert result.tokens == [ref[:3] for ref in reference]
+    assert result.stats["draft_calls"] <= 3 * result.stats["target_calls"]
+    assert result.stats["draft_calls"] <= 3 + 2 + 1
+
+
+def test_finished_rows_are_evicted(pairs):
+    """A row that stops early must stop costing compute: it takes part in fewer target calls than the batch made."""
+    target, draft, prompts, reference = pairs["qwen3"]
+    stop = reference[0][2]
+    result = speculative_generate(target, draft, prompts, gamma=2, max_new_tokens=24, temperature=0,
+                                  eos_token_id=[stop])
+    assert len(result.tokens[0]) <= 3 and result.tokens[0][-1] == stop
+    assert result.stats["per_row"][0]["target_calls"] < result.stats["target_calls"]
+
+
+def test_autoregressive_multiple_stop_ids_and_generator(pairs):
+    """Each row stops at the first of several stop ids, and the same torch.Generator seed reproduces the samples."""
+    target, _, prompts, _ = pairs["qwen3"]
+    stops = list(range(0, 96, 3))
+    run = lambda: autoregressive_generate(target, prompts, max_new_tokens=20, eos_token_id=stops,
+                                          generator=torch.Generator().manual_seed(5))
+    first, second = run(), run()
+    assert first.tokens == second.tokens
+    for tokens in first.tokens:
+        hits = [i for i, t in enumerate(tokens) if t in stops]
+        assert hits == [] and len(tokens) == 20 or hits == [len(tokens) - 1]
+    assert any(len(t) < 20 for t in first.tokens)
+
+
+def test_stop_ids_resolution(pairs):
+    """None falls back to the model's generation config (several ids allowed), an int becomes a list, [] means
+    never stop early."""
+    target = pairs["llama"][0]
+    target.generation_config.eos_token_id = [5, 9]
+    try:
+        assert resolve_stop_ids(target, None) == [5, 9]
+    finally:
+        target.generation_config.eos_token_id = None
+    assert resolve_stop_ids(target, 3) == [3]
+    assert resolve_stop_ids(target, []) == []
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_stats_and_records_are_consistent(pairs):
+    """The metrics follow their definitions: acceptance_rate = accepted / drafted, alpha = mean recorded beta,
+    mean_accepted_length = generated / target calls, per-row values add up to the batch, one record per counted
+    drafted position with the contract's keys and dtypes."""
+    target, draft, prompts, _ = pairs["llama"]
+    result = speculative_generate(target, draft, prompts * 3, gamma=4, max_new_tokens=20, temperature=1.0,
+                                  eos_token_id=[7], seed=3, record=True)
+    stats, rec, rows = result.stats, result.records, result.stats["per_row"]
+    assert set(rec) == {"row", "position", "accepted", "teacher_entropy", "acceptance_prob"}
+    assert [rec[k].dtype for k in ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")] == [
+        torch.int64, torch.int64, torch.bool, torch.float32, torch.float32]
+    assert len({v.numel() for v in rec.values()}) == 1 and rec["row"].numel() == stats["drafted"]
+    assert int(rec["accepted"].sum()) == stats["accepted"] == sum(r["accepted"] for r in rows)
+    assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["drafted"])
+    assert stats["alpha"] == pytest.approx(rec["acceptance_prob"].double().mean().item(), rel=1e-5)
+    assert stats["generated"] == sum(len(t) for t in result.tokens)
+    assert stats["mean_accepted_length"] == pytest.approx(
+        stats["generated"] / sum(r["target_calls"] for r in rows))
+    assert bool(((rec["position"] >= 1) & (rec["position"] <= 4)).all())
+    assert bool((rec["teacher_entropy"] >= 0).all()) and bool((rec["acceptance_prob"] <= 1 + 1e-6).all())
+    for i, rate in enumerate(stats["per_position_acceptance"], start=1):
+        at = rec["position"] == i
+        assert rate == pytest.approx(rec["accepted"][at].float().mean().item())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, value", [
+    (dict(gamma=0), "0"), (dict(temperature=-0.5), "-0.5"), (dict(top_p=0.0), "0.0"), (dict(top_p=1.5), "1.5")])
+def test_bad_sampling_arguments_raise_value_error(kwargs, value, pairs):
+    """Invalid settings must fail loudly with the offending value in the message, not sample something else."""
+    target, draft, prompts, _ = pairs["qwen3"]
+    with pytest.raises(ValueError, match=value):
+        speculative_generate(target, draft, prompts, **kwargs)
+
+
+def test_empty_or_too_long_prompt_raises_value_error(pairs):
+    """An empty prompt has no last token to condition on; a prompt beyond the context has no positions."""
+    target, draft, _, _ = pairs["gpt2"]
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        speculative_generate(target, draft, [[1, 2], []])
+    with pytest.raises(ValueError, match="200 tokens.*128"):
+        speculative_generate(target, draft, [[1] * 200], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        autoregressive_generate(target, [[1]], top_p=2.0)
