@@ -190,8 +190,8 @@ _FACT_WORDINGS = {
 }
 
 
-def _cnndm_standin(rng: random.Random) -> Example:
-    """One short article of facts; its summary picks 2-3 facts in any order and in any wording."""
+def cnndm_article(rng: random.Random) -> tuple[dict, str]:
+    """The facts (slot -> value) of one short news article, and its text."""
     s = {"city": rng.choice(_CITIES), "project": rng.choice(_PROJECTS), "group": rng.choice(_GROUPS),
          "title": rng.choice(_TITLES), "person": rng.choice(_NAMES), "month": rng.choice(_MONTHS),
          "day": rng.choice(_DAYS), "cost": str(rng.randint(2, 90)), "crowd": str(rng.randint(20, 300))}
@@ -205,10 +205,19 @@ def _cnndm_standin(rng: random.Random) -> Example:
     body = [x.format(**s) for x in sentences]
     for f in rng.sample(_FILLER, 2):               # two off-topic sentences at random places
         body.insert(rng.randint(1, len(body)), f)
-    facts = ["main"] + rng.sample(["cost", "month", "person", "crowd"], rng.randint(1, 2))
-    rng.shuffle(facts)
-    summary = [rng.choice(_FACT_WORDINGS[f]).format(**s) for f in facts]
-    return Example(prompt=" ".join(body), reference="\n".join(summary))
+    return s, " ".join(body)
+
+
+def cnndm_summary(facts: dict, rng: random.Random) -> str:
+    """One of many equally good summaries: the main fact plus 1-2 others, any order, any wording."""
+    chosen = ["main"] + rng.sample(["cost", "month", "person", "crowd"], rng.randint(1, 2))
+    rng.shuffle(chosen)
+    return "\n".join(rng.choice(_FACT_WORDINGS[f]).format(**facts) for f in chosen)
+
+
+def _cnndm_standin(rng: random.Random) -> Example:
+    facts, article = cnndm_article(rng)
+    return Example(prompt=article, reference=cnndm_summary(facts, rng))
 
 
 _STANDIN = {"gsm8k": _gsm8k_standin, "cnndm": _cnndm_standin}

@@ -213,10 +213,14 @@ def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: f
                                       beta=beta, temperature=temperature)
 
 
-def entropy_sum(logits, mask, temperature: float) -> float:
-    """Sum over masked positions of the entropy (nats) of softmax(logits / temperature)."""
-    logp = torch.log_softmax(logits[mask].float() / temperature, dim=-1)   # (N, V)
-    return float(-(logp.exp() * logp).sum())
+def entropy_sum(logits, mask, temperature: float, rows: int = 1024) -> float:
+    """Sum over masked positions of the entropy (nats) of softmax(logits / temperature), in blocks of rows."""
+    picked = logits[mask]                                                  # (N, V)
+    total = 0.0
+    for block in picked.split(rows):
+        logp = torch.log_softmax(block.float() / temperature, dim=-1)     # (rows, V)
+        total += float(-(logp.exp() * logp).sum())
+    return total
 
 
 def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -366,7 +370,13 @@ def main(argv=None):
         for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
             shutil.rmtree(stale, ignore_errors=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    metrics = open(out / "metrics.jsonl", "a") if master else None
+    metrics = None
+    if master:                       # a resumed run keeps the rows up to its checkpoint, a fresh run starts empty
+        log_file = out / "metrics.jsonl"
+        kept = [r for r in (log_file.read_text().splitlines() if ckpt and log_file.exists() else [])
+                if json.loads(r)["step"] <= start]
+        metrics = open(log_file, "w")
+        metrics.writelines(r + "\n" for r in kept)
     per_rank = cfg.batch_size // world
     micro = per_rank // cfg.grad_accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master,

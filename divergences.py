@@ -67,6 +67,10 @@ class Divergence:
 
 
 # ---------------------------------------------------------------------------------------------- the math
+# Every divergence below takes log-probs s (student) and t (teacher), both (n, V), and returns the value per
+# position (n,) and, if want_grad, its gradient with respect to z = student_logits / T, (n, V).
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16 / bfloat16 -> float32; float32 and float64 unchanged."""
     return torch.promote_types(dtype, torch.float32)
@@ -75,14 +79,54 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T) in >= float32, floored at log(tiny) so that later products stay finite."""
     dtype = compute_dtype(logits.dtype)
+    x = logits.to(dtype)
+    if temperature != 1.0:
+        x = x / temperature
+    logp = torch.log_softmax(x, dim=-1)  # (n, V)
     floor = math.log(torch.finfo(dtype).tiny)
-    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (n, V)
-    return logp.clamp_min(floor).nan_to_num(nan=floor)  # a row with no finite logit: zero mass everywhere
+    return logp.clamp_min(floor) if logp.requires_grad else logp.clamp_min_(floor)  # in place when no autograd
 
 
-def mixture_log_probs(s: torch.Tensor, t: torch.Tensor, beta) -> torch.Tensor:
-    """log M for M = beta p_T + (1 - beta) p_S, computed in log space (beta: float or (n, 1) tensor)."""
-    return torch.logaddexp(t + _log(beta), s + _log(1 - beta))
+def softmax_backward(p_s: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
+    """dD/dz = p_S (g - sum_v p_S g) from p_S and p_g = p_S * g, where g = dD/dp_S: the softmax Jacobian."""
+    return p_g - p_s * p_g.sum(-1, keepdim=True)
+
+
+def fkl(s, t, want_grad=False):
+    """KL(p_T || p_S) = sum_v p_T (t - s); gradient p_S - p_T (g = -p_T / p_S)."""
+    p_t = t.exp()
+    value = (p_t * (t - s)).sum(-1)
+    return value, (s.exp() - p_t if want_grad else None)
+
+
+def rkl(s, t, want_grad=False):
+    """KL(p_S || p_T) = sum_v p_S (s - t); gradient p_S (s - t - KL) (g = s - t + 1)."""
+    p_s = s.exp()
+    p_g = p_s * (s - t)
+    value = p_g.sum(-1)
+    return value, (softmax_backward(p_s, p_g) if want_grad else None)
+
+
+def mixture_log_probs(s, t, beta):
+    """log M for M = beta p_T + (1 - beta) p_S, in log space (0 < beta < 1)."""
+    return torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+
+
+def jsd(s, t, beta, want_grad=False):
+    """beta KL(p_T || M) + (1 - beta) KL(p_S || M), 0 < beta < 1; gradient with g = (1 - beta)(s - log M)."""
+    m = mixture_log_probs(s, t, beta)  # (n, V)
+    p_s = s.exp()
+    p_gap = p_s * (s - m)
+    value = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * p_gap.sum(-1)
+    return value, ((1 - beta) * softmax_backward(p_s, p_gap) if want_grad else None)
+
+
+def tvd(s, t, want_grad=False):
+    """1/2 sum_v |p_T - p_S| = 1 - sum_v min(p_T, p_S); (sub)gradient with g = sign(p_S - p_T) / 2."""
+    p_s = s.exp()
+    diff = p_s - t.exp()
+    value = 0.5 * diff.abs().sum(-1)
+    return value, (softmax_backward(p_s, 0.5 * p_s * diff.sign()) if want_grad else None)
 
 
 def teacher_entropy(t: torch.Tensor) -> torch.Tensor:
@@ -96,79 +140,63 @@ def ajsd_beta(entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
     Returns (beta, 1 - beta), each shaped like `entropy`. scale = 0 gives beta = floor everywhere.
     """
     if scale == 0:
-        beta = torch.full_like(entropy, floor)
-        return beta, torch.full_like(entropy, 1 - floor)
+        return torch.full_like(entropy, floor), torch.full_like(entropy, 1 - floor)
     decay = torch.exp(-entropy / scale)
     one_minus_beta = -(1 - floor) * torch.expm1(-entropy / scale)  # (1 - floor)(1 - exp(-H/scale)), exact near H = 0
     return floor + (1 - floor) * decay, one_minus_beta
 
 
-def _log(x):
-    return torch.log(x) if isinstance(x, torch.Tensor) else (math.log(x) if x > 0 else -math.inf)
+def ajsd(s, t, scale=1.0, floor=0.5, want_grad=False):
+    """KL(p_T || M) / (1 - beta) + KL(p_S || M) / beta with beta = ajsd_beta(H(p_T)) per position.
 
-
-def _ajsd_parts(s, t, spec):
-    """The two mixture gaps of ajsd divided by their weights: A = -log(M/p_T)/(1-beta), B = -log(M/p_S)/beta.
-
-    log(M/p_T) and log(M/p_S) are computed from d = t - s directly (never as a difference of two large logs), so
-    dividing them by a tiny 1 - beta (a near-certain teacher) stays exact; at 1 - beta = 0 (or beta = 0) the
-    ratio takes its limit -expm1(-d) (or -expm1(d)).
+    Written as sum_v p_T a + sum_v p_S b with a = -log(M/p_T) / (1 - beta), b = -log(M/p_S) / beta, where both
+    log-ratios come from d = t - s directly (never as a difference of two large logs), so dividing by a tiny
+    1 - beta (a near-certain teacher) stays exact; at 1 - beta = 0 (beta = 0) a (b) takes its limit
+    -expm1(-d) (-expm1(d)). Gradient with g = b = (s - log M) / beta.
     """
-    beta, one_minus_beta = ajsd_beta(teacher_entropy(t), spec.ajsd_scale, spec.ajsd_floor)
+    beta, one_minus_beta = ajsd_beta(teacher_entropy(t), scale, floor)
     beta, one_minus_beta = beta.unsqueeze(-1), one_minus_beta.unsqueeze(-1)  # (n, 1)
     log_beta = torch.where(beta < 0.5, torch.log(beta), torch.log1p(-one_minus_beta))  # exact near 0 and 1
     log_one_minus_beta = torch.where(beta < 0.5, torch.log1p(-beta), torch.log(one_minus_beta))
-    d = t - s  # (n, V), |d| <= ~87 thanks to the floor
+    d = t - s  # (n, V); |d| <= ~87 thanks to the floor, so expm1 cannot overflow
     gap_t = torch.logaddexp(log_beta, log_one_minus_beta - d)  # log(M / p_T)
     gap_s = torch.logaddexp(log_one_minus_beta, log_beta + d)  # log(M / p_S)
     tiny = torch.finfo(s.dtype).tiny
     a = torch.where(one_minus_beta >= tiny, -gap_t / one_minus_beta, -torch.expm1(-d))
     b = torch.where(beta >= tiny, -gap_s / beta, -torch.expm1(d))
-    return a, b
-
-
-def divergence_terms(s: torch.Tensor, t: torch.Tensor, spec: Divergence) -> torch.Tensor:
-    """Per-vocabulary terms of the divergence from log-probs s (student) and t (teacher): (n, V) -> (n, V).
-
-    Their sum over the last axis is the divergence at each position.
-    """
-    kind, beta = spec.kind, spec.beta
-    if kind == "fkl":
-        return t.exp() * (t - s)  # p_T (log p_T - log p_S)
-    if kind == "rkl":
-        return s.exp() * (s - t)  # p_S (log p_S - log p_T)
-    if kind == "jsd":
-        m = mixture_log_probs(s, t, beta)
-        return beta * t.exp() * (t - m) + (1 - beta) * s.exp() * (s - m)
-    if kind == "tvd":
-        return 0.5 * (t.exp() - s.exp()).abs()
-    if kind == "ajsd":
-        a, b = _ajsd_parts(s, t, spec)
-        return t.exp() * a + s.exp() * b
-    raise ValueError(f"kind={kind!r} is not one of {DIVERGENCES}")
-
-
-def divergence_score(s: torch.Tensor, t: torch.Tensor, spec: Divergence) -> torch.Tensor:
-    """g = dD/dp_S, the derivative of the divergence with respect to the student probabilities: (n, V)."""
-    kind, beta = spec.kind, spec.beta
-    if kind == "fkl":
-        return -(t - s).exp()  # -p_T / p_S
-    if kind == "rkl":
-        return s - t  # (+1, which the centering removes)
-    if kind == "jsd":
-        return (1 - beta) * (s - mixture_log_probs(s, t, beta))
-    if kind == "tvd":
-        return 0.5 * torch.sign(s - t)  # sign(p_S - p_T) / 2
-    if kind == "ajsd":
-        return _ajsd_parts(s, t, spec)[1]  # (s - log M) / beta
-    raise ValueError(f"kind={kind!r} is not one of {DIVERGENCES}")
-
-
-def student_logit_grad(s: torch.Tensor, t: torch.Tensor, spec: Divergence) -> torch.Tensor:
-    """dD/d(student logits) = (1/T) p_S (g - sum_v p_S g), the softmax Jacobian applied to the score: (n, V)."""
     p_s = s.exp()
-    g = divergence_score(s, t, spec)
-    return p_s * (g - (p_s * g).sum(-1, keepdim=True)) / spec.temperature
+    p_b = p_s * b
+    value = (t.exp() * a).sum(-1) + p_b.sum(-1)
+    return value, (softmax_backward(p_s, p_b) if want_grad else None)
+
+
+def value_and_grad(s, t, spec: Divergence, want_grad=False):
+    """Dispatch on spec.kind: per-position values (n,) and, if want_grad, dD/d(student_logits) (n, V)."""
+    if spec.kind == "fkl":
+        value, grad = fkl(s, t, want_grad)
+    elif spec.kind == "rkl":
+        value, grad = rkl(s, t, want_grad)
+    elif spec.kind == "jsd":
+        value, grad = jsd(s, t, spec.beta, want_grad)
+    elif spec.kind == "tvd":
+        value, grad = tvd(s, t, want_grad)
+    elif spec.kind == "ajsd":
+        value, grad = ajsd(s, t, spec.ajsd_scale, spec.ajsd_floor, want_grad)
+    else:
+        raise ValueError(f"kind={spec.kind!r} is not one of {DIVERGENCES}")
+    if grad is not None and spec.temperature != 1.0:
+        grad = grad.div_(spec.temperature)  # z = logits / T
+    return value, grad
+
+
+def gjsd_terms(s, t, beta):
+    """TRL's per-vocabulary terms of the generalized JSD (its reduction="none"): (..., V) -> (..., V)."""
+    if beta == 0:
+        return t.exp() * (t - s)
+    if beta == 1:
+        return s.exp() * (s - t)
+    m = mixture_log_probs(s, t, beta)
+    return beta * t.exp() * (t - m) + (1 - beta) * s.exp() * (s - m)
 
 
 # --------------------------------------------------------------------------------- the memory-lean engine
@@ -213,9 +241,9 @@ def _sweep(student, teacher, mask, spec, chunk_size, want_grad):
     grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
     for rows, s_blk, t_blk in _blocks_in_mask(student, teacher, mask, chunk_size):
         s, t = log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)  # (n, V)
-        values[rows] = divergence_terms(s, t, spec).sum(-1)
+        values[rows], g = value_and_grad(s, t, spec, want_grad)
         if want_grad:
-            grad.view(-1, grad.shape[-1])[rows] = student_logit_grad(s, t, spec).to(grad.dtype)
+            grad.view(-1, grad.shape[-1])[rows] = g  # (n, V), cast to the logits' dtype
     return values, grad
 
 
@@ -360,7 +388,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     if reduction == "none" and num_items_in_batch is None:
         s = log_probs(student_logits, spec.temperature)  # (..., V)
         t = log_probs(teacher_logits.detach(), spec.temperature)  # (..., V)
-        terms = divergence_terms(s, t, spec)  # (..., V)
+        terms = gjsd_terms(s, t, spec.beta if spec.kind == "jsd" else float(spec.kind == "rkl"))  # (..., V)
         return terms[mask] if labels is not None else terms
 
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])

@@ -132,7 +132,10 @@ def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, **proto
 
 def evaluate_task(args, task: str) -> dict:
     pc = models.preset_config(args.preset, task)
-    teacher_id, student_id = models.resolve_pair(task, args.preset)
+    teacher_id, student_id = args.teacher, args.student
+    if teacher_id is None or student_id is None:                    # the preset's pair (tiny: built on first use)
+        t, s = models.resolve_pair(task, args.preset)
+        teacher_id, student_id = teacher_id or t, student_id or s
     teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     prompts = data.task_prompts(task, tok, split="eval", n=n, source=pc.get("data_source", "standin"))
@@ -184,6 +187,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(models.PRESETS)}")
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: every task with trained drafts)")
+    p.add_argument("--teacher", default=None, help="override the preset's teacher (path or hub id)")
+    p.add_argument("--student", default=None, help="override the preset's baseline student")
     p.add_argument("--runs", default="runs")
     p.add_argument("--results", default="results")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")

@@ -70,7 +70,7 @@ PRESETS = {
     },
     "tiny": {    # the offline pair; sized so `make train` takes a few minutes on 2 CPU cores
         "gsm8k": {"teacher": "checkpoints/tiny/gsm8k/teacher", "student": "checkpoints/tiny/gsm8k/student",
-                  "lr": 5e-4, "temperature": 0.6, "max_new_tokens": 64, "top_p": 0.95, "gamma": 5,
+                  "lr": 5e-4, "temperature": 0.6, "max_new_tokens": 80, "top_p": 0.95, "gamma": 5,
                   "batch_size": 16, "epochs": None, "steps": 60, "schedule": "cosine",
                   "n_train_prompts": 960, "n_eval_prompts": 64, "stop_tokens": _STOP,
                   "data_source": "standin"},
@@ -127,9 +127,9 @@ SCALES = {
     "full": {
         "vocab_size": 1024, "n_train": 3000,
         "teacher": {"hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 192,
-                    "steps": 400, "batch_size": 32, "lr": 3e-3},
+                    "steps": 500, "batch_size": 16, "lr": 3e-3},
         "student": {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "ffn": 96,
-                    "steps": 150, "batch_size": 32, "lr": 3e-3},
+                    "steps": 200, "batch_size": 16, "lr": 3e-3},
     },
     "test": {
         "vocab_size": 400, "n_train": 200,
@@ -139,7 +139,7 @@ SCALES = {
                     "steps": 6, "batch_size": 8, "lr": 3e-3},
     },
 }
-BUILD_VERSION = 1   # bump when the recipe changes: cached pairs with another version are rebuilt
+BUILD_VERSION = 2   # bump when the recipe changes: cached pairs with another version are rebuilt
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -247,7 +247,7 @@ def build_tiny_pair(task: str, out: Path, seed: int = 0, scale: str = "full") ->
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     sc = SCALES[scale]
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     examples = data.load_examples(task, "train", n=sc["n_train"], seed=seed)
     corpus = [f"system\n{data.SYSTEM_PROMPTS[task]}\nuser\n{e.prompt}\nassistant\n{e.reference}\n" for e in examples]
     tok = train_tokenizer(corpus, sc["vocab_size"])
@@ -269,14 +269,36 @@ def build_tiny_pair(task: str, out: Path, seed: int = 0, scale: str = "full") ->
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
         model.save_pretrained(out / role)              # safetensors
         tok.save_pretrained(out / role)
-    info["build_s"] = round(time.time() - t0, 1)
+    info["build_s"], info["build_cpu_s"] = round(time.time() - t0, 1), round(time.process_time() - cpu0, 1)
+    info["threads"] = torch.get_num_threads()
     (out / "build.json").write_text(json.dumps(info, indent=1))
     return info
 
 
+class _BuildLock:
+    """An exclusive file lock (POSIX flock): a second process asking for the same pair waits for
+    the first build instead of training its own copy. No-op where fcntl is missing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.f = open(self.path, "w")
+        try:
+            import fcntl
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()                                 # closing releases the lock
+
+
 def ensure_tiny_pair(task: str, root="checkpoints", seed: int = 0, scale: str = "full") -> Path:
-    """The folder holding teacher/ and student/ of the tiny pair, built on first use.
-    Built in a temporary folder and renamed into place, so concurrent callers never see half a pair."""
+    """The folder holding teacher/ and student/ of the tiny pair, built on first use (a few minutes
+    at scale "full", seconds at "test"). Built in a temporary folder under a lock and renamed into
+    place, so concurrent callers wait for one build and never see half a pair."""
     data.check_task(task)
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -284,22 +306,21 @@ def ensure_tiny_pair(task: str, root="checkpoints", seed: int = 0, scale: str = 
     if _is_built(d, task, seed, scale):
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}-", dir=d.parent))
-    try:
-        info = build_tiny_pair(task, tmp, seed=seed, scale=scale)
-        if _is_built(d, task, seed, scale):            # someone else finished first
+    with _BuildLock(d.parent / f".{d.name}.lock"):
+        if _is_built(d, task, seed, scale):            # built by another process while we waited
             return d
-        if d.exists():                                 # a stale pair from an older recipe
-            shutil.rmtree(d)
-        try:
-            os.replace(tmp, d)
-        except OSError:
-            if not _is_built(d, task, seed, scale):
-                raise
         if scale == "full":
-            print(f"built tiny {task} pair in {info['build_s']} s -> {d}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            print(f"building the tiny {task} pair (first use, a few minutes on a CPU) -> {d}", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}-", dir=d.parent))
+        try:
+            info = build_tiny_pair(task, tmp, seed=seed, scale=scale)
+            if d.exists():                             # a stale pair from an older recipe
+                shutil.rmtree(d)
+            os.replace(tmp, d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if scale == "full":
+        print(f"built the tiny {task} pair in {info['build_s']} s", flush=True)
     return d
 
 
@@ -529,9 +550,14 @@ def main(argv=None):
         print(f"| {task} | {info['arch']} | {info['teacher_params'] / 1e3:.0f}k/{info['student_params'] / 1e3:.0f}k | "
               f"{info['teacher_loss']:.3f}/{info['student_loss']:.3f} | {info['build_s']} | "
               f"{s['teacher_entropy']:.3f} | {s['alpha']:.3f} | {acc} | {sal} |")
+    summary = {task: {"build": info, "pair": s, "specdec": sd} for task, info, s, sd in rows}
     if len(rows) == 2:
         ratio = rows[1][2]["teacher_entropy"] / max(rows[0][2]["teacher_entropy"], 1e-9)
-        print(f"entropy ratio cnndm/gsm8k = {ratio:.1f}")
+        summary["entropy_ratio_cnndm_over_gsm8k"] = ratio
+        print(f"teacher entropy ratio cnndm/gsm8k = {ratio:.1f}")
+    path = tiny_dir(tasks[0], args.root, args.seed, args.scale).parent / "summary.json"
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"summary written to {path}")
 
 
 if __name__ == "__main__":

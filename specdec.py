@@ -52,6 +52,7 @@ rejection in its block is recorded with accepted=False (it was drafted but never
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -108,6 +109,28 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     r = (p - q).clamp(min=0)
     s = r.sum(-1, keepdim=True)  # (B, 1)
     return torch.where(s > 0, r / s.clamp(min=1e-30), p)
+
+
+def verify_block(p, q, drafts, counted, greedy=False, generator=None):
+    """The speculative-sampling rule for one block, all rows at once.
+    p (b, k+1, V) target probs, q (b, k, V) draft probs, drafts (b, k) the x_i, counted (b, k) drafts allowed
+    to be accepted. Returns the accepted prefix (b, k) bool and the next token t (b,): sampled from
+    norm(max(0, p_{n+1} - q_{n+1})) after n accepted drafts, or from p_{k+1} if all k were accepted."""
+    b, k = drafts.shape
+    p_x = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # (b, k) p_i(x_i)
+    if greedy:
+        ok = drafts == p[:, :k].argmax(-1)
+    else:
+        q_x = q.gather(-1, drafts[..., None]).squeeze(-1)  # (b, k) q_i(x_i) > 0
+        u = torch.rand(b, k, device=p.device, generator=generator)
+        ok = u * q_x < p_x  # u < min(1, p/q)
+    acc = (ok & counted).long().cumprod(1).bool()  # (b, k) stop at the first rejection
+    n = acc.sum(1)  # (b,)
+    q_ext = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # (b, k+1, V); q_{k+1} = 0 -> residual = p
+    at_n = n[:, None, None].expand(b, 1, p.shape[-1])
+    p_n, q_n = p.gather(1, at_n).squeeze(1), q_ext.gather(1, at_n).squeeze(1)  # (b, V)
+    t = p_n.argmax(-1) if greedy else sample(residual(p_n, q_n), generator)  # (b,)
+    return acc, t
 
 
 def resolve_stop_ids(model, eos_token_id=None) -> list[int]:
@@ -171,9 +194,15 @@ def _left_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(device), mask.to(device)
 
 
+@functools.cache
+def _cache_kwarg(model_class) -> str:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; support both."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _forward(model, ids, mask, positions, cache, logits_to_keep=0):
     """One cached forward pass; `mask` covers every slot of the cache plus the new ones. -> (B, T', V)."""
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 renamed it
+    cache_kw = _cache_kwarg(type(model))
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=logits_to_keep, **{cache_kw: cache})
     return out.logits
@@ -236,14 +265,13 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     beta_sum = torch.zeros(B, device=device)
     pos_drafted = torch.zeros(B, gamma, dtype=torch.long, device=device)
     pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
-    finish = [0.0] * B
+    finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
     recs = {k: [] for k in ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")}
     batched_target_calls = batched_draft_calls = 0
 
     # prefill both caches with every prompt token but the last (the "pending" token of the first round)
     tcache, dcache = DynamicCache(), DynamicCache()
-    ids, mask = _left_pad([p[:-1] for p in prompts], device) if max(map(len, prompts)) > 1 else (
-        torch.zeros(B, 0, dtype=torch.long, device=device), torch.zeros(B, 0, dtype=torch.long, device=device))
+    ids, mask = _left_pad([p[:-1] for p in prompts], device)  # (B, P-1), P-1 may be 0
     if ids.shape[1] > 0:
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
         _forward(target, ids, mask, positions, tcache, logits_to_keep=1)
@@ -290,25 +318,13 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         p = process_logits(_forward(target, x, tmask, positions, tcache)[..., :V], temperature, top_k, top_p)  # (b, k+1, V)
         batched_target_calls += 1
 
-        # 3. accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), stop at the first rejection
-        p_x = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # (b, k)
-        if greedy:
-            ok = drafts == p[:, :k].argmax(-1)
-        else:
-            q_x = q.gather(-1, drafts[..., None]).squeeze(-1)  # (b, k)
-            ok = torch.rand(b, k, device=device, generator=gen) * q_x < p_x
+        # 3./4. accept a prefix of the drafts, then the correction or bonus token
         i = torch.arange(1, k + 1, device=device)  # draft positions 1..k
         is_stop = torch.isin(drafts, stop_ids)
         stop_before = (is_stop.long().cumsum(1) - is_stop.long()) > 0  # a stop id among x_1..x_{i-1}
-        counted = (g[:, None] + i <= max_new_tokens) & ~stop_before  # (b, k)
-        acc = (ok & counted).long().cumprod(1).bool()  # (b, k) accepted prefix
+        counted = (g[:, None] + i <= max_new_tokens) & ~stop_before  # (b, k) drafts that count
+        acc, t = verify_block(p, q, drafts, counted, greedy, gen)  # (b, k), (b,)
         n = acc.sum(1)  # (b,) accepted drafts per row
-
-        # 4. next token: from norm(max(0, p_{n+1} - q_{n+1})) after a rejection, from p_{k+1} if all accepted
-        q_ext = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # (b, k+1, V); q_{k+1} = 0 -> residual = p
-        at_n = n[:, None, None].expand(b, 1, V)
-        p_n, q_n = p.gather(1, at_n).squeeze(1), q_ext.gather(1, at_n).squeeze(1)  # (b, V)
-        t = p_n.argmax(-1) if greedy else sample(residual(p_n, q_n), gen)  # (b,)
 
         # emit x_1..x_n, t; cut after the first stop id and at the budget
         j = torch.arange(k + 1, device=device)
@@ -346,9 +362,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
 
         # evict finished rows; compact caches that are mostly holes
         if done.any():
-            now = time.perf_counter() - t0
-            for r in rows[done].tolist():
-                finish[r] = now
+            finish[rows[done].cpu()] = time.perf_counter() - t0
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
@@ -392,7 +406,7 @@ def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, t
                 "tokens_per_s": _rate(gen, seconds)}
 
     per_row = [summary(n_gen[r], drafted[r], accepted[r], float(beta_sum[r]), pos_drafted[r], pos_accepted[r],
-                       target_calls[r], draft_calls[r], finish[r] or wall) for r in range(len(finish))]
+                       target_calls[r], draft_calls[r], float(finish[r]) or wall) for r in range(len(finish))]
     stats = summary(n_gen.sum(), drafted.sum(), accepted.sum(), float(beta_sum.sum()), pos_drafted.sum(0),
                     pos_accepted.sum(0), target_calls.sum(), draft_calls.sum(), wall)
     stats["target_calls"], stats["draft_calls"] = batched_target_calls, batched_draft_calls
@@ -416,7 +430,7 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
     B = len(prompts)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     n_gen = torch.zeros(B, dtype=torch.long, device=device)
-    finish = [0.0] * B
+    finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
     calls = torch.zeros(B, dtype=torch.long, device=device)
     batched_calls = 0
 
@@ -435,9 +449,7 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
         n_gen.index_add_(0, rows, torch.ones_like(rows))
         done = torch.isin(t, stop_ids) | (n_gen[rows] >= max_new_tokens)
         if done.any():
-            now = time.perf_counter() - t0
-            for r in rows[done].tolist():
-                finish[r] = now
+            finish[rows[done].cpu()] = time.perf_counter() - t0
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
@@ -456,5 +468,5 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
                 "tokens_per_s": _rate(int(gen_), seconds)}
 
     stats = summary(n_gen.sum(), batched_calls, wall)
-    stats["per_row"] = [summary(n_gen[r], calls[r], finish[r] or wall) for r in range(B)]
+    stats["per_row"] = [summary(n_gen[r], calls[r], float(finish[r]) or wall) for r in range(B)]
     return GenerationResult(tokens, stats)

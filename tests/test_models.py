@@ -1,0 +1,193 @@
+"""models.py: presets, the tiny pair (built at test scale), the loader, the summary math."""
+import math
+
+import pytest
+import torch
+
+import data
+import models
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def pairs(root):
+    """Both tiny pairs at test scale (seconds), built once for the module."""
+    return {task: models.ensure_tiny_pair(task, root=root, scale="test") for task in data.TASKS}
+
+
+# ---- presets ------------------------------------------------------------------------------
+
+def test_paper_preset_is_the_seeds():
+    """WHY: users with a GPU must get exactly the seed's models and hyper-parameters."""
+    g, c = models.preset_config("paper", "gsm8k"), models.preset_config("paper", "cnndm")
+    assert (g["teacher"], g["student"]) == ("Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-0.6B")
+    assert (c["teacher"], c["student"]) == ("HuggingFaceTB/SmolLM-1.7B-Instruct", "HuggingFaceTB/SmolLM-360M-Instruct")
+    assert (g["lr"], g["temperature"], g["max_new_tokens"]) == (5e-5, 0.6, 312)
+    assert (c["lr"], c["temperature"], c["max_new_tokens"]) == (7e-5, 0.7, 128)
+    assert g["top_p"] == c["top_p"] == 0.95 and g["gamma"] == c["gamma"] == 5
+
+
+def test_preset_config_is_a_copy():
+    """WHY: a caller overriding a value must not change the table for everyone else."""
+    models.preset_config("tiny", "gsm8k")["stop_tokens"].append("x")
+    models.preset_config("tiny", "gsm8k")["lr"] = 1.0
+    assert "x" not in models.preset_config("tiny", "gsm8k")["stop_tokens"]
+    assert models.preset_config("tiny", "gsm8k")["lr"] == models.PRESETS["tiny"]["gsm8k"]["lr"]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: models.preset_config("huge", "gsm8k"), "paper, tiny"),
+    (lambda: models.preset_config("tiny", "squad"), "gsm8k, cnndm"),
+    (lambda: models.resolve_pair("squad", "tiny"), "gsm8k, cnndm"),
+    (lambda: models.ensure_tiny_pair("gsm8k", scale="huge"), "full, test"),
+])
+def test_bad_names_list_valid_ones(call, match):
+    """WHY: a typo must name the valid choices, before any model is built or downloaded."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_paper_preset_offline_fails_early_naming_files():
+    """WHY: offline, the paper preset must stop at once and say what to download, not hang
+    in from_pretrained retries (conftest sets HF_HUB_OFFLINE=1; the cache here is empty)."""
+    with pytest.raises(RuntimeError, match=r"Qwen/Qwen3-4B-Instruct-2507.*safetensors.*huggingface-cli download"):
+        models.resolve_pair("gsm8k", "paper")
+
+
+# ---- the tiny pair ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, model_type", [("gsm8k", "qwen3"), ("cnndm", "llama")])
+def test_tiny_pair_reloads_as_plain_hf_models(pairs, task, model_type):
+    """WHY: the rest of the project treats the tiny pair like hub models (Auto* classes,
+    safetensors), in the paper pair's architecture family; the student is the smaller one."""
+    from transformers import AutoModelForCausalLM
+    d = pairs[task]
+    assert (d / "teacher" / "model.safetensors").exists()
+    t = AutoModelForCausalLM.from_pretrained(d / "teacher")
+    s = AutoModelForCausalLM.from_pretrained(d / "student")
+    assert t.config.model_type == s.config.model_type == model_type
+    assert sum(p.numel() for p in s.parameters()) < sum(p.numel() for p in t.parameters())
+
+
+def test_tiny_tokenizer_has_distinct_pad_and_stop_ids(pairs):
+    """WHY: pad == eos made the seed's TRL mask every EOS, so its student never learned to
+    stop; the chat template and stop ids must also survive save/load."""
+    tok = models.load_tokenizer(pairs["gsm8k"] / "teacher")
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    stops = models.stop_ids(tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stops and tok.pad_token_id not in stops
+    t = models.load_model(pairs["gsm8k"] / "teacher")
+    assert set(t.generation_config.eos_token_id) == set(stops)
+
+
+def test_tiny_pair_shares_tokenizer_and_covers_vocab(pairs):
+    """WHY: speculative decoding compares p and q token by token: one vocabulary, and both
+    lm_heads wide enough for it (padded beyond it, as Qwen's are)."""
+    t, s, tok = models.load_pair(pairs["cnndm"] / "teacher", pairs["cnndm"] / "student")
+    assert models.same_tokenizer(tok, models.load_tokenizer(pairs["cnndm"] / "student"))
+    for m in (t, s):
+        assert m.config.vocab_size % 64 == 0 and m.config.vocab_size >= len(tok)
+
+
+def test_tiny_pair_generates(pairs):
+    """WHY: the student samples on-policy and the teacher verifies: both must generate from a
+    chat prompt with transformers' own generate."""
+    t, s, tok = models.load_pair(pairs["gsm8k"] / "teacher", pairs["gsm8k"] / "student")
+    prompt = torch.tensor([data.task_prompts("gsm8k", tok, n=1)[0]])        # (1, P)
+    for m in (t, s):
+        out = m.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+        assert out.shape == (1, prompt.shape[1] + 5)
+
+
+def test_tiny_pair_is_cached(pairs, root):
+    """WHY: built on first use only; later calls must reuse the folder, not retrain."""
+    stamp = (pairs["gsm8k"] / "teacher" / "model.safetensors").stat().st_mtime_ns
+    assert models.ensure_tiny_pair("gsm8k", root=root, scale="test") == pairs["gsm8k"]
+    assert (pairs["gsm8k"] / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_tiny_pair_is_reproducible(pairs, tmp_path):
+    """WHY: a result must be reproducible from the seed: a rebuild gives the same weights."""
+    from safetensors.torch import load_file
+    again = models.ensure_tiny_pair("cnndm", root=tmp_path, scale="test")
+    a = load_file(pairs["cnndm"] / "student" / "model.safetensors")
+    b = load_file(again / "student" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the loader ---------------------------------------------------------------------------
+
+def test_load_pair_rejects_different_tokenizers(pairs):
+    """WHY: a draft over another vocabulary cannot be verified token by token."""
+    with pytest.raises(ValueError, match="different tokenizers"):
+        models.load_pair(pairs["gsm8k"] / "teacher", pairs["cnndm"] / "student")
+
+
+def test_load_pair_accepts_lm_heads_of_different_widths(pairs, tmp_path):
+    """WHY: real pairs pad their lm_heads differently (Qwen2.5: 151936 vs 152064 rows); the
+    pair is still valid, compared on the first len(tokenizer) logits."""
+    from transformers import AutoModelForCausalLM
+    s = AutoModelForCausalLM.from_pretrained(pairs["gsm8k"] / "student")
+    s.resize_token_embeddings(s.config.vocab_size + 64)
+    s.save_pretrained(tmp_path / "wide")
+    models.load_tokenizer(pairs["gsm8k"] / "student").save_pretrained(tmp_path / "wide")
+    t, s, tok = models.load_pair(pairs["gsm8k"] / "teacher", tmp_path / "wide")
+    ids = torch.tensor([data.task_prompts("gsm8k", tok, n=1)[0]])
+    wt, ws = t(ids).logits.shape[-1], s(ids).logits.shape[-1]
+    assert ws == wt + 64 and min(wt, ws) >= len(tok)
+
+
+def test_8bit_teacher_matches_float(pairs):
+    """WHY: the seed ran its teacher in 8 bits; the bitsandbytes path must load and give
+    nearly the float model's next-token distribution."""
+    d = pairs["gsm8k"] / "teacher"
+    tok = models.load_tokenizer(d)
+    ids = torch.tensor(data.task_prompts("gsm8k", tok, n=2)[0][:40])[None]    # (1, T)
+    f = models.load_model(d)
+    q = models.load_model(d, load_in_8bit=True)
+    assert any("8bit" in type(m).__name__ for m in q.modules())
+    with torch.no_grad():
+        lf, lq = f(ids).logits, q(ids).logits                                # (1, T, V)
+    assert (lf - lq).abs().max() < 0.05 * lf.abs().max()
+    pf, pq = lf.softmax(-1), lq.softmax(-1)
+    assert (1 - models.overlap(pf, pq)).max() < 0.05                         # TVD
+
+
+def test_missing_tiny_checkpoint_says_how_to_build(tmp_path):
+    """WHY: loading a tiny path before it is built must say `make models`, not a hub error."""
+    with pytest.raises(FileNotFoundError, match="make models"):
+        models.load_model(models.preset_config("tiny", "gsm8k")["teacher"].replace("gsm8k", "nope"))
+
+
+# ---- the summary math ---------------------------------------------------------------------
+
+def test_processed_probs_top_p_keeps_the_nucleus():
+    """WHY: entropy and alpha are measured on p after temperature and top-p, as sampled."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = models.processed_probs(logits, 1.0, top_p=0.8)
+    assert torch.allclose(p, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert torch.allclose(models.processed_probs(logits, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+
+def test_entropy_and_overlap_limits():
+    """WHY: H(uniform over V) = log V, and beta = sum min(p, q) is 1 iff p == q, 0 if disjoint."""
+    u = torch.full((7,), 1 / 7)
+    assert math.isclose(models.entropy(u).item(), math.log(7), rel_tol=1e-6)
+    a, b = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0.5, 0.5])
+    assert models.overlap(u, u).item() == pytest.approx(1.0)
+    assert models.overlap(a, b).item() == 0.0
+
+
+def test_self_draft_has_alpha_one(pairs):
+    """WHY: a draft identical to the target is always accepted: the summary's alpha must be 1
+    (catches off-by-one positions between sampled tokens and their distributions)."""
+    t, _, tok = models.load_pair(pairs["gsm8k"] / "teacher", pairs["gsm8k"] / "student")
+    cfg = dict(models.preset_config("tiny", "gsm8k"), max_new_tokens=8)
+    s = models.pair_summary(t, t, tok, "gsm8k", cfg, n_prompts=3)
+    assert s["alpha"] == pytest.approx(1.0, abs=1e-5)
+    assert 0 < s["teacher_entropy"] <= math.log(len(tok))
