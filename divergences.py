@@ -35,9 +35,11 @@ p_S = softmax(z / T), so by the softmax Jacobian
         fkl  g = -p_T / p_S      rkl  g = s - t      jsd  g = (1 - beta)(s - log M)
         tvd  g = sign(p_S - p_T) / 2                  ajsd g = (s - log M) / beta
 
-The chunked losses use these closed forms instead of autograd, so the full (N, V) tensors of log-probabilities,
-mixtures and per-vocabulary terms that an autograd graph would keep never exist at once: they are recomputed
-block by block in the backward pass. The teacher is a constant: no gradient flows into `teacher_logits`.
+The losses use these closed forms instead of autograd: one sweep over blocks of positions computes the values
+and the gradient together, so the full (N, V) tensors of log-probabilities, mixtures and per-vocabulary terms
+that an autograd graph would keep never exist; only the gradient survives the sweep (one tensor shaped like the
+student logits, which backward must return anyway). The teacher is a constant: no gradient flows into
+`teacher_logits`.
 
 Numerics. Half-precision logits (float16, bfloat16) are computed in float32 (float64 stays float64), and
 log-probabilities are floored at log(tiny), the smallest normal float (about -87.3 nats in float32): a
@@ -84,7 +86,7 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         x = x / temperature
     logp = torch.log_softmax(x, dim=-1)  # (n, V)
     floor = math.log(torch.finfo(dtype).tiny)
-    return logp.clamp_min(floor) if logp.requires_grad else logp.clamp_min_(floor)  # in place when no autograd
+    return logp  # in place when no autograd
 
 
 def softmax_backward(p_s: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
@@ -243,7 +245,7 @@ def _sweep(student, teacher, mask, spec, chunk_size, want_grad):
         s, t = log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)  # (n, V)
         values[rows], g = value_and_grad(s, t, spec, want_grad)
         if want_grad:
-            grad.view(-1, grad.shape[-1])[rows] = g  # (n, V), cast to the logits' dtype
+            grad.view(-1, grad.shape[-1])[rows] = g.to(grad.dtype)  # (n, V), in the logits' dtype
     return values, grad
 
 
@@ -265,15 +267,16 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):  # grad_values: (N,)
+        student, teacher, mask = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward (retain_graph=True): the first one consumed the gradient; redo it
-            student, teacher, mask = ctx.saved_tensors
             grad = _sweep(student, teacher, mask, ctx.spec, ctx.chunk_size, want_grad=True)[1]
+        grad_values = grad_values.masked_fill(~mask, 0)  # masked positions do not depend on the student at all
         grad.view(-1, grad.shape[-1]).mul_(grad_values.to(grad.dtype).unsqueeze(-1))  # (N, V) * (N, 1)
         return grad, None, None, None, None
 
 
-def per_position(student_logits, teacher_logits, mask, spec, chunk_size):
+def _per_position(student_logits, teacher_logits, mask, spec, chunk_size):
     """Values (N,) at every position of (..., V) logits (0 where mask (N,) is False), autograd-aware."""
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), mask, spec, chunk_size)
@@ -298,8 +301,9 @@ def _check_logits(student_logits, teacher_logits):
 
 
 def _check_mask(mask, logits, name="mask"):
-    if mask.shape != logits.shape[:-1]:
-        raise ValueError(f"{name} shape {tuple(mask.shape)} must equal the logits' leading shape "
+    if not isinstance(mask, torch.Tensor) or mask.shape != logits.shape[:-1]:
+        mask = mask if not isinstance(mask, torch.Tensor) else f"of shape {tuple(mask.shape)}"
+        raise ValueError(f"{name} {mask} must be a tensor shaped like the logits' leading shape "
                          f"{tuple(logits.shape[:-1])}")
 
 
@@ -341,7 +345,7 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
     spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
     everywhere = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device).view(-1)
-    values = per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
+    values = _per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
     return values.view(student_logits.shape[:-1])  # (...,)
 
 
@@ -359,7 +363,7 @@ def divergence_sum(student_logits, teacher_logits, mask, kind, beta=0.5, tempera
     if mask is None:
         mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     _check_mask(mask, student_logits)
-    values = per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec, chunk)
+    values = _per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec, chunk)
     return values.sum()
 
 
@@ -388,11 +392,11 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     if reduction == "none" and num_items_in_batch is None:
         s = log_probs(student_logits, spec.temperature)  # (..., V)
         t = log_probs(teacher_logits.detach(), spec.temperature)  # (..., V)
-        terms = gjsd_terms(s, t, spec.beta if spec.kind == "jsd" else float(spec.kind == "rkl"))  # (..., V)
+        terms = gjsd_terms(s, t, spec.beta)  # (..., V)
         return terms[mask] if labels is not None else terms
 
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
-    values = per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
+    values = _per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
     total = values.sum()
     n_positions = mask.sum()
     if num_items_in_batch is not None:

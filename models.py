@@ -378,11 +378,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+PAD_CANDIDATES = ("<|pad|>", "<|fim_pad|>", "<fim_pad>", "<unk>", "<|im_start|>")
+
+
 def load_tokenizer(path_or_id):
+    """AutoTokenizer with a pad token distinct from eos. Some hub tokenizers pad with eos
+    (SmolLM-Instruct: pad = eos = <|im_end|>); then TRL-style label masking (labels == pad)
+    drops every EOS and the student never learns to stop, the seed's bug. Such a pad is replaced
+    by the first of PAD_CANDIDATES the vocabulary has that is not a stop id."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path_or_id))
-    if tok.pad_token_id is None:                       # never pad with eos: it would be masked as padding
-        raise ValueError(f"tokenizer of {str(path_or_id)!r} has no pad token; set one that is not eos")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        vocab, stops = tok.get_vocab(), set(stop_ids(tok))
+        pad = next((t for t in PAD_CANDIDATES if t in vocab and vocab[t] not in stops), None)
+        if pad is None:
+            raise ValueError(f"tokenizer of {str(path_or_id)!r} pads with eos or not at all, and has none of "
+                             f"{PAD_CANDIDATES} to pad with instead; set tokenizer.pad_token to a non-stop token")
+        tok.pad_token = pad
     return tok
 
 

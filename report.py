@@ -197,14 +197,19 @@ def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
         best = max(trained, key=lambda d: trained[d][0])
         claim = SEED_CLAIM.get(task)
         runner = max((d for d in trained if d != best), key=lambda d: trained[d][0], default=None)
-        sep = ("and its interval does not overlap the runner-up's" if runner and not overlaps(trained[best], trained[runner])
-               else f"but its interval overlaps {runner}'s ({_fmt(trained[runner])}), so the ordering is not resolved"
-               if runner else "")
+        separated = runner is None or not overlaps(trained[best], trained[runner])
+        text = f"On {task}, the best {name} is {best} ({_fmt(trained[best])})"
+        if runner is not None:
+            text += (" and its interval does not overlap the runner-up's" if separated else
+                     f", but its interval overlaps {runner}'s ({_fmt(trained[runner])})")
         if claim in trained:
-            verdict = "reproduces" if best == claim else "does not reproduce"
-            out.append(f"On {task}, the best {name} is {best} ({_fmt(trained[best])}) {sep}; the seed's claim "
-                       f"({claim} best) {verdict} here" + ("" if best == claim else
-                       f" ({claim}: {_fmt(trained[claim])})") + ".")
+            if best == claim and separated:
+                text += f"; the seed's ordering ({claim} best) reproduces"
+            elif best == claim:
+                text += f"; the seed's ordering ({claim} best) holds in the means only, not beyond the intervals"
+            else:
+                text += f"; the seed's ordering ({claim} best, here {_fmt(trained[claim])}) does not reproduce"
+        out.append(text + ".")
         if "baseline" in stats:
             base = stats["baseline"]
             better = [d for d, s in trained.items() if s[1] > base[2]]
@@ -231,8 +236,8 @@ def profile_sentence(profiles: dict) -> str:
     text = "Teacher entropy along its own samples (" + "; ".join(parts) + ")"
     if {"gsm8k", "cnndm"} <= set(profiles):
         low = profiles["gsm8k"]["mean"] < profiles["cnndm"]["mean"]
-        text += (": gsm8k is the low-entropy task, as the study assumes." if low else
-                 ": gsm8k is NOT lower in entropy than cnndm here, so the study's premise does not hold for these teachers.")
+        text += (": gsm8k is the low-entropy task, as the study assumes" if low else
+                 ": gsm8k is NOT lower in entropy than cnndm here, so the study's premise does not hold for these teachers")
     return text + "."
 
 

@@ -9,7 +9,7 @@ weaker draft loses acceptance mostly where it has not memorised a phrase: alpha 
 training batches. The trained pair is cached under checkpoints/bench_specdec/ (--retrain rebuilds it).
 
 For batch sizes 1, 8, 32 and gamma 3, 5 (sampling at temperature 0.7 with top-p 0.95 as the evaluator does,
-jagged prompts, max_new_tokens tokens per row, no stop id) it prints tokens/s of
+jagged prompts, max_new_tokens tokens per row, no stop id; batch 1 = 3 prompts one after the other)\nit prints tokens/s of
   spec      our speculative_generate(target, draft)
   ar        our autoregressive_generate(target)       (same machinery without drafting)
   generate  target.generate(do_sample=True)           (the target alone, Hugging Face)
@@ -53,6 +53,7 @@ class Config:
     temperature: float = 0.7  # the evaluator's sampling (cnndm temperature, nucleus 0.95)
     top_p: float = 0.95
     repeats: int = 3
+    batch1_prompts: int = 3  # batch 1 is timed over this many prompts, one at a time
     threads: int = 1
     cache_dir: str = "checkpoints/bench_specdec"
     seed: int = 0
@@ -155,6 +156,23 @@ def hf_generate(model, prompts, cfg, **kwargs):
                               eos_token_id=None, pad_token_id=0, **kwargs)
 
 
+def hf_assisted(target, draft, prompts, cfg, gamma):
+    """HF assisted generation with exactly gamma drafts per round. The candidate generator reads these settings
+    from the ASSISTANT's generation config (default: 20 tokens, adaptive), not from generate()'s kwargs."""
+    gc = draft.generation_config
+    gc.num_assistant_tokens, gc.num_assistant_tokens_schedule, gc.assistant_confidence_threshold = gamma, "constant", 0.0
+    return hf_generate(target, prompts, cfg, assistant_model=draft)
+
+
+def pooled(stats_list):
+    """alpha, accepted / drafted and tokens per target call pooled over several speculative_generate calls."""
+    rows = [r for stats in stats_list for r in stats["per_row"]]
+    drafted = sum(r["drafted"] for r in rows)
+    return {"alpha": sum(r["alpha"] * r["drafted"] for r in rows) / drafted,
+            "acceptance_rate": sum(r["accepted"] for r in rows) / drafted,
+            "mean_accepted_length": sum(r["generated"] for r in rows) / sum(r["target_calls"] for r in rows)}
+
+
 def theoretical_speedup(alpha, gamma, c, v=1.0):
     """Expected tokens per round / cost of a round in target steps. v = 1 is the textbook formula (verifying
     gamma+1 tokens costs one target step, true when the target is memory-bound, e.g. on a GPU)."""
@@ -192,24 +210,25 @@ def run(cfg: Config, retrain: bool = False) -> str:
                      eos_token_id=[])
     rows = []
     for B in cfg.batch_sizes:
-        prompts = [lang.sample(8 + (13 * i) % 25) for i in range(B)]  # jagged: 8..32 tokens
-        n_tokens = B * cfg.max_new_tokens
+        prompts = [lang.sample(8 + (13 * i) % 25) for i in range(max(B, cfg.batch1_prompts))]  # jagged: 8..32
+        # batch 1: several prompts one after the other (one sampled path is too noisy); else one batch of B
+        groups = [[p] for p in prompts[: cfg.batch1_prompts]] if B == 1 else [prompts[:B]]
+        n_tokens = sum(len(grp) for grp in groups) * cfg.max_new_tokens
+        each = lambda fn: (lambda: [fn(grp) for grp in groups])  # noqa: E731  one job = every group
         speculative_generate(target, draft, prompts[:2], gamma=3, max_new_tokens=8, seed=0)  # warm-up
-        jobs = {"ar": lambda: autoregressive_generate(target, prompts, seed=0, **sample_kw),
-                "ar_draft": lambda: autoregressive_generate(draft, prompts, seed=0, **sample_kw),
-                "generate": lambda: hf_generate(target, prompts, cfg)}
+        jobs = {"ar": each(lambda grp: autoregressive_generate(target, grp, seed=0, **sample_kw)),
+                "ar_draft": each(lambda grp: autoregressive_generate(draft, grp, seed=0, **sample_kw)),
+                "generate": each(lambda grp: hf_generate(target, grp, cfg))}
         for gamma in cfg.gammas:
-            jobs[f"spec{gamma}"] = lambda g=gamma: speculative_generate(target, draft, prompts, gamma=g, seed=0,
-                                                                        **sample_kw)
+            jobs[f"spec{gamma}"] = each(lambda grp, g=gamma: speculative_generate(target, draft, grp, gamma=g, seed=0,
+                                                                                  **sample_kw))
             if B == 1:
-                jobs[f"assisted{gamma}"] = lambda g=gamma: hf_generate(
-                    target, prompts, cfg, assistant_model=draft, num_assistant_tokens=g,
-                    num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+                jobs[f"assisted{gamma}"] = each(lambda grp, g=gamma: hf_assisted(target, draft, grp, cfg, g))
         seconds, results = interleaved_best(cfg.repeats, jobs)
         c = seconds["ar_draft"] / seconds["ar"]  # draft step cost / target step cost (same number of tokens)
         tps = {name: n_tokens / t for name, t in seconds.items()}
         for gamma in cfg.gammas:
-            s, v = results[f"spec{gamma}"].stats, verify_cost_ratio(target, prompts, gamma)
+            s, v = pooled(r.stats for r in results[f"spec{gamma}"]), verify_cost_ratio(target, groups[0], gamma)
             rows.append(dict(B=B, gamma=gamma, spec=tps[f"spec{gamma}"], ar=tps["ar"], gen=tps["generate"],
                              asst=tps.get(f"assisted{gamma}"), alpha=s["alpha"], rate=s["acceptance_rate"],
                              mal=s["mean_accepted_length"], c=c, theory=theoretical_speedup(s["alpha"], gamma, c),

@@ -191,3 +191,14 @@ def test_self_draft_has_alpha_one(pairs):
     s = models.pair_summary(t, t, tok, "gsm8k", cfg, n_prompts=3)
     assert s["alpha"] == pytest.approx(1.0, abs=1e-5)
     assert 0 < s["teacher_entropy"] <= math.log(len(tok))
+
+
+def test_pad_equal_to_eos_is_replaced(pairs, tmp_path):
+    """WHY: hub tokenizers that pad with eos (SmolLM-Instruct) reproduce the seed's bug:
+    masking pads masks every EOS. The loader must pick a pad that is no stop id."""
+    tok = models.load_tokenizer(pairs["cnndm"] / "teacher")
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path)
+    again = models.load_tokenizer(tmp_path)
+    assert again.pad_token_id != again.eos_token_id
+    assert again.pad_token_id not in models.stop_ids(again)

@@ -87,6 +87,20 @@ def test_greedy_equals_target_generate_for_every_row_and_gamma(arch, pairs):
         assert 0 < result.stats["accepted"] < result.stats["drafted"], f"gamma={gamma}"
 
 
+def test_cache_compaction_is_exercised_and_invisible(pairs, monkeypatch):
+    """Compacting a cache full of holes (rejected drafts) moves every key/value slot; it must happen on a run with
+    many rejections and must not change a single token compared with never compacting."""
+    import specdec
+    target, draft, prompts, reference = pairs["llama"]
+    calls = []
+    original = specdec._compact
+    monkeypatch.setattr(specdec, "_compact", lambda cache, mask: calls.append(mask.shape) or original(cache, mask))
+    kwargs = dict(gamma=8, max_new_tokens=24, temperature=0, eos_token_id=[])
+    compacted = speculative_generate(target, draft, prompts, **kwargs)
+    assert len(calls) > 0
+    assert compacted.tokens == speculative_generate(target, draft, prompts, compact=False, **kwargs).tokens == reference
+
+
 def test_greedy_batch_of_one_with_one_token_prompt(pairs):
     """The smallest input (one row, one prompt token, so nothing to prefill) must still be exact."""
     target, draft, _, _ = pairs["qwen3"]

@@ -1,0 +1,414 @@
+"""divergences.py: equal to TRL 1.16's generalized_jsd_loss, equal to the formulas, and the invariants.
+
+p_T = teacher, p_S = student. TRL is the reference for generalized_jsd_loss (values AND student gradients);
+float64 code written straight from the formulas is the reference for every token_divergence kind.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+from trl.experimental.gkd import GKDTrainer  # noqa: E402
+
+import divergences as D  # noqa: E402
+
+trl_loss = GKDTrainer.generalized_jsd_loss
+BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
+TEMPERATURES = [0.5, 1.0, 2.0]
+B, T, V = 3, 6, 33  # small vocabulary: parity is about the arithmetic, not the size
+
+
+def logits_pair(seed, shape=(B, T, V), scale=2.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    teacher = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return student, teacher
+
+
+def random_labels(seed, shape=(B, T)):
+    """Labels with about 30% of positions masked (-100) and row 1 fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < 0.3] = -100
+    labels[1] = -100
+    return labels
+
+
+def loss_and_grad(fn, student, teacher, weights=None, **kw):
+    """The loss and d(sum(weights * loss))/d(student logits); weights make reduction='none' comparable."""
+    x = student.detach().clone().requires_grad_()
+    loss = fn(x, teacher, **kw)
+    w = torch.ones_like(loss) if weights is None else weights
+    (loss * w).sum().backward()
+    return loss.detach(), x.grad
+
+
+def assert_grad_close(actual, expected, rtol=1e-5):
+    """Float32 gradients: elementwise rtol, plus an atol of rtol times the gradient's scale (max |g|).
+
+    Entries of size 1e-9 next to entries of size 1e-2 carry float32 rounding of the large ones; TRL's own
+    gradient differs from a float64 computation by ~3e-6 of max |g|, so a pure elementwise rtol is unreachable.
+    """
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------ TRL parity
+@pytest.mark.parametrize("reduction", D.REDUCTIONS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_values_equal_trl(beta, temperature, reduction):
+    """generalized_jsd_loss is a drop-in for TRL's: same value for every beta, temperature and reduction,
+    with random masks including a fully masked row (float32, rtol 1e-5)."""
+    student, teacher = logits_pair(seed=int(beta * 10) + int(temperature * 100))
+    kw = dict(labels=random_labels(1), beta=beta, temperature=temperature, reduction=reduction)
+    ours = D.generalized_jsd_loss(student, teacher, **kw)
+    ref = trl_loss(student, teacher, **kw)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", D.REDUCTIONS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_student_gradients_equal_trl(beta, temperature, reduction):
+    """Training follows the gradient, so our analytic, chunked gradient must equal TRL's autograd one
+    (reduction 'none' is weighted by random numbers so that every per-vocabulary term matters)."""
+    student, teacher = logits_pair(seed=7 + int(beta * 10) + int(temperature * 100))
+    kw = dict(labels=random_labels(2), beta=beta, temperature=temperature, reduction=reduction)
+    ref_loss = trl_loss(student, teacher, **kw)
+    weights = torch.randn(ref_loss.shape, generator=torch.Generator().manual_seed(3))
+    _, ours = loss_and_grad(D.generalized_jsd_loss, student, teacher, weights, chunk_size=4, **kw)
+    _, ref = loss_and_grad(trl_loss, student, teacher, weights, **kw)
+    assert_grad_close(ours, ref)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_no_labels_equals_trl(beta):
+    """Without labels TRL's batchmean divides by logits.shape[0] (the batch), not by the token count."""
+    student, teacher = logits_pair(seed=11)
+    for reduction in ("batchmean", "mean", "sum"):
+        ours = D.generalized_jsd_loss(student, teacher, beta=beta, reduction=reduction)
+        torch.testing.assert_close(ours, trl_loss(student, teacher, beta=beta, reduction=reduction), rtol=1e-5,
+                                   atol=0)
+
+
+@pytest.mark.parametrize("reduction", D.REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fully_masked_batch_equals_trl(beta, reduction):
+    """A batch whose completions were all truncated must not crash training: batchmean and sum give 0,
+    'none' an empty tensor, 'mean' TRL's NaN (0/0), and the student gradient is exactly 0 everywhere."""
+    student, teacher = logits_pair(seed=5)
+    labels = torch.full((B, T), -100)
+    kw = dict(labels=labels, beta=beta, reduction=reduction)
+    ours, ours_grad = loss_and_grad(D.generalized_jsd_loss, student, teacher, **kw)
+    ref, ref_grad = loss_and_grad(trl_loss, student, teacher, **kw)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    assert torch.equal(ours_grad, torch.zeros_like(ours_grad)) and torch.equal(ref_grad, ours_grad)
+
+
+def test_num_items_in_batch_equals_trl():
+    """TRL's gradient-accumulation normaliser: the masked sum divided by num_items_in_batch, any reduction."""
+    student, teacher = logits_pair(seed=6)
+    kw = dict(labels=random_labels(3), beta=0.5, num_items_in_batch=torch.tensor(40))
+    for reduction in ("batchmean", "none"):
+        ours = D.generalized_jsd_loss(student, teacher, reduction=reduction, **kw)
+        torch.testing.assert_close(ours, trl_loss(student, teacher, reduction=reduction, **kw), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_bfloat16_inputs_give_trls_float32_answer(beta):
+    """bfloat16 logits are upcast, so the loss equals TRL's on the same numbers in float32 (rtol 1e-5) and is
+    float32; the gradient arrives in bfloat16, equal to TRL's float32 gradient up to bfloat16 rounding."""
+    student, teacher = logits_pair(seed=8, dtype=torch.bfloat16)
+    kw = dict(labels=random_labels(4), beta=beta, temperature=0.7)
+    ours, ours_grad = loss_and_grad(D.generalized_jsd_loss, student, teacher, **kw)
+    ref, ref_grad = loss_and_grad(trl_loss, student.float(), teacher.float(), **kw)
+    assert ours.dtype == torch.float32 and ours_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours_grad, ref_grad.to(torch.bfloat16), rtol=1.6e-2,
+                               atol=1e-2 * ref_grad.abs().max().item())
+
+
+# ------------------------------------------------------------------------------ float64 formula references
+def ref_divergence(student, teacher, kind, beta=0.5, temperature=1.0, scale=1.0, floor=0.5):
+    """Each divergence in float64, straight from its formula in probabilities (0 log 0 = 0)."""
+    p_s = torch.softmax(student.double() / temperature, -1)
+    p_t = torch.softmax(teacher.double() / temperature, -1)
+
+    def kl(p, q):  # sum_v p log(p / q), with 0 log 0 = 0
+        return torch.where(p > 0, p * (p.log() - q.log()), 0.0).sum(-1)
+
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        return kl(p_t, p_s)
+    if kind == "rkl" or (kind == "jsd" and beta == 1):
+        return kl(p_s, p_t)
+    if kind == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    if kind == "tvd":
+        return 0.5 * (p_t - p_s).abs().sum(-1)
+    if kind == "ajsd":
+        entropy = -torch.where(p_t > 0, p_t * p_t.log(), 0.0).sum(-1, keepdim=True)
+        b = floor + (1 - floor) * torch.exp(-entropy / scale)
+        m = b * p_t + (1 - b) * p_s
+        return (kl(p_t, m) / (1 - b.squeeze(-1))) + (kl(p_s, m) / b.squeeze(-1))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5),
+                                       ("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0)])
+def test_token_divergence_equals_float64_formula(kind, beta, temperature):
+    """Each kind is exactly the divergence the module docstring writes down, per position (float32 result
+    against float64 formula in probabilities, rtol 1e-5)."""
+    student, teacher = logits_pair(seed=21)
+    ours = D.token_divergence(student, teacher, kind, beta=beta, temperature=temperature)
+    ref = ref_divergence(student, teacher, kind, beta, temperature)
+    assert ours.shape == (B, T) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5),
+                                       ("jsd", 0.3), ("jsd", 0.9)])
+def test_analytic_gradient_equals_float64_autograd(kind, beta):
+    """The closed-form gradients p_S (g - E_pS[g]) / T are the true derivatives of the formulas: in float64
+    they agree with torch.autograd through the float64 reference to 1e-10."""
+    student, teacher = logits_pair(seed=22, dtype=torch.float64)
+    weights = torch.rand(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = student.clone().requires_grad_()
+    (D.token_divergence(x, teacher, kind, beta=beta, temperature=0.8) * weights).sum().backward()
+    r = student.clone().requires_grad_()
+    (ref_divergence(r, teacher, kind, beta, temperature=0.8) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, r.grad, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- invariants
+def test_non_negative():
+    """Divergences are >= 0 (Gibbs' inequality; |.| for TVD), here across kinds, betas and temperatures."""
+    student, teacher = logits_pair(seed=31, scale=4.0)
+    for kind in D.DIVERGENCES:
+        for beta in BETAS:
+            for temperature in TEMPERATURES:
+                values = D.token_divergence(student, teacher, kind, beta=beta, temperature=temperature)
+                assert values.min() >= -1e-6, (kind, beta, temperature)
+
+
+def test_zero_with_zero_gradient_when_student_equals_teacher():
+    """A student identical to the teacher is the optimum of every divergence: value 0 and gradient 0."""
+    student, _ = logits_pair(seed=32)
+    for kind in D.DIVERGENCES:
+        x = student.clone().requires_grad_()
+        values = D.token_divergence(x, student, kind, beta=0.3)
+        values.sum().backward()
+        assert values.abs().max() < 1e-6, kind
+        assert x.grad.abs().max() < 1e-6, kind
+
+
+def test_jsd_rescaled_tends_to_the_kls_at_the_ends():
+    """TRL's endpoints are limits after rescaling: JSD(beta)/beta -> FKL as beta -> 0, JSD(beta)/(1-beta) ->
+    RKL as beta -> 1 (error O(beta)); this is why jsd at beta 0/1 switches formula instead of being continuous."""
+    student, teacher = logits_pair(seed=33, dtype=torch.float64)
+    fkl = D.token_divergence(student, teacher, "fkl")
+    rkl = D.token_divergence(student, teacher, "rkl")
+    eps = 1e-7  # the gap is O(eps) (about 200 eps here), so 1e-4 is met only close enough to the end
+    torch.testing.assert_close(D.token_divergence(student, teacher, "jsd", beta=eps) / eps, fkl, rtol=1e-4, atol=0)
+    torch.testing.assert_close(D.token_divergence(student, teacher, "jsd", beta=1 - eps) / eps, rkl, rtol=1e-4,
+                               atol=0)
+
+
+def test_tvd_is_one_minus_acceptance_probability():
+    """TVD = 1 - sum_v min(p_T, p_S): the link between the tvd loss and speculative acceptance."""
+    student, teacher = logits_pair(seed=34)
+    acceptance = torch.minimum(torch.softmax(student, -1), torch.softmax(teacher, -1)).sum(-1)
+    torch.testing.assert_close(D.token_divergence(student, teacher, "tvd"), 1 - acceptance, rtol=0, atol=1e-6)
+
+
+def test_jsd_half_is_at_most_log_two():
+    """JSD(0.5) <= log 2, reached by disjoint supports: it is bounded, unlike the KLs."""
+    student, teacher = logits_pair(seed=35, scale=30.0)  # nearly one-hot, mostly disjoint
+    values = D.token_divergence(student, teacher, "jsd", beta=0.5)
+    assert values.max() <= math.log(2) + 1e-6
+    assert values.max() > math.log(2) - 1e-3  # the bound is approached, so the check can fail
+
+
+# ------------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("kind", D.DIVERGENCES)
+def test_minus_inf_logits_give_finite_values_and_gradients(kind):
+    """Top-k-masked teachers (and students) have -inf logits: the loss and its gradient must stay finite
+    (TRL's formula gives NaN there), and a zero probability contributes exactly as 0 log 0 = 0 would."""
+    student, teacher = logits_pair(seed=41)
+    teacher[..., : V // 2] = -math.inf  # teacher keeps only the top half of the vocabulary
+    student[0, 0, -3:] = -math.inf  # and the student rules out a few tokens the teacher allows
+    x = student.clone().requires_grad_()
+    values = D.token_divergence(x, teacher, kind, beta=0.5)
+    values.sum().backward()
+    assert torch.isfinite(values).all() and torch.isfinite(x.grad).all()
+    if kind in ("jsd", "tvd"):  # well defined with zero probabilities: must equal the formula
+        torch.testing.assert_close(values.double(), ref_divergence(student, teacher, kind), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", D.DIVERGENCES)
+def test_huge_logits_stay_finite(kind):
+    """Logits of size 1e4 (unnormalised heads, extreme temperatures) must not overflow anywhere."""
+    student, teacher = logits_pair(seed=42, scale=1e4)
+    x = student.clone().requires_grad_()
+    values = D.token_divergence(x, teacher, kind, beta=0.5, temperature=0.5)
+    values.sum().backward()
+    assert torch.isfinite(values).all() and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------- the memory-lean engine
+@pytest.mark.parametrize("kind", D.DIVERGENCES)
+def test_divergence_sum_equals_masked_sum_of_token_divergence(kind):
+    """divergence_sum (what the training loop calls) is the masked sum of token_divergence, whatever the
+    chunking, and its gradient is 0 on masked positions and the same as the unchunked one elsewhere."""
+    student, teacher = logits_pair(seed=51)
+    mask = random_labels(5) != -100
+    grads = []
+    for chunk in (1, 4, None):
+        x = student.clone().requires_grad_()
+        total = D.divergence_sum(x, teacher, mask, kind, beta=0.3, temperature=0.9, chunk_size=chunk)
+        total.backward()
+        expected = D.token_divergence(student, teacher, kind, beta=0.3, temperature=0.9)[mask].sum()
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
+        grads.append(x.grad)
+    assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-6, atol=1e-9)
+
+
+def test_non_contiguous_logits_give_the_same_loss_and_gradient():
+    """The loop passes shifted logits[:, :-1] (not flattenable without a copy): the blocks walk it in place
+    and must give exactly what a contiguous copy gives."""
+    student, teacher = logits_pair(seed=52, shape=(B, T + 1, V))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    x = student.clone().requires_grad_()
+    D.divergence_sum(x[:, :-1], teacher[:, :-1], mask, "rkl", chunk_size=4).backward()
+    y = student[:, :-1].contiguous().requires_grad_()
+    D.divergence_sum(y, teacher[:, :-1].contiguous(), mask, "rkl", chunk_size=4).backward()
+    torch.testing.assert_close(x.grad[:, :-1], y.grad, rtol=0, atol=0)
+    assert torch.equal(x.grad[:, -1], torch.zeros_like(x.grad[:, -1]))
+
+
+def test_second_backward_with_retain_graph_gives_the_same_gradient():
+    """The forward pass stores the gradient and the first backward consumes it in place; a second backward
+    (retain_graph=True) must recompute it rather than return garbage."""
+    student, teacher = logits_pair(seed=53)
+    x = student.clone().requires_grad_()
+    loss = D.generalized_jsd_loss(x, teacher, beta=0.5)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    loss.backward()
+    torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
+
+
+def test_teacher_gets_no_gradient():
+    """The teacher is frozen: even a teacher tensor with requires_grad receives no gradient."""
+    student, teacher = logits_pair(seed=54)
+    x, y = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    D.divergence_sum(x, y, None, "jsd").backward()
+    assert y.grad is None and x.grad is not None
+
+
+# ------------------------------------------------------------------------------------ the adaptive JSD
+def test_ajsd_beta_is_one_at_zero_entropy_and_decreases_to_the_floor():
+    """beta(H) is the documented monotone map: 1 (reverse KL) for a certain teacher, decreasing with the
+    entropy toward ajsd_floor; 1 - beta is returned exactly even where beta rounds to 1 in float32."""
+    entropy = torch.tensor([0.0, 1e-9, 0.1, 1.0, 3.0, 50.0])
+    beta, one_minus = D.ajsd_beta(entropy, scale=1.0, floor=0.5)
+    assert beta[0] == 1.0 and torch.all(beta[1:] <= beta[:-1]) and abs(beta[-1] - 0.5) < 1e-6
+    assert torch.all(one_minus[1:] > one_minus[:-1])
+    torch.testing.assert_close(one_minus[1], torch.tensor(0.5e-9), rtol=1e-6, atol=0)
+
+
+def test_ajsd_with_constant_beta_is_fixed_beta_jsd_rescaled():
+    """With a constant beta (ajsd_scale=0 -> beta = ajsd_floor) ajsd is the fixed-beta jsd divided by
+    beta (1 - beta): same minimiser and gradient direction; floor 1 gives exactly rkl, floor 0 exactly fkl."""
+    student, teacher = logits_pair(seed=61)
+    for b in (0.1, 0.5, 0.9):
+        ajsd = D.token_divergence(student, teacher, "ajsd", ajsd_scale=0.0, ajsd_floor=b)
+        jsd = D.token_divergence(student, teacher, "jsd", beta=b)
+        torch.testing.assert_close(ajsd * b * (1 - b), jsd, rtol=1e-5, atol=1e-7)
+    for b, kind in ((1.0, "rkl"), (0.0, "fkl")):
+        ajsd = D.token_divergence(student, teacher, "ajsd", ajsd_scale=0.0, ajsd_floor=b)
+        torch.testing.assert_close(ajsd, D.token_divergence(student, teacher, kind), rtol=1e-5, atol=1e-6)
+
+
+def test_ajsd_uses_each_positions_own_teacher_entropy():
+    """beta is chosen per position from that position's teacher entropy (not one beta per batch): every
+    position equals the rescaled fixed-beta jsd at its own beta(H), over entropies from ~0 to ~log V."""
+    student, teacher = logits_pair(seed=62, dtype=torch.float64)
+    teacher = teacher * torch.logspace(-2, 1, T, dtype=torch.float64).view(1, T, 1)  # spread ... near-certain
+    ours = D.token_divergence(student, teacher, "ajsd", ajsd_scale=0.7, ajsd_floor=0.3)
+    for i, j in [(b, t) for b in range(B) for t in range(T)]:
+        entropy = D.teacher_entropy(torch.log_softmax(teacher[i, j], -1))
+        beta = 0.3 + 0.7 * math.exp(-entropy.item() / 0.7)
+        expected = D.token_divergence(student[i, j], teacher[i, j], "jsd", beta=beta) / (beta * (1 - beta))
+        torch.testing.assert_close(ours[i, j], expected, rtol=1e-8, atol=0)
+
+
+def test_ajsd_is_accurate_in_float32_for_near_certain_teachers():
+    """beta -> 1 divides by a tiny 1 - beta (here 1e-10 .. 1e-2, below float32's resolution of beta itself);
+    the log-ratio form keeps float32 within 1% of float64, where a float32 beta rounds to 1 and the naive
+    formula gives 0/0. (1% and not 1e-5: float32 log_softmax knows an entropy of 1e-9 only to a few percent.)"""
+    student, teacher = logits_pair(seed=63, dtype=torch.float64)
+    teacher = teacher * torch.linspace(3, 12, T, dtype=torch.float64).view(1, T, 1)  # entropies 1e-1 ... 1e-9
+    ref = ref_divergence(student, teacher, "ajsd")
+    ours = D.token_divergence(student.float(), teacher.float(), "ajsd")
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-2, atol=0)
+
+
+# --------------------------------------------------------------------------------------- shared vocabulary
+def test_shared_vocab_cuts_both_heads_to_the_real_tokens():
+    """Qwen-style padded heads (different widths, one tokenizer): cutting both to len(tokenizer) makes them
+    comparable, and the result is the loss on the real tokens only."""
+    student, teacher = logits_pair(seed=71, shape=(B, T, 40))
+    s_cut, t_cut = D.shared_vocab(student[..., :40], torch.cat([teacher, teacher[..., :8]], -1), vocab_size=33)
+    assert s_cut.shape == t_cut.shape == (B, T, 33)
+    torch.testing.assert_close(D.token_divergence(s_cut, t_cut, "rkl"),
+                               D.token_divergence(student[..., :33].contiguous(), teacher[..., :33].contiguous(),
+                                                  "rkl"), rtol=0, atol=0)
+    same = D.shared_vocab(student, teacher)
+    assert same[0] is student and same[1] is teacher
+
+
+def test_shared_vocab_refuses_real_mismatches():
+    """Different widths without a vocab_size, or a vocab_size wider than a head, mean different
+    vocabularies: a clear error instead of silently comparing unrelated tokens."""
+    student, teacher = torch.zeros(2, 40), torch.zeros(2, 48)
+    with pytest.raises(ValueError, match="vocab_size=len"):
+        D.shared_vocab(student, teacher)
+    with pytest.raises(ValueError, match="exceeds"):
+        D.shared_vocab(student, teacher, vocab_size=44)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="kl"), r"kind='kl'.*\('fkl', 'rkl', 'jsd', 'tvd', 'ajsd'\)"),
+    (dict(kind="jsd", beta=1.5), r"beta=1.5.*\[0, 1\]"),
+    (dict(kind="jsd", beta=-0.1), r"beta=-0.1.*\[0, 1\]"),
+    (dict(kind="rkl", temperature=0.0), r"temperature=0.0.*> 0"),
+    (dict(kind="rkl", temperature=-1.0), r"temperature=-1.0.*> 0"),
+    (dict(kind="ajsd", ajsd_floor=2.0), r"ajsd_floor=2.0.*\[0, 1\]"),
+])
+def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
+    """A typo in a config must fail loudly, saying what was given and what is allowed."""
+    student, teacher = logits_pair(seed=81)
+    with pytest.raises(ValueError, match=match):
+        D.token_divergence(student, teacher, **kwargs)
+
+
+def test_bad_shapes_and_reductions_raise_value_error():
+    """Mismatched logits, labels or reductions are caught before any arithmetic, with the shapes named."""
+    student, teacher = logits_pair(seed=82)
+    with pytest.raises(ValueError, match=r"\(3, 6, 33\).*\(3, 6, 32\)"):
+        D.divergence_sum(student, teacher[..., :32], None, "fkl")
+    with pytest.raises(ValueError, match="reduction='avg'.*batchmean"):
+        D.generalized_jsd_loss(student, teacher, reduction="avg")
+    with pytest.raises(ValueError, match=r"labels of shape \(3, 5\)"):
+        D.generalized_jsd_loss(student, teacher, labels=torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"beta=2.0"):
+        D.generalized_jsd_loss(student, teacher, beta=2.0)
