@@ -323,8 +323,9 @@ def too_long(task: str, example: Example, tokenizer=None, max_tokens: int = MAX_
     stand in for tokens when no tokenizer is given). GSM8k questions are never dropped."""
     if task != "cnndm":
         return False
-    n = len(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) if tokenizer else len(example.prompt.split())
-    return n > max_tokens
+    if tokenizer is None:
+        return len(example.prompt.split()) > max_tokens
+    return len(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) > max_tokens
 
 
 def load_examples(task: str, split: str, *, source: str = "standin", path=None, n: int | None = None,

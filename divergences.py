@@ -86,7 +86,7 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         x = x / temperature
     logp = torch.log_softmax(x, dim=-1)  # (n, V)
     floor = math.log(torch.finfo(dtype).tiny)
-    return logp  # in place when no autograd
+    return logp.clamp_min(floor) if logp.requires_grad else logp.clamp_min_(floor)  # in place when no autograd
 
 
 def softmax_backward(p_s: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:

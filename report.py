@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,6 @@ class ReportConfig:
     n_boot: int = 2000
     reuse: bool = False               # skip training where <run>/final exists (same settings assumed)
     quick: bool = False
-    extra_train_args: list = field(default_factory=list)
 
 
 QUICK = dict(seeds=(0,), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
@@ -284,7 +284,7 @@ def train_all(cfg: ReportConfig, task: str, log):
             if cfg.steps is not None:
                 argv += ["--steps", str(cfg.steps)]
             t0 = time.time()
-            distill.main(argv + list(cfg.extra_train_args))
+            distill.main(argv)
             log(f"trained {task}/{run_name(div, seed)} in {time.time() - t0:.0f}s")
 
 
@@ -311,10 +311,11 @@ def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
     teacher_id, _ = models.resolve_pair(task, cfg.preset)
     teacher = models.load_model(teacher_id)
     tok = models.load_tokenizer(teacher_id)
-    prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile)
+    prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=pc.get("data_source", "standin"))
+    stop_ids = sorted(set(models.stop_ids(tok)) | set(specdec.resolve_stop_ids(teacher)))   # as evaluate.py
     return entropy.teacher_sample_entropies(
-        teacher, prompts, temperature=pc["temperature"], top_p=0.95, max_new_tokens=pc["max_new_tokens"],
-        eos_token_id=specdec.resolve_stop_ids(teacher, None), seed=0)
+        teacher, prompts, temperature=pc["temperature"], top_p=pc.get("top_p", 0.95),
+        max_new_tokens=pc["max_new_tokens"], eos_token_id=stop_ids, seed=0)
 
 
 def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, meta) -> Path:
@@ -366,7 +367,6 @@ def _meta(t0: float, argv) -> dict:
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    import os
     return dict(command="python report.py " + " ".join(argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                 commit=commit, minutes=(time.time() - t0) / 60)

@@ -11,8 +11,9 @@ one case's freed memory cannot hide another's peak:
 Values: the printed losses and gradient norms of the two implementations must agree (relative differences
 are printed). TRL is the reference here, as in the tests; nothing outside bench/ and tests/ imports it.
 
-    .venv/bin/python bench/bench_loss.py                    # 2048 positions x 151936, beta 0 / 0.5 / 1
-    .venv/bin/python bench/bench_loss.py --positions 256    # a quicker look
+    .venv/bin/python bench/bench_loss.py                    # 1024 positions x 151936, beta 0 / 0.5 / 1
+    .venv/bin/python bench/bench_loss.py --positions 2048   # needs ~21 GiB free: TRL's JSD holds ~15 (N, V)
+                                                            # float32 tensors at its peak (17 GiB at N = 2048)
 """
 import argparse
 import json
@@ -86,7 +87,8 @@ def run_case(impl, beta, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--positions", type=int, default=2048, help="B * T positions (rows of the logits)")
+    p.add_argument("--positions", type=int, default=1024,
+                   help="B * T positions (rows of the logits); 2048 needs ~21 GiB free for TRL's JSD")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size V (Qwen's lm_head width)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--repeats", type=int, default=1, help="runs per case; time is the best, memory the worst")

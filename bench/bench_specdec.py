@@ -9,7 +9,8 @@ weaker draft loses acceptance mostly where it has not memorised a phrase: alpha 
 training batches. The trained pair is cached under checkpoints/bench_specdec/ (--retrain rebuilds it).
 
 For batch sizes 1, 8, 32 and gamma 3, 5 (sampling at temperature 0.7 with top-p 0.95 as the evaluator does,
-jagged prompts, max_new_tokens tokens per row, no stop id; batch 1 = 3 prompts one after the other)\nit prints tokens/s of
+jagged prompts, max_new_tokens tokens per row, no stop id; batch 1 = 3 prompts one after the other)
+it prints tokens/s of
   spec      our speculative_generate(target, draft)
   ar        our autoregressive_generate(target)       (same machinery without drafting)
   generate  target.generate(do_sample=True)           (the target alone, Hugging Face)

@@ -108,6 +108,19 @@ def test_fully_masked_batch_equals_trl(beta, reduction):
     assert torch.equal(ours_grad, torch.zeros_like(ours_grad)) and torch.equal(ref_grad, ours_grad)
 
 
+@pytest.mark.parametrize("reduction", D.REDUCTIONS)
+def test_single_unmasked_position_equals_trl(reduction):
+    """The other edge of the masking: one position left, so batchmean divides by exactly 1."""
+    student, teacher = logits_pair(seed=9)
+    labels = torch.full((B, T), -100)
+    labels[2, 4] = 7
+    kw = dict(labels=labels, beta=0.5, reduction=reduction)
+    ours, ours_grad = loss_and_grad(D.generalized_jsd_loss, student, teacher, **kw)
+    ref, ref_grad = loss_and_grad(trl_loss, student, teacher, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    assert_grad_close(ours_grad, ref_grad)
+
+
 def test_num_items_in_batch_equals_trl():
     """TRL's gradient-accumulation normaliser: the masked sum divided by num_items_in_batch, any reduction."""
     student, teacher = logits_pair(seed=6)
