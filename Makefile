@@ -39,4 +39,4 @@ bench-train:
 	$(PY) bench/bench_train.py
 
 clean:
-	rm -rf runs results .pytest_cache
+	rm -rf runs results/report results/quick results/tiny .pytest_cache

@@ -27,6 +27,9 @@ and s = log p_S, t = log p_T. Sums run over the vocabulary v. The divergences (`
           confident tokens (beta -> 1) would not become reverse KL, they would just get a weight near 0.
           With a constant beta it is the fixed-beta jsd times the constant 1 / (beta (1 - beta)): the same
           minimiser and gradient direction (ajsd_scale=0 makes beta = ajsd_floor everywhere).
+          Caveat, as for any JSD: it is bounded. For a near-certain teacher each unit of student mass on a token
+          the teacher rules out costs at most -log(1 - beta) ~ log(2 scale / H) nats, not rkl's unbounded
+          log(p_S / p_T): mode-seeking like rkl, with a capped penalty; exactly rkl only at H = 0.
 
 Gradients (with respect to the student logits). Every divergence D here depends on the student only through
 p_S = softmax(z / T), so by the softmax Jacobian
@@ -44,7 +47,10 @@ student logits, which backward must return anyway). The teacher is a constant: n
 Numerics. Half-precision logits (float16, bfloat16) are computed in float32 (float64 stays float64), and
 log-probabilities are floored at log(tiny), the smallest normal float (about -87.3 nats in float32): a
 probability below it cannot be represented anyway, and the floor keeps every divergence and gradient finite
-when logits are -inf (a top-k-masked teacher would otherwise make rkl = +inf and TRL's formula NaN).
+when logits are -inf (a top-k-masked teacher would otherwise make rkl = +inf and TRL's formula NaN). A -inf
+logit is a zero probability and adds nothing to jsd, tvd or the side of a KL it weights (0 log 0 = 0); where a
+KL is truly infinite (student mass on a token the teacher rules out, for rkl) it counts ~87 nats per unit mass.
+Values differ from the exact float arithmetic only where some probability is below 1.2e-38.
 """
 import math
 from dataclasses import dataclass

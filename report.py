@@ -255,6 +255,13 @@ def load_eval(path) -> dict:
     return runs
 
 
+def protocol_line(path) -> str:
+    """The decoding protocol evaluate.py recorded in its JSON, as one line of the report."""
+    p = json.loads(Path(path).read_text()).get("protocol", {})
+    keys = ("gamma", "top_p", "temperature", "max_new_tokens", "n_prompts", "seed")
+    return ", ".join(f"{k} {p[k]}" for k in keys if k in p)
+
+
 def records_of(entry: dict):
     """The per-drafted-token records of one eval entry (evaluate.py --record)."""
     rec = entry.get("records")
@@ -318,7 +325,7 @@ def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
         max_new_tokens=pc["max_new_tokens"], eos_token_id=stop_ids, seed=0)
 
 
-def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, meta) -> Path:
+def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, protocols, meta) -> Path:
     import entropy
 
     md = [f"# Report: which divergence distils the best draft? ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
@@ -329,13 +336,14 @@ def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, meta) -> Pa
         md += ["**QUICK run: one seed, few steps. A smoke test of the pipeline, not a result.**", ""]
     md += ["## Findings", ""] + [f"- {s}" for s in findings(rows) + [profile_sentence(profiles)]] + [""]
     md += ["## Acceptance table", "",
-           f"Speculative decoding with gamma 5, top-p 0.95, the task's temperature, on the task's held-out eval prompts "
-           f"(column `prompts`); training seeds {', '.join(map(str, cfg.seeds))}. Mean with a 95% interval from a hierarchical bootstrap "
+           "Speculative decoding on each task's held-out eval prompts, with the protocol evaluate.py recorded: "
+           + "; ".join(f"{t}: {line}" for t, line in protocols.items())
+           + f". Training seeds {', '.join(map(str, cfg.seeds))}. Mean with a 95% interval from a hierarchical bootstrap "
            f"(seeds, then prompts; {cfg.n_boot} resamples). Token acceptance = accepted / drafted per prompt; "
            "analytic alpha = mean of sum_x min(p, q) over drafted positions; mean accepted length = tokens per target "
            "call (bonus token included). Best mean per task in bold.", "", table_markdown(rows), ""]
     md += ["## Teacher entropy profile", "",
-           "H(p) in nats of the teacher's processed distribution (temperature, top-p 0.95), at every token the "
+           "H(p) in nats of the teacher's processed distribution (the task's temperature and top-p), at every token the "
            "teacher sampled on its own for the task's eval prompts.", "",
            "| task | tokens | mean | q10 | q25 | median | q75 | q90 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for task, prof in profiles.items():
@@ -365,6 +373,9 @@ def _meta(t0: float, argv) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                          text=True).stdout.strip():
+            commit += " + uncommitted changes"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return dict(command="python report.py " + " ".join(argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -411,11 +422,11 @@ def main(argv=None):
 
     t0 = time.time()
     log = lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
-    evals, profiles, acc_bins, plots = {}, {}, {}, {}
+    evals, protocols, profiles, acc_bins, plots = {}, {}, {}, {}, {}
     for task in cfg.tasks:
         train_all(cfg, task, log)
         path = evaluate_task(cfg, task)
-        evals[task] = load_eval(path)
+        evals[task], protocols[task] = load_eval(path), protocol_line(path)
         log(f"evaluated {task} -> {path}")
     rows = build_table(collect_runs(evals, cfg.divs, cfg.seeds), n_boot=cfg.n_boot)   # raises on missing runs
     out_dir = Path(cfg.out).parent
@@ -430,7 +441,7 @@ def main(argv=None):
                                                  f"{task}: token acceptance vs teacher entropy")
         plots[task] = {"hist": hist.relative_to(out_dir).as_posix(), "acc": acc.relative_to(out_dir).as_posix()}
         log(f"entropy analysis {task} done")
-    out = write_report(cfg, rows, profiles, acc_bins, plots, _meta(t0, argv))
+    out = write_report(cfg, rows, profiles, acc_bins, plots, protocols, _meta(t0, argv))
     log(f"wrote {out}")
     return out
 
