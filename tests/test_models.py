@@ -51,9 +51,10 @@ def test_bad_names_list_valid_ones(call, match):
         call()
 
 
-def test_paper_preset_offline_fails_early_naming_files():
+def test_paper_preset_offline_fails_early_naming_files(monkeypatch):
     """WHY: offline, the paper preset must stop at once and say what to download, not hang
-    in from_pretrained retries (conftest sets HF_HUB_OFFLINE=1; the cache here is empty)."""
+    in from_pretrained retries (conftest sets HF_HUB_OFFLINE=1; the cache is treated as empty)."""
+    monkeypatch.setattr(models, "_cached", lambda repo_id: False)
     with pytest.raises(RuntimeError, match=r"Qwen/Qwen3-4B-Instruct-2507.*safetensors.*huggingface-cli download"):
         models.resolve_pair("gsm8k", "paper")
 
