@@ -66,6 +66,8 @@ class Config:
     task: str = "gsm8k"
     div: str = "rkl"
     beta: float = 0.5                # jsd only (0 = fkl, 1 = rkl)
+    ajsd_scale: float = 1.0          # ajsd only: beta_t = f(H(p_t)), see divergences.ajsd_beta
+    ajsd_floor: float = 0.5
     preset: str = "tiny"             # models.preset_config: models, lr, temperature, lengths, steps
     teacher: str | None = None       # override the preset's teacher (path or hub id)
     student: str | None = None       # override the preset's student
@@ -204,13 +206,13 @@ def completion_logits(model, batch: dict):
 
 
 def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: float, temperature: float,
-                         vocab_size: int | None = None):
+                         vocab_size: int | None = None, **ajsd):
     """Sum of the per-token divergence d(p, q) over the masked completion tokens (a scalar).
     vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows)."""
     if vocab_size is not None or student_logits.shape[-1] != teacher_logits.shape[-1]:
         student_logits, teacher_logits = divergences.shared_vocab(student_logits, teacher_logits, vocab_size)
     return divergences.divergence_sum(student_logits, teacher_logits, mask, div,
-                                      beta=beta, temperature=temperature)
+                                      beta=beta, temperature=temperature, **ajsd)
 
 
 def entropy_sum(logits, mask, temperature: float, rows: int = 1024) -> float:
@@ -320,6 +322,8 @@ def main(argv=None):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
                          f"x --grad-accum {cfg.grad_accum}")
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if cfg.teacher_8bit and device.type != "cuda":
+        raise ValueError(f"--teacher-8bit needs a CUDA device (bitsandbytes), got device {device}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)
@@ -420,8 +424,8 @@ def main(argv=None):
             with sync:
                 with autocast:
                     s_logits = completion_logits(model, batch)                    # (B, C, V)
-                div_sum = batch_divergence_sum(s_logits, t_logits, mask, cfg.div, cfg.beta,
-                                               cfg.loss_temperature, vocab)
+                div_sum = batch_divergence_sum(s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature,
+                                               vocab, ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor)
                 # DDP averages gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
             loss_sum += float(div_sum.detach())

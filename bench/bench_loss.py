@@ -11,9 +11,10 @@ one case's freed memory cannot hide another's peak:
 Values: the printed losses and gradient norms of the two implementations must agree (relative differences
 are printed). TRL is the reference here, as in the tests; nothing outside bench/ and tests/ imports it.
 
-    .venv/bin/python bench/bench_loss.py                    # 1024 positions x 151936, beta 0 / 0.5 / 1
-    .venv/bin/python bench/bench_loss.py --positions 2048   # needs ~21 GiB free: TRL's JSD holds ~15 (N, V)
-                                                            # float32 tensors at its peak (17 GiB at N = 2048)
+    .venv/bin/python bench/bench_loss.py                    # 2048 positions x 151936, beta 0 / 0.5 / 1
+    .venv/bin/python bench/bench_loss.py --positions 1024   # on a machine with less than ~21 GiB free:
+                                                            # TRL's JSD holds 15 (N, V) float32 tensors at its
+                                                            # peak (17.4 GiB at N = 2048), plus the inputs
 """
 import argparse
 import json
@@ -87,7 +88,7 @@ def run_case(impl, beta, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--positions", type=int, default=1024,
+    p.add_argument("--positions", type=int, default=2048,
                    help="B * T positions (rows of the logits); 2048 needs ~21 GiB free for TRL's JSD")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size V (Qwen's lm_head width)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])

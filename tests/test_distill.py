@@ -323,12 +323,27 @@ def test_two_process_torchrun_equals_one_process_on_the_combined_batch(pair, tmp
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- config
+
+def test_loss_temperature_defaults_to_the_sampling_temperature(pair):
+    """The draft is judged at the sampling temperature (acceptance = sum min(p_T, q_T)), so by default the
+    loss compares the same tempered distributions; greedy sampling (T = 0) falls back to 1; explicit wins."""
+    def resolved(*extra):
+        return distill.resolve_config(distill.parse_args(run_args(pair, "unused", *extra)))
+    assert resolved("--temperature", 0.6).loss_temperature == 0.6
+    assert resolved("--temperature", 0).loss_temperature == 1.0
+    assert resolved("--temperature", 0.6, "--loss-temperature", 1.0).loss_temperature == 1.0
+    assert resolved().temperature == models.preset_config("tiny", "gsm8k")["temperature"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("extra, words", [
     (["--task", "mnist"], ["mnist", "gsm8k"]),
     (["--div", "kl"], ["kl", "rkl", "tvd"]),
     (["--beta", "1.5"], ["1.5", "[0, 1]"]),
+    (["--lmbda", "-0.1"], ["-0.1", "[0, 1]"]),
+    (["--off-policy", "web"], ["web", "dataset", "teacher"]),
     (["--resume"], ["--resume", "checkpoint"]),
 ])
 def test_bad_input_stops_before_any_work(pair, tmp_path, extra, words):

@@ -34,6 +34,7 @@ def test_bootstrap_leaves_out_prompts_with_nothing_drafted():
 
 
 def test_per_prompt_marks_undrafted_rows_as_missing():
+    """specdec reports rate 0 for a row that drafted nothing; per_prompt turns that into None (no data)."""
     rows = [{"drafted": 4, "accepted": 2, "acceptance_rate": 0.5, "alpha": 0.6, "mean_accepted_length": 2.0,
              "generated": 6},
             {"drafted": 0, "accepted": 0, "acceptance_rate": 0.0, "alpha": 0.0, "mean_accepted_length": 1.0,
