@@ -30,6 +30,14 @@ With sampling temperature 0 (greedy) the default falls back to tau = 1. Top-p is
 Loss normaliser: the sum of d over every completion token of the whole optimizer step (all
 gradient-accumulation micro-batches, all ranks), divided by the number of those tokens. Every token
 weighs the same however the batch is split; per-micro-batch means (TRL) weigh short micro-batches more.
+Under DDP each rank samples its own shard of the step's prompts; the token count is all-reduced first.
+
+Each step: sample -> build the batch (left-padded prompt | completion, loss only on the completion, its
+first stop token included) -> teacher forward (frozen, no grad) -> student forward -> loss -> backward ->
+clip -> AdamW -> warm-up + cosine schedule. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
+optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
+atomically; every step's batch and sampling seed are pure functions of (seed, step, rank), so --resume
+reproduces the uninterrupted run exactly on the CPU. <out>/final is a plain Hugging Face model directory.
 
 Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
       torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)

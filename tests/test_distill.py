@@ -5,6 +5,7 @@ steps at a time, on the CPU."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -308,12 +309,19 @@ def test_final_student_works_as_assistant_model(pair, loaded, tmp_path):
 
 # ----------------------------------------------------------------------------- distributed
 
+def free_port() -> int:
+    """A TCP port nobody listens on (several test suites may share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_torchrun_equals_one_process_on_the_combined_batch(pair, tmp_path):
     """DDP with the global token normaliser: 2 ranks x 2 prompts make the same update as one process
     with the 4 prompts (dataset answers, so the samples do not depend on the sharding)."""
     args = run_args(pair, tmp_path / "ddp", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                     str(REPO / "distill.py"), *args], check=True, env=env, cwd=tmp_path, capture_output=True)
     one = distill.main(run_args(pair, tmp_path / "one", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64))
     assert read_metric(tmp_path / "ddp", "grad_norm") == pytest.approx(read_metric(one, "grad_norm"), rel=1e-5)
