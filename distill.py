@@ -116,16 +116,56 @@ FALLBACK = dict(temperature=1.0, top_p=1.0, max_new_tokens=128, batch_size=8, gr
 PRESET_KEYS = {"n_train": "n_train_prompts", "source": "data_source"}   # Config name -> preset name
 
 
+# --help text of every Config field (parse_args needs one per field); "preset's" = models.preset_config
+HELP = {
+    "task": "task: gsm8k (low teacher entropy) or cnndm (high); default %(default)s",
+    "div": "per-token divergence d(p, q): fkl, rkl, jsd, tvd or ajsd (see divergences.py); default %(default)s",
+    "beta": "jsd only: weight toward reverse KL, 0 = fkl, 1 = rkl; default %(default)s",
+    "ajsd_scale": "ajsd only: entropy scale (nats) of beta = floor + (1 - floor) exp(-H / scale); default %(default)s",
+    "ajsd_floor": "ajsd only: the beta of a very uncertain teacher (0.5 = symmetric JSD); default %(default)s",
+    "preset": "models, lr, temperature, lengths and steps: tiny (offline pair) or paper; default %(default)s",
+    "teacher": "teacher (target p) path or hub id; default: the preset's",
+    "student": "student (draft q) to start from, path or hub id; default: the preset's",
+    "seed": "run seed: prompt order, sampling and initial RNG state; default %(default)s",
+    "out": "run directory (ckpt-*, final/); default runs/<preset>/<task>/<div>-s<seed>",
+    "resume": "continue from the newest checkpoint in --out (reproduces the uninterrupted run)",
+    "lmbda": "share of steps whose batch the student samples (1 = purely on-policy); default %(default)s",
+    "off_policy": "the other (1 - lmbda) batches: dataset answers or teacher samples; default %(default)s",
+    "source": "training prompts: standin, file or hub; default: the preset's (standin if unset)",
+    "data_path": "the data file when --source file; default none",
+    "n_train": "number of training prompts; default: the preset's (all if unset)",
+    "temperature": "sampling temperature (0 = greedy); default: the preset's (the task's)",
+    "top_p": "sampling nucleus top-p; default: the preset's",
+    "max_new_tokens": "most tokens sampled per completion; default: the preset's",
+    "loss_temperature": "temperature tau of both distributions in the loss; default: the sampling "
+                        "temperature (1 when it is 0)",
+    "steps": "optimizer steps; default: the preset's, else --epochs over the prompts",
+    "batch_size": "prompts per optimizer step, summed over ranks and micro-batches; default: the preset's",
+    "grad_accum": "micro-batches per optimizer step on each rank; default: the preset's (1 if unset)",
+    "epochs": "passes over the prompts, used only when --steps is unset; default: the preset's (1 if unset)",
+    "lr": "peak AdamW learning rate; default: the preset's",
+    "warmup": "fraction of the steps with linear warm-up before the cosine decay; default: the preset's (0.1 if unset)",
+    "weight_decay": "AdamW weight decay; default %(default)s",
+    "max_grad_norm": "gradient-norm clipping threshold; default %(default)s",
+    "device": "torch device; default cuda:<local rank> if CUDA is available, else cpu",
+    "bf16": "bfloat16 autocast for the forward passes (CUDA only); default on",
+    "gradient_checkpointing": "recompute the student's activations in backward to save memory; default off",
+    "teacher_8bit": "load the teacher in 8 bits with bitsandbytes; default off",
+    "save_every": "checkpoint every N steps (and always at the end); default: the preset's (50 if unset)",
+}
+
+
 def parse_args(argv=None) -> Config:
     """Every Config field is a flag: --max-new-tokens 64, --resume / --no-resume."""
-    p = argparse.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.")
+    p = argparse.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.",
+                                epilog="example: python distill.py --task gsm8k --div rkl --seed 0")
     for f in Config.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
         else:                                     # `int | None` -> int
             typ = next(a for a in getattr(f.type, "__args__", (f.type,)) if a is not type(None))
-            p.add_argument(flag, type=typ, default=f.default)
+            p.add_argument(flag, type=typ, default=f.default, help=HELP[f.name])
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -224,12 +264,13 @@ def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: f
 
 
 def entropy_sum(logits, mask, temperature: float, rows: int = 1024) -> float:
-    """Sum over masked positions of the entropy (nats) of softmax(logits / temperature), in blocks of rows."""
-    picked = logits[mask]                                                  # (N, V)
+    """Sum over masked positions of the entropy (nats) of softmax(logits / temperature), for the log.
+    In blocks of `rows` positions so that only one (rows, V) float32 copy exists at a time; the math is
+    divergences.log_probs + divergences.teacher_entropy, the H(p) that ajsd's beta uses."""
+    picked = logits[mask]                                                  # (B, C, V) -> (N, V)
     total = 0.0
     for block in picked.split(rows):
-        logp = torch.log_softmax(block.float() / temperature, dim=-1)     # (rows, V)
-        total += float(-(logp.exp() * logp).sum())
+        total += float(divergences.teacher_entropy(divergences.log_probs(block, temperature)).sum())  # (rows,) -> ()
     return total
 
 
@@ -437,7 +478,7 @@ def main(argv=None):
                 # DDP averages gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
             loss_sum += float(div_sum.detach())
-            ent_sum += entropy_sum(t_logits[..., :vocab], mask, cfg.loss_temperature)
+            ent_sum += entropy_sum(t_logits[..., :vocab], mask, cfg.loss_temperature)  # (B, C, vocab): real tokens
             del t_logits, s_logits
 
         # 4) clip, AdamW step, schedule

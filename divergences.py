@@ -138,7 +138,9 @@ def tvd(s, t, want_grad=False):
 
 
 def teacher_entropy(t: torch.Tensor) -> torch.Tensor:
-    """H(p_T) = -sum_v p_T log p_T in nats, from teacher log-probs t (..., V) -> (...,)."""
+    """H(p_T) = -sum_v p_T log p_T in nats, from teacher LOG-probs t (..., V) -> (...,).
+    The losses work in log space (t = log_probs(...), floored, so never -inf); specdec.entropy is the same
+    H from probabilities p, for the processed (top-k / top-p, possibly exactly 0) p of verification."""
     return -(t.exp() * t).sum(-1)
 
 

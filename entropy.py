@@ -241,39 +241,54 @@ def speculative_records(target, draft, prompts, **generate_kwargs) -> dict[str, 
 
 
 @torch.no_grad()
+def completion_step_logits(model, prompts, completions, *, batch_size: int = 16, vocab_size: int | None = None):
+    """Yield (row index, logits (len(c), V) float32) for every row with a non-empty completion c: at each
+    position that predicted a completion token, in row order. One forward per batch of prompt + completion,
+    right-padded (causal attention: real positions never see the padding, so no position_ids are needed).
+    vocab_size keeps the first vocab_size logits (the tokenizer's real tokens; lm_heads may carry padding)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            rows = [(start + i, list(p), list(c)) for i, (p, c) in
+                    enumerate(zip(prompts[start:start + batch_size], completions[start:start + batch_size])) if c]
+            if not rows:
+                continue
+            length = max(len(p) + len(c) for _, p, c in rows)
+            ids = torch.zeros(len(rows), length, dtype=torch.long)
+            mask = torch.zeros(len(rows), length, dtype=torch.long)
+            for i, (_, p, c) in enumerate(rows):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[i, : len(p) + len(c)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, L, V)
+            if vocab_size is not None:
+                logits = logits[..., :vocab_size]
+            for i, (row, p, c) in enumerate(rows):
+                yield row, logits[i, len(p) - 1 : len(p) + len(c) - 1]  # (len(c), V): predicts each sampled token
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def teacher_sample_entropies(teacher, prompts, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
                              max_new_tokens: int = 128, eos_token_id=None, seed: int = 0,
-                             batch_size: int = 16) -> np.ndarray:
+                             batch_size: int = 16, vocab_size: int | None = None) -> np.ndarray:
     """H(p) at every token the teacher samples on its own: the task's entropy profile.
 
     Sample with specdec.autoregressive_generate, then one teacher forward over prompt + completion
-    (right-padded: causal attention means real positions never see the padding) and take the
-    processed distribution at each position that predicted a completion token.
+    (`completion_step_logits`) and take the processed distribution at each position that predicted a
+    completion token. vocab_size (default: the whole lm_head) restricts sampling and H(p) to the
+    tokenizer's real tokens.
     """
     from specdec import autoregressive_generate
 
     result = autoregressive_generate(teacher, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, seed=seed)
-    device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [(list(p), list(c)) for p, c in zip(prompts[start:start + batch_size], result.tokens[start:start + batch_size])]
-        rows = [(p, c) for p, c in rows if c]
-        if not rows:
-            continue
-        length = max(len(p) + len(c) for p, c in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, (p, c) in enumerate(rows):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, : len(p) + len(c)] = 1
-        logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, L, V)
-        for i, (p, c) in enumerate(rows):
-            step_logits = logits[i, len(p) - 1 : len(p) + len(c) - 1]  # (len(c), V): predicts each sampled token
-            out.append(processed_entropy(step_logits, temperature, top_k, top_p).cpu().numpy())
-    teacher.train(was_training)
+                                     top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, seed=seed,
+                                     vocab_size=vocab_size)
+    out = [processed_entropy(step_logits, temperature, top_k, top_p).cpu().numpy()
+           for _, step_logits in completion_step_logits(teacher, prompts, result.tokens, batch_size=batch_size,
+                                                        vocab_size=vocab_size)]
     if not out:
         raise ValueError("the teacher generated no tokens for any prompt")
     return np.concatenate(out)

@@ -184,21 +184,27 @@ def write_results(doc: dict, results_root: Path) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.")
-    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(models.PRESETS)}")
+    p = argparse.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.",
+                                epilog="example: python evaluate.py --preset tiny --task gsm8k --record")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(models.PRESETS)} (default %(default)s)")
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: every task with trained drafts)")
     p.add_argument("--teacher", default=None, help="override the preset's teacher (path or hub id)")
     p.add_argument("--student", default=None, help="override the preset's baseline student")
-    p.add_argument("--runs", default="runs")
-    p.add_argument("--results", default="results")
+    p.add_argument("--runs", default="runs", help="root of distill.py's runs: <runs>/<preset>/<task>/<run>/final "
+                   "(default %(default)s)")
+    p.add_argument("--results", default="results", help="writes <results>/<preset>/<task>/eval.{md,json} "
+                   "(default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
     p.add_argument("--record", action="store_true", help="store the per-drafted-position records in the JSON")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the preset's, 5)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per speculative_generate call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-boot", type=int, default=2000)
-    p.add_argument("--teacher-8bit", action="store_true")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus top-p of both p and q (default %(default)s, the seed's)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per speculative_generate call (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every draft; also the bootstrap's "
+                   "(default %(default)s)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")
+    p.add_argument("--teacher-8bit", action="store_true", help="load the teacher in 8 bits with bitsandbytes")
     args = p.parse_args(argv)
     models.check_preset(args.preset)
     if args.task is not None:

@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 
 import data
+import entropy   # entropy.py and specdec.py never import models: no cycle
+import specdec
 
 REPO = Path(__file__).resolve().parent
 
@@ -455,79 +457,31 @@ def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
 # Summary: teacher entropy on its own samples, analytic alpha of the student as a draft
 # --------------------------------------------------------------------------------------------
 
-def processed_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """softmax(logits / T) restricted to the top-p nucleus and renormalised. (..., V) -> (..., V)"""
-    probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p                 # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """H(p) in nats over the last axis. (..., V) -> (...)"""
-    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-
-
-def overlap(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q). (..., V) -> (...)"""
-    return torch.minimum(p, q).sum(-1)
-
-
-@torch.no_grad()
-def sample(model, prompts, tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, seed: int = 0):
-    """Left-padded batched sampling with transformers' generate. Returns (ids (B, T), mask (B, T),
-    generated (B, T) bool: True on the sampled tokens up to and including the first stop id)."""
-    pad = tokenizer.pad_token_id
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])              # (B, P)
-    mask = (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                         eos_token_id=stop_ids(tokenizer), pad_token_id=pad)      # (B, P + N)
-    new = out[:, P:]                                                             # (B, N)
-    stops = torch.isin(new, torch.tensor(stop_ids(tokenizer)))
-    after_stop = (stops.long().cumsum(1) - stops.long()) > 0                     # strictly after the first stop
-    generated = torch.cat([torch.zeros_like(ids, dtype=torch.bool), ~after_stop], 1)   # (B, P + N)
-    full_mask = torch.cat([mask, (~after_stop).long()], 1)
-    return out, full_mask, generated
-
-
-@torch.no_grad()
-def next_token_probs(model, ids, mask, vocab: int, temperature: float, top_p: float) -> torch.Tensor:
-    """Processed p(. | ids[:, :t]) for every t, on the real vocabulary. (B, T) -> (B, T-1, vocab)"""
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1, :vocab]  # (B, T-1, V)
-    return processed_probs(logits, temperature, top_p)
-
-
 @torch.no_grad()
 def pair_summary(teacher, student, tokenizer, task: str, cfg: dict, n_prompts: int = 64, seed: int = 0) -> dict:
     """Teacher's mean H(p) on its own samples; student's analytic alpha = mean sum min(p, q) on the
-    student's own samples (both under the task's temperature and top-p) over stand-in eval prompts."""
+    student's own samples (both under the task's temperature and top-p, on the tokenizer's real
+    vocabulary) over stand-in eval prompts. The math is specdec's (process_logits, acceptance_prob)
+    and entropy.py's, so that "processed p" and H(p) mean one thing across the project."""
     prompts = data.task_prompts(task, tokenizer, split="eval", n=n_prompts)
-    kw = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"])
-    V = len(tokenizer)
-    ids, mask, gen = sample(teacher, prompts, tokenizer, seed=seed, **kw)
-    p = next_token_probs(teacher, ids, mask, V, cfg["temperature"], cfg["top_p"])   # (B, T-1, V)
-    h = entropy(p)[gen[:, 1:]]                                                      # (n_tokens,)
-    ids, mask, gen = sample(student, prompts, tokenizer, seed=seed + 1, **kw)
-    p = next_token_probs(teacher, ids, mask, V, cfg["temperature"], cfg["top_p"])
-    q = next_token_probs(student, ids, mask, V, cfg["temperature"], cfg["top_p"])
-    b = overlap(p, q)[gen[:, 1:]]
-    return {"teacher_entropy": h.mean().item(), "teacher_tokens": h.numel(),
+    T, top_p, V = cfg["temperature"], cfg["top_p"], len(tokenizer)
+    kw = dict(max_new_tokens=cfg["max_new_tokens"], temperature=T, top_p=top_p,
+              eos_token_id=stop_ids(tokenizer), vocab_size=V)
+    h = entropy.teacher_sample_entropies(teacher, prompts, seed=seed, **kw)             # (n_tokens,)
+    drafts = specdec.autoregressive_generate(student, prompts, seed=seed + 1, **kw).tokens
+    betas = []
+    for (_, lt), (_, ls) in zip(entropy.completion_step_logits(teacher, prompts, drafts, vocab_size=V),
+                                entropy.completion_step_logits(student, prompts, drafts, vocab_size=V)):
+        p = specdec.process_logits(lt, T, 0, top_p)                                     # (len(c), V)
+        q = specdec.process_logits(ls, T, 0, top_p)
+        betas.append(specdec.acceptance_prob(p, q))                                     # (len(c),)
+    b = torch.cat(betas)                                                                # (n_tokens,)
+    return {"teacher_entropy": float(h.mean()), "teacher_tokens": int(h.size),
             "alpha": b.mean().item(), "student_tokens": b.numel()}
 
 
 def specdec_summary(teacher, student, tokenizer, task: str, cfg: dict, n_prompts: int = 64, seed: int = 0):
-    """Acceptance measured by specdec.speculative_generate, when specdec.py is there."""
-    try:
-        import specdec
-    except ImportError:
-        return None
+    """Acceptance measured by specdec.speculative_generate."""
     prompts = data.task_prompts(task, tokenizer, split="eval", n=n_prompts)
     res = specdec.speculative_generate(teacher, student, prompts, gamma=cfg["gamma"],
                                        max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
@@ -557,7 +511,7 @@ def main(argv=None):
         if not args.no_specdec:
             try:
                 sd = specdec_summary(teacher, student, tok, task, cfg, n_prompts=args.n_prompts, seed=args.seed)
-            except Exception as e:                       # specdec.py is someone else's work in progress
+            except Exception as e:                       # the build summary is still worth printing without it
                 print(f"[{task}] specdec acceptance unavailable: {type(e).__name__}: {e}")
         rows.append((task, info, s, sd))
     print(f"\nTiny pairs (seed {args.seed}, scale {args.scale}; built or loaded in {time.time() - t0:.0f} s)")

@@ -100,7 +100,8 @@ def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
-    """H(p) in nats, 0 log 0 = 0. (..., V) -> (...)."""
+    """H(p) in nats from PROBABILITIES p (..., V) -> (...); 0 log 0 = 0 (xlogy), as top-k / top-p zero out
+    tokens. divergences.teacher_entropy is the same H from log-probs, for the losses."""
     return -torch.special.xlogy(p, p).sum(-1)
 
 
@@ -300,7 +301,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
             positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
         drafts, qs = [], []
         for i in range(k):
-            dmask = torch.cat([dmask, valid], 1)
+            dmask = torch.cat([dmask, valid], 1)  # (b, L + x's width): the mask must cover the slots x fills
             q_i = process_logits(_forward(draft, x, dmask, positions, dcache, logits_to_keep=1)[:, -1, :V],
                                  temperature, top_k, top_p)  # (b, V)
             x_i = q_i.argmax(-1) if greedy else sample(q_i, gen)  # (b,)
@@ -314,13 +315,13 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         # 2. verify [pending, x_1..x_k] in one target call -> p_1..p_{k+1}
         x = torch.cat([pending[:, None], drafts], 1)  # (b, k+1)
         positions = n_seq[:, None] - 1 + torch.arange(k + 1, device=device)  # (b, k+1)
-        tmask = torch.cat([tmask, torch.ones(b, k + 1, dtype=torch.long, device=device)], 1)
+        tmask = torch.cat([tmask, torch.ones(b, k + 1, dtype=torch.long, device=device)], 1)  # (b, L + k + 1)
         p = process_logits(_forward(target, x, tmask, positions, tcache)[..., :V], temperature, top_k, top_p)  # (b, k+1, V)
         batched_target_calls += 1
 
         # 3./4. accept a prefix of the drafts, then the correction or bonus token
         i = torch.arange(1, k + 1, device=device)  # draft positions 1..k
-        is_stop = torch.isin(drafts, stop_ids)
+        is_stop = torch.isin(drafts, stop_ids)  # (b, k)
         stop_before = (is_stop.long().cumsum(1) - is_stop.long()) > 0  # a stop id among x_1..x_{i-1}
         counted = (g[:, None] + i <= max_new_tokens) & ~stop_before  # (b, k) drafts that count
         acc, t = verify_block(p, q, drafts, counted, greedy, gen)  # (b, k), (b,)
@@ -330,9 +331,9 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         j = torch.arange(k + 1, device=device)
         emit = torch.where(j < n[:, None], torch.cat([drafts, t[:, None]], 1), t[:, None])  # (b, k+1)
         stop_in = torch.isin(emit, stop_ids) & (j <= n[:, None])
-        first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # tokens up to the stop
+        first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # (b,) tokens up to the stop
         e = torch.minimum(first_stop, max_new_tokens - g)  # (b,) tokens emitted this round
-        done = (stop_in.any(1) & (first_stop <= max_new_tokens - g)) | (g + e >= max_new_tokens)
+        done = (stop_in.any(1) & (first_stop <= max_new_tokens - g)) | (g + e >= max_new_tokens)  # (b,)
         write = j < e[:, None]  # (b, k+1)
         out[rows[:, None].expand(b, k + 1)[write], (g[:, None] + j)[write]] = emit[write]
 
@@ -346,7 +347,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         pos_accepted[:, :k].index_add_(0, rows, acc.long())
         target_calls.index_add_(0, rows, torch.ones_like(rows))
         draft_calls.index_add_(0, rows, torch.full_like(rows, k))
-        if record:
+        if record:  # (b, k)[counted] -> (n_counted,): one entry per counted draft, rows then positions
             recs["row"].append(rows[:, None].expand(b, k)[counted])
             recs["position"].append(i[None].expand(b, k)[counted])
             recs["accepted"].append(acc[counted])
@@ -363,7 +364,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         # evict finished rows; compact caches that are mostly holes
         if done.any():
             finish[rows[done].cpu()] = time.perf_counter() - t0
-            keep = (~done).nonzero().squeeze(1)
+            keep = (~done).nonzero().squeeze(1)  # (b',) the rows still generating
             if keep.numel() == 0:
                 break
             for cache in (tcache, dcache):
@@ -456,7 +457,7 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
             cache.batch_select_indices(keep)
             mask, rows, t, n_seq = mask[keep], rows[keep], t[keep], n_seq[keep]
         x, positions = t[:, None], n_seq[:, None]  # (b, 1)
-        mask = torch.cat([mask, torch.ones_like(x)], 1)
+        mask = torch.cat([mask, torch.ones_like(x)], 1)  # (b, L + 1): the slot t will fill
         n_seq = n_seq + 1
 
     wall = time.perf_counter() - t0

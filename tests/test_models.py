@@ -6,6 +6,7 @@ import torch
 
 import data
 import models
+import specdec
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_8bit_teacher_matches_float(pairs):
         lf, lq = f(ids).logits, q(ids).logits                                # (1, T, V)
     assert (lf - lq).abs().max() < 0.05 * lf.abs().max()
     pf, pq = lf.softmax(-1), lq.softmax(-1)
-    assert (1 - models.overlap(pf, pq)).max() < 0.05                         # TVD
+    assert (1 - specdec.acceptance_prob(pf, pq)).max() < 0.05                 # TVD
 
 
 def test_missing_tiny_checkpoint_says_how_to_build(tmp_path):
@@ -167,21 +168,21 @@ def test_missing_tiny_checkpoint_says_how_to_build(tmp_path):
 
 # ---- the summary math ---------------------------------------------------------------------
 
-def test_processed_probs_top_p_keeps_the_nucleus():
+def test_process_logits_top_p_keeps_the_nucleus():
     """WHY: entropy and alpha are measured on p after temperature and top-p, as sampled."""
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    p = models.processed_probs(logits, 1.0, top_p=0.8)
+    p = specdec.process_logits(logits, 1.0, top_p=0.8)
     assert torch.allclose(p, torch.tensor([0.625, 0.375, 0.0, 0.0]))
-    assert torch.allclose(models.processed_probs(logits, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(specdec.process_logits(logits, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]))
 
 
 def test_entropy_and_overlap_limits():
     """WHY: H(uniform over V) = log V, and beta = sum min(p, q) is 1 iff p == q, 0 if disjoint."""
     u = torch.full((7,), 1 / 7)
-    assert math.isclose(models.entropy(u).item(), math.log(7), rel_tol=1e-6)
+    assert math.isclose(specdec.entropy(u).item(), math.log(7), rel_tol=1e-6)
     a, b = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0.5, 0.5])
-    assert models.overlap(u, u).item() == pytest.approx(1.0)
-    assert models.overlap(a, b).item() == 0.0
+    assert specdec.acceptance_prob(u, u).item() == pytest.approx(1.0)
+    assert specdec.acceptance_prob(a, b).item() == 0.0
 
 
 def test_self_draft_has_alpha_one(pairs):
