@@ -391,7 +391,7 @@ def main(argv=None):
     student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    stop_ids = sorted(set(models.stop_ids(tokenizer)) | set(specdec.resolve_stop_ids(student)))
+    stop_ids = models.generation_stop_ids(tokenizer, student)
     pad_id = tokenizer.pad_token_id
     vocab = len(tokenizer)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"

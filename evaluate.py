@@ -139,7 +139,7 @@ def evaluate_task(args, task: str) -> dict:
     teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     prompts = data.task_prompts(task, tok, split="eval", n=n, source=pc.get("data_source", "standin"))
-    stop_ids = sorted(set(models.stop_ids(tok)) | set(specdec.resolve_stop_ids(teacher)))
+    stop_ids = models.generation_stop_ids(tok, teacher)
     protocol = dict(gamma=args.gamma or pc.get("gamma", 5), max_new_tokens=pc["max_new_tokens"],
                     temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
     drafts = [("baseline", "baseline (no distillation)", student_id, baseline)]

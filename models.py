@@ -117,6 +117,12 @@ def stop_ids(tokenizer, stop_tokens=_STOP) -> list[int]:
     return ids
 
 
+def generation_stop_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's chat stop tokens plus the model's own
+    generation-config eos ids (Qwen3 lists several). Training, evaluation and the report all stop on these."""
+    return sorted(set(stop_ids(tokenizer)) | set(specdec.resolve_stop_ids(model)))
+
+
 # --------------------------------------------------------------------------------------------
 # The tiny pair: architectures and build sizes
 # --------------------------------------------------------------------------------------------

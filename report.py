@@ -312,14 +312,13 @@ def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
     import data
     import entropy
     import models
-    import specdec
 
     pc = models.preset_config(cfg.preset, task)
     teacher_id, _ = models.resolve_pair(task, cfg.preset)
     teacher = models.load_model(teacher_id)
     tok = models.load_tokenizer(teacher_id)
     prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=pc.get("data_source", "standin"))
-    stop_ids = sorted(set(models.stop_ids(tok)) | set(specdec.resolve_stop_ids(teacher)))   # as evaluate.py
+    stop_ids = models.generation_stop_ids(tok, teacher)   # as evaluate.py
     return entropy.teacher_sample_entropies(
         teacher, prompts, temperature=pc["temperature"], top_p=pc.get("top_p", 0.95),
         max_new_tokens=pc["max_new_tokens"], eos_token_id=stop_ids, seed=0)
