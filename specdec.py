@@ -245,7 +245,7 @@ def _rate(num: float, den: float) -> float:
 
 # ----------------------------------------------------------------------------- speculative decoding
 
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, minus autograd's per-op bookkeeping (version counters, views)
 def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128, temperature=1.0, top_p=1.0,
                          top_k=0, eos_token_id=None, seed=None, record=False, vocab_size=None, generator=None,
                          compact=True) -> GenerationResult:
@@ -293,11 +293,12 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         k = min(gamma, int((max_new_tokens - g).max()))
 
         # 1. draft k tokens from q, one call each (the first call also feeds last round's x_k or a hole)
+        one = torch.ones(b, 1, dtype=torch.long, device=device)  # (b, 1) the mask entry of a real token
         if first_round:
-            x, valid, positions = pending[:, None], torch.ones(b, 1, dtype=torch.long, device=device), (n_seq - 1)[:, None]
+            x, valid, positions = pending[:, None], one, (n_seq - 1)[:, None]
         else:
             x = torch.stack([lag, pending], 1)  # (b, 2)
-            valid = torch.stack([lag_valid.long(), torch.ones_like(lag)], 1)
+            valid = torch.cat([lag_valid.long()[:, None], one], 1)
             positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
         drafts, qs = [], []
         for i in range(k):
@@ -307,7 +308,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
             x_i = q_i.argmax(-1) if greedy else sample(q_i, gen)  # (b,)
             drafts.append(x_i)
             qs.append(q_i)
-            x, valid, positions = x_i[:, None], torch.ones(b, 1, dtype=torch.long, device=device), (n_seq + i)[:, None]
+            x, valid, positions = x_i[:, None], one, (n_seq + i)[:, None]
         drafts = torch.stack(drafts, 1)  # (b, k)
         q = torch.stack(qs, 1)  # (b, k, V)
         batched_draft_calls += k
@@ -341,7 +342,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         beta = acceptance_prob(p[:, :k], q)  # (b, k)
         n_gen.index_add_(0, rows, e)
         drafted.index_add_(0, rows, counted.sum(1))
-        accepted_n.index_add_(0, rows, acc.sum(1))
+        accepted_n.index_add_(0, rows, n)
         beta_sum.index_add_(0, rows, (beta * counted).sum(1))
         pos_drafted[:, :k].index_add_(0, rows, counted.long())
         pos_accepted[:, :k].index_add_(0, rows, acc.long())
@@ -388,6 +389,8 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         records["accepted"] = records["accepted"].bool()
         records["teacher_entropy"] = records["teacher_entropy"].float()
         records["acceptance_prob"] = records["acceptance_prob"].float()
+        with torch.inference_mode(False):  # hand back ordinary tensors: inference tensors refuse in-place updates
+            records = {k: v.clone() for k, v in records.items()}
     return GenerationResult(tokens, stats, records)
 
 
@@ -417,7 +420,7 @@ def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, t
 
 # ----------------------------------------------------------------------------- plain sampling (the baseline)
 
-@torch.no_grad()
+@torch.inference_mode()
 def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
                             eos_token_id=None, seed=None, generator=None, vocab_size=None) -> GenerationResult:
     """Sample continuations of `prompts` token by token from `model` (same sampling rules, left padding,
