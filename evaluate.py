@@ -142,13 +142,13 @@ def evaluate_task(args, task: str) -> dict:
     stop_ids = models.generation_stop_ids(tok, teacher)
     protocol = dict(gamma=args.gamma or pc.get("gamma", 5), max_new_tokens=pc["max_new_tokens"],
                     temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
-    drafts = [("baseline", "baseline (no distillation)", student_id, baseline)]
-    for final in trained_runs(Path(args.runs), args.preset, task):
-        run = final.parent
-        drafts.append((run.name, divergence_label(run), str(final),
-                       models.load_model(final, device=teacher.device)))
+    # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
+    drafts = [("baseline", "baseline (no distillation)", student_id)]
+    drafts += [(final.parent.name, divergence_label(final.parent), str(final))
+               for final in trained_runs(Path(args.runs), args.preset, task)]
     entries = []
-    for name, label, path, draft in drafts:
+    for name, label, path in drafts:
+        draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
         res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
                              record=args.record, **protocol)
         entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
