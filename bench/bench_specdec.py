@@ -22,7 +22,9 @@ tokens/s(ar target) / tokens/s(ar draft) at the same batch size, the theoretical
 The textbook formula assumes verifying gamma+1 tokens costs one target step (a memory-bound GPU). On a CPU
 the target is compute-bound, so the script also measures v = (target call on gamma+1 tokens) / (target
 call on 1 token) at each batch size and prints theory(v) = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)).
-Each timing is the best of --repeats runs, all methods interleaved round-robin (the machine may be shared). CPU, one thread by default.
+Each timing is the best of --repeats runs, all methods interleaved round-robin (the machine may be shared). CPU, one thread by default;
+--device cuda times a GPU (synchronising before and after each timed call). --target-layers N trains and caches a deeper target
+(same width) for a smaller c.
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class Config:
     repeats: int = 3
     batch1_prompts: int = 3  # batch 1 is timed over this many prompts, one at a time
     threads: int = 1
+    device: str = "cpu"
+    target_layers: int = 4
     cache_dir: str = "checkpoints/bench_specdec"
     seed: int = 0
 
@@ -93,11 +97,11 @@ def make_model(vocab, hidden, layers, heads, kv_heads, inter, seed):
 
 def train_pair(cfg: Config, lang: PhraseChain):
     """Train target and draft on the same batches (next-token cross-entropy, AdamW)."""
-    target = make_model(cfg.vocab, 384, 4, 6, 2, 1024, cfg.seed)
-    draft = make_model(cfg.vocab, 64, 1, 2, 1, 128, cfg.seed + 1)
+    target = make_model(cfg.vocab, 384, cfg.target_layers, 6, 2, 1024, cfg.seed).to(cfg.device)
+    draft = make_model(cfg.vocab, 64, 1, 2, 1, 128, cfg.seed + 1).to(cfg.device)
     opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr) for m in (target, draft)]
     for step in range(cfg.train_steps):
-        batch = torch.tensor([lang.sample(cfg.seq_len) for _ in range(cfg.train_batch)])  # (B, T)
+        batch = torch.tensor([lang.sample(cfg.seq_len) for _ in range(cfg.train_batch)], device=cfg.device)  # (B, T)
         losses = []
         for model, opt in zip((target, draft), opts):
             loss = model(input_ids=batch, labels=batch).loss
@@ -111,10 +115,10 @@ def train_pair(cfg: Config, lang: PhraseChain):
 
 
 def load_or_train(cfg: Config, lang: PhraseChain, retrain: bool):
-    root = Path(cfg.cache_dir)
+    root = Path(cfg.cache_dir) / ("" if cfg.target_layers == 4 else f"target{cfg.target_layers}")
     if not retrain and (root / "target").exists() and (root / "draft").exists():
-        return (LlamaForCausalLM.from_pretrained(root / "target").eval(),
-                LlamaForCausalLM.from_pretrained(root / "draft").eval())
+        return (LlamaForCausalLM.from_pretrained(root / "target").eval().to(cfg.device),
+                LlamaForCausalLM.from_pretrained(root / "draft").eval().to(cfg.device))
     print(f"training the benchmark pair ({cfg.train_steps} steps) ...", flush=True)
     target, draft = train_pair(cfg, lang)
     target.save_pretrained(root / "target")
@@ -124,12 +128,20 @@ def load_or_train(cfg: Config, lang: PhraseChain, retrain: bool):
 
 # ----------------------------------------------------------------------------- timing
 
+def synchronize():
+    """Wait for queued GPU work, so that a wall-clock timing covers it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_of(repeats, fn):
     """(min wall seconds, last result) over `repeats` calls."""
     best, result = float("inf"), None
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         result = fn()
+        synchronize()
         best = min(best, time.perf_counter() - t0)
     return best, result
 
@@ -140,8 +152,10 @@ def interleaved_best(repeats, jobs):
     best, results = {name: float("inf") for name in jobs}, {}
     for _ in range(repeats):
         for name, fn in jobs.items():
+            synchronize()
             t0 = time.perf_counter()
             results[name] = fn()
+            synchronize()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best, results
 
@@ -149,8 +163,8 @@ def interleaved_best(repeats, jobs):
 def hf_generate(model, prompts, cfg, **kwargs):
     """target.generate on a left-padded batch, exactly max_new_tokens sampled tokens per row."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # (B, T)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)  # (B, T)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0,
                               top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
@@ -192,7 +206,7 @@ def verify_cost_ratio(target, prompts, gamma, repeats=5):
     for n in (1, gamma + 1):
         x = ids[:, -1:].expand(-1, n)  # (B, n) any tokens will do
         full = torch.cat([mask, torch.ones_like(x)], 1)
-        positions = n_seq[:, None] + torch.arange(n)
+        positions = n_seq[:, None] + torch.arange(n, device=target.device)
 
         def call():
             _forward(target, x, full, positions, cache)
@@ -239,9 +253,11 @@ def run(cfg: Config, retrain: bool = False) -> str:
             print(f"  B={B:3d} gamma={gamma}  spec {tps[f'spec{gamma}']:8.1f} tok/s  generate {tps['generate']:8.1f} "
                   f"tok/s  alpha {s['alpha']:.3f}", flush=True)
 
-    head = (f"target {n_t / 1e6:.2f}M params (Llama 384x4), draft {n_d / 1e6:.2f}M (Llama 64x1); "
+    where = (torch.cuda.get_device_name() if target.device.type == "cuda"
+             else f"{torch.get_num_threads()} CPU thread(s)")
+    head = (f"target {n_t / 1e6:.2f}M params (Llama 384x{cfg.target_layers}), draft {n_d / 1e6:.2f}M (Llama 64x1); "
             f"{cfg.max_new_tokens} new tokens per row, temperature {cfg.temperature}, top-p {cfg.top_p}, "
-            f"{torch.get_num_threads()} CPU thread(s), best of {cfg.repeats}. theory = (1 - alpha^(gamma+1)) / "
+            f"{where}, torch {torch.__version__}, best of {cfg.repeats}. theory = (1 - alpha^(gamma+1)) / "
             f"((1 - alpha)(gamma c + 1)); theory(v) replaces the 1 by v, the measured cost of verifying gamma+1 "
             f"tokens in target steps.\n\n")
     lines = ["| B | gamma | spec tok/s | ar tok/s | generate tok/s | assisted tok/s | alpha | accepted/drafted | "
@@ -261,10 +277,16 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=Config.repeats)
     parser.add_argument("--threads", type=int, default=Config.threads)
     parser.add_argument("--max-new-tokens", type=int, default=Config.max_new_tokens)
+    parser.add_argument("--device", default=Config.device, help="cpu or cuda")
+    parser.add_argument("--target-layers", type=int, default=Config.target_layers,
+                        help="depth of the target (the draft has 1 layer); not 4 -> its own cached pair")
+    parser.add_argument("--train-steps", type=int, default=Config.train_steps)
+    parser.add_argument("--lr", type=float, default=Config.lr)
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = Config(repeats=args.repeats, threads=args.threads, max_new_tokens=args.max_new_tokens)
+    cfg = Config(repeats=args.repeats, threads=args.threads, max_new_tokens=args.max_new_tokens, device=args.device,
+                 target_layers=args.target_layers, train_steps=args.train_steps, lr=args.lr)
     table = run(cfg, retrain=args.retrain)
     print()
     print(table)

@@ -4,18 +4,22 @@ All models are tiny random decoders built here (hidden 32, 2 layers). A large in
 their next-token distributions peaked, so greedy decoding has no near-ties and drafts get both accepted
 and rejected. "Perturbed copy" drafts (the target's weights plus noise) agree with the target often
 enough to exercise whole accepted blocks, bonus tokens and rejections in the same run.
+
+SPECDEC_TEST_DEVICE=cuda runs every test on a GPU (default: cpu), to check that exactness survives GPU kernels.
 """
 import math
+import os
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
 from specdec import (autoregressive_generate, process_logits, resolve_stop_ids, speculative_generate)
 
+DEVICE = torch.device(os.environ.get("SPECDEC_TEST_DEVICE", "cpu"))
 ARCHS = ("qwen3", "llama", "gpt2")
 PROMPT_LENS = (1, 5, 12, 3)  # a jagged batch, including a one-token prompt
 
@@ -27,24 +31,24 @@ def tiny_model(arch, seed, vocab=96, hidden=32, layers=2, init=0.5):
         config = Qwen3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                              max_position_embeddings=128, pad_token_id=None, **common)
-        return Qwen3ForCausalLM(config).eval()
+        return Qwen3ForCausalLM(config).eval().to(DEVICE)
     if arch == "llama":
         config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                              pad_token_id=None, **common)
-        return LlamaForCausalLM(config).eval()
+        return LlamaForCausalLM(config).eval().to(DEVICE)
     config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **common)
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval().to(DEVICE)
 
 
 def perturbed_copy(model, seed, noise=0.03):
     """A draft that agrees with the target often but not always: its weights plus Gaussian noise."""
-    draft = type(model)(model.config).eval()
+    draft = type(model)(model.config).eval().to(DEVICE)
     draft.load_state_dict(model.state_dict())
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in draft.parameters():
-            param.add_(noise * param.std() * torch.randn(param.shape, generator=gen))
+            param.add_(noise * param.std() * torch.randn(param.shape, generator=gen).to(DEVICE))
     return draft
 
 
@@ -55,7 +59,7 @@ def make_prompts(lens=PROMPT_LENS, vocab=96, seed=0):
 
 def hf_greedy(model, prompt, n):
     """The reference: transformers' own greedy decoding of one prompt alone, exactly n new tokens."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=DEVICE)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                          min_new_tokens=n, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
@@ -101,6 +105,36 @@ def test_cache_compaction_is_exercised_and_invisible(pairs, monkeypatch):
     assert compacted.tokens == speculative_generate(target, draft, prompts, compact=False, **kwargs).tokens == reference
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ready_made_4d_mask_gives_the_logits_of_transformers_own_mask(arch, implementation):
+    """_forward hands the model a 4-D mask built from the 2-D slot mask instead of letting transformers build it; it
+    must be the same mask, so the logits must be bit-identical to a call with the 2-D mask, for a prefill with left
+    padding, a multi-token call over a cache with holes (verification) and a one-token call (drafting)."""
+    import specdec
+    model = tiny_model(arch, 0)
+    model.set_attn_implementation(implementation)
+    ids, mask = specdec._left_pad(make_prompts(), DEVICE)  # (B, T)
+
+    def both(x, slot_mask, positions, caches):
+        ours = specdec._forward(model, x, slot_mask, positions, caches[0])
+        theirs = model(input_ids=x, attention_mask=slot_mask, position_ids=positions, use_cache=True,
+                       **{specdec._cache_kwarg(type(model)): caches[1]}).logits
+        return ours, theirs
+
+    caches = (DynamicCache(), DynamicCache())
+    with torch.no_grad():
+        checks = [both(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), caches)]
+        n_seq = mask.sum(1, keepdim=True)  # (B, 1)
+        holes = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0]], device=DEVICE)  # (B, 3)
+        mask = torch.cat([mask, holes], 1)
+        checks.append(both(ids[:, :3], mask, n_seq + holes.cumsum(1) - 1, caches))
+        mask = torch.cat([mask, torch.ones_like(n_seq)], 1)
+        checks.append(both(ids[:, :1], mask, n_seq + 3, caches))
+    for ours, theirs in checks:
+        assert torch.equal(ours, theirs)
+
+
 def test_greedy_batch_of_one_with_one_token_prompt(pairs):
     """The smallest input (one row, one prompt token, so nothing to prefill) must still be exact."""
     target, draft, _, _ = pairs["qwen3"]
@@ -141,11 +175,12 @@ def sampling_setup():
 def target_two_token_distribution(target, prompt, rules):
     """Exact P_p(t1, t2) after temperature/top-k/top-p: p(t1 | prompt) * p(t2 | prompt, t1). -> (V, V)."""
     with torch.no_grad():
-        p1 = process_logits(target(torch.tensor([prompt])).logits[0, -1], **rules)  # (V,)
+        p1 = process_logits(target(torch.tensor([prompt], device=DEVICE)).logits[0, -1], **rules)  # (V,)
         V = p1.shape[0]
-        ids = torch.cat([torch.tensor([prompt]).expand(V, -1), torch.arange(V)[:, None]], 1)  # (V, T+1)
+        prefix = torch.tensor([prompt], device=DEVICE).expand(V, -1)  # (V, T)
+        ids = torch.cat([prefix, torch.arange(V, device=DEVICE)[:, None]], 1)  # (V, T+1)
         p2 = process_logits(target(ids).logits[:, -1], **rules)  # (V, V)
-    return p1[:, None] * p2
+    return (p1[:, None] * p2).cpu()
 
 
 def chi_square_p_value(counts, expected):
@@ -182,7 +217,7 @@ def test_autoregressive_sampling_reproduces_the_target_distribution():
     target, _, prompt, rules = sampling_setup()
     n = 6000
     result = autoregressive_generate(target, [prompt] * n, max_new_tokens=2, eos_token_id=[],
-                                     generator=torch.Generator().manual_seed(1), **rules)
+                                     generator=torch.Generator(DEVICE).manual_seed(1), **rules)
     pairs_ = torch.tensor(result.tokens)
     counts = torch.bincount(pairs_[:, 0] * 64 + pairs_[:, 1], minlength=64 * 64).double()
     expected = n * target_two_token_distribution(target, prompt, rules).flatten().double()
@@ -200,8 +235,8 @@ def test_per_position_acceptance_matches_sum_of_min_p_q():
                                   record=True, **rules)
     rec = {k: v[: 2 * n] for k, v in result.records.items()}  # the first round: (row, 1), (row, 2) for every row
     with torch.no_grad():
-        p1 = process_logits(target(torch.tensor([prompt])).logits[0, -1], **rules)
-        q1 = process_logits(draft(torch.tensor([prompt])).logits[0, -1], **rules)
+        p1 = process_logits(target(torch.tensor([prompt], device=DEVICE)).logits[0, -1], **rules)
+        q1 = process_logits(draft(torch.tensor([prompt], device=DEVICE)).logits[0, -1], **rules)
     beta1 = torch.minimum(p1, q1).sum().item()
     first = torch.nonzero(rec["position"] == 1).squeeze(1)
     assert first.numel() == n
@@ -303,7 +338,7 @@ def test_autoregressive_multiple_stop_ids_and_generator(pairs):
     target, _, prompts, _ = pairs["qwen3"]
     stops = list(range(0, 96, 3))
     run = lambda: autoregressive_generate(target, prompts, max_new_tokens=20, eos_token_id=stops,
-                                          generator=torch.Generator().manual_seed(5))
+                                          generator=torch.Generator(DEVICE).manual_seed(5))
     first, second = run(), run()
     assert first.tokens == second.tokens
     for tokens in first.tokens:
