@@ -22,6 +22,10 @@ tokens/s(ar target) / tokens/s(ar draft) at the same batch size, the theoretical
 The textbook formula assumes verifying gamma+1 tokens costs one target step (a memory-bound GPU). On a CPU
 the target is compute-bound, so the script also measures v = (target call on gamma+1 tokens) / (target
 call on 1 token) at each batch size and prints theory(v) = (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)).
+Both are per-row formulas; a batch of rows runs until its slowest row is done, so the script also prints the
+straggler factor s = rounds the batch ran / rounds its average row needed. Where a round costs the same whatever
+the number of rows still in it (a GPU running small models is bound by kernel launches), the batch's speedup is
+about theory(v) / s.
 Each timing is the best of --repeats runs, all methods interleaved round-robin (the machine may be shared). CPU, one thread by default;
 --device cuda times a GPU (synchronising before and after each timed call). --target-layers N trains and caches a deeper target
 (same width) for a smaller c.
@@ -180,12 +184,17 @@ def hf_assisted(target, draft, prompts, cfg, gamma):
 
 
 def pooled(stats_list):
-    """alpha, accepted / drafted and tokens per target call pooled over several speculative_generate calls."""
+    """alpha, accepted / drafted and tokens per target call pooled over several speculative_generate calls, and the
+    straggler factor s = rounds the batch ran / rounds its average row needed (1 for one row; a batch runs until
+    its slowest row has its max_new_tokens)."""
+    stats_list = list(stats_list)
     rows = [r for stats in stats_list for r in stats["per_row"]]
     drafted = sum(r["drafted"] for r in rows)
+    mean_row_rounds = sum(sum(r["target_calls"] for r in st["per_row"]) / len(st["per_row"]) for st in stats_list)
     return {"alpha": sum(r["alpha"] * r["drafted"] for r in rows) / drafted,
             "acceptance_rate": sum(r["accepted"] for r in rows) / drafted,
-            "mean_accepted_length": sum(r["generated"] for r in rows) / sum(r["target_calls"] for r in rows)}
+            "mean_accepted_length": sum(r["generated"] for r in rows) / sum(r["target_calls"] for r in rows),
+            "straggle": sum(st["target_calls"] for st in stats_list) / mean_row_rounds}
 
 
 def theoretical_speedup(alpha, gamma, c, v=1.0):
@@ -247,7 +256,7 @@ def run(cfg: Config, retrain: bool = False) -> str:
             rows.append(dict(B=B, gamma=gamma, spec=tps[f"spec{gamma}"], ar=tps["ar"], gen=tps["generate"],
                              asst=tps.get(f"assisted{gamma}"), alpha=s["alpha"], rate=s["acceptance_rate"],
                              mal=s["mean_accepted_length"], c=c, theory=theoretical_speedup(s["alpha"], gamma, c),
-                             v=v, theory_v=theoretical_speedup(s["alpha"], gamma, c, v),
+                             v=v, theory_v=theoretical_speedup(s["alpha"], gamma, c, v), s=s["straggle"],
                              vs_gen=seconds["generate"] / seconds[f"spec{gamma}"],
                              vs_ar=seconds["ar"] / seconds[f"spec{gamma}"]))
             print(f"  B={B:3d} gamma={gamma}  spec {tps[f'spec{gamma}']:8.1f} tok/s  generate {tps['generate']:8.1f} "
@@ -259,15 +268,16 @@ def run(cfg: Config, retrain: bool = False) -> str:
             f"{cfg.max_new_tokens} new tokens per row, temperature {cfg.temperature}, top-p {cfg.top_p}, "
             f"{where}, torch {torch.__version__}, best of {cfg.repeats}. theory = (1 - alpha^(gamma+1)) / "
             f"((1 - alpha)(gamma c + 1)); theory(v) replaces the 1 by v, the measured cost of verifying gamma+1 "
-            f"tokens in target steps.\n\n")
+            f"tokens in target steps. s = rounds the batch ran / rounds its "
+            f"average row needed (the batch waits for its slowest row; theory is per row).\n\n")
     lines = ["| B | gamma | spec tok/s | ar tok/s | generate tok/s | assisted tok/s | alpha | accepted/drafted | "
-             "mean acc. len | c | theory | v | theory(v) | spec/generate | spec/ar |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mean acc. len | c | theory | v | theory(v) | s | spec/generate | spec/ar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         asst = f"{r['asst']:.1f}" if r["asst"] else "-"
         lines.append(f"| {r['B']} | {r['gamma']} | {r['spec']:.1f} | {r['ar']:.1f} | {r['gen']:.1f} | {asst} | "
                      f"{r['alpha']:.3f} | {r['rate']:.3f} | {r['mal']:.2f} | {r['c']:.3f} | {r['theory']:.2f} | "
-                     f"{r['v']:.2f} | {r['theory_v']:.2f} | {r['vs_gen']:.2f} | {r['vs_ar']:.2f} |")
+                     f"{r['v']:.2f} | {r['theory_v']:.2f} | {r['s']:.2f} | {r['vs_gen']:.2f} | {r['vs_ar']:.2f} |")
     return head + "\n".join(lines) + "\n"
 
 
