@@ -9,7 +9,7 @@ weaker draft loses acceptance mostly where it has not memorised a phrase: alpha 
 training batches. The trained pair is cached under checkpoints/bench_specdec/ (--retrain rebuilds it).
 
 For batch sizes 1, 8, 32 and gamma 3, 5 (sampling at temperature 0.7 with top-p 0.95 as the evaluator does,
-jagged prompts, max_new_tokens tokens per row, no stop id; batch 1 = 3 prompts one after the other)
+jagged prompts, max_new_tokens tokens per row, no stop id; batch 1 = 8 prompts one after the other)
 it prints tokens/s of
   spec      our speculative_generate(target, draft)
   ar        our autoregressive_generate(target)       (same machinery without drafting)
@@ -60,7 +60,7 @@ class Config:
     temperature: float = 0.7  # the evaluator's sampling (cnndm temperature, nucleus 0.95)
     top_p: float = 0.95
     repeats: int = 3
-    batch1_prompts: int = 3  # batch 1 is timed over this many prompts, one at a time
+    batch1_prompts: int = 8  # batch 1 is timed over this many prompts, one at a time
     threads: int = 1
     device: str = "cpu"
     target_layers: int = 4
@@ -169,7 +169,8 @@ def hf_generate(model, prompts, cfg, **kwargs):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)  # (B, T)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    with torch.no_grad():
+    torch.manual_seed(cfg.seed)  # one fixed sampled path per call, as speculative_generate(seed=...) has: a best-of
+    with torch.no_grad():        # several timings must not pick generate's luckiest acceptance run
         return model.generate(ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0,
                               top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
                               eos_token_id=None, pad_token_id=0, **kwargs)
