@@ -24,7 +24,13 @@ Jagged batches, caches, no per-row Python loop:
   * when holes make up more than half of a cache, it is compacted with one stable sort + gather per
     layer (valid slots move right, order kept); finished rows are evicted with `batch_select_indices`;
   * the draft feeds [pending, x_1..x_{k-1}] in a round, so when all k drafts are accepted x_k is not
-    in its cache yet: the next round's first draft call feeds two tokens [x_k or a hole, pending].
+    in its cache yet: each round's first draft call feeds two tokens [x_k or a hole, pending].
+  * continuous batching (batch_size < len(prompts)): a batch runs until its slowest row is done, so with a
+    fixed batch the rounds are set by the unluckiest row. With batch_size, finished rows free their slots and
+    the next prompts are prefilled alone and joined to the running caches (the narrower side left-padded
+    with holes), once a quarter of the slots are free (each admission costs one prefill call per model).
+  * every call gets a ready-made 4-D attention mask built from the 2-D slot mask (what transformers would
+    build itself, minus its construction cost in every call).
   * draft and target may have lm_heads of different widths over one tokenizer: both logits are cut to
     the shared vocabulary (the narrower width, or `vocab_size`); exactness is w.r.t. p on that vocabulary.
   * limitation: full-attention decoders (sliding-window layers would count holes as tokens).
@@ -40,7 +46,7 @@ round) or x_1..x_{i-1} contains a stop id. With beta_i = sum_x min(p_i(x), q_i(x
   per_position_acceptance  list over i = 1..gamma: accepted at position i / counted drafted at
                            position i (nan where nothing was drafted there)
   target_calls, draft_calls  batched forward passes after the prefill (per row: the passes it was in)
-  wall_time_s              seconds from the call to the end (per row: until the row finished)
+  wall_time_s              seconds from the call to the end (per row: from entering the batch to finishing)
   tokens_per_s             generated tokens / wall_time_s
 The batch aggregates pool over rows (A / D over all rows, not a mean of per-row rates); target_calls
 and draft_calls of the batch count batched passes; mean_accepted_length of the batch divides by the
@@ -239,6 +245,23 @@ def _compact(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
     return mask.gather(1, keep)
 
 
+def _join(cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_mask: torch.Tensor):
+    """Append the rows of new_cache (mask (m, L2)) to cache (mask (b, L)); the narrower one is left-padded with
+    holes, so both get max(L, L2) slots. Returns the cache and its mask (b + m, max(L, L2))."""
+    if mask.shape[0] == 0:  # an empty batch: the new rows are the batch
+        return new_cache, new_mask
+    width = max(mask.shape[1], new_mask.shape[1])
+    for i, layer in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            kv = getattr(layer, name)  # (b, H, L, D)
+            new_kv = (getattr(new_cache.layers[i], name) if new_cache.layers  # (m, H, L2, D); none if L2 == 0
+                      else kv.new_zeros(new_mask.shape[0], kv.shape[1], 0, kv.shape[3]))
+            padded = [torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) for t in (kv, new_kv)]
+            setattr(layer, name, torch.cat(padded))  # (b + m, H, width, D)
+    padded = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)]
+    return cache, torch.cat(padded)
+
+
 def _shared_vocab(models, vocab_size):
     widths = [m.get_output_embeddings().weight.shape[0] for m in models]
     shared = min(widths)
@@ -266,8 +289,12 @@ def _rate(num: float, den: float) -> float:
 @torch.inference_mode()  # like no_grad, minus autograd's per-op bookkeeping (version counters, views)
 def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128, temperature=1.0, top_p=1.0,
                          top_k=0, eos_token_id=None, seed=None, record=False, vocab_size=None, generator=None,
-                         compact=True) -> GenerationResult:
-    """Sample continuations of `prompts` (list of token-id lists) from `target` (p), drafted by `draft` (q)."""
+                         compact=True, batch_size=None) -> GenerationResult:
+    """Sample continuations of `prompts` (list of token-id lists) from `target` (p), drafted by `draft` (q).
+    batch_size=None decodes all prompts as one batch; an int keeps at most that many rows in the batch and
+    admits the next prompts as rows finish (continuous batching)."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be None (all prompts at once) or an integer >= 1, got {batch_size}")
     _check_args([target, draft], prompts, max_new_tokens, temperature, top_k, top_p, gamma)
     t0 = time.perf_counter()
     device = target.device
@@ -286,40 +313,54 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     beta_sum = torch.zeros(B, device=device)
     pos_drafted = torch.zeros(B, gamma, dtype=torch.long, device=device)
     pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+    start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
     finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
     recs = {k: [] for k in ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")}
     batched_target_calls = batched_draft_calls = 0
 
-    # prefill both caches with every prompt token but the last (the "pending" token of the first round)
+    # the batch starts empty; its per-row state, one entry per active row:
     tcache, dcache = DynamicCache(), DynamicCache()
-    ids, mask = _left_pad([p[:-1] for p in prompts], device)  # (B, P-1), P-1 may be 0
-    if ids.shape[1] > 0:
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
-        _forward(target, ids, mask, positions, tcache, logits_to_keep=1)
-        _forward(draft, ids, mask, positions, dcache, logits_to_keep=1)
-    tmask, dmask = mask.clone(), mask.clone()  # (B, L) one entry per cache slot: 1 = real token, 0 = pad/hole
-    rows = torch.arange(B, device=device)  # original index of each active row
-    pending = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)  # (B,)
-    n_seq = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # real tokens incl. pending
-    lag = torch.zeros(B, dtype=torch.long, device=device)  # x_k of the last round when all k were accepted
-    lag_valid = torch.zeros(B, dtype=torch.bool, device=device)
-    first_round = True
-    if max_new_tokens == 0:
-        rows = rows[:0]
+    tmask = dmask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (b, L) per cache slot: 1 = token, 0 = hole
+    rows = torch.zeros(0, dtype=torch.long, device=device)  # index into `prompts`
+    pending = torch.zeros(0, dtype=torch.long, device=device)  # the last token, not yet in either cache
+    n_seq = torch.zeros(0, dtype=torch.long, device=device)  # real tokens so far, pending included
+    lag = torch.zeros(0, dtype=torch.long, device=device)  # x_k of the last round when all k were accepted
+    lag_valid = torch.zeros(0, dtype=torch.bool, device=device)
+    slots = B if batch_size is None else batch_size
+    refill_at = max(1, slots // 4)  # admitting costs a prefill call per model: wait for a quarter of the slots
+    admitted = 0 if max_new_tokens > 0 else B  # prompts[:admitted] have entered the batch
 
-    while rows.numel() > 0:
+    while admitted < B or rows.numel() > 0:
+        # 0. admit prompts into free slots: prefill them alone (every token but the last, which becomes the
+        #    pending token), then join their caches to the batch's, left-padding the narrower with holes
+        free = slots - rows.numel()
+        if admitted < B and (free >= refill_at or rows.numel() == 0):
+            new = list(range(admitted, min(B, admitted + free)))
+            admitted += len(new)
+            start[new] = time.perf_counter() - t0
+            ids, mask = _left_pad([prompts[r][:-1] for r in new], device)  # (m, P-1), P-1 may be 0
+            new_tcache, new_dcache = DynamicCache(), DynamicCache()
+            if ids.shape[1] > 0:
+                positions = (mask.cumsum(1) - 1).clamp(min=0)  # (m, P-1)
+                _forward(target, ids, mask, positions, new_tcache, logits_to_keep=1)
+                _forward(draft, ids, mask, positions, new_dcache, logits_to_keep=1)
+            tcache, tmask = _join(tcache, tmask, new_tcache, mask)
+            dcache, dmask = _join(dcache, dmask, new_dcache, mask)
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+            rows = torch.cat([rows, as_tensor(new)])
+            pending = torch.cat([pending, as_tensor([prompts[r][-1] for r in new])])
+            n_seq = torch.cat([n_seq, as_tensor([len(prompts[r]) for r in new])])
+            lag = torch.cat([lag, torch.zeros_like(rows[:len(new)])])
+            lag_valid = torch.cat([lag_valid, torch.zeros(len(new), dtype=torch.bool, device=device)])
         b = rows.numel()
         g = n_gen[rows]  # (b,) tokens generated so far
         k = min(gamma, int((max_new_tokens - g).max()))
 
-        # 1. draft k tokens from q, one call each (the first call also feeds last round's x_k or a hole)
+        # 1. draft k tokens from q, one call each (the first call also feeds last round's x_k, or a hole)
         one = torch.ones(b, 1, dtype=torch.long, device=device)  # (b, 1) the mask entry of a real token
-        if first_round:
-            x, valid, positions = pending[:, None], one, (n_seq - 1)[:, None]
-        else:
-            x = torch.stack([lag, pending], 1)  # (b, 2)
-            valid = torch.cat([lag_valid.long()[:, None], one], 1)
-            positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
+        x = torch.stack([lag, pending], 1)  # (b, 2)
+        valid = torch.cat([lag_valid.long()[:, None], one], 1)
+        positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
         drafts, qs = [], []
         for i in range(k):
             dmask = torch.cat([dmask, valid], 1)  # (b, L + x's width): the mask must cover the slots x fills
@@ -379,19 +420,16 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         dmask[:, -k:] = (j[None, :k] <= n[:, None]).long()  # [pending, x_1..x_{k-1}]: valid up to x_n
         lag, lag_valid = drafts[:, -1], n == k
         pending, n_seq = t, n_seq + n + 1
-        first_round = False
 
         # evict finished rows; compact caches that are mostly holes
         if done.any():
             finish[rows[done].cpu()] = time.perf_counter() - t0
-            keep = (~done).nonzero().squeeze(1)  # (b',) the rows still generating
-            if keep.numel() == 0:
-                break
+            keep = (~done).nonzero().squeeze(1)  # (b',) the rows still generating; may be none
             for cache in (tcache, dcache):
                 cache.batch_select_indices(keep)
             tmask, dmask, rows, pending, n_seq, lag, lag_valid = (
                 v[keep] for v in (tmask, dmask, rows, pending, n_seq, lag, lag_valid))
-        if compact:
+        if compact and rows.numel() > 0:
             t_valid, d_valid = torch.stack([tmask.sum(1).max(), dmask.sum(1).max()]).tolist()  # one GPU sync
             if tmask.shape[1] > 2 * t_valid:
                 tmask = _compact(tcache, tmask)
@@ -401,7 +439,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     wall = time.perf_counter() - t0
     tokens = [row[:n] for row, n in zip(out.tolist(), n_gen.tolist())]  # two transfers, not two per row
     stats = _spec_stats(n_gen, drafted, accepted_n, beta_sum, pos_drafted, pos_accepted, target_calls,
-                        draft_calls, finish, wall, batched_target_calls, batched_draft_calls)
+                        draft_calls, start, finish, wall, batched_target_calls, batched_draft_calls)
     records = None
     if record:
         records = {k: (torch.cat(v).cpu() if v else torch.zeros(0)) for k, v in recs.items()}
@@ -415,7 +453,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
 
 
 def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, target_calls, draft_calls,
-                finish, wall, batched_target_calls, batched_draft_calls) -> dict:
+                start, finish, wall, batched_target_calls, batched_draft_calls) -> dict:
     """The metrics of the module docstring, per row and pooled over the batch."""
     n_gen, drafted, accepted, beta_sum = (v.cpu() for v in (n_gen, drafted, accepted, beta_sum))
     pos_drafted, pos_accepted, target_calls, draft_calls = (v.cpu() for v in (pos_drafted, pos_accepted,
@@ -430,7 +468,8 @@ def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, t
                 "tokens_per_s": _rate(gen, seconds)}
 
     per_row = [summary(n_gen[r], drafted[r], accepted[r], float(beta_sum[r]), pos_drafted[r], pos_accepted[r],
-                       target_calls[r], draft_calls[r], float(finish[r]) or wall) for r in range(len(finish))]
+                       target_calls[r], draft_calls[r], (float(finish[r]) or wall) - float(start[r]))
+               for r in range(len(finish))]
     stats = summary(n_gen.sum(), drafted.sum(), accepted.sum(), float(beta_sum.sum()), pos_drafted.sum(0),
                     pos_accepted.sum(0), target_calls.sum(), draft_calls.sum(), wall)
     stats["target_calls"], stats["draft_calls"] = batched_target_calls, batched_draft_calls

@@ -61,6 +61,7 @@ class Config:
     top_p: float = 0.95
     repeats: int = 3
     batch1_prompts: int = 8  # batch 1 is timed over this many prompts, one at a time
+    stream_factor: int = 4  # the continuous-batching table streams stream_factor * B prompts through B slots
     threads: int = 1
     device: str = "cpu"
     target_layers: int = 4
@@ -233,7 +234,7 @@ def run(cfg: Config, retrain: bool = False) -> str:
     n_d = sum(p.numel() for p in draft.parameters())
     sample_kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                      eos_token_id=[])
-    rows = []
+    rows, streams = [], []
     for B in cfg.batch_sizes:
         prompts = [lang.sample(8 + (13 * i) % 25) for i in range(max(B, cfg.batch1_prompts))]  # jagged: 8..32
         # batch 1: several prompts one after the other (one sampled path is too noisy); else one batch of B
@@ -262,6 +263,8 @@ def run(cfg: Config, retrain: bool = False) -> str:
                              vs_ar=seconds["ar"] / seconds[f"spec{gamma}"]))
             print(f"  B={B:3d} gamma={gamma}  spec {tps[f'spec{gamma}']:8.1f} tok/s  generate {tps['generate']:8.1f} "
                   f"tok/s  alpha {s['alpha']:.3f}", flush=True)
+        if B > 1:
+            streams.extend(stream_rows(cfg, lang, target, draft, B, sample_kw))
 
     where = (torch.cuda.get_device_name() if target.device.type == "cuda"
              else f"{torch.get_num_threads()} CPU thread(s)")
@@ -279,7 +282,38 @@ def run(cfg: Config, retrain: bool = False) -> str:
         lines.append(f"| {r['B']} | {r['gamma']} | {r['spec']:.1f} | {r['ar']:.1f} | {r['gen']:.1f} | {asst} | "
                      f"{r['alpha']:.3f} | {r['rate']:.3f} | {r['mal']:.2f} | {r['c']:.3f} | {r['theory']:.2f} | "
                      f"{r['v']:.2f} | {r['theory_v']:.2f} | {r['s']:.2f} | {r['vs_gen']:.2f} | {r['vs_ar']:.2f} |")
-    return head + "\n".join(lines) + "\n"
+    stream_head = (f"\n\nContinuous batching: {cfg.stream_factor} x B prompts through B slots "
+                   f"(speculative_generate(batch_size=B)) vs generate on the same prompts in batches of B; "
+                   f"s = rounds run / (row-rounds needed / B).\n\n")
+    stream_lines = ["| B | prompts | gamma | spec tok/s | generate tok/s | alpha | s | spec/generate |",
+                    "|---|---|---|---|---|---|---|---|"]
+    for r in streams:
+        stream_lines.append(f"| {r['B']} | {r['n']} | {r['gamma']} | {r['spec']:.1f} | {r['gen']:.1f} | "
+                            f"{r['alpha']:.3f} | {r['s']:.2f} | {r['vs_gen']:.2f} |")
+    return head + "\n".join(lines) + stream_head + "\n".join(stream_lines) + "\n"
+
+
+def stream_rows(cfg: Config, lang: PhraseChain, target, draft, B: int, sample_kw: dict) -> list[dict]:
+    """stream_factor * B prompts (the batch's own first) through B slots with continuous batching, against
+    generate on the same prompts in static batches of B."""
+    prompts = [lang.sample(8 + (13 * i) % 25) for i in range(cfg.stream_factor * B)]
+    chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
+    jobs = {"generate": lambda: [hf_generate(target, chunk, cfg) for chunk in chunks]}
+    for gamma in cfg.gammas:
+        jobs[f"spec{gamma}"] = (lambda g=gamma: speculative_generate(target, draft, prompts, gamma=g, seed=0,
+                                                                     batch_size=B, **sample_kw))
+    seconds, results = interleaved_best(cfg.repeats, jobs)
+    n_tokens = len(prompts) * cfg.max_new_tokens
+    out = []
+    for gamma in cfg.gammas:
+        stats = results[f"spec{gamma}"].stats
+        row_rounds = sum(r["target_calls"] for r in stats["per_row"])
+        out.append(dict(B=B, n=len(prompts), gamma=gamma, spec=n_tokens / seconds[f"spec{gamma}"],
+                        gen=n_tokens / seconds["generate"], alpha=stats["alpha"],
+                        s=stats["target_calls"] * B / row_rounds, vs_gen=seconds["generate"] / seconds[f"spec{gamma}"]))
+        print(f"  stream B={B:3d} gamma={gamma}  spec {out[-1]['spec']:8.1f} tok/s  generate {out[-1]['gen']:8.1f} tok/s",
+              flush=True)
+    return out
 
 
 def main(argv=None):
