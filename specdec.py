@@ -16,8 +16,9 @@ temperature == 0 is exact greedy: x_i = argmax q_i, x_i is accepted iff x_i == a
 next token is argmax p (no random number is drawn).
 
 Jagged batches, caches, no per-row Python loop:
-  * prompts are left-padded; every model call gets a 2-D attention mask over all cache slots and
-    explicit per-row `position_ids` (position = number of real tokens before the token);
+  * prompts are left-padded; every model call gets an attention mask over all cache slots (kept as a
+    2-D slot mask (b, L), handed over in 4-D, see below) and explicit per-row `position_ids`
+    (position = number of real tokens before the token);
   * both models keep one DynamicCache for the whole run. Rejected draft slots are never cropped: they
     stay in the cache as *holes* (mask 0), which gives the same logits as a cache without them
     (verified for stock transformers 5.x Qwen3 / Llama / GPT-2, see tests/test_specdec.py);
@@ -304,9 +305,9 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     greedy = temperature == 0
     B = len(prompts)
 
-    # per original row, filled by index_add_ as rows progress
-    # generated ids; gamma + 1 spare columns so a round writes its whole block without a boolean-mask gather
-    # (which would wait for the GPU): tokens past a row's count are overwritten later or cut at the end
+    # per original row, filled by index_add_ as rows progress. The generated ids get gamma + 1 spare columns
+    # so a round writes its whole block without a boolean-mask gather (which would wait for the GPU): tokens
+    # past a row's count are overwritten later or cut at the end
     out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
     n_gen = torch.zeros(B, dtype=torch.long, device=device)
     drafted, accepted_n, target_calls, draft_calls = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(4))
@@ -350,7 +351,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
             rows = torch.cat([rows, as_tensor(new)])
             pending = torch.cat([pending, as_tensor([prompts[r][-1] for r in new])])
             n_seq = torch.cat([n_seq, as_tensor([len(prompts[r]) for r in new])])
-            lag = torch.cat([lag, torch.zeros_like(rows[:len(new)])])
+            lag = torch.cat([lag, as_tensor([0] * len(new))])  # no x_k yet: the first draft call feeds a hole
             lag_valid = torch.cat([lag_valid, torch.zeros(len(new), dtype=torch.bool, device=device)])
         b = rows.numel()
         g = n_gen[rows]  # (b,) tokens generated so far
