@@ -35,8 +35,9 @@ Gradients (with respect to the student logits). Every divergence D here depends 
 p_S = softmax(z / T), so by the softmax Jacobian
 
     dD/dz = (1 / T) p_S * (g - sum_v p_S g),      g = dD/dp_S, the "score" of the divergence:
-        fkl  g = -p_T / p_S      rkl  g = s - t      jsd  g = (1 - beta)(s - log M)
-        tvd  g = sign(p_S - p_T) / 2                  ajsd g = (s - log M) / beta
+        fkl  g = -p_T / p_S      rkl  g = s - t + 1      jsd  g = (1 - beta)(s - log M)
+        tvd  g = sign(p_S - p_T) / 2                      ajsd g = (s - log M) / beta
+(A constant added to g cancels in g - sum_v p_S g, so the code uses rkl's g as s - t.)
 
 The losses use these closed forms instead of autograd: one sweep over blocks of positions computes the values
 and the gradient together, so the full (N, V) tensors of log-probabilities, mixtures and per-vocabulary terms
@@ -44,13 +45,21 @@ that an autograd graph would keep never exist; only the gradient survives the sw
 student logits, which backward must return anyway). The teacher is a constant: no gradient flows into
 `teacher_logits`.
 
-Numerics. Half-precision logits (float16, bfloat16) are computed in float32 (float64 stays float64), and
-log-probabilities are floored at log(tiny), the smallest normal float (about -87.3 nats in float32): a
-probability below it cannot be represented anyway, and the floor keeps every divergence and gradient finite
-when logits are -inf (a top-k-masked teacher would otherwise make rkl = +inf and TRL's formula NaN). A -inf
-logit is a zero probability and adds nothing to jsd, tvd or the side of a KL it weights (0 log 0 = 0); where a
-KL is truly infinite (student mass on a token the teacher rules out, for rkl) it counts ~87 nats per unit mass.
-Values differ from the exact float arithmetic only where some probability is below 1.2e-38.
+Numerics. Half-precision logits (float16, bfloat16) are computed in float32 (float64 stays float64). For
+every finite logit, of any magnitude and at any temperature, nothing is floored or clipped: the losses equal
+a float64 computation to float32's precision (tests/test_divergences.py checks logit standard deviations up to
+1000 against TRL on float64 inputs and the formulas in float64). A gap of hundreds of nats between two
+log-probabilities is real: it is where reverse KL's gradient lives when the student puts mass on a token the
+teacher all but rules out. Only a -inf logit (a zero probability, e.g. a top-k-masked teacher) is replaced,
+after the log-softmax, by a finite stand-in log-probability, zero_prob_log = log(tiny) (about -87.3 nats in
+float32, the log of the smallest normal float). That is a surrogate, stated as such: it keeps every value and
+gradient finite where TRL's formula gives NaN, a zero probability still adds (almost exactly) nothing to jsd,
+tvd or the side of a KL it weights (0 log 0 = 0), and where a KL is truly infinite (student mass on a token the
+teacher rules out, for rkl) it counts ~87 nats per unit of mass instead of infinity -- less than a finite
+log-probability below -87.3 would cost, so do not read such rkl values as exact.
+The teacher entropy (teacher_log_entropy, ajsd's beta) is computed as log H, with the top token's
+log-probability rebuilt from the others' mass, so a near-certain teacher's tiny H (even below float32's
+smallest number) keeps its relative precision, and ajsd's 1 - beta ~ H is never rounded to 0.
 """
 import math
 from dataclasses import dataclass
@@ -84,15 +93,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def zero_prob_log(dtype: torch.dtype) -> float:
+    """The finite stand-in for log 0 (a -inf logit): log(tiny), about -87.3 nats in float32, -708 in float64."""
+    return math.log(torch.finfo(dtype).tiny)
+
+
 def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) in >= float32, floored at log(tiny) so that later products stay finite."""
+    """log softmax(logits / T) in >= float32; exact for every finite logit, and only a -inf (a zero
+    probability, e.g. top-k masking) becomes the finite stand-in zero_prob_log(dtype), so products stay finite.
+
+    Finite log-probabilities are never floored: a gap of more than 87 nats is real information (reverse KL's
+    gradient lives on exactly such tokens when the student puts mass where the teacher all but rules it out)."""
     dtype = compute_dtype(logits.dtype)
     x = logits.to(dtype)
-    if temperature != 1.0:
-        x = x / temperature
+    if temperature != 1.0:  # shift first: the top logits' differences are exact, so dividing them rounds only
+        x = (x - x.amax(-1, keepdim=True)).div_(temperature)  # relative to the gap, not to |logit| ~ 1e3
     logp = torch.log_softmax(x, dim=-1)  # (n, V)
-    floor = math.log(torch.finfo(dtype).tiny)
-    return logp.clamp_min(floor) if logp.requires_grad else logp.clamp_min_(floor)  # in place when no autograd
+    floor = zero_prob_log(dtype)  # nan stays nan (an all -inf row has no distribution); +inf cannot occur
+    if logp.requires_grad:
+        return logp.nan_to_num(nan=math.nan, neginf=floor)
+    return logp.nan_to_num_(nan=math.nan, neginf=floor)  # in place when no autograd
 
 
 def softmax_backward(p_s: torch.Tensor, p_g: torch.Tensor) -> torch.Tensor:
@@ -137,11 +157,31 @@ def tvd(s, t, want_grad=False):
     return value, (softmax_backward(p_s, 0.5 * p_s * diff.sign()) if want_grad else None)
 
 
+def teacher_log_entropy(t: torch.Tensor) -> torch.Tensor:
+    """log H(p_T), H = -sum_v p_T log p_T in nats, from teacher LOG-probs t (..., V) -> (...,); exact in float32
+    even where H itself is below the smallest float (a near-certain teacher: H ~ 1e-50 at logit gaps of 100+).
+
+    H = sum over the other tokens of p_v (-t_v)  +  (1 - q)(-log(1 - q)) for the top token, with q = the other
+    tokens' mass. The top token's log-prob is taken as log(1 - q), not read off t: float32 log_softmax knows it
+    only to ~6e-8 absolute (the rounding of 1 + eps), which is all of H when H < 1e-6. Both parts are summed in
+    log space (log p_v + log(-t_v)), so nothing underflows.
+    """
+    top = t.argmax(-1, keepdim=True)  # (..., 1)
+    others = t.scatter(-1, top, -math.inf)  # (..., V): the top token left out
+    log_q = torch.logsumexp(others, -1)  # (...,) log of the others' mass
+    log_rest = torch.logsumexp((t + torch.log(-t)).scatter_(-1, top, -math.inf), -1)  # log sum_v p_v (-t_v)
+    q = log_q.exp()  # may be subnormal (imprecise) below 1e-38: the series branch needs it only to O(q^2)
+    log1p_minus_q = torch.log1p(-q.clamp_max(1.0))  # q <= 1 - 1/V; the clamp only guards rounding
+    exact = log1p_minus_q + torch.log(-log1p_minus_q)  # log[(1 - q)(-log(1 - q))], for q >= 1e-4
+    log_top = torch.where(q < 1e-4, log_q - q / 2, exact)  # (1 - q)(q + q^2/2 + ...) = q (1 - q/2 + O(q^2))
+    return torch.logaddexp(log_rest, log_top)
+
+
 def teacher_entropy(t: torch.Tensor) -> torch.Tensor:
-    """H(p_T) = -sum_v p_T log p_T in nats, from teacher LOG-probs t (..., V) -> (...,).
-    The losses work in log space (t = log_probs(...), floored, so never -inf); specdec.entropy is the same
-    H from probabilities p, for the processed (top-k / top-p, possibly exactly 0) p of verification."""
-    return -(t.exp() * t).sum(-1)
+    """H(p_T) = -sum_v p_T log p_T in nats, from teacher LOG-probs t (..., V) -> (...,) (teacher_log_entropy).
+    The losses work in log space (t = log_probs(...), never -inf); specdec.entropy is the same H from
+    probabilities p, for the processed (top-k / top-p, possibly exactly 0) p of verification."""
+    return teacher_log_entropy(t).exp()
 
 
 def ajsd_beta(entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
@@ -156,32 +196,68 @@ def ajsd_beta(entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
     return floor + (1 - floor) * decay, one_minus_beta
 
 
-def ajsd(s, t, scale=1.0, floor=0.5, want_grad=False):
+def ajsd_log_beta(log_entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
+    """(log beta, log(1 - beta)) of ajsd_beta from log H: exact where beta is within 1e-45 of 1 (an H that
+    underflows), or of 0 (floor 0, large H). log(1 - beta) = log(1 - floor) + log(x) + log((1 - e^-x) / x),
+    x = H / scale; log beta = log1p(-(1 - beta)) near 1, log(floor + (1 - floor) e^-x) elsewhere."""
+    if scale == 0:
+        return (torch.full_like(log_entropy, _log(floor)), torch.full_like(log_entropy, _log(1 - floor)))
+    log_x = log_entropy - math.log(scale)
+    x = log_x.exp()  # may underflow (or be subnormal): the series branch needs it only to O(x^2)
+    log_ratio = torch.where(x < 1e-4, -x / 2, torch.log(-torch.expm1(-x) / x))  # log((1 - e^-x) / x)
+    log_one_minus_beta = _log(1 - floor) + log_x + log_ratio
+    one_minus_beta = log_one_minus_beta.exp()
+    far = torch.logaddexp(torch.full_like(x, _log(floor)), _log(1 - floor) - x)  # exact unless beta ~ 1
+    log_beta = torch.where(one_minus_beta < 0.5, torch.log1p(-one_minus_beta.clamp_max(1.0)), far)
+    return log_beta, log_one_minus_beta
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def mixture_term(log_p, log_k, log_one_minus_k, d, p, p_other):
+    """-p log(1 - k + k e^-d) / k per vocabulary entry, for any k in [0, 1] (log k, log(1 - k) given) and any d.
+
+    With p = p_T, p_other = p_S, d = t - s, k = 1 - beta this is p_T a = -p_T log(M / p_T) / (1 - beta); with
+    p = p_S, p_other = p_T, d = s - t, k = beta it is p_S b. Writing y = k (e^-d - 1):
+      |y| < 1/2:  -(p / k) log1p(y) = (p - p_other) log1p(y) / y   (-> p - p_other as k -> 0, the limit; no
+                  division by a tiny or zero k, and p e^-d = p_other is never formed by multiplication);
+      otherwise:  -exp(log p - log k) logaddexp(log(1 - k), log k - d)   (M is then far from p: no cancellation,
+                  and p / k <= 2 p_other + p cannot overflow).
+    """
+    log_abs_u = torch.where(d < 0, torch.log(-torch.expm1(d)) - d, torch.log(-torch.expm1(-d)))  # log|e^-d - 1|
+    y = torch.exp(log_k + log_abs_u).copysign(-d)  # (n, V); +-inf where M is far from p: the other branch
+    small = y.abs() < 0.5
+    r = torch.where(y.abs() < 1e-4, 1 - y / 2, torch.log1p(y) / y)  # log1p(y) / y; series near 0 (subnormal y)
+    far = -torch.exp(log_p - log_k) * torch.logaddexp(log_one_minus_k, log_k - d)
+    return torch.where(small, (p - p_other) * r, far)
+
+
+def ajsd(s, t, scale=1.0, floor=0.5, want_grad=False, log_entropy=None):
     """KL(p_T || M) / (1 - beta) + KL(p_S || M) / beta with beta = ajsd_beta(H(p_T)) per position.
 
     Written as sum_v p_T a + sum_v p_S b with a = -log(M/p_T) / (1 - beta), b = -log(M/p_S) / beta, where both
-    log-ratios come from d = t - s directly (never as a difference of two large logs), so dividing by a tiny
-    1 - beta (a near-certain teacher) stays exact; at 1 - beta = 0 (beta = 0) a (b) takes its limit
-    -expm1(-d) (-expm1(d)). Gradient with g = b = (s - log M) / beta.
+    log-ratios come from d = t - s directly (never as a difference of two large logs) and beta enters only as
+    log beta, log(1 - beta) (ajsd_log_beta, from log H): dividing by a tiny 1 - beta (a near-certain teacher,
+    even one whose H underflows float32) stays exact, and at 1 - beta = 0 (beta = 0) the terms take their
+    limits p_T - p_S (p_S - p_T) without a special case (mixture_term). Gradient with g = b = (s - log M) / beta.
+    log_entropy: log H(p_T) per position (n,) if the caller has it already (else computed from t).
     """
-    beta, one_minus_beta = ajsd_beta(teacher_entropy(t), scale, floor)
-    beta, one_minus_beta = beta.unsqueeze(-1), one_minus_beta.unsqueeze(-1)  # (n, 1)
-    log_beta = torch.where(beta < 0.5, torch.log(beta), torch.log1p(-one_minus_beta))  # exact near 0 and 1
-    log_one_minus_beta = torch.where(beta < 0.5, torch.log1p(-beta), torch.log(one_minus_beta))
-    d = t - s  # (n, V); |d| <= ~87 thanks to the floor, so expm1 cannot overflow
-    gap_t = torch.logaddexp(log_beta, log_one_minus_beta - d)  # log(M / p_T)
-    gap_s = torch.logaddexp(log_one_minus_beta, log_beta + d)  # log(M / p_S)
-    tiny = torch.finfo(s.dtype).tiny
-    a = torch.where(one_minus_beta >= tiny, -gap_t / one_minus_beta, -torch.expm1(-d))
-    b = torch.where(beta >= tiny, -gap_s / beta, -torch.expm1(d))
-    p_s = s.exp()
-    p_b = p_s * b
-    value = (t.exp() * a).sum(-1) + p_b.sum(-1)
+    if log_entropy is None:
+        log_entropy = teacher_log_entropy(t)
+    log_beta, log_one_minus_beta = (x.unsqueeze(-1) for x in ajsd_log_beta(log_entropy, scale, floor))  # (n, 1)
+    d = t - s  # (n, V); finite (t, s are), of any size
+    p_t, p_s = t.exp(), s.exp()
+    p_a = mixture_term(t, log_one_minus_beta, log_beta, d, p_t, p_s)  # p_T a
+    p_b = mixture_term(s, log_beta, log_one_minus_beta, -d, p_s, p_t)  # p_S b
+    value = p_a.sum(-1) + p_b.sum(-1)
     return value, (softmax_backward(p_s, p_b) if want_grad else None)
 
 
-def value_and_grad(s, t, spec: Divergence, want_grad=False):
-    """Dispatch on spec.kind: per-position values (n,) and, if want_grad, dD/d(student_logits) (n, V)."""
+def value_and_grad(s, t, spec: Divergence, want_grad=False, log_entropy=None):
+    """Dispatch on spec.kind: per-position values (n,) and, if want_grad, dD/d(student_logits) (n, V).
+    log_entropy: the teacher's log H(p_T) per position (n,), if the caller computed it (ajsd uses it)."""
     if spec.kind == "fkl":
         value, grad = fkl(s, t, want_grad)
     elif spec.kind == "rkl":
@@ -191,7 +267,7 @@ def value_and_grad(s, t, spec: Divergence, want_grad=False):
     elif spec.kind == "tvd":
         value, grad = tvd(s, t, want_grad)
     elif spec.kind == "ajsd":
-        value, grad = ajsd(s, t, spec.ajsd_scale, spec.ajsd_floor, want_grad)
+        value, grad = ajsd(s, t, spec.ajsd_scale, spec.ajsd_floor, want_grad, log_entropy)
     else:
         raise ValueError(f"kind={spec.kind!r} is not one of {DIVERGENCES}")
     if grad is not None and spec.temperature != 1.0:
@@ -241,20 +317,26 @@ def _blocks_in_mask(student, teacher, mask, size):
             yield start + keep.nonzero().squeeze(-1), s_blk[keep], t_blk[keep]
 
 
-def _sweep(student, teacher, mask, spec, chunk_size, want_grad):
-    """One pass over the blocks: per-position values (N,) and, if want_grad, dD/d(student logits) (..., V).
+def _sweep(student, teacher, mask, spec, chunk_size, want_grad, want_entropy=False):
+    """One pass over the blocks: per-position values (N,), dD/d(student logits) (..., V) if want_grad, and the
+    teacher entropy H(p_T) per position (N,) at the loss temperature if want_entropy (else None).
 
-    Masked positions get value 0 and gradient 0. Per block only a few (n, V) float32 temporaries exist.
+    Masked positions get value 0, gradient 0 and entropy 0. Per block only a few (n, V) float32 temporaries
+    exist; the entropy reuses the block's teacher log-probs t, so it costs no second read of the logits.
     """
     n_rows = student.numel() // student.shape[-1]
     values = torch.zeros(n_rows, dtype=compute_dtype(student.dtype), device=student.device)  # (N,)
+    entropies = torch.zeros_like(values) if want_entropy else None  # (N,)
     grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
     for rows, s_blk, t_blk in _blocks_in_mask(student, teacher, mask, chunk_size):
         s, t = log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)  # (n, V)
-        values[rows], g = value_and_grad(s, t, spec, want_grad)
+        log_h = teacher_log_entropy(t) if want_entropy or spec.kind == "ajsd" else None  # (n,)
+        values[rows], g = value_and_grad(s, t, spec, want_grad, log_h)
+        if want_entropy:
+            entropies[rows] = log_h.exp()
         if want_grad:
             grad.view(-1, grad.shape[-1])[rows] = g.to(grad.dtype)  # (n, V), in the logits' dtype
-    return values, grad
+    return values, grad, entropies
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -263,32 +345,41 @@ class _ChunkedDivergence(torch.autograd.Function):
     Forward computes the values and the gradient in the same sweep over blocks of positions (the log-probs are
     computed once) and keeps only that gradient, one tensor like the student logits: backward scales it by the
     incoming per-position gradient, in place, and hands it on. No (n, V) intermediates survive a block.
+    The second output is the teacher entropy per position (N,) when asked for (else an empty tensor): a
+    constant, not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, spec, chunk_size):
-        values, ctx.grad = _sweep(student, teacher, mask, spec, chunk_size, want_grad=True)
+    def forward(ctx, student, teacher, mask, spec, chunk_size, want_entropy):
+        values, ctx.grad, entropies = _sweep(student, teacher, mask, spec, chunk_size, True, want_entropy)
         ctx.save_for_backward(student, teacher, mask)
         ctx.spec, ctx.chunk_size = spec, chunk_size
-        return values
+        entropies = values.new_empty(0) if entropies is None else entropies
+        ctx.mark_non_differentiable(entropies)
+        return values, entropies
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values):  # grad_values: (N,)
+    def backward(ctx, grad_values, _grad_entropies):  # grad_values: (N,)
         student, teacher, mask = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward (retain_graph=True): the first one consumed the gradient; redo it
             grad = _sweep(student, teacher, mask, ctx.spec, ctx.chunk_size, want_grad=True)[1]
         grad_values = grad_values.masked_fill(~mask, 0)  # masked positions do not depend on the student at all
         grad.view(-1, grad.shape[-1]).mul_(grad_values.to(grad.dtype).unsqueeze(-1))  # (N, V) * (N, 1)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def _per_position(student_logits, teacher_logits, mask, spec, chunk_size):
-    """Values (N,) at every position of (..., V) logits (0 where mask (N,) is False), autograd-aware."""
+def _per_position(student_logits, teacher_logits, mask, spec, chunk_size, want_entropy=False):
+    """Values (N,) at every position of (..., V) logits (0 where mask (N,) is False), autograd-aware, and the
+    teacher entropies (N,) if want_entropy (else None)."""
     if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), mask, spec, chunk_size)
-    return _sweep(student_logits, teacher_logits, mask, spec, chunk_size, want_grad=False)[0]
+        values, entropies = _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), mask, spec,
+                                                     chunk_size, want_entropy)
+        return values, (entropies if want_entropy else None)
+    values, _, entropies = _sweep(student_logits, teacher_logits.detach(), mask, spec, chunk_size,
+                                  want_grad=False, want_entropy=want_entropy)
+    return values, entropies
 
 
 # -------------------------------------------------------------------------------------- argument checks
@@ -353,17 +444,21 @@ def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature
     spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
     everywhere = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device).view(-1)
-    values = _per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
+    values, _ = _per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
     return values.view(student_logits.shape[:-1])  # (...,)
 
 
 def divergence_sum(student_logits, teacher_logits, mask, kind, beta=0.5, temperature=1.0, chunk_size=None, *,
-                   ajsd_scale=1.0, ajsd_floor=0.5) -> torch.Tensor:
+                   ajsd_scale=1.0, ajsd_floor=0.5, return_teacher_entropy=False):
     """Sum of token_divergence over the positions where mask (...,) is True: a scalar (>= float32).
 
     Memory-lean: blocks of chunk_size positions (default: about 4M logits per block), masked positions are never
     computed, and the backward pass writes the analytic gradient block by block. The training loop divides this
     sum by its own token count. mask=None means every position.
+    return_teacher_entropy=True returns (sum, entropy_sum): entropy_sum is the sum over the same positions of
+    the teacher entropy H(p_T) at the loss temperature, without top-k / top-p (a constant tensor, no gradient),
+    computed from the log-probs the loss already has (no second pass over the logits). distill.py logs its
+    mean as `loss_teacher_entropy`; it is NOT the processed H(p) of speculative-decoding records.
     """
     _check_logits(student_logits, teacher_logits)
     spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
@@ -371,8 +466,9 @@ def divergence_sum(student_logits, teacher_logits, mask, kind, beta=0.5, tempera
     if mask is None:
         mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     _check_mask(mask, student_logits)
-    values = _per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec, chunk)
-    return values.sum()
+    values, entropies = _per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec, chunk,
+                                      want_entropy=return_teacher_entropy)
+    return (values.sum(), entropies.sum()) if return_teacher_entropy else values.sum()
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
@@ -386,7 +482,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
       "none": the per-vocabulary terms themselves, (n, V) with labels or (..., V) without (not memory-lean:
       the output is that big). num_items_in_batch: jsd.sum() / num_items_in_batch, whatever the reduction.
     Differences from TRL: computed in >= float32 (a bfloat16 input gives a float32 loss), -inf logits stay
-    finite, and no gradient flows into teacher_logits.
+    finite (the zero_prob_log surrogate; finite logits are exact), and no gradient flows into teacher_logits.
     """
     _check_logits(student_logits, teacher_logits)
     spec = make_divergence("jsd", beta, temperature)
@@ -404,7 +500,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         return terms[mask] if labels is not None else terms
 
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
-    values = _per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
+    values, _ = _per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
     total = values.sum()
     n_positions = mask.sum()
     if num_items_in_batch is not None:
