@@ -38,6 +38,11 @@ clip -> AdamW -> warm-up + cosine schedule. Checkpoints <out>/ckpt-<step> (stude
 optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
 atomically; every step's batch and sampling seed are pure functions of (seed, step, rank), so --resume
 reproduces the uninterrupted run exactly on the CPU. <out>/final is a plain Hugging Face model directory.
+<out>/metrics.jsonl, one row per step: loss, lr, grad_norm, completion_len, tokens_per_s, source and
+loss_teacher_entropy = the mean over completion tokens of H(p_T) at the loss temperature tau WITHOUT top-p
+(computed inside the loss sweep) -- not the processed H(p) (temperature + top-p) of evaluate.py's records.
+Sampling uses models.decoding_protocol: the same temperature, top-p, stop ids and vocabulary (len(tokenizer))
+as evaluate.py and report.py.
 
 Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
       torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)
@@ -256,22 +261,13 @@ def completion_logits(model, batch: dict):
 def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: float, temperature: float,
                          vocab_size: int | None = None, **ajsd):
     """Sum of the per-token divergence d(p, q) over the masked completion tokens (a scalar).
-    vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows)."""
+    vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows).
+    return_teacher_entropy=True (in **ajsd, passed on to divergences.divergence_sum) also returns the sum of
+    H(p_T) at the loss temperature, without top-p: logged as loss_teacher_entropy."""
     if vocab_size is not None or student_logits.shape[-1] != teacher_logits.shape[-1]:
         student_logits, teacher_logits = divergences.shared_vocab(student_logits, teacher_logits, vocab_size)
     return divergences.divergence_sum(student_logits, teacher_logits, mask, div,
                                       beta=beta, temperature=temperature, **ajsd)
-
-
-def entropy_sum(logits, mask, temperature: float, rows: int = 1024) -> float:
-    """Sum over masked positions of the entropy (nats) of softmax(logits / temperature), for the log.
-    In blocks of `rows` positions so that only one (rows, V) float32 copy exists at a time; the math is
-    divergences.log_probs + divergences.teacher_entropy, the H(p) that ajsd's beta uses."""
-    picked = logits[mask]                                                  # (B, C, V) -> (N, V)
-    total = 0.0
-    for block in picked.split(rows):
-        total += float(divergences.teacher_entropy(divergences.log_probs(block, temperature)).sum())  # (rows,) -> ()
-    return total
 
 
 def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -391,9 +387,13 @@ def main(argv=None):
     student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    stop_ids = models.generation_stop_ids(tokenizer, student)
+    # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
+    protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
+                                        temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens)
+    stop_ids = list(protocol.stop_ids)
     pad_id = tokenizer.pad_token_id
-    vocab = len(tokenizer)
+    vocab = protocol.vocab_size                                   # len(tokenizer): lm_head padding rows left out
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else nullcontext())
 
@@ -451,9 +451,8 @@ def main(argv=None):
                 sampler = student if source == "student" else teacher
                 sampler.eval()
                 with torch.no_grad(), autocast:
-                    c = specdec.autoregressive_generate(
-                        sampler, p, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, eos_token_id=stop_ids, generator=gen, vocab_size=vocab).tokens
+                    c = specdec.autoregressive_generate(sampler, p, generator=gen,
+                                                        **protocol.generate_kwargs()).tokens
                 student.train()
             c = [cut_at_stop(ci, stop_ids, cfg.max_new_tokens) for ci in c]
             micro_batches.append({k: (v.to(device) if torch.is_tensor(v) else v)
@@ -473,12 +472,13 @@ def main(argv=None):
             with sync:
                 with autocast:
                     s_logits = completion_logits(model, batch)                    # (B, C, V)
-                div_sum = batch_divergence_sum(s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature,
-                                               vocab, ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor)
+                div_sum, ent = batch_divergence_sum(
+                    s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, vocab,
+                    ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, return_teacher_entropy=True)
                 # DDP averages gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
             loss_sum += float(div_sum.detach())
-            ent_sum += entropy_sum(t_logits[..., :vocab], mask, cfg.loss_temperature)  # (B, C, vocab): real tokens
+            ent_sum += float(ent)                 # H(p_T) at the loss temperature, from the loss's own sweep
             del t_logits, s_logits
 
         # 4) clip, AdamW step, schedule
@@ -493,7 +493,7 @@ def main(argv=None):
         ent_sum = all_reduce_sum(ent_sum, world, device)
         dt = all_reduce_sum(time.perf_counter() - t0, world, device) / world
         row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=float(grad_norm),
-                   completion_len=n_tokens / cfg.batch_size, teacher_entropy=ent_sum / max(n_tokens, 1.0),
+                   completion_len=n_tokens / cfg.batch_size, loss_teacher_entropy=ent_sum / max(n_tokens, 1.0),
                    tokens_per_s=n_tokens / dt, source=source)
         if master:
             metrics.write(json.dumps(row) + "\n")

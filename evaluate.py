@@ -4,8 +4,9 @@ p = target (the teacher), q = draft (the student). For a preset and a task, each
 untrained student, "baseline", and every runs/<preset>/<task>/<run>/final written by distill.py)
 drafts for the teacher with exact batched speculative decoding (specdec.speculative_generate) on the
 task's held-out eval prompts, with the seed's protocol: gamma 5, nucleus sampling top-p 0.95 at the
-task's temperature (both p and q processed the same way). Every draft sees the same prompts and the
-same sampling seed. Per prompt (one row of the batch):
+task's temperature (both p and q processed the same way), over the tokenizer's real vocabulary (lm_head
+padding rows left out), stopping on the same ids as training: models.decoding_protocol, as distill.py.
+Every draft sees the same prompts and the same sampling seed. Per prompt (one row of the batch):
 
     token acceptance       A / D: drafted tokens accepted / drafted tokens (the seed's metric; NOT alpha)
     analytic alpha         mean over drafted positions of beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i)
@@ -139,9 +140,8 @@ def evaluate_task(args, task: str) -> dict:
     teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     prompts = data.task_prompts(task, tok, split="eval", n=n, source=pc.get("data_source", "standin"))
-    stop_ids = models.generation_stop_ids(tok, teacher)
-    protocol = dict(gamma=args.gamma or pc.get("gamma", 5), max_new_tokens=pc["max_new_tokens"],
-                    temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
+    decoding = models.decoding_protocol(pc, tok, teacher, gamma=args.gamma, top_p=args.top_p)  # as distill.py
+    protocol = decoding.speculative_kwargs()                        # vocab_size: q is never put on lm_head padding
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
     drafts = [("baseline", "baseline (no distillation)", student_id)]
     drafts += [(final.parent.name, divergence_label(final.parent), str(final))
@@ -155,7 +155,7 @@ def evaluate_task(args, task: str) -> dict:
                         "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res})
         print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}")
     return {"preset": args.preset, "task": task, "teacher": teacher_id,
-            "protocol": {**protocol, "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
+            "protocol": {**decoding.as_dict(), "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
                          "split": "eval"},
             "runs": {e["name"]: e for e in entries}}
 
@@ -197,8 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
     p.add_argument("--record", action="store_true", help="store the per-drafted-position records in the JSON")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the preset's, 5)")
-    p.add_argument("--top-p", type=float, default=0.95,
-                   help="nucleus top-p of both p and q (default %(default)s, the seed's)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus top-p of both p and q (default: the preset's, 0.95 as the seed's)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="prompts per speculative_generate call (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every draft; also the bootstrap's "

@@ -49,6 +49,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,28 +65,30 @@ REPO = Path(__file__).resolve().parent
 # --------------------------------------------------------------------------------------------
 
 _STOP = ["<|im_end|>", "<|endoftext|>"]    # every preset's chat models stop on either
+# Decoding keys (read by decoding_protocol): temperature, top_p, top_k, gamma, max_new_tokens, stop_tokens.
+# The learning-rate schedule is not a key: distill.py always warms up linearly, then decays by cosine.
 PRESETS = {
     "paper": {   # the seed's models and hyper-parameters (1 epoch, cosine, bf16; eval on 1000 test prompts)
         "gsm8k": {"teacher": "Qwen/Qwen3-4B-Instruct-2507", "student": "Qwen/Qwen3-0.6B",
-                  "lr": 5e-5, "temperature": 0.6, "max_new_tokens": 312, "top_p": 0.95, "gamma": 5,
-                  "batch_size": 24, "epochs": 1, "steps": None, "schedule": "cosine",
+                  "lr": 5e-5, "temperature": 0.6, "max_new_tokens": 312, "top_p": 0.95, "top_k": 0, "gamma": 5,
+                  "batch_size": 24, "epochs": 1, "steps": None,
                   "n_train_prompts": None, "n_eval_prompts": 1000, "stop_tokens": _STOP,
                   "data_source": "hub"},
         "cnndm": {"teacher": "HuggingFaceTB/SmolLM-1.7B-Instruct", "student": "HuggingFaceTB/SmolLM-360M-Instruct",
-                  "lr": 7e-5, "temperature": 0.7, "max_new_tokens": 128, "top_p": 0.95, "gamma": 5,
-                  "batch_size": 150, "epochs": 1, "steps": None, "schedule": "cosine",
+                  "lr": 7e-5, "temperature": 0.7, "max_new_tokens": 128, "top_p": 0.95, "top_k": 0, "gamma": 5,
+                  "batch_size": 150, "epochs": 1, "steps": None,
                   "n_train_prompts": None, "n_eval_prompts": 1000, "stop_tokens": _STOP,
                   "data_source": "hub"},
     },
     "tiny": {    # the offline pair; sized so `make train` takes a few minutes on 2 CPU cores
         "gsm8k": {"teacher": "checkpoints/tiny/gsm8k/teacher", "student": "checkpoints/tiny/gsm8k/student",
-                  "lr": 2e-3, "temperature": 0.6, "max_new_tokens": 80, "top_p": 0.95, "gamma": 5,
-                  "batch_size": 16, "epochs": None, "steps": 300, "schedule": "cosine",
+                  "lr": 2e-3, "temperature": 0.6, "max_new_tokens": 80, "top_p": 0.95, "top_k": 0, "gamma": 5,
+                  "batch_size": 16, "epochs": None, "steps": 300,
                   "n_train_prompts": 960, "n_eval_prompts": 128, "stop_tokens": _STOP,
                   "data_source": "standin"},
         "cnndm": {"teacher": "checkpoints/tiny/cnndm/teacher", "student": "checkpoints/tiny/cnndm/student",
-                  "lr": 2e-3, "temperature": 0.7, "max_new_tokens": 48, "top_p": 0.95, "gamma": 5,
-                  "batch_size": 16, "epochs": None, "steps": 300, "schedule": "cosine",
+                  "lr": 2e-3, "temperature": 0.7, "max_new_tokens": 48, "top_p": 0.95, "top_k": 0, "gamma": 5,
+                  "batch_size": 16, "epochs": None, "steps": 300,
                   "n_train_prompts": 960, "n_eval_prompts": 128, "stop_tokens": _STOP,
                   "data_source": "standin"},
     },
@@ -101,7 +104,8 @@ def check_preset(preset: str) -> str:
 
 def preset_config(preset: str, task: str) -> dict:
     """A copy of the preset's settings for the task: teacher, student (hub id or path), lr,
-    temperature, max_new_tokens, top_p, gamma, batch_size, steps/epochs, stop_tokens, ..."""
+    temperature, max_new_tokens, top_p, top_k, gamma, batch_size, steps/epochs, stop_tokens, ...
+    (the decoding ones are read through decoding_protocol)."""
     cfg = dict(PRESETS[check_preset(preset)][data.check_task(task)])
     cfg.update(preset=preset, task=task, stop_tokens=list(cfg["stop_tokens"]))
     if preset == "tiny":                       # paths are relative to the repository
@@ -117,10 +121,71 @@ def stop_ids(tokenizer, stop_tokens=_STOP) -> list[int]:
     return ids
 
 
-def generation_stop_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's chat stop tokens plus the model's own
-    generation-config eos ids (Qwen3 lists several). Training, evaluation and the report all stop on these."""
-    return sorted(set(stop_ids(tokenizer)) | set(specdec.resolve_stop_ids(model)))
+def generation_stop_ids(tokenizer, model, stop_tokens=_STOP) -> list[int]:
+    """Every id that ends a completion: the preset's stop tokens the tokenizer has, its eos, plus the
+    model's own generation-config eos ids (Qwen3 lists several). decoding_protocol uses this."""
+    return sorted(set(stop_ids(tokenizer, stop_tokens)) | set(specdec.resolve_stop_ids(model)))
+
+
+@dataclass(frozen=True)
+class DecodingProtocol:
+    """How completions are decoded, the same for training (on-policy sampling), evaluation, the pair
+    summary, the entropy analysis and the report: one object, built by `decoding_protocol`.
+
+    gamma: draft tokens per speculative round; temperature, top_p, top_k: the processing of p and q
+    (specdec.process_logits); max_new_tokens; stop_ids: every id that ends a completion; vocab_size:
+    len(tokenizer), the real tokens: logits beyond it (lm_head padding rows) are never sampled or scored.
+    """
+
+    gamma: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    stop_ids: tuple
+    vocab_size: int
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of specdec.autoregressive_generate (and entropy.teacher_sample_entropies)."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, eos_token_id=list(self.stop_ids), vocab_size=self.vocab_size)
+
+    def speculative_kwargs(self) -> dict:
+        """Keyword arguments of specdec.speculative_generate (and entropy.speculative_records): gamma too."""
+        return dict(gamma=self.gamma, **self.generate_kwargs())
+
+    def as_dict(self) -> dict:
+        """Plain JSON-able values (evaluate.py records them with its results)."""
+        return {**asdict(self), "stop_ids": list(self.stop_ids)}
+
+
+def decoding_protocol(preset_cfg, tokenizer, model, task: str | None = None, **overrides) -> DecodingProtocol:
+    """The DecodingProtocol of a preset for a task, a tokenizer and the target model (the teacher).
+
+    preset_cfg: a preset name (then task is required) or the dict of preset_config(preset, task).
+    overrides: gamma, temperature, top_p, top_k, max_new_tokens (a command-line flag); None keeps the
+    preset's value. Stop ids: the preset's stop_tokens the tokenizer has, its eos, and the model's
+    generation-config eos ids. vocab_size = len(tokenizer); every model given must cover it.
+    """
+    cfg = preset_config(preset_cfg, task) if isinstance(preset_cfg, str) else preset_cfg
+    fields = ("gamma", "temperature", "top_p", "top_k", "max_new_tokens")
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown decoding override(s) {unknown}; valid: {', '.join(fields)}")
+    values = {k: cfg.get(k, 0 if k == "top_k" else None) for k in fields}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ValueError(f"the preset config lacks {missing} and no override was given")
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < len(tokenizer):
+        raise ValueError(f"the model's lm_head has {width} rows, fewer than the {len(tokenizer)} tokens of the "
+                         f"tokenizer")
+    stops = generation_stop_ids(tokenizer, model, cfg.get("stop_tokens", _STOP))
+    return DecodingProtocol(gamma=int(values["gamma"]), temperature=float(values["temperature"]),
+                            top_p=float(values["top_p"]), top_k=int(values["top_k"]),
+                            max_new_tokens=int(values["max_new_tokens"]), stop_ids=tuple(stops),
+                            vocab_size=len(tokenizer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +345,7 @@ def build_tiny_pair(task: str, out: Path, seed: int = 0, scale: str = "full") ->
         info[f"{role}_params"] = sum(p.numel() for p in model.parameters())
         model.generation_config = GenerationConfig(
             do_sample=True, temperature=cfg["temperature"], top_p=cfg["top_p"],
-            max_new_tokens=cfg["max_new_tokens"], eos_token_id=stop_ids(tok),
+            max_new_tokens=cfg["max_new_tokens"], eos_token_id=stop_ids(tok, cfg["stop_tokens"]),
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
         model.save_pretrained(out / role)              # safetensors
         tok.save_pretrained(out / role)
@@ -464,34 +529,33 @@ def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def pair_summary(teacher, student, tokenizer, task: str, cfg: dict, n_prompts: int = 64, seed: int = 0) -> dict:
+def pair_summary(teacher, student, tokenizer, task: str, protocol: DecodingProtocol, n_prompts: int = 64,
+                 seed: int = 0) -> dict:
     """Teacher's mean H(p) on its own samples; student's analytic alpha = mean sum min(p, q) on the
-    student's own samples (both under the task's temperature and top-p, on the tokenizer's real
-    vocabulary) over stand-in eval prompts. The math is specdec's (process_logits, acceptance_prob)
+    student's own samples (both under the protocol's temperature, top-k and top-p, on the tokenizer's
+    real vocabulary) over stand-in eval prompts. The math is specdec's (process_logits, acceptance_prob)
     and entropy.py's, so that "processed p" and H(p) mean one thing across the project."""
     prompts = data.task_prompts(task, tokenizer, split="eval", n=n_prompts)
-    T, top_p, V = cfg["temperature"], cfg["top_p"], len(tokenizer)
-    kw = dict(max_new_tokens=cfg["max_new_tokens"], temperature=T, top_p=top_p,
-              eos_token_id=stop_ids(tokenizer), vocab_size=V)
+    kw, V = protocol.generate_kwargs(), protocol.vocab_size
+    T, top_k, top_p = protocol.temperature, protocol.top_k, protocol.top_p
     h = entropy.teacher_sample_entropies(teacher, prompts, seed=seed, **kw)             # (n_tokens,)
     drafts = specdec.autoregressive_generate(student, prompts, seed=seed + 1, **kw).tokens
     betas = []
     for (_, lt), (_, ls) in zip(entropy.completion_step_logits(teacher, prompts, drafts, vocab_size=V),
                                 entropy.completion_step_logits(student, prompts, drafts, vocab_size=V)):
-        p = specdec.process_logits(lt, T, 0, top_p)                                     # (len(c), V)
-        q = specdec.process_logits(ls, T, 0, top_p)
+        p = specdec.process_logits(lt, T, top_k, top_p)                                 # (len(c), V)
+        q = specdec.process_logits(ls, T, top_k, top_p)
         betas.append(specdec.acceptance_prob(p, q))                                     # (len(c),)
     b = torch.cat(betas)                                                                # (n_tokens,)
     return {"teacher_entropy": float(h.mean()), "teacher_tokens": int(h.size),
             "alpha": b.mean().item(), "student_tokens": b.numel()}
 
 
-def specdec_summary(teacher, student, tokenizer, task: str, cfg: dict, n_prompts: int = 64, seed: int = 0):
-    """Acceptance measured by specdec.speculative_generate."""
+def specdec_summary(teacher, student, tokenizer, task: str, protocol: DecodingProtocol, n_prompts: int = 64,
+                    seed: int = 0):
+    """Acceptance measured by specdec.speculative_generate under the protocol."""
     prompts = data.task_prompts(task, tokenizer, split="eval", n=n_prompts)
-    res = specdec.speculative_generate(teacher, student, prompts, gamma=cfg["gamma"],
-                                       max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
-                                       top_p=cfg["top_p"], eos_token_id=stop_ids(tokenizer), seed=seed)
+    res = specdec.speculative_generate(teacher, student, prompts, seed=seed, **protocol.speculative_kwargs())
     return {k: res.stats[k] for k in ("acceptance_rate", "alpha", "mean_accepted_length") if k in res.stats}
 
 
@@ -511,12 +575,13 @@ def main(argv=None):
         d = ensure_tiny_pair(task, root=args.root, seed=args.seed, scale=args.scale)
         info = json.loads((d / "build.json").read_text())
         teacher, student, tok = load_pair(d / "teacher", d / "student")
-        cfg = preset_config("tiny", task)
-        s = pair_summary(teacher, student, tok, task, cfg, n_prompts=args.n_prompts, seed=args.seed)
+        protocol = decoding_protocol("tiny", tok, teacher, task=task)
+        s = pair_summary(teacher, student, tok, task, protocol, n_prompts=args.n_prompts, seed=args.seed)
         sd = None
         if not args.no_specdec:
             try:
-                sd = specdec_summary(teacher, student, tok, task, cfg, n_prompts=args.n_prompts, seed=args.seed)
+                sd = specdec_summary(teacher, student, tok, task, protocol, n_prompts=args.n_prompts,
+                                     seed=args.seed)
             except Exception as e:                       # the build summary is still worth printing without it
                 print(f"[{task}] specdec acceptance unavailable: {type(e).__name__}: {e}")
         rows.append((task, info, s, sd))

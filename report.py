@@ -318,10 +318,8 @@ def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
     teacher = models.load_model(teacher_id)
     tok = models.load_tokenizer(teacher_id)
     prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=pc.get("data_source", "standin"))
-    stop_ids = models.generation_stop_ids(tok, teacher)   # as evaluate.py
-    return entropy.teacher_sample_entropies(
-        teacher, prompts, temperature=pc["temperature"], top_p=pc.get("top_p", 0.95),
-        max_new_tokens=pc["max_new_tokens"], eos_token_id=stop_ids, seed=0)
+    protocol = models.decoding_protocol(pc, tok, teacher)   # as evaluate.py and distill.py
+    return entropy.teacher_sample_entropies(teacher, prompts, seed=0, **protocol.generate_kwargs())
 
 
 def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, protocols, meta) -> Path:

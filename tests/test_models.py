@@ -189,8 +189,8 @@ def test_self_draft_has_alpha_one(pairs):
     """WHY: a draft identical to the target is always accepted: the summary's alpha must be 1
     (catches off-by-one positions between sampled tokens and their distributions)."""
     t, _, tok = models.load_pair(pairs["gsm8k"] / "teacher", pairs["gsm8k"] / "student")
-    cfg = dict(models.preset_config("tiny", "gsm8k"), max_new_tokens=8)
-    s = models.pair_summary(t, t, tok, "gsm8k", cfg, n_prompts=3)
+    protocol = models.decoding_protocol("tiny", tok, t, task="gsm8k", max_new_tokens=8)
+    s = models.pair_summary(t, t, tok, "gsm8k", protocol, n_prompts=3)
     assert s["alpha"] == pytest.approx(1.0, abs=1e-5)
     assert 0 < s["teacher_entropy"] <= math.log(len(tok))
 
