@@ -22,7 +22,11 @@ Caveat written where it is used: tokens of one sequence are not independent, so 
 interval (which assumes they are) is a lower bound on the real uncertainty; the report's headline
 numbers use a bootstrap over seeds and prompts instead.
 
-Where records come from:
+Names: the records' `teacher_entropy` is this processed H(p). distill.py's metrics.jsonl logs another
+quantity under another name, `loss_teacher_entropy`: H at the loss temperature without top-p.
+
+Where records come from (decoding settings: pass **models.decoding_protocol(...).speculative_kwargs()
+or .generate_kwargs(), the protocol training and evaluation share; this module does not import models):
   - speculative decoding: `specdec.speculative_generate(..., record=True).records`, a dict of
     equal-length 1-D tensors row, position, accepted, teacher_entropy, acceptance_prob;
   - plain teacher sampling: `teacher_sample_entropies` samples the teacher with
@@ -279,7 +283,8 @@ def teacher_sample_entropies(teacher, prompts, *, temperature: float, top_p: flo
     Sample with specdec.autoregressive_generate, then one teacher forward over prompt + completion
     (`completion_step_logits`) and take the processed distribution at each position that predicted a
     completion token. vocab_size (default: the whole lm_head) restricts sampling and H(p) to the
-    tokenizer's real tokens.
+    tokenizer's real tokens. The keyword arguments are exactly DecodingProtocol.generate_kwargs()'s:
+    pass **models.decoding_protocol(...).generate_kwargs() (report.py does).
     """
     from specdec import autoregressive_generate
 
