@@ -42,7 +42,7 @@ def reset_peak():
         f.write("5")
 
 
-def worker(impl, beta, positions, vocab, repeats, chunk_size, seed):
+def worker(impl, beta, positions, vocab, repeats, chunk_size, seed, temperature=1.0):
     """One case in this process: returns a dict with peak extra bytes, seconds, loss and gradient norm."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
@@ -52,12 +52,12 @@ def worker(impl, beta, positions, vocab, repeats, chunk_size, seed):
         from trl.experimental.gkd import GKDTrainer
 
         def loss_fn(s, t):
-            return GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=1.0, reduction="batchmean")
+            return GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=temperature, reduction="batchmean")
     else:
         from divergences import generalized_jsd_loss
 
         def loss_fn(s, t):
-            return generalized_jsd_loss(s, t, beta=beta, temperature=1.0, reduction="batchmean",
+            return generalized_jsd_loss(s, t, beta=beta, temperature=temperature, reduction="batchmean",
                                         chunk_size=chunk_size)
 
     gen = torch.Generator().manual_seed(seed)
@@ -81,7 +81,8 @@ def worker(impl, beta, positions, vocab, repeats, chunk_size, seed):
 def run_case(impl, beta, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--beta", str(beta),
            "--positions", str(args.positions), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-           "--seed", str(args.seed)] + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
+           "--seed", str(args.seed), "--temperature", str(args.temperature)] + (
+               ["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -95,17 +96,28 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="runs per case; time is the best, memory the worst")
     p.add_argument("--chunk-size", type=int, default=None, help="our positions per block (default: ~4M logits)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="loss temperature of both (default 1)")
+    p.add_argument("--impls", nargs="+", choices=["trl", "ours"], default=["trl", "ours"],
+                   help="which implementations to run (ours alone: e.g. to compare two versions of it)")
     p.add_argument("--worker", choices=["trl", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--beta", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.beta, args.positions, args.vocab, args.repeats,
-                                args.chunk_size, args.seed)))
+                                args.chunk_size, args.seed, args.temperature)))
+        return
+    if args.impls != ["trl", "ours"]:  # one implementation: its numbers, no ratios
+        print(f"{' '.join(args.impls)} only, {args.positions} x {args.vocab}, temperature {args.temperature}")
+        for beta in args.betas:
+            for impl in args.impls:
+                r = run_case(impl, beta, args)
+                print(f"  {impl} beta={beta:.2f}: peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB, "
+                      f"{r['seconds']:.2f} s, loss {r['loss']:.6f}, grad norm {r['grad_norm']:.6e}")
         return
 
     full = args.positions * args.vocab * 4 / 2**30
     print(f"generalized_jsd_loss, forward + backward, float32 logits ({args.positions} x {args.vocab}, "
-          f"one such tensor = {full:.2f} GiB), batchmean")
+          f"one such tensor = {full:.2f} GiB), batchmean, temperature {args.temperature}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     header = (f"{'beta':>5} | {'TRL peak GiB':>12} {'ours peak GiB':>13} {'ratio':>6} | {'TRL s':>7} {'ours s':>7} "
               f"{'ratio':>6} | {'loss (TRL)':>12} {'rel diff':>8} {'grad rel':>8}")
