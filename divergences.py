@@ -178,10 +178,20 @@ def teacher_log_entropy(t: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_entropy(t: torch.Tensor) -> torch.Tensor:
-    """H(p_T) = -sum_v p_T log p_T in nats, from teacher LOG-probs t (..., V) -> (...,) (teacher_log_entropy).
+    """H(p_T) = -sum_v p_T log p_T in nats, from teacher LOG-probs t (..., V) -> (...,).
+
+    The top token's log-prob is rebuilt as log(1 - q) from q = the other tokens' mass, as in
+    teacher_log_entropy, so H keeps its relative precision down to float32's smallest normal (1e-38); below
+    that it underflows to ~0, which a mean over tokens cannot tell apart (ajsd, which divides by ~H, uses
+    teacher_log_entropy instead). Fewer passes than teacher_log_entropy: what distill.py logs each step.
     The losses work in log space (t = log_probs(...), never -inf); specdec.entropy is the same H from
     probabilities p, for the processed (top-k / top-p, possibly exactly 0) p of verification."""
-    return teacher_log_entropy(t).exp()
+    top = t.argmax(-1, keepdim=True)  # (..., 1)
+    p = t.exp()  # (..., V)
+    terms = p * t  # (..., V)
+    q = p.scatter_(-1, top, 0.0).sum(-1, keepdim=True)  # (..., 1): 1 - p* from the small probabilities
+    t_top = torch.log1p(-q.clamp_max(1.0))
+    return -(terms.scatter_(-1, top, 0.0).sum(-1) + (t_top.exp() * t_top).squeeze(-1))
 
 
 def ajsd_beta(entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
@@ -330,10 +340,10 @@ def _sweep(student, teacher, mask, spec, chunk_size, want_grad, want_entropy=Fal
     grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
     for rows, s_blk, t_blk in _blocks_in_mask(student, teacher, mask, chunk_size):
         s, t = log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)  # (n, V)
-        log_h = teacher_log_entropy(t) if want_entropy or spec.kind == "ajsd" else None  # (n,)
+        log_h = teacher_log_entropy(t) if spec.kind == "ajsd" else None  # (n,): ajsd needs H below 1e-38 too
         values[rows], g = value_and_grad(s, t, spec, want_grad, log_h)
         if want_entropy:
-            entropies[rows] = log_h.exp()
+            entropies[rows] = log_h.exp() if log_h is not None else teacher_entropy(t)
         if want_grad:
             grad.view(-1, grad.shape[-1])[rows] = g.to(grad.dtype)  # (n, V), in the logits' dtype
     return values, grad, entropies

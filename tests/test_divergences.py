@@ -373,6 +373,21 @@ def test_teacher_entropy_keeps_its_precision_for_near_certain_teachers():
     expected = others - p64[:, 0] * torch.log1p(-p64[:, 1:].sum(-1))
     ours = D.teacher_entropy(D.log_probs(logits.float(), 1.0))
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(D.teacher_log_entropy(D.log_probs(logits.float(), 1.0)).double(), expected.log(),
+                               rtol=1e-6, atol=0)
+
+
+def test_teacher_log_entropy_is_exact_below_the_smallest_float():
+    """ajsd's beta needs log H where H itself underflows float32 (gap 120 nats: H ~ 1e-50): the log-space
+    entropy equals float64's log H to 1e-6 relative, where the plain sum gives log 0 = -inf."""
+    logits = torch.zeros(3, 40, dtype=torch.float64)
+    logits[:, 0] = torch.tensor([100.0, 120.0, 300.0])
+    t64 = torch.log_softmax(logits, -1)
+    q = t64[:, 1:].exp().sum(-1)
+    expected = torch.log((t64[:, 1:].exp() * -t64[:, 1:]).sum(-1) + q)  # top term (1 - q)(-log(1 - q)) ~ q
+    ours = D.teacher_log_entropy(D.log_probs(logits.float(), 1.0))
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=0)
+    assert D.teacher_entropy(D.log_probs(logits.float(), 1.0))[1:].max() < 1e-37
 
 
 # ------------------------------------------------------------------------------------------- invariants
