@@ -393,7 +393,7 @@ def main(argv=None):
                                         max_new_tokens=cfg.max_new_tokens)
     stop_ids = list(protocol.stop_ids)
     pad_id = tokenizer.pad_token_id
-    vocab = protocol.vocab_size                                   # len(tokenizer): lm_head padding rows left out
+    vocab = protocol.vocab_size                                   # len(tokenizer): no lm_head padding rows
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else nullcontext())
 

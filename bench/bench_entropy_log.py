@@ -68,7 +68,8 @@ def main(argv=None):
           f"best of {args.repeats}, {torch.get_num_threads()} threads")
     for name, s in best.items():
         print(f"  {name:<18} {s:7.3f} s   ratio to loss {s / best['loss']:.3f}")
-    print(f"  entropy sums: in-sweep {h_new:.6f}, re-read {h_old:.6f}, rel diff {abs(h_new - h_old) / h_old:.1e}")
+    rel = abs(h_new - h_old) / h_old
+    print(f"  entropy sums: in-sweep {h_new:.6f}, re-read {h_old:.6f}, rel diff {rel:.1e}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def worker(impl, beta, positions, vocab, repeats, chunk_size, seed, temperature=
         from trl.experimental.gkd import GKDTrainer
 
         def loss_fn(s, t):
-            return GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=temperature, reduction="batchmean")
+            return GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=temperature,
+                                                   reduction="batchmean")
     else:
         from divergences import generalized_jsd_loss
 
