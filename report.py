@@ -1,29 +1,45 @@
 """The whole study in one command: train, evaluate, analyse, and write results/REPORT.md.
 
 For each task (gsm8k: low teacher entropy, cnndm: high) on one preset (default: the offline tiny
-pair), train a draft with each divergence (fkl, rkl, jsd beta=0.5, tvd, ajsd; distill.main) for
-several training seeds, evaluate the baseline (untrained) draft and every trained one with batched
-speculative decoding (evaluate.main --record: gamma 5, top-p 0.95, the task's temperature), then:
+pair):
+  0. tune ajsd: train it at every (floor, scale) of a small grid and score each on VALIDATION
+     prompts (train-split prompts no training run sees; the eval split is disjoint by data.py's
+     hash), then keep the best setting (`tune_ajsd`). The eval prompts are never touched here.
+  1. train a draft with each divergence (fkl, rkl, jsd beta=0.5, tvd, ajsd with the selected
+     setting; distill.main) for several training seeds;
+  2. evaluate the baseline (untrained) draft and every trained one with batched speculative
+     decoding (evaluate.main --record: gamma 5, top-p 0.95, the task's temperature), every run on
+     the same eval prompts with the same sampling seed; then:
 
   the table   task x divergence: token acceptance (accepted / drafted, macro-mean over prompts),
               analytic alpha (mean over drafted positions of sum_x min(p, q); p = teacher, q = draft),
-              mean accepted length (tokens per target call, bonus included); each a mean with a 95%
-              interval from a hierarchical bootstrap over seeds and prompts: resample the seeds with
-              replacement, then within each drawn seed its prompts with replacement, and take the
-              mean over seeds of the per-seed prompt means (the point estimate is the same statistic
-              on the data as observed). The baseline has no training seed: its interval is over prompts.
-  entropy     the task's entropy profile H(p) along the teacher's own samples (entropy.py), and
-              acceptance vs teacher entropy per divergence (the records of every seed pooled).
-  sentences   generated from the numbers: does the seed's ordering (RKL best on gsm8k, JSD best on
-              cnndm) reproduce, and is ajsd as good as the best fixed divergence within the intervals.
+              mean accepted length (tokens per target call, bonus included); each the mean over seeds
+              of the per-seed mean over prompts, with a 95% interval from `crossed_bootstrap`.
+  intervals   prompts and seeds are CROSSED (every seed decodes the same prompts), so a bootstrap
+              replicate draws one multiset of prompts, shared by all runs, and the seeds of each
+              divergence with replacement. A difference A - B uses the same prompt draw on both sides
+              (paired by prompt: the prompts' shared difficulty cancels) and each side's own seeds.
+  differences each divergence minus the baseline and minus the best fixed divergence (fkl, rkl, jsd,
+              tvd: the highest mean), overall and per entropy bin. The headline comparisons (HEADLINE:
+              the seed's claims, rkl vs jsd on gsm8k, jsd vs fkl on cnndm) are stated as separated
+              (interval excludes 0), equivalent (interval within +/- EQUIV_MARGIN) or bounded.
+  entropy     two views of the teacher's entropy at each drafted position (entropy.VIEWS): processed
+              H(p) after top-p (what verification uses; exactly 0 at most positions) and tempered H
+              before top-p (continuous). Bins per task and view come from the data
+              (entropy.quantile_edges: H = 0 its own bin, quantiles of the rest), so none is empty.
+              Per bin: acceptance levels (Wilson, seeds pooled) and differences with bootstrap
+              intervals (tokens of one prompt stay together), plotted per task.
+  sentences   generated from the numbers.
 
 Every number in REPORT.md is computed in this process from the eval JSON this invocation wrote; a
 run that is missing or failed raises MissingRunError, so a partial table is never written.
-`--quick` (what CI runs): one seed, fewer steps and prompts; it writes results/quick/REPORT.md so
-a smoke run never overwrites the real study.
+`--quick` (what CI runs): two seeds, a 2 x 2 ajsd grid, few steps and prompts; it writes
+results/quick/REPORT.md so a smoke run never overwrites the real study. Progress is printed as
+`[report <seconds>s] ...` lines, one per training run / evaluation / analysis step.
 
-The table-building (`collect_runs`, `build_table`, `table_markdown`, `findings`) is pure: it takes
-already-loaded eval JSON and is tested without training anything.
+The statistics and tables (`crossed_bootstrap`, `collect_runs`, `build_table`, `differences`,
+`bin_differences`, `findings`, ...) are pure: they take already-loaded eval JSON and are tested
+without training anything.
 """
 from __future__ import annotations
 
@@ -427,11 +443,12 @@ def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
     return out
 
 
-def profile_sentence(profiles: dict) -> str:
-    """Does the tasks' entropy contrast (gsm8k low, cnndm high) hold for this preset's teachers?"""
+def profile_sentence(profiles: dict, view: str = "") -> str:
+    """Does the tasks' entropy contrast (gsm8k low, cnndm high) hold for this preset's teachers?
+    profiles: {task: entropy_profile(...)} of one entropy view (named in the sentence if given)."""
     parts = [f"{t}: median {p['quantiles'][0.5]:.3g}, mean {p['mean']:.3g} nats over {p['n']} tokens"
              for t, p in profiles.items()]
-    text = "Teacher entropy along its own samples (" + "; ".join(parts) + ")"
+    text = f"Teacher entropy{f' ({view} view)' if view else ''} along its own samples (" + "; ".join(parts) + ")"
     if {"gsm8k", "cnndm"} <= set(profiles):
         low = profiles["gsm8k"]["mean"] < profiles["cnndm"]["mean"]
         text += (": gsm8k is the low-entropy task, as the study assumes" if low else
@@ -674,7 +691,9 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
                          + difference_statement("ajsd", diffs[task]["best"], d) + ".")
     for task, an in analysis.items():
         found += gain_sentences(task, an)
-    md += ["## Findings", ""] + [f"- {x}" for x in found + [profile_sentence(profiles)]] + [""]
+    views = sorted({v for p in profiles.values() for v in p})
+    found += [profile_sentence({t: p[v] for t, p in profiles.items() if v in p}, v) for v in views]
+    md += ["## Findings", ""] + [f"- {x}" for x in found] + [""]
     md += ["## Acceptance table", "",
            "Speculative decoding on each task's held-out eval prompts, with the protocol evaluate.py recorded: "
            + "; ".join(f"{t}: {line}" for t, line in protocols.items())

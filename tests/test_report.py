@@ -309,3 +309,37 @@ def test_entropy_analysis_fills_every_bin_and_compares_to_the_baseline():
         m, lo, hi = view["vs_baseline"]["rkl"]
         assert (lo > 0).all() and np.allclose(m, 0.5, atol=0.2)
     assert "rkl in" in " ".join(R.gain_sentences("gsm8k", an))
+
+
+def test_report_end_to_end_with_stubbed_runs_writes_every_section(tmp_path, monkeypatch):
+    """Training, evaluation and the teacher profile stubbed with synthetic recorded runs: the report
+    is written with the headline statement, the tuned ajsd grid, both entropy views, per-bin
+    difference tables and one difference plot per task (files that exist)."""
+    import json
+
+    rng = np.random.default_rng(1)
+
+    def fake_eval(cfg, task):
+        runs = {R.run_name(d, s): _recorded_entry(rng, 12, 0.4 if d == "baseline" else 0.7)
+                for d in cfg.divs for s in (cfg.seeds if d != "baseline" else (None,))}
+        path = tmp_path / "res" / task / "eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"runs": runs, "protocol": {"gamma": 5, "top_p": 0.95}}))
+        return path
+
+    monkeypatch.setattr(R, "train_all", lambda *a, **k: None)
+    monkeypatch.setattr(R, "tune_ajsd", lambda cfg, task, log: {
+        "grid": {(f, c): (0.5 + f / 10, 0.4, 0.7) for f in cfg.ajsd_floors for c in cfg.ajsd_scales},
+        "selected": (cfg.ajsd_floors[-1], cfg.ajsd_scales[0]), "n_val": 8})
+    monkeypatch.setattr(R, "evaluate_task", fake_eval)
+    monkeypatch.setattr(R, "teacher_profile", lambda cfg, task: {
+        "processed": np.r_[np.zeros(30), rng.exponential(0.3, 20)], "tempered": rng.exponential(1.0, 50)})
+    out = R.main(["--quick", "--out", str(tmp_path / "REPORT.md")])
+    md = out.read_text()
+    for text in ("the headline comparison: rkl - jsd", "the headline comparison: jsd - fkl",
+                 "selected floor 0.75, scale 0.3", "processed view", "tempered view", "minus the baseline",
+                 "minus the best fixed divergence", "| 0 |"):
+        assert text in md, text
+    for task in ("gsm8k", "cnndm"):
+        assert (tmp_path / "figures" / f"diff_baseline_{task}.png").exists()
+        assert f"figures/diff_baseline_{task}.png" in md
