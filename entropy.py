@@ -419,7 +419,8 @@ def plot_acceptance_vs_entropy(bins_by_name: dict[str, list[EntropyBin]], path, 
             if b.count == 0:
                 continue
             x = i - 0.35 + width * (j + 0.5)  # series side by side within the bin
-            ax.errorbar(x, b.rate, yerr=[[b.rate - b.ci_lo], [b.ci_hi - b.rate]], color=color, lw=1, capsize=2)
+            yerr = [[max(b.rate - b.ci_lo, 0.0)], [max(b.ci_hi - b.rate, 0.0)]]  # >= 0: round-off at rate 0 or 1
+            ax.errorbar(x, b.rate, yerr=yerr, color=color, lw=1, capsize=2)
             ax.scatter(x, b.rate, s=15 + 400 * b.count / biggest, alpha=0.6, label=label,
                        facecolors="none" if b.too_few else color, edgecolors=color)
             label = None
@@ -455,7 +456,7 @@ def plot_bin_differences(panels: dict, path, title: str = "", ylabel: str = "acc
                 raise ValueError(f"series {name!r} has {len(stats)} bins, the panel {panel!r} {len(labels)}")
             x = np.arange(len(labels)) - 0.35 + width * (j + 0.5)
             m, lo, hi = (np.array([s[i] for s in stats], dtype=np.float64) for i in range(3))
-            ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="o", ms=4, color=f"C{(j + 1) % 10}", lw=1, capsize=2,
+            ax.errorbar(x, m, yerr=[np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)], fmt="o", ms=4, color=f"C{(j + 1) % 10}", lw=1, capsize=2,
                         label=name)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
