@@ -299,6 +299,16 @@ def differences(by_div: dict, n_boot: int = 2000, metric: str = "token_acceptanc
     return {"best": best, "rows": rows}
 
 
+def best_vs_runner_up(by_div: dict, n_boot: int = 2000, metric: str = "token_acceptance"):
+    """(best, runner-up, paired difference best - runner-up) among the trained divergences of one
+    task, by mean `metric`; None with fewer than two."""
+    means = {d: np.mean([np.nanmean(s[metric]) for s in seeds]) for d, seeds in by_div.items() if d != "baseline"}
+    if len(means) < 2:
+        return None
+    best, runner = sorted(means, key=means.get, reverse=True)[:2]
+    return best, runner, metric_bootstrap(by_div[best], metric, n_boot, vs=by_div[runner])
+
+
 def headline(by_div: dict, task: str, n_boot: int = 2000, metric: str = "token_acceptance"):
     """The task's headline comparison (HEADLINE: a vs b) as (a, b, diff, sentence); None if absent."""
     if task not in HEADLINE or not set(HEADLINE[task]) <= set(by_div):
@@ -398,8 +408,11 @@ def overlaps(a, b) -> bool:
     return a[1] <= b[2] and b[1] <= a[2]
 
 
-def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
-    """Plain sentences from the numbers: the seed's ordering, ajsd vs the best fixed divergence."""
+def findings(rows: list[Row], metric: str = "token_acceptance", paired: dict | None = None) -> list[str]:
+    """Plain sentences from the numbers: the seed's ordering, ajsd vs the best fixed divergence.
+    paired: {task: (best, runner-up, (mean, lo, hi) of best - runner-up)} (`best_vs_runner_up`): when
+    given, the best is separated from the runner-up iff that paired difference excludes 0, which is
+    sharper than comparing the two level intervals (it cancels the prompts' shared difficulty)."""
     out = []
     by_task = {}
     for r in rows:
@@ -412,11 +425,19 @@ def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
         best = max(trained, key=lambda d: trained[d][0])
         claim = SEED_CLAIM.get(task)
         runner = max((d for d in trained if d != best), key=lambda d: trained[d][0], default=None)
-        separated = runner is None or not overlaps(trained[best], trained[runner])
+        pair = (paired or {}).get(task)
         text = f"On {task}, the best {name} is {best} ({_fmt(trained[best])})"
-        if runner is not None:
-            text += (" and its interval does not overlap the runner-up's" if separated else
-                     f", but its interval overlaps {runner}'s ({_fmt(trained[runner])})")
+        if pair is not None and runner is not None and pair[:2] == (best, runner):
+            d = pair[2]
+            separated = d[1] > 0
+            text += (f" and the paired difference to the runner-up, {runner}, {_pts(d)} points, excludes 0"
+                     if separated else f", but the paired difference to the runner-up, {runner}, {_pts(d)} "
+                     "points, includes 0")
+        else:
+            separated = runner is None or not overlaps(trained[best], trained[runner])
+            if runner is not None:
+                text += (" and its interval does not overlap the runner-up's" if separated else
+                         f", but its interval overlaps {runner}'s ({_fmt(trained[runner])})")
         if claim in trained:
             if best == claim and separated:
                 text += f"; the seed's ordering ({claim} best) reproduces"
@@ -670,7 +691,8 @@ def gain_sentences(task: str, analysis: dict) -> list[str]:
     return out
 
 
-def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grids, plots, protocols, meta) -> Path:
+def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grids, plots, protocols, meta,
+                 paired=None) -> Path:
     import entropy
 
     md = [f"# Report: which divergence distils the best draft? ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
@@ -680,7 +702,7 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
     if cfg.quick:
         md += ["**QUICK run: few seeds, few steps. A smoke test of the pipeline, not a result.**", ""]
     found = [f"On {t}, the headline comparison: {h[3]}." for t, h in heads.items() if h]
-    found += findings(rows)
+    found += findings(rows, paired=paired)
     for task, g in grids.items():
         f, c = g["selected"]
         found.append(f"On {task}, ajsd was tuned on {g['n_val']} validation prompts over floor x scale "
@@ -840,6 +862,7 @@ def main(argv=None):
     rows = build_table(collected, n_boot=cfg.n_boot)
     diffs = {t: differences(collected[t], cfg.n_boot) for t in cfg.tasks}
     heads = {t: headline(collected[t], t, cfg.n_boot) for t in cfg.tasks}
+    paired = {t: best_vs_runner_up(collected[t], cfg.n_boot) for t in cfg.tasks}
     out_dir = Path(cfg.out).parent
     fig = out_dir / "figures"
     for task in cfg.tasks:
@@ -870,7 +893,8 @@ def main(argv=None):
         plots[task] = {k: ({v: p.relative_to(out_dir).as_posix() for v, p in x.items()} if isinstance(x, dict)
                            else x.relative_to(out_dir).as_posix()) for k, x in plots[task].items()}
         log(f"entropy analysis {task} done")
-    out = write_report(cfg, rows, profiles, analysis, diffs, heads, grids, plots, protocols, _meta(t0, argv))
+    out = write_report(cfg, rows, profiles, analysis, diffs, heads, grids, plots, protocols, _meta(t0, argv),
+                       paired)
     log(f"wrote {out}")
     return out
 

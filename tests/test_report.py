@@ -340,3 +340,22 @@ def test_report_end_to_end_with_stubbed_runs_writes_every_section(tmp_path, monk
                  "tempered view", "minus the baseline", "minus the best fixed divergence", "| 0 |"):
         assert text in md, text
     assert (tmp_path / "figures" / "diff_baseline_gsm8k.png").exists() and "figures/diff_baseline_gsm8k.png" in md
+
+
+def test_findings_use_the_paired_difference_when_given():
+    """Level intervals that overlap can still hide a clear paired difference: with the paired
+    best - runner-up excluding 0, the sentence calls the ordering reproduced, and says the
+    difference includes 0 when it does."""
+    rows = [_row("gsm8k", "rkl", 0.60, 0.58, 0.62), _row("gsm8k", "jsd", 0.59, 0.57, 0.61)]
+    sep = " ".join(R.findings(rows, paired={"gsm8k": ("rkl", "jsd", (0.01, 0.004, 0.016))}))
+    assert "excludes 0" in sep and "the seed's ordering (rkl best) reproduces" in sep
+    tie = " ".join(R.findings(rows, paired={"gsm8k": ("rkl", "jsd", (0.01, -0.004, 0.02))}))
+    assert "includes 0" in tie and "holds in the means only" in tie
+
+
+def test_best_vs_runner_up_is_the_paired_difference_of_the_top_two():
+    by_div = R.collect_runs(_evals(seeds=(0,)), seeds=(0,))["gsm8k"]
+    by_div["tvd"] = [R.per_prompt_metrics(_entry([0.8] * 4))]
+    by_div["fkl"] = [R.per_prompt_metrics(_entry([0.6] * 4))]
+    best, runner, d = R.best_vs_runner_up(by_div, n_boot=100)
+    assert (best, runner) == ("tvd", "fkl") and d[0] == pytest.approx(0.2)
