@@ -809,7 +809,7 @@ def _meta(t0: float, argv) -> dict:
 
 def parse_args(argv=None) -> ReportConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one seed, few steps (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--divs", nargs="+", default=None)
