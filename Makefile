@@ -26,7 +26,7 @@ train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|pa
 eval:   ## speculative-decoding acceptance of the baseline and every distilled student [TASK=...]
 	$(PY) evaluate.py --preset $(PRESET) $(if $(filter command line,$(origin TASK)),--task $(TASK),)
 
-report: ## the whole study -> results/REPORT.md  (QUICK=1: one seed, fewer steps)
+report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run)
 	$(PY) report.py $(if $(QUICK),--quick,)
 
 bench-loss:

@@ -14,8 +14,18 @@ What we measure, per drafted token (one *record*):
   beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q)   the analytic acceptance probability at that
            position (its expectation given the context; alpha = E[beta]).
 
-Acceptance vs entropy: the records are put in log-spaced entropy bins (the first bin [0, 1e-4),
-the last open-ended above a few nats, as in the seed). Per bin we report the token count n, the
+Two entropy views, both of the target's distribution at the drafted position:
+  processed  H(p) above (`teacher_entropy` in the records): what verification uses. After top-p
+             0.95 a position whose top token holds >= 0.95 keeps one token, so H = 0 EXACTLY at
+             most positions of a confident teacher, and small non-zero values are rare.
+  tempered   H(softmax(logits / T)) before top-k / top-p (`teacher_entropy_tempered`): continuous,
+             what "teacher entropy" means in the seed's analysis.
+
+Acceptance vs entropy: the records are put in entropy bins. `quantile_edges` chooses bins the data
+fill: H = 0 exactly is its own bin where it occurs, the positive values are cut at their quantiles
+(equal token counts per bin), so no bin is empty by construction. (`log_edges`, fixed log-spaced
+bins from 1e-4 nats as in the seed, are kept for the CLI; on these teachers most of them are
+empty.) Per bin we report the token count n, the
 acceptance rate k/n with a 95% Wilson score interval, and the mean analytic beta. Bins with fewer
 than `min_count` tokens are flagged `too_few` (drawn hollow, marked in tables), never dropped.
 Caveat written where it is used: tokens of one sequence are not independent, so the Wilson
@@ -45,7 +55,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RECORD_KEYS = ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")
+RECORD_KEYS = ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered", "acceptance_prob")
+VIEWS = {"processed": "teacher_entropy", "tempered": "teacher_entropy_tempered"}  # entropy view -> record key
+VIEW_TITLES = {"processed": "H(p), processed (temperature + top-p)",
+               "tempered": "H(softmax(logits/T)), before top-p"}
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -75,6 +88,8 @@ def as_records(records) -> dict[str, np.ndarray]:
         raise ValueError(f"records must be equal-length 1-D arrays, got shapes {lengths}")
     out["accepted"] = out["accepted"].astype(bool)
     out["teacher_entropy"] = out["teacher_entropy"].astype(np.float64)
+    if "teacher_entropy_tempered" in out:
+        out["teacher_entropy_tempered"] = out["teacher_entropy_tempered"].astype(np.float64)
     out["acceptance_prob"] = out["acceptance_prob"].astype(np.float64)
     if np.isnan(out["teacher_entropy"]).any():
         raise ValueError("teacher_entropy contains NaN")
@@ -106,6 +121,28 @@ def log_edges(lo: float = 1e-4, hi: float = 10 ** 0.5, per_decade: int = 2) -> n
 
 
 DEFAULT_EDGES = log_edges()  # 0 | 1e-4 .. 10^0.5 nats in half decades | inf : 11 bins
+ZERO_EDGE = 5e-324           # the smallest positive double: the bin [0, ZERO_EDGE) holds H = 0 exactly
+
+
+def quantile_edges(values, n_bins: int = 6) -> np.ndarray:
+    """Bins the data fill: [0, ZERO_EDGE) for H = 0 exactly (only if some value is 0), then the
+    positive values cut at their 1/n_bins, ..., (n_bins-1)/n_bins quantiles, the last bin open-ended.
+
+    Each positive bin gets about the same number of tokens (ties at an edge can merge two bins: the
+    repeated edges are dropped). -> edges [0, (ZERO_EDGE,) q_1, ..., q_{n_bins-1}, inf] for bin_index.
+    """
+    h = np.clip(np.asarray(values, dtype=np.float64).reshape(-1), 0.0, None)
+    if h.size == 0 or n_bins < 1:
+        raise ValueError(f"quantile_edges needs values and n_bins >= 1, got {h.size} values, n_bins={n_bins}")
+    pos = h[h > 0]
+    edges = [0.0]
+    if pos.size == 0:                               # every value is 0: one bin
+        return np.array([0.0, np.inf])
+    if pos.size < h.size:
+        edges.append(ZERO_EDGE)
+    inner = np.quantile(pos, np.arange(1, n_bins) / n_bins) if n_bins > 1 else np.array([])
+    edges += sorted({float(x) for x in inner if x > edges[-1]})
+    return np.array(edges + [np.inf])
 
 
 def bin_index(values, edges=DEFAULT_EDGES) -> np.ndarray:
@@ -116,10 +153,15 @@ def bin_index(values, edges=DEFAULT_EDGES) -> np.ndarray:
 
 
 def bin_label(lo: float, hi: float) -> str:
-    """Short human label for [lo, hi): '<1e-4', '1e-4-3e-4', '0.32-1', '>=3.2'."""
+    """Short human label for [lo, hi): '<1e-4', '1e-4-3e-4', '0.32-1', '>=3.2'; the H = 0 bin of
+    quantile_edges is '0', the bin after it starts at '0+'."""
     def fmt(x):
         return f"{x:.0e}".replace("e-0", "e-") if x < 0.01 else f"{x:.2g}"
 
+    if lo == 0 and hi <= ZERO_EDGE:
+        return "0"
+    if lo <= ZERO_EDGE and lo > 0:
+        return ">0" if math.isinf(hi) else f"0+-{fmt(hi)}"
     if lo == 0:
         return f"<{fmt(hi)}"
     if math.isinf(hi):
@@ -182,17 +224,21 @@ def tested_mask(records) -> np.ndarray:
     return (before - before[start]) == 0                         # no rejection earlier in the block
 
 
-def acceptance_by_entropy(records, edges=DEFAULT_EDGES, min_count: int = 30, tested_only: bool = True) -> list[EntropyBin]:
-    """Acceptance rate, its 95% Wilson interval and the mean analytic beta per entropy bin.
+def acceptance_by_entropy(records, edges=DEFAULT_EDGES, min_count: int = 30, tested_only: bool = True,
+                          key: str = "teacher_entropy") -> list[EntropyBin]:
+    """Acceptance rate, its 95% Wilson interval and the mean analytic beta per entropy bin of the
+    record key `key` (an entropy view, see VIEWS).
 
     tested_only (default): count only the tested positions (`tested_mask`), so a bin's rate
     estimates P(accept | H(p) in bin) = E[beta | H(p) in bin], the same quantity as its mean beta.
     The table's token acceptance (accepted / drafted, the seed's) keeps the untested ones."""
     r = as_records(records)
+    if key not in r:
+        raise ValueError(f"records have no {key!r}; have {sorted(r)}")
     if tested_only:
         keep = tested_mask(r)
         r = {k: v[keep] for k, v in r.items()}
-    idx = bin_index(r["teacher_entropy"], edges)
+    idx = bin_index(r[key], edges)
     nbins = len(edges) - 1
     count = np.bincount(idx, minlength=nbins)
     acc = np.bincount(idx, weights=r["accepted"].astype(np.float64), minlength=nbins)
@@ -205,6 +251,32 @@ def acceptance_by_entropy(records, edges=DEFAULT_EDGES, min_count: int = 30, tes
                    float(lo[i]), float(hi[i]), float(mean_beta[i]), bool(count[i] < min_count))
         for i in range(nbins)
     ]
+
+
+def tested_values(records, key: str = "teacher_entropy") -> np.ndarray:
+    """The entropy view `key` at the tested positions (what acceptance_by_entropy bins): for edges."""
+    r = as_records(records)
+    if key not in r:
+        raise ValueError(f"records have no {key!r}; have {sorted(r)}")
+    return r[key][tested_mask(r)]
+
+
+def per_prompt_bin_counts(records, edges, n_prompts: int, key: str = "teacher_entropy"):
+    """Tested drafted tokens and accepted ones per prompt (the records' row) and entropy bin:
+    -> (n, k), each (n_prompts, n_bins). The unit a bootstrap resamples is the prompt, whose tokens
+    are correlated; a prompt with no token in a bin has n = 0 there and still counts as a prompt."""
+    r = as_records(records)
+    if "row" not in r:
+        raise ValueError("per_prompt_bin_counts needs the records' 'row'")
+    keep = tested_mask(r)
+    rows, acc, h = r["row"][keep], r["accepted"][keep], r[key][keep]
+    if rows.size and (rows.min() < 0 or rows.max() >= n_prompts):
+        raise ValueError(f"record rows span {rows.min()}..{rows.max()}, outside n_prompts={n_prompts}")
+    nb = len(edges) - 1
+    cell = rows.astype(np.int64) * nb + bin_index(h, edges)    # (n_tested,) flat (prompt, bin) index
+    n = np.bincount(cell, minlength=n_prompts * nb).reshape(n_prompts, nb)
+    k = np.bincount(cell, weights=acc.astype(np.float64), minlength=n_prompts * nb).reshape(n_prompts, nb)
+    return n.astype(np.float64), k
 
 
 def entropy_profile(entropies, edges=DEFAULT_EDGES, quantiles=QUANTILES) -> dict:
@@ -277,8 +349,9 @@ def completion_step_logits(model, prompts, completions, *, batch_size: int = 16,
 @torch.no_grad()
 def teacher_sample_entropies(teacher, prompts, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
                              max_new_tokens: int = 128, eos_token_id=None, seed: int = 0,
-                             batch_size: int = 16, vocab_size: int | None = None) -> np.ndarray:
+                             batch_size: int = 16, vocab_size: int | None = None, views: bool = False):
     """H(p) at every token the teacher samples on its own: the task's entropy profile.
+    views=True returns {"processed": H(p), "tempered": H before top-k / top-p} (see VIEWS) instead.
 
     Sample with specdec.autoregressive_generate, then one teacher forward over prompt + completion
     (`completion_step_logits`) and take the processed distribution at each position that predicted a
@@ -291,12 +364,15 @@ def teacher_sample_entropies(teacher, prompts, *, temperature: float, top_p: flo
     result = autoregressive_generate(teacher, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, seed=seed,
                                      vocab_size=vocab_size)
-    out = [processed_entropy(step_logits, temperature, top_k, top_p).cpu().numpy()
-           for _, step_logits in completion_step_logits(teacher, prompts, result.tokens, batch_size=batch_size,
-                                                        vocab_size=vocab_size)]
-    if not out:
+    out = {"processed": [], "tempered": []}
+    for _, step_logits in completion_step_logits(teacher, prompts, result.tokens, batch_size=batch_size,
+                                                 vocab_size=vocab_size):
+        out["processed"].append(processed_entropy(step_logits, temperature, top_k, top_p).cpu().numpy())
+        out["tempered"].append(processed_entropy(step_logits, temperature).cpu().numpy())
+    if not out["processed"]:
         raise ValueError("the teacher generated no tokens for any prompt")
-    return np.concatenate(out)
+    out = {v: np.concatenate(x) for v, x in out.items()}
+    return out if views else out["processed"]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -348,7 +424,8 @@ def plot_acceptance_vs_entropy(bins_by_name: dict[str, list[EntropyBin]], path, 
             if b.count == 0:
                 continue
             x = i - 0.35 + width * (j + 0.5)  # series side by side within the bin
-            ax.errorbar(x, b.rate, yerr=[[b.rate - b.ci_lo], [b.ci_hi - b.rate]], color=color, lw=1, capsize=2)
+            yerr = [[max(b.rate - b.ci_lo, 0.0)], [max(b.ci_hi - b.rate, 0.0)]]  # >= 0: round-off at rate 0 or 1
+            ax.errorbar(x, b.rate, yerr=yerr, color=color, lw=1, capsize=2)
             ax.scatter(x, b.rate, s=15 + 400 * b.count / biggest, alpha=0.6, label=label,
                        facecolors="none" if b.too_few else color, edgecolors=color)
             label = None
@@ -359,6 +436,39 @@ def plot_acceptance_vs_entropy(bins_by_name: dict[str, list[EntropyBin]], path, 
     ax.set_ylabel("token acceptance (95% Wilson)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower left", markerscale=0.5)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_bin_differences(panels: dict, path, title: str = "", ylabel: str = "acceptance - baseline",
+                         size_px=(1100, 480), dpi: int = 100) -> Path:
+    """Per-bin differences with their intervals, one panel per entropy view.
+
+    panels: {panel title: (bin labels, {series name: [(mean, lo, hi) per bin]})}. Points with 95%
+    bars, series side by side within a bin, a line at 0 (no difference). PNG of size_px."""
+    plt = _pyplot()
+    if not panels:
+        raise ValueError("plot_bin_differences needs at least one panel")
+    fig, axes = plt.subplots(1, len(panels), figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi, squeeze=False)
+    for ax, (panel, (labels, series)) in zip(axes[0], panels.items()):
+        width = 0.7 / max(len(series), 1)
+        for j, (name, stats) in enumerate(series.items()):
+            if len(stats) != len(labels):
+                raise ValueError(f"series {name!r} has {len(stats)} bins, the panel {panel!r} {len(labels)}")
+            x = np.arange(len(labels)) - 0.35 + width * (j + 0.5)
+            m, lo, hi = (np.array([s[i] for s in stats], dtype=np.float64) for i in range(3))
+            ax.errorbar(x, m, yerr=[np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)], fmt="o", ms=4, color=f"C{(j + 1) % 10}", lw=1, capsize=2,
+                        label=name)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel(f"{panel} (nats)", fontsize=8)
+        ax.set_ylabel(f"{ylabel} (95% bootstrap)", fontsize=8)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,29 +1,45 @@
 """The whole study in one command: train, evaluate, analyse, and write results/REPORT.md.
 
 For each task (gsm8k: low teacher entropy, cnndm: high) on one preset (default: the offline tiny
-pair), train a draft with each divergence (fkl, rkl, jsd beta=0.5, tvd, ajsd; distill.main) for
-several training seeds, evaluate the baseline (untrained) draft and every trained one with batched
-speculative decoding (evaluate.main --record: gamma 5, top-p 0.95, the task's temperature), then:
+pair):
+  0. tune ajsd: train it at every (floor, scale) of a small grid and score each on VALIDATION
+     prompts (train-split prompts no training run sees; the eval split is disjoint by data.py's
+     hash), then keep the best setting (`tune_ajsd`). The eval prompts are never touched here.
+  1. train a draft with each divergence (fkl, rkl, jsd beta=0.5, tvd, ajsd with the selected
+     setting; distill.main) for several training seeds;
+  2. evaluate the baseline (untrained) draft and every trained one with batched speculative
+     decoding (evaluate.main --record: gamma 5, top-p 0.95, the task's temperature), every run on
+     the same eval prompts with the same sampling seed; then:
 
   the table   task x divergence: token acceptance (accepted / drafted, macro-mean over prompts),
               analytic alpha (mean over drafted positions of sum_x min(p, q); p = teacher, q = draft),
-              mean accepted length (tokens per target call, bonus included); each a mean with a 95%
-              interval from a hierarchical bootstrap over seeds and prompts: resample the seeds with
-              replacement, then within each drawn seed its prompts with replacement, and take the
-              mean over seeds of the per-seed prompt means (the point estimate is the same statistic
-              on the data as observed). The baseline has no training seed: its interval is over prompts.
-  entropy     the task's entropy profile H(p) along the teacher's own samples (entropy.py), and
-              acceptance vs teacher entropy per divergence (the records of every seed pooled).
-  sentences   generated from the numbers: does the seed's ordering (RKL best on gsm8k, JSD best on
-              cnndm) reproduce, and is ajsd as good as the best fixed divergence within the intervals.
+              mean accepted length (tokens per target call, bonus included); each the mean over seeds
+              of the per-seed mean over prompts, with a 95% interval from `crossed_bootstrap`.
+  intervals   prompts and seeds are CROSSED (every seed decodes the same prompts), so a bootstrap
+              replicate draws one multiset of prompts, shared by all runs, and the seeds of each
+              divergence with replacement. A difference A - B uses the same prompt draw on both sides
+              (paired by prompt: the prompts' shared difficulty cancels) and each side's own seeds.
+  differences each divergence minus the baseline and minus the best fixed divergence (fkl, rkl, jsd,
+              tvd: the highest mean), overall and per entropy bin. The headline comparisons (HEADLINE:
+              the seed's claims, rkl vs jsd on gsm8k, jsd vs fkl on cnndm) are stated as separated
+              (interval excludes 0), equivalent (interval within +/- EQUIV_MARGIN) or bounded.
+  entropy     two views of the teacher's entropy at each drafted position (entropy.VIEWS): processed
+              H(p) after top-p (what verification uses; exactly 0 at most positions) and tempered H
+              before top-p (continuous). Bins per task and view come from the data
+              (entropy.quantile_edges: H = 0 its own bin, quantiles of the rest), so none is empty.
+              Per bin: acceptance levels (Wilson, seeds pooled) and differences with bootstrap
+              intervals (tokens of one prompt stay together), plotted per task.
+  sentences   generated from the numbers.
 
 Every number in REPORT.md is computed in this process from the eval JSON this invocation wrote; a
 run that is missing or failed raises MissingRunError, so a partial table is never written.
-`--quick` (what CI runs): one seed, fewer steps and prompts; it writes results/quick/REPORT.md so
-a smoke run never overwrites the real study.
+`--quick` (what CI runs): two seeds, a 2 x 2 ajsd grid, few steps and prompts; it writes
+results/quick/REPORT.md so a smoke run never overwrites the real study. Progress is printed as
+`[report <seconds>s] ...` lines, one per training run / evaluation / analysis step.
 
-The table-building (`collect_runs`, `build_table`, `table_markdown`, `findings`) is pure: it takes
-already-loaded eval JSON and is tested without training anything.
+The statistics and tables (`crossed_bootstrap`, `collect_runs`, `build_table`, `differences`,
+`bin_differences`, `findings`, ...) are pure: they take already-loaded eval JSON and are tested
+without training anything.
 """
 from __future__ import annotations
 
@@ -35,6 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +75,16 @@ class ReportConfig:
     preset: str = "tiny"
     tasks: tuple = ("gsm8k", "cnndm")
     divs: tuple = DIVS
-    seeds: tuple = (0, 1, 2)
-    steps: int | None = 150           # training steps per run (half the preset's 300: 30 runs must fit in an hour on 2 cores)
-    n_prompts: int | None = 64        # eval prompts per task and run (None: the preset's 128)
+    seeds: tuple = tuple(range(8))    # sized from the measured seed-to-seed spread (docs/benchmarks.md)
+    steps: int | None = 150           # training steps per run (half the preset's 300, to fit the hour)
+    n_prompts: int | None = 512       # eval prompts per task and run: the prompts, not the seeds, limit
+                                      # the intervals (docs/benchmarks.md), and evaluation is cheap
     n_profile: int = 32               # prompts the teacher samples for the entropy profile
+    n_bins: int = 6                   # quantile bins of the positive entropies per view (+ the H = 0 bin)
+    ajsd_floors: tuple = (0.25, 0.5, 0.75)   # the ajsd grid, tuned on validation prompts
+    ajsd_scales: tuple = (0.3, 1.0, 3.0)     # nats
+    grid_seeds: tuple = (0,)          # training seeds per grid point
+    n_val: int = 256                  # validation prompts (train split, unused by every training run)
     runs: str = "runs/report"         # trained students: <runs>/<preset>/<task>/<div>-s<seed>
     results: str = "results/report"   # eval JSON + plots
     out: str = "results/REPORT.md"
@@ -70,8 +93,12 @@ class ReportConfig:
     quick: bool = False
 
 
-QUICK = dict(seeds=(0,), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
-             out="results/quick/REPORT.md", n_boot=1000)
+QUICK = dict(seeds=(0, 1), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
+             out="results/quick/REPORT.md", n_boot=1000, n_bins=3, ajsd_floors=(0.25, 0.75),
+             ajsd_scales=(0.3, 3.0), n_val=8)
+HEADLINE = {"gsm8k": ("rkl", "jsd"), "cnndm": ("jsd", "fkl")}   # the comparisons the study must resolve
+VAL_SEED = 10_000                 # the stand-in stream the validation prompts come from
+EQUIV_MARGIN = 0.015              # "equivalent": the 95% interval of the difference lies within +/- 1.5 points
 
 
 def run_name(div: str, seed: int) -> str:
@@ -100,6 +127,86 @@ def hierarchical_bootstrap(per_seed: list, n_boot: int = 2000, seed: int = 0, le
     boot = slot_means.mean(1)                                   # (n_boot,)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return point, float(lo), float(hi)
+
+
+def _seed_ratios(num, den, weights):
+    """Per seed and bootstrap replicate: sum_prompts w * num / sum_prompts w * den.
+    num, den: (S, P, ...) ; weights: (n_boot, P) prompt multiplicities -> (n_boot, S, ...)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.einsum("bp,sp...->bs...", weights, num) / np.einsum("bp,sp...->bs...", weights, den)
+
+
+def _as_stack(per_seed, name):
+    x = np.stack([np.asarray(v, dtype=np.float64) for v in per_seed])      # (S, P, ...)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} needs one (P, ...) array per seed, got shape {x.shape}")
+    return x
+
+
+def crossed_bootstrap(a_num, a_den, b_num=None, b_den=None, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95):
+    """Mean over seeds of a ratio over prompts (minus B's, if given), with a percentile interval from
+    a bootstrap that resamples prompts AND seeds.
+
+    Every run of the study is evaluated on the SAME prompts with the same sampling seed: prompts and
+    training seeds are crossed, not nested. So one replicate draws ONE multiset of prompts (shared by
+    every seed and by both sides of a difference: the comparison is paired by prompt) and, for each
+    side, its seeds with replacement. The statistic of a side is the mean over its drawn seeds of
+    sum_prompts w * num / sum_prompts w * den (e.g. num = accepted, den = tested tokens of a bin;
+    or num = a per-prompt value, den = 1, and 0/0 for a prompt without one). A side with one run
+    (the baseline) has no seed to resample. The point estimate is the statistic on the data as seen.
+
+    a_num, a_den, b_num, b_den: one array per seed, each (P,) or (P, K) for K statistics at once
+    (e.g. bins). -> (mean, lo, hi), each a float or a (K,) array; NaN where a side has no data."""
+    A_num, A_den = _as_stack(a_num, "a_num"), _as_stack(a_den, "a_den")
+    sides = [(A_num, A_den, 1.0)]
+    if b_num is not None:
+        sides.append((_as_stack(b_num, "b_num"), _as_stack(b_den, "b_den"), -1.0))
+    P = A_num.shape[1]
+    if any(x.shape[1:] != A_num.shape[1:] for n, d, _ in sides for x in (n, d)):
+        raise ValueError("every run must have the same prompts (and bins): shapes "
+                         f"{[x.shape for n, d, _ in sides for x in (n, d)]}")
+    rng = np.random.default_rng(seed)
+    weights = np.stack([np.bincount(r, minlength=P) for r in rng.integers(0, P, size=(n_boot, P))])  # (n_boot, P)
+    point, boot = 0.0, 0.0
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)       # all-NaN slices: a bin a side never reached
+        for num, den, sign in sides:
+            S = num.shape[0]
+            point = point + sign * np.nanmean(num.sum(1) / den.sum(1), 0)        # (...): mean of per-seed ratios
+            ratios = _seed_ratios(num, den, weights.astype(np.float64))           # (n_boot, S, ...)
+            picks = rng.integers(0, S, size=(n_boot, S))                          # (n_boot, S) seeds drawn
+            drawn = np.take_along_axis(ratios, picks.reshape(picks.shape + (1,) * (ratios.ndim - 2)), 1)
+            boot = boot + sign * np.nanmean(drawn, 1)                             # (n_boot, ...)
+        lo, hi = np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    if np.ndim(point) == 0:
+        return float(point), float(lo), float(hi)
+    return np.asarray(point, dtype=np.float64), lo, hi
+
+
+def per_prompt_ratio(values):
+    """A per-prompt metric (NaN = nothing drafted) as num / den for crossed_bootstrap: the ratio is
+    then the mean over the prompts that have a value."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(v)
+    return np.where(ok, v, 0.0), ok.astype(np.float64)
+
+
+def difference_statement(a: str, b: str, diff, margin: float = EQUIV_MARGIN) -> str:
+    """The finding a paired difference A - B = (mean, lo, hi) supports: separated (the 95% interval
+    excludes 0), equivalent within +/- margin (the interval lies inside it), or neither: then the
+    bound the data do give, max(|lo|, |hi|)."""
+    m, lo, hi = (100 * x for x in diff)
+    text = f"{a} - {b} = {m:+.2f} points [{lo:+.2f}, {hi:+.2f}]"
+    if lo > 0 or hi < 0:
+        better, worse = (a, b) if lo > 0 else (b, a)
+        return f"{text}: separated, {better} is better than {worse} (95% interval excludes 0)"
+    bound = max(abs(lo), abs(hi))
+    if bound <= 100 * margin:
+        return (f"{text}: not separated, and equivalent within +/- {100 * margin:.1f} points "
+                f"(the whole 95% interval lies within +/- {bound:.2f})")
+    return (f"{text}: not separated, and not bounded to +/- {100 * margin:.1f} points; the data bound the "
+            f"difference to +/- {bound:.2f} points at 95% confidence")
 
 
 # ----------------------------------------------------------------------------- tables (pure)
@@ -144,14 +251,132 @@ class Row:
     stats: dict          # metric -> (mean, lo, hi)
 
 
+def metric_bootstrap(seeds: list, metric: str, n_boot: int = 2000, vs: list | None = None):
+    """A metric's mean over seeds of per-seed prompt means (minus those of `vs`), 95% interval.
+    Runs on the same prompts (the study's design): crossed_bootstrap, paired by prompt; otherwise (a
+    hand-made eval set) the nested hierarchical_bootstrap, which needs no shared prompts."""
+    lengths = {len(s[metric]) for s in seeds + (vs or [])}
+    if len(lengths) == 1:
+        a = [per_prompt_ratio(s[metric]) for s in seeds]
+        b = [per_prompt_ratio(s[metric]) for s in vs] if vs else None
+        return crossed_bootstrap([x[0] for x in a], [x[1] for x in a], b and [x[0] for x in b],
+                                 b and [x[1] for x in b], n_boot=n_boot)
+    if vs:
+        raise ValueError(f"a paired difference needs the same prompts on both sides, got prompt counts {lengths}")
+    return hierarchical_bootstrap([s[metric] for s in seeds], n_boot=n_boot)
+
+
 def build_table(collected: dict, n_boot: int = 2000) -> list[Row]:
-    """One Row per (task, div): each metric's mean and 95% hierarchical-bootstrap interval."""
+    """One Row per (task, div): each metric's mean and 95% bootstrap interval (metric_bootstrap)."""
     rows = []
     for task, by_div in collected.items():
         for div, seeds in by_div.items():
-            stats = {m: hierarchical_bootstrap([s[m] for s in seeds], n_boot=n_boot) for m in METRICS}
+            stats = {m: metric_bootstrap(seeds, m, n_boot) for m in METRICS}
             rows.append(Row(task, div, len(seeds), int(np.mean([len(s[METRICS[0]]) for s in seeds])), stats))
     return rows
+
+
+def best_fixed(by_div: dict, metric: str = "token_acceptance") -> str | None:
+    """The trained fixed divergence (not the baseline, not ajsd) with the highest mean of `metric`.
+    by_div: {div: [per-seed per-prompt metrics]} (collect_runs' value for one task)."""
+    means = {d: np.mean([np.nanmean(s[metric]) for s in seeds]) for d, seeds in by_div.items()
+             if d not in ("baseline", "ajsd")}
+    return max(means, key=means.get) if means else None
+
+
+def differences(by_div: dict, n_boot: int = 2000, metric: str = "token_acceptance") -> dict:
+    """Per divergence of one task: its `metric` minus the baseline's and minus the best fixed
+    divergence's, each (mean, lo, hi) from crossed_bootstrap (None where not applicable).
+    -> {"best": best fixed div, "rows": {div: {"baseline": diff, "best": diff}}}"""
+    best = best_fixed(by_div, metric)
+    rows = {}
+    for div, seeds in by_div.items():
+        if div == "baseline":
+            continue
+        rows[div] = {ref: (metric_bootstrap(seeds, metric, n_boot, vs=by_div[name])
+                           if name in by_div and name != div else None)
+                     for ref, name in (("baseline", "baseline"), ("best", best))}
+    return {"best": best, "rows": rows}
+
+
+def best_vs_runner_up(by_div: dict, n_boot: int = 2000, metric: str = "token_acceptance"):
+    """(best, runner-up, paired difference best - runner-up) among the trained divergences of one
+    task, by mean `metric`; None with fewer than two."""
+    means = {d: np.mean([np.nanmean(s[metric]) for s in seeds]) for d, seeds in by_div.items() if d != "baseline"}
+    if len(means) < 2:
+        return None
+    best, runner = sorted(means, key=means.get, reverse=True)[:2]
+    return best, runner, metric_bootstrap(by_div[best], metric, n_boot, vs=by_div[runner])
+
+
+def headline(by_div: dict, task: str, n_boot: int = 2000, metric: str = "token_acceptance"):
+    """The task's headline comparison (HEADLINE: a vs b) as (a, b, diff, sentence); None if absent."""
+    if task not in HEADLINE or not set(HEADLINE[task]) <= set(by_div):
+        return None
+    a, b = HEADLINE[task]
+    diff = metric_bootstrap(by_div[a], metric, n_boot, vs=by_div[b])
+    return a, b, diff, difference_statement(a, b, diff)
+
+
+def bin_differences(counts: dict, ref: str, n_boot: int = 2000) -> dict:
+    """Per-bin acceptance of each divergence minus `ref`'s, crossed bootstrap over seeds and prompts.
+    counts: {div: [(n, k) per seed]}, each (P, B) tested / accepted tokens per prompt and bin
+    (entropy.per_prompt_bin_counts). -> {div: (mean, lo, hi) arrays of B}, every div but ref."""
+    if ref not in counts:
+        raise ValueError(f"no reference {ref!r} among {sorted(counts)}")
+    rn, rk = [c[0] for c in counts[ref]], [c[1] for c in counts[ref]]
+    return {div: crossed_bootstrap([c[1] for c in cs], [c[0] for c in cs], rk, rn, n_boot=n_boot)
+            for div, cs in counts.items() if div != ref}
+
+
+def _pts(stat) -> str:
+    """A difference (mean, lo, hi) of rates in points: '+1.2 [-0.3, +2.8]'; '-' if there is none."""
+    if stat is None or np.isnan(stat[0]):
+        return "-"
+    return f"{100 * stat[0]:+.1f} [{100 * stat[1]:+.1f}, {100 * stat[2]:+.1f}]"
+
+
+def differences_markdown(diffs: dict) -> str:
+    """One task's `differences` as a table in points of token acceptance."""
+    lines = [f"| divergence | minus baseline [95% CI] | minus best fixed ({diffs['best']}) [95% CI] |",
+             "|---|---|---|"]
+    for div, d in diffs["rows"].items():
+        lines.append(f"| {div} | {_pts(d['baseline'])} | {_pts(d['best'])} |")
+    return "\n".join(lines)
+
+
+def bin_differences_markdown(labels: list, counts_ref: list, diffs: dict) -> str:
+    """Bins as rows, divergences as columns: the per-bin difference in points; counts_ref = the
+    reference run's tested tokens per bin (pooled), so the reader sees what each row rests on."""
+    names = list(diffs)
+    lines = ["| bin (nats) | reference tokens | " + " | ".join(names) + " |",
+             "|---|---:|" + "---|" * len(names)]
+    for i, label in enumerate(labels):
+        cells = [_pts(tuple(x[i] for x in diffs[n])) for n in names]
+        lines.append(f"| {label} | {int(counts_ref[i])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def select_ajsd(grid: dict):
+    """The grid point (floor, scale) with the highest mean validation acceptance; ties -> the first."""
+    if not grid:
+        raise ValueError("select_ajsd needs at least one grid point")
+    return max(grid, key=lambda k: grid[k][0])
+
+
+def grid_markdown(grid: dict, selected) -> str:
+    """floor x scale table of validation token acceptance; the selected setting in bold."""
+    floors = sorted({f for f, _ in grid})
+    scales = sorted({c for _, c in grid})
+    lines = ["| floor \\ scale (nats) | " + " | ".join(f"{c:g}" for c in scales) + " |",
+             "|---|" + "---|" * len(scales)]
+    for f in floors:
+        cells = []
+        for c in scales:
+            cell = _fmt(grid[(f, c)]) if (f, c) in grid else "-"
+            cells.append(f"**{cell}**" if (f, c) == selected else cell)
+        lines.append(f"| {f:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(stat, digits=3):
@@ -183,8 +408,11 @@ def overlaps(a, b) -> bool:
     return a[1] <= b[2] and b[1] <= a[2]
 
 
-def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
-    """Plain sentences from the numbers: the seed's ordering, ajsd vs the best fixed divergence."""
+def findings(rows: list[Row], metric: str = "token_acceptance", paired: dict | None = None) -> list[str]:
+    """Plain sentences from the numbers: the seed's ordering, ajsd vs the best fixed divergence.
+    paired: {task: (best, runner-up, (mean, lo, hi) of best - runner-up)} (`best_vs_runner_up`): when
+    given, the best is separated from the runner-up iff that paired difference excludes 0, which is
+    sharper than comparing the two level intervals (it cancels the prompts' shared difficulty)."""
     out = []
     by_task = {}
     for r in rows:
@@ -197,11 +425,19 @@ def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
         best = max(trained, key=lambda d: trained[d][0])
         claim = SEED_CLAIM.get(task)
         runner = max((d for d in trained if d != best), key=lambda d: trained[d][0], default=None)
-        separated = runner is None or not overlaps(trained[best], trained[runner])
+        pair = (paired or {}).get(task)
         text = f"On {task}, the best {name} is {best} ({_fmt(trained[best])})"
-        if runner is not None:
-            text += (" and its interval does not overlap the runner-up's" if separated else
-                     f", but its interval overlaps {runner}'s ({_fmt(trained[runner])})")
+        if pair is not None and runner is not None and pair[:2] == (best, runner):
+            d = pair[2]
+            separated = d[1] > 0
+            text += (f" and the paired difference to the runner-up, {runner}, {_pts(d)} points, excludes 0"
+                     if separated else f", but the paired difference to the runner-up, {runner}, {_pts(d)} "
+                     "points, includes 0")
+        else:
+            separated = runner is None or not overlaps(trained[best], trained[runner])
+            if runner is not None:
+                text += (" and its interval does not overlap the runner-up's" if separated else
+                         f", but its interval overlaps {runner}'s ({_fmt(trained[runner])})")
         if claim in trained:
             if best == claim and separated:
                 text += f"; the seed's ordering ({claim} best) reproduces"
@@ -229,11 +465,12 @@ def findings(rows: list[Row], metric: str = "token_acceptance") -> list[str]:
     return out
 
 
-def profile_sentence(profiles: dict) -> str:
-    """Does the tasks' entropy contrast (gsm8k low, cnndm high) hold for this preset's teachers?"""
+def profile_sentence(profiles: dict, view: str = "") -> str:
+    """Does the tasks' entropy contrast (gsm8k low, cnndm high) hold for this preset's teachers?
+    profiles: {task: entropy_profile(...)} of one entropy view (named in the sentence if given)."""
     parts = [f"{t}: median {p['quantiles'][0.5]:.3g}, mean {p['mean']:.3g} nats over {p['n']} tokens"
              for t, p in profiles.items()]
-    text = "Teacher entropy along its own samples (" + "; ".join(parts) + ")"
+    text = f"Teacher entropy{f' ({view} view)' if view else ''} along its own samples (" + "; ".join(parts) + ")"
     if {"gsm8k", "cnndm"} <= set(profiles):
         low = profiles["gsm8k"]["mean"] < profiles["cnndm"]["mean"]
         text += (": gsm8k is the low-entropy task, as the study assumes" if low else
@@ -272,27 +509,104 @@ def records_of(entry: dict):
 
 # ----------------------------------------------------------------------------- the study (I/O)
 
-def train_all(cfg: ReportConfig, task: str, log):
+def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=()) -> bool:
+    """distill.main for one run into `out`; False when --reuse found it already trained (same ajsd
+    settings, read back from the run's config.json)."""
     import distill
 
+    if cfg.reuse and (out / "final").exists():
+        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        want = {extra[i][2:].replace("-", "_"): float(extra[i + 1]) for i in range(0, len(extra), 2)}
+        if all(saved.get(k) == v for k, v in want.items()):
+            return False
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out), *extra]
+    if cfg.steps is not None:
+        argv += ["--steps", str(cfg.steps)]
+    distill.main(argv)
+    return True
+
+
+def ajsd_flags(setting) -> list[str]:
+    """distill.py flags of an ajsd (floor, scale) setting."""
+    floor, scale = setting
+    return ["--ajsd-floor", f"{floor:g}", "--ajsd-scale", f"{scale:g}"]
+
+
+def train_all(cfg: ReportConfig, task: str, log, ajsd_setting=None):
+    """Every (divergence, seed) of the study; ajsd with the setting tune_ajsd selected."""
     task_dir = Path(cfg.runs) / cfg.preset / task
     if not cfg.reuse:   # evaluate.py scores every run under task_dir: leave none from an earlier report
         shutil.rmtree(task_dir, ignore_errors=True)
-    for div in cfg.divs:
-        if div == "baseline":
-            continue
-        for seed in cfg.seeds:
-            out = task_dir / run_name(div, seed)
-            if cfg.reuse and (out / "final").exists():
-                log(f"reuse {out}")
-                continue
-            shutil.rmtree(out, ignore_errors=True)
-            argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out)]
-            if cfg.steps is not None:
-                argv += ["--steps", str(cfg.steps)]
+    jobs = [(d, s) for d in cfg.divs if d != "baseline" for s in cfg.seeds]
+    for i, (div, seed) in enumerate(jobs, 1):
+        extra = ajsd_flags(ajsd_setting) if div == "ajsd" and ajsd_setting is not None else []
+        t0 = time.time()
+        done = _train(cfg, task, div, seed, task_dir / run_name(div, seed), extra)
+        log(f"{task}: {'trained' if done else 'reused'} {run_name(div, seed)} ({i}/{len(jobs)}) "
+            f"in {time.time() - t0:.0f}s")
+
+
+def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
+    """cfg.n_val examples of the TRAIN split that no training run of `used_seeds` sees: disjoint from
+    the eval prompts (data.py's split) and from every training set (checked prompt by prompt).
+    Drawn from the stand-in's stream of seed VAL_SEED (a file/hub source: the rows after those the
+    runs train on)."""
+    import data
+    import models
+
+    pc = models.preset_config(cfg.preset, task)
+    source, n_train = pc.get("data_source", "standin"), pc.get("n_train_prompts")
+    used = {e.prompt for s in used_seeds for e in data.load_examples(task, "train", source=source, n=n_train, seed=s)}
+    pool = data.load_examples(task, "train", source=source, n=len(used) + cfg.n_val, seed=VAL_SEED)
+    val = [e for e in pool if e.prompt not in used][:cfg.n_val]
+    if len(val) < cfg.n_val:
+        raise ValueError(f"only {len(val)} {task} train prompts are unused by training, need n_val={cfg.n_val}")
+    return val
+
+
+def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:
+    """Train ajsd at every (floor, scale) of the grid (cfg.grid_seeds) and score each on the validation
+    prompts (token acceptance, crossed bootstrap). -> {"grid": {(floor, scale): (mean, lo, hi)},
+    "selected": (floor, scale), "n_val": int}. The eval prompts are never touched."""
+    import data
+    import evaluate
+    import models
+
+    grid_dir = Path(cfg.runs) / cfg.preset / "ajsd-grid" / task   # outside <runs>/<preset>/<task>: evaluate.py
+    settings = [(f, c) for f in cfg.ajsd_floors for c in cfg.ajsd_scales]    # scores every run there
+    teacher_id, student_id = models.resolve_pair(task, cfg.preset)
+    teacher, _, tok = models.load_pair(teacher_id, student_id)
+    prompts = [data.build_prompt_ids(tok, task, e)
+               for e in validation_examples(cfg, task, set(cfg.seeds) | set(cfg.grid_seeds))]
+    protocol = _protocol(cfg, task, tok, teacher)
+    grid, n_jobs, i = {}, len(settings) * len(cfg.grid_seeds), 0
+    for setting in settings:
+        per_seed = []
+        for seed in cfg.grid_seeds:
+            i += 1
+            out = grid_dir / f"f{setting[0]:g}-c{setting[1]:g}-s{seed}"
             t0 = time.time()
-            distill.main(argv)
-            log(f"trained {task}/{run_name(div, seed)} in {time.time() - t0:.0f}s")
+            _train(cfg, task, "ajsd", seed, out, ajsd_flags(setting))
+            draft = models.load_model(str(out / "final"), device=teacher.device).eval()
+            res = evaluate.evaluate_draft(teacher, draft, prompts, batch_size=16, seed=0, record=False, **protocol)
+            per_seed.append(res["per_prompt"])
+            log(f"{task}: ajsd grid floor {setting[0]:g} scale {setting[1]:g} seed {seed} ({i}/{n_jobs}): "
+                f"validation acceptance {np.nanmean(np.asarray(res['per_prompt']['token_acceptance'], float)):.3f} "
+                f"in {time.time() - t0:.0f}s")
+        seeds = [per_prompt_metrics({"per_prompt": pp}) for pp in per_seed]
+        grid[setting] = metric_bootstrap(seeds, "token_acceptance", cfg.n_boot)
+    selected = select_ajsd(grid)
+    log(f"{task}: ajsd selected floor {selected[0]:g}, scale {selected[1]:g} nats")
+    return {"grid": grid, "selected": selected, "n_val": len(prompts)}
+
+
+def _protocol(cfg: ReportConfig, task: str, tok, teacher) -> dict:
+    """The decoding protocol evaluate.py uses for the task (models.decoding_protocol): speculative_generate's
+    keyword arguments (gamma, lengths, temperature, top-p/top-k, stop ids, vocab_size)."""
+    import models
+
+    return models.decoding_protocol(models.preset_config(cfg.preset, task), tok, teacher).speculative_kwargs()
 
 
 def evaluate_task(cfg: ReportConfig, task: str) -> Path:
@@ -307,8 +621,9 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     return task_results / "eval.json"
 
 
-def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
-    """H(p) along the teacher's own samples on the task's eval prompts (entropy.py)."""
+def teacher_profile(cfg: ReportConfig, task: str) -> dict:
+    """Both entropy views along the teacher's own samples on the task's eval prompts (entropy.py):
+    {"processed": H(p), "tempered": H before top-p}."""
     import data
     import entropy
     import models
@@ -319,10 +634,62 @@ def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
     tok = models.load_tokenizer(teacher_id)
     prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=pc.get("data_source", "standin"))
     protocol = models.decoding_protocol(pc, tok, teacher)   # as evaluate.py and distill.py
-    return entropy.teacher_sample_entropies(teacher, prompts, seed=0, **protocol.generate_kwargs())
+    return entropy.teacher_sample_entropies(teacher, prompts, seed=0, views=True, **protocol.generate_kwargs())
 
 
-def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, protocols, meta) -> Path:
+def entropy_analysis(cfg: ReportConfig, task: str, evals_task: dict, by_div: dict) -> dict:
+    """Per entropy view: data-filled bins (entropy.quantile_edges over the tested tokens of every run
+    of the task), each divergence's acceptance per bin (records of its seeds pooled, Wilson) and its
+    per-bin difference to the baseline and to the best fixed divergence (crossed bootstrap over
+    seeds and prompts). -> {view: {"edges", "labels", "bins", "vs_baseline", "vs_best", "ref_counts"}}"""
+    import entropy
+
+    recs = {div: [records_of(evals_task[run_name(div, s)]) for s in (cfg.seeds if div != "baseline" else (None,))]
+            for div in cfg.divs}
+    n_prompts = len(by_div["baseline"][0]["token_acceptance"]) if "baseline" in by_div else None
+    best = best_fixed(by_div)
+    out = {}
+    for view, key in entropy.VIEWS.items():
+        values = np.concatenate([entropy.tested_values(r, key) for rs in recs.values() for r in rs])
+        edges = entropy.quantile_edges(values, cfg.n_bins)
+        labels = [entropy.bin_label(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+        bins = {div: entropy.acceptance_by_entropy(entropy.concat_records(rs), edges, key=key) for div, rs in recs.items()}
+        res = {"edges": edges, "labels": labels, "bins": bins, "values": values, "vs_baseline": {}, "vs_best": {}}
+        if n_prompts is not None:
+            counts = {div: [entropy.per_prompt_bin_counts(r, edges, n_prompts, key) for r in rs] for div, rs in recs.items()}
+            res["vs_baseline"] = bin_differences(counts, "baseline", cfg.n_boot)
+            if best is not None:
+                res["vs_best"] = bin_differences({d: c for d, c in counts.items() if d != "baseline"}, best, cfg.n_boot)
+            res["ref_counts"] = {"baseline": counts["baseline"][0][0].sum(0),
+                                 "best": sum(c[0].sum(0) for c in counts[best]) if best else None}
+        out[view] = res
+    return out
+
+
+def gain_sentences(task: str, analysis: dict) -> list[str]:
+    """Where does each divergence gain over the baseline? Per view: the bins whose 95% interval of
+    the difference lies above 0, and the largest gain."""
+    out = []
+    for view, res in analysis.items():
+        parts = []
+        for div, (m, lo, hi) in res["vs_baseline"].items():
+            up = [res["labels"][i] for i in range(len(m)) if lo[i] > 0]
+            down = [res["labels"][i] for i in range(len(m)) if hi[i] < 0]
+            j = int(np.nanargmax(m)) if not np.isnan(m).all() else None
+            text = f"{div} in {len(up)} of {len(m)} bins"
+            if j is not None:
+                text += f" (its largest difference {100 * m[j]:+.1f} points, at {res['labels'][j]} nats)"
+            if down:
+                text += f", below it in {', '.join(down)}"
+            parts.append(text)
+        if parts:
+            out.append(f"On {task}, {view} entropy view: each draft's acceptance exceeds the baseline's with "
+                       f"the 95% interval above 0 for " + "; ".join(parts) + ".")
+    return out
+
+
+def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grids, plots, protocols, meta,
+                 paired=None) -> Path:
     import entropy
 
     md = [f"# Report: which divergence distils the best draft? ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
@@ -330,33 +697,90 @@ def write_report(cfg: ReportConfig, rows, profiles, acc_bins, plots, protocols, 
            f"in {meta['minutes']:.1f} min. Every number below was computed by that invocation from the "
            f"evaluations it ran ({cfg.results}).", ""]
     if cfg.quick:
-        md += ["**QUICK run: one seed, few steps. A smoke test of the pipeline, not a result.**", ""]
-    md += ["## Findings", ""] + [f"- {s}" for s in findings(rows) + [profile_sentence(profiles)]] + [""]
+        md += ["**QUICK run: few seeds, few steps. A smoke test of the pipeline, not a result.**", ""]
+    found = [f"On {t}, the headline comparison: {h[3]}." for t, h in heads.items() if h]
+    found += findings(rows, paired=paired)
+    for task, g in grids.items():
+        f, c = g["selected"]
+        found.append(f"On {task}, ajsd was tuned on {g['n_val']} validation prompts over floor x scale "
+                     f"{len(g['grid'])} settings; selected floor {f:g}, scale {c:g} nats (validation acceptance "
+                     f"{_fmt(g['grid'][(f, c)])}); the ajsd row of the table uses it.")
+        d = diffs[task]["rows"].get("ajsd", {}).get("best")
+        if d is not None:
+            found.append(f"On {task}, tuned ajsd vs the best fixed divergence: "
+                         + difference_statement("ajsd", diffs[task]["best"], d) + ".")
+    for task, an in analysis.items():
+        found += gain_sentences(task, an)
+    views = sorted({v for p in profiles.values() for v in p})
+    found += [profile_sentence({t: p[v] for t, p in profiles.items() if v in p}, v) for v in views]
+    md += ["## Findings", ""] + [f"- {x}" for x in found] + [""]
     md += ["## Acceptance table", "",
            "Speculative decoding on each task's held-out eval prompts, with the protocol evaluate.py recorded: "
            + "; ".join(f"{t}: {line}" for t, line in protocols.items())
-           + f". Training seeds {', '.join(map(str, cfg.seeds))}. Mean with a 95% interval from a hierarchical bootstrap "
-           f"(seeds, then prompts; {cfg.n_boot} resamples). Token acceptance = accepted / drafted per prompt; "
+           + f". Training seeds {', '.join(map(str, cfg.seeds))}, {cfg.steps} steps each. Mean over seeds of the "
+           f"per-seed mean over prompts, with a 95% interval from a bootstrap that resamples the prompts (one "
+           f"draw shared by every run: all runs decode the same prompts with the same sampling seed) and the "
+           f"training seeds ({cfg.n_boot} resamples). Token acceptance = accepted / drafted per prompt; "
            "analytic alpha = mean of sum_x min(p, q) over drafted positions; mean accepted length = tokens per target "
            "call (bonus token included). Best mean per task in bold.", "", table_markdown(rows), ""]
+    md += ["## Differences in token acceptance", "",
+           "Each divergence minus the baseline and minus the best fixed divergence (highest mean among fkl, rkl, "
+           "jsd, tvd), in points, with 95% intervals from the same bootstrap, paired by prompt (the prompt draw is "
+           f"shared by both sides). Headline comparisons (the seed's claims): "
+           + "; ".join(f"{t}: {a} vs {b}" for t, (a, b) in HEADLINE.items() if t in diffs)
+           + f"; a difference whose interval excludes 0 is called separated, one whose interval lies within "
+           f"+/- {100 * EQUIV_MARGIN:.1f} points equivalent.", ""]
+    for task, d in diffs.items():
+        md += [f"### {task}", "", differences_markdown(d), ""]
+        if heads.get(task):
+            md += [f"Headline: {heads[task][3]}.", ""]
+    if grids:
+        md += ["## Tuning ajsd (held-out validation prompts)", "",
+               "beta(H) = floor + (1 - floor) exp(-H / scale). Each setting trained with seed(s) "
+               f"{', '.join(map(str, cfg.grid_seeds))} ({cfg.steps} steps) and scored by token acceptance on "
+               "validation prompts: train-split prompts (disjoint from the eval split by data.py's hash) that none "
+               "of the study's training runs sees (checked prompt by prompt). Mean [95% bootstrap interval]; the "
+               "selected setting (highest mean) in bold; the eval prompts were not used.", ""]
+        for task, g in grids.items():
+            md += [f"### {task} ({g['n_val']} validation prompts)", "", grid_markdown(g["grid"], g["selected"]), ""]
     md += ["## Teacher entropy profile", "",
-           "H(p) in nats of the teacher's processed distribution (the task's temperature and top-p), at every token the "
-           "teacher sampled on its own for the task's eval prompts.", "",
-           "| task | tokens | mean | q10 | q25 | median | q75 | q90 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for task, prof in profiles.items():
-        q = prof["quantiles"]
-        md.append(f"| {task} | {prof['n']} | {prof['mean']:.3g} | " + " | ".join(f"{q[k]:.3g}" for k in sorted(q)) + " |")
+           "Both entropy views (nats) at every token the teacher sampled on its own for the task's eval prompts: "
+           "processed = H(p) after the task's temperature and top-p (what verification uses; exactly 0 where one "
+           "token survives top-p); tempered = H(softmax(logits / T)) before top-p (continuous).", "",
+           "| task | view | tokens | share H = 0 | mean | q10 | q25 | median | q75 | q90 |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, views in profiles.items():
+        for view, prof in views.items():
+            q = prof["quantiles"]
+            md.append(f"| {task} | {view} | {prof['n']} | {prof['zero_share']:.2f} | {prof['mean']:.3g} | "
+                      + " | ".join(f"{q[k]:.3g}" for k in sorted(q)) + " |")
     md.append("")
     for task in profiles:
-        md.append(f"![entropy histogram {task}]({plots[task]['hist']})")
+        md.append(" ".join(f"![entropy histogram {task} {v}]({p})" for v, p in plots[task]["hist"].items()))
     md += ["", "## Acceptance vs teacher entropy", "",
-           "Drafted tokens of every seed pooled, binned by the teacher's entropy at that position; point area ~ token "
-           "count, bars = 95% Wilson intervals (tokens of one sequence are correlated, so these understate the "
-           "uncertainty); hollow points / `*` = fewer than 30 tokens.", ""]
-    for task, by_div in acc_bins.items():
-        md += [f"### {task}", "", f"![acceptance vs entropy {task}]({plots[task]['acc']})", "", "<details><summary>per-bin tables</summary>", ""]
-        for div, bins in by_div.items():
-            md += [f"**{div}**", "", entropy.bins_markdown(bins), ""]
+           f"Tested drafted tokens (up to each block's first rejection) binned by each entropy view. Bins chosen "
+           f"from the data: per task and view, the tested tokens of every run pooled; H = 0 exactly is its own "
+           f"bin where it occurs ('0'), the positive values are cut at their quantiles into {cfg.n_bins} bins of "
+           "equal token counts (so no bin is empty; '0+' = just above 0). Level plots: acceptance per bin, seeds "
+           "pooled, point area ~ tokens, 95% Wilson bars (tokens treated as independent: too narrow). "
+           "Difference plots and tables: acceptance minus the reference's per bin, 95% interval from the "
+           "bootstrap over prompts and seeds (tokens of a prompt stay together), in points.", ""]
+    for task, an in analysis.items():
+        md += [f"### {task}", ""]
+        md += [" ".join(f"![acceptance vs {v} entropy {task}]({p})" for v, p in plots[task]["acc"].items()), ""]
+        md += [f"![differences vs entropy {task}]({plots[task]['diff']})", ""]
+        if plots[task].get("diff_best"):
+            md += [f"![differences to the best fixed divergence {task}]({plots[task]['diff_best']})", ""]
+        for view, res in an.items():
+            md += [f"**{view} view ({entropy.VIEW_TITLES[view]}), minus the baseline**", "",
+                   bin_differences_markdown(res["labels"], res["ref_counts"]["baseline"], res["vs_baseline"]), ""]
+            if res["vs_best"]:
+                md += [f"**{view} view, minus the best fixed divergence ({diffs[task]['best']})**", "",
+                       bin_differences_markdown(res["labels"], res["ref_counts"]["best"], res["vs_best"]), ""]
+        md += ["<details><summary>per-bin levels (Wilson)</summary>", ""]
+        for view, res in an.items():
+            for div, bins in res["bins"].items():
+                md += [f"**{div}, {view} view**", "", entropy.bins_markdown(bins), ""]
         md += ["</details>", ""]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +806,7 @@ def _meta(t0: float, argv) -> dict:
 
 def parse_args(argv=None) -> ReportConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one seed, few steps (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--divs", nargs="+", default=None)
@@ -419,26 +843,55 @@ def main(argv=None):
 
     t0 = time.time()
     log = lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
-    evals, protocols, profiles, acc_bins, plots = {}, {}, {}, {}, {}
+    n_grid = len(cfg.ajsd_floors) * len(cfg.ajsd_scales) * len(cfg.grid_seeds) if "ajsd" in cfg.divs else 0
+    n_train = len([d for d in cfg.divs if d != "baseline"]) * len(cfg.seeds)
+    log(f"plan: {len(cfg.tasks)} task(s) x ({n_grid} ajsd grid runs + {n_train} study runs), {cfg.steps} steps "
+        f"each; {cfg.n_prompts} eval prompts per run")
+    evals, protocols, profiles, analysis, plots, grids = {}, {}, {}, {}, {}, {}
     for task in cfg.tasks:
-        train_all(cfg, task, log)
+        if "ajsd" in cfg.divs:
+            grids[task] = tune_ajsd(cfg, task, log)
+        train_all(cfg, task, log, grids[task]["selected"] if task in grids else None)
         path = evaluate_task(cfg, task)
         evals[task], protocols[task] = load_eval(path), protocol_line(path)
         log(f"evaluated {task} -> {path}")
-    rows = build_table(collect_runs(evals, cfg.divs, cfg.seeds), n_boot=cfg.n_boot)   # raises on missing runs
+    collected = collect_runs(evals, cfg.divs, cfg.seeds)   # raises on missing runs
+    rows = build_table(collected, n_boot=cfg.n_boot)
+    diffs = {t: differences(collected[t], cfg.n_boot) for t in cfg.tasks}
+    heads = {t: headline(collected[t], t, cfg.n_boot) for t in cfg.tasks}
+    paired = {t: best_vs_runner_up(collected[t], cfg.n_boot) for t in cfg.tasks}
     out_dir = Path(cfg.out).parent
+    fig = out_dir / "figures"
     for task in cfg.tasks:
-        profiles[task] = entropy.entropy_profile(teacher_profile(cfg, task))
-        acc_bins[task] = {
-            div: entropy.acceptance_by_entropy(entropy.concat_records(
-                [records_of(evals[task][run_name(div, s)]) for s in (cfg.seeds if div != "baseline" else (None,))]))
-            for div in cfg.divs}
-        hist = entropy.plot_entropy_histogram(profiles[task], out_dir / "figures" / f"entropy_{task}.png", task)
-        acc = entropy.plot_acceptance_vs_entropy(acc_bins[task], out_dir / "figures" / f"acceptance_{task}.png",
-                                                 f"{task}: token acceptance vs teacher entropy")
-        plots[task] = {"hist": hist.relative_to(out_dir).as_posix(), "acc": acc.relative_to(out_dir).as_posix()}
+        analysis[task] = entropy_analysis(cfg, task, evals[task], collected[task])
+        views = teacher_profile(cfg, task)
+        profiles[task] = {}
+        plots[task] = {"hist": {}, "acc": {}}
+        for view, an in analysis[task].items():
+            prof = entropy.entropy_profile(views[view], an["edges"])
+            prof["zero_share"] = float(np.mean(np.asarray(views[view]) == 0))
+            profiles[task][view] = prof
+            plots[task]["hist"][view] = entropy.plot_entropy_histogram(
+                prof, fig / f"entropy_{view}_{task}.png", f"{task}, {view}")
+            plots[task]["acc"][view] = entropy.plot_acceptance_vs_entropy(
+                an["bins"], fig / f"acceptance_{view}_{task}.png", f"{task}: acceptance vs {entropy.VIEW_TITLES[view]}")
+        panels = {entropy.VIEW_TITLES[v]: (an["labels"], {d: list(zip(*x)) for d, x in an["vs_baseline"].items()})
+                  for v, an in analysis[task].items() if an["vs_baseline"]}
+        if panels:
+            plots[task]["diff"] = entropy.plot_bin_differences(
+                panels, fig / f"diff_baseline_{task}.png", f"{task}: acceptance minus the baseline's, per entropy bin")
+        best = diffs[task]["best"]
+        panels = {entropy.VIEW_TITLES[v]: (an["labels"], {d: list(zip(*x)) for d, x in an["vs_best"].items()})
+                  for v, an in analysis[task].items() if an["vs_best"]}
+        if panels:
+            plots[task]["diff_best"] = entropy.plot_bin_differences(
+                panels, fig / f"diff_best_{task}.png", f"{task}: acceptance minus the best fixed divergence's ({best})",
+                ylabel=f"acceptance - {best}")
+        plots[task] = {k: ({v: p.relative_to(out_dir).as_posix() for v, p in x.items()} if isinstance(x, dict)
+                           else x.relative_to(out_dir).as_posix()) for k, x in plots[task].items()}
         log(f"entropy analysis {task} done")
-    out = write_report(cfg, rows, profiles, acc_bins, plots, protocols, _meta(t0, argv))
+    out = write_report(cfg, rows, profiles, analysis, diffs, heads, grids, plots, protocols, _meta(t0, argv),
+                       paired)
     log(f"wrote {out}")
     return out
 

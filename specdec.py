@@ -54,7 +54,8 @@ and draft_calls of the batch count batched passes; mean_accepted_length of the b
 sum of the per-row target calls.
 With record=True, `.records` holds one entry per counted drafted position, in order (round by round,
 rows in batch order, positions ascending): row (index into `prompts`), position (1..gamma), accepted,
-teacher_entropy (nats, H(p_i) of the processed p) and acceptance_prob (beta_i). A position after a
+teacher_entropy (nats, H(p_i) of the processed p), teacher_entropy_tempered (H of the target's
+softmax(logits / T) before top-k / top-p) and acceptance_prob (beta_i). A position after a
 rejection in its block is recorded with accepted=False (it was drafted but never tested).
 """
 from __future__ import annotations
@@ -316,7 +317,8 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
     start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
     finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
-    recs = {k: [] for k in ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")}
+    recs = {k: [] for k in ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered",
+                        "acceptance_prob")}
     batched_target_calls = batched_draft_calls = 0
 
     # the batch starts empty; its per-row state, one entry per active row:
@@ -379,7 +381,8 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         x = torch.cat([pending[:, None], drafts], 1)  # (b, k+1)
         positions = n_seq[:, None] - 1 + torch.arange(k + 1, device=device)  # (b, k+1)
         tmask = torch.cat([tmask, torch.ones(b, k + 1, dtype=torch.long, device=device)], 1)  # (b, L + k + 1)
-        p = process_logits(_forward(target, x, tmask, positions, tcache)[..., :V], temperature, top_k, top_p)  # (b, k+1, V)
+        t_logits = _forward(target, x, tmask, positions, tcache)[..., :V]  # (b, k+1, V)
+        p = process_logits(t_logits, temperature, top_k, top_p)  # (b, k+1, V)
         batched_target_calls += 1
 
         # 3./4. accept a prefix of the drafts, then the correction or bonus token
@@ -414,6 +417,8 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
             recs["position"].append(i[None].expand(b, k)[counted])
             recs["accepted"].append(acc[counted])
             recs["teacher_entropy"].append(entropy(p[:, :k])[counted])
+            # the tempered p before top-k / top-p: continuous, where the processed H is often exactly 0
+            recs["teacher_entropy_tempered"].append(entropy(process_logits(t_logits[:, :k], temperature))[counted])
             recs["acceptance_prob"].append(beta[counted])
 
         # cache bookkeeping: slots of rejected drafts become holes
@@ -447,6 +452,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         records["row"], records["position"] = records["row"].long(), records["position"].long()
         records["accepted"] = records["accepted"].bool()
         records["teacher_entropy"] = records["teacher_entropy"].float()
+        records["teacher_entropy_tempered"] = records["teacher_entropy_tempered"].float()
         records["acceptance_prob"] = records["acceptance_prob"].float()
         with torch.inference_mode(False):  # hand back ordinary tensors: inference tensors refuse in-place updates
             records = {k: v.clone() for k, v in records.items()}

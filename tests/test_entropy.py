@@ -217,3 +217,128 @@ def test_acceptance_bubble_chart_is_a_png_of_the_requested_size(tmp_path):
     bins = E.acceptance_by_entropy(_records(ent, rng.random(ent.size) < 0.6))
     path = E.plot_acceptance_vs_entropy({"rkl": bins, "fkl": bins}, tmp_path / "a.png", size_px=(900, 500))
     assert png_size(path) == (900, 500)
+
+
+# ----------------------------------------------------------------------------- data-filled bins
+
+def test_quantile_edges_put_exact_zeros_alone_and_fill_every_bin():
+    """After top-p most positions have H = 0 exactly: that value gets its own bin, and the positive
+    values are cut at their quantiles, so every bin holds tokens (fixed log bins left most empty)."""
+    rng = np.random.default_rng(0)
+    h = np.concatenate([np.zeros(800), rng.exponential(0.5, 200)])
+    edges = E.quantile_edges(h, n_bins=4)
+    idx = E.bin_index(h, edges)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    assert len(counts) == 5 and counts[0] == 800 and (h[idx == 0] == 0).all()
+    assert (counts[1:] >= 45).all() and (counts[1:] <= 55).all()
+    assert E.bin_label(edges[0], edges[1]) == "0" and E.bin_label(edges[1], edges[2]).startswith("0+")
+
+
+def test_quantile_edges_without_zeros_have_no_zero_bin():
+    """The tempered entropy is never exactly 0: no '0' bin, n_bins bins of equal counts."""
+    h = np.linspace(0.01, 3.0, 600)
+    edges = E.quantile_edges(h, n_bins=6)
+    assert len(edges) == 7 and edges[1] > 0
+    assert np.bincount(E.bin_index(h, edges), minlength=6).tolist() == [100] * 6
+
+
+def test_per_prompt_bin_counts_sum_to_the_pooled_bins():
+    """Counting per prompt and bin, then summing over prompts, must give acceptance_by_entropy's
+    pooled counts (the bootstrap resamples prompts of these same tokens); a prompt without tested
+    tokens is a zero row, not dropped."""
+    r = _records([0.0, 0.5, 2.0, 0.0, 2.0, 0.5], [True, False, True, True, True, False])
+    r["row"] = np.array([0, 0, 0, 2, 2, 2])
+    r["position"] = np.array([1, 2, 1, 1, 2, 3])
+    edges = np.array([0.0, E.ZERO_EDGE, 1.0, np.inf])
+    n, k = E.per_prompt_bin_counts(r, edges, n_prompts=3)
+    pooled = E.acceptance_by_entropy(r, edges)
+    assert n.shape == (3, 3) and n[1].sum() == 0
+    assert n.sum(0).tolist() == [b.count for b in pooled] and k.sum(0).tolist() == [b.accepted for b in pooled]
+
+
+def test_bin_differences_plot_is_a_png_of_the_requested_size(tmp_path):
+    """The difference plot: one panel per entropy view, PNG of the requested size."""
+    stats = [(0.05, -0.01, 0.1), (0.1, 0.05, 0.15)]
+    panels = {"processed": (["0", ">0"], {"rkl": stats}), "tempered": (["<1", ">=1"], {"rkl": stats})}
+    path = E.plot_bin_differences(panels, tmp_path / "d.png", "t", size_px=(700, 300))
+    assert png_size(path) == (700, 300)
+
+
+# ----------------------------------------------------------------------------- what the records hold
+
+def _other_lm(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)
+    return model
+
+
+def _record_contexts(rec, prompts, tokens, max_new_tokens):
+    """(index, context) of every tested record: prompt + the tokens emitted before its block + the
+    accepted drafts before it in the block (all on the output path). Blocks are rebuilt from the
+    records: a block emits its accepted drafts + one token, cut at max_new_tokens."""
+    tested = E.tested_mask(rec)
+    emitted = {}                                  # row -> tokens emitted before the current block
+    block_start, out = {}, []
+    for j in range(len(rec["row"])):
+        row, pos = int(rec["row"][j]), int(rec["position"][j])
+        if pos == 1:                              # a new block of this row: close the previous one
+            if row in block_start:
+                n_acc = block_start[row]
+                emitted[row] = min(emitted.get(row, 0) + n_acc + 1, max_new_tokens)
+            block_start[row] = 0
+        if tested[j]:
+            g = emitted.get(row, 0)
+            out.append((j, prompts[row] + tokens[row][: g + pos - 1]))
+        block_start[row] += int(rec["accepted"][j])
+    return out
+
+
+def test_records_hold_the_targets_entropies_not_the_drafts(tiny_lm):
+    """The analysis bins each drafted token by the TARGET's entropy at that position. With a draft
+    different from the target, recompute from the target alone, at the context of every tested
+    record, H of the processed p (temperature + top-p) and of the tempered p (before top-p): each
+    record's teacher_entropy and teacher_entropy_tempered must equal them; the draft's entropies
+    there differ, so a record holding q's entropy (or p after top-p in the tempered key) fails."""
+    target, prompts = tiny_lm
+    draft = _other_lm(1)
+    T, top_p, max_new = 0.7, 0.9, 24
+    res = __import__("specdec").speculative_generate(target, draft, prompts, gamma=3, max_new_tokens=max_new,
+                                                      temperature=T, top_p=top_p, eos_token_id=[], seed=0,
+                                                      record=True)
+    rec = {k: v.numpy() for k, v in res.records.items()}
+    contexts = _record_contexts(rec, prompts, res.tokens, max_new)
+    assert len(contexts) >= 40
+    want_p, want_t, draft_p = [], [], []
+    with torch.no_grad():
+        for _, ctx in contexts:
+            lt = target(torch.tensor([ctx])).logits[0, -1]
+            want_p.append(E.processed_entropy(lt, T, 0, top_p).item())
+            want_t.append(E.processed_entropy(lt, T).item())
+            draft_p.append(E.processed_entropy(draft(torch.tensor([ctx])).logits[0, -1], T, 0, top_p).item())
+    idx = [j for j, _ in contexts]
+    got_p, got_t = rec["teacher_entropy"][idx], rec["teacher_entropy_tempered"][idx]
+    assert np.allclose(got_p, want_p, atol=1e-4)
+    assert np.allclose(got_t, want_t, atol=1e-4)
+    assert np.abs(np.array(draft_p) - np.array(want_p)).max() > 0.1     # the draft's H is a different number
+    assert np.abs(np.array(want_t) - np.array(want_p)).max() > 0.1      # top-p changes H somewhere
+    assert (np.array(want_t) >= np.array(want_p) - 1e-5).mean() > 0.9   # cutting the tail mostly lowers H
+
+
+def test_teacher_sample_entropy_views_are_processed_and_tempered(tiny_lm):
+    """The profile's two views at each sampled token: the processed view is the default output,
+    the tempered one is H before top-p (>= 0, and never below the processed one by more than
+    round-off where top-p keeps a single token)."""
+    model, prompts = tiny_lm
+    kw = dict(temperature=0.3, top_p=0.95, max_new_tokens=12, seed=1)
+    views = E.teacher_sample_entropies(model, prompts, views=True, **kw)
+    assert np.array_equal(views["processed"], E.teacher_sample_entropies(model, prompts, **kw))
+    assert views["tempered"].shape == views["processed"].shape
+    zero = views["processed"] == 0
+    assert zero.any() and (views["tempered"][zero] > 0).all()

@@ -123,7 +123,9 @@ def test_report_raises_and_writes_nothing_when_a_run_is_missing(tmp_path, monkey
         path.write_text(json.dumps({"runs": evals}))
         return path
 
-    monkeypatch.setattr(R, "train_all", lambda cfg, task, log: None)
+    monkeypatch.setattr(R, "train_all", lambda *a, **k: None)
+    monkeypatch.setattr(R, "tune_ajsd", lambda cfg, task, log: {"grid": {(0.5, 1.0): (0.5, 0.4, 0.6)},
+                                                               "selected": (0.5, 1.0), "n_val": 4})
     monkeypatch.setattr(R, "evaluate_task", fake_eval)
     out = tmp_path / "REPORT.md"
     with pytest.raises(R.MissingRunError, match="tvd-s0"):
@@ -157,3 +159,203 @@ def test_report_reads_the_json_evaluate_writes(tmp_path):
     evals = {"gsm8k": R.load_eval(tmp_path / "tiny" / "gsm8k" / "eval.json")}
     rows = R.build_table(R.collect_runs(evals, seeds=(0,)), n_boot=100)
     assert rows[0].stats["token_acceptance"][0] == pytest.approx(0.6)
+
+
+# ----------------------------------------------------------------------------- crossed bootstrap, differences
+
+def _ones(n, seeds=1):
+    return [np.ones(n)] * seeds
+
+
+def test_crossed_bootstrap_of_constant_data_is_a_point():
+    """No variation in prompts or seeds: every replicate gives the value."""
+    assert R.crossed_bootstrap(_ones(6, 2), _ones(6, 2)) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_crossed_bootstrap_point_is_the_mean_of_per_seed_ratios():
+    """Per seed sum(num) / sum(den) over prompts (e.g. accepted / tested tokens of a bin), then the
+    mean over seeds: (1/4 + 3/4) / 2 = 0.5 here, not a mean of per-prompt ratios."""
+    mean, _, _ = R.crossed_bootstrap([np.array([1.0, 0.0]), np.array([3.0, 0.0])],
+                                     [np.array([2.0, 2.0]), np.array([2.0, 2.0])], n_boot=100)
+    assert mean == pytest.approx(0.5)
+
+
+def test_paired_difference_cancels_the_shared_prompt_difficulty():
+    """Both drafts decode the same prompts: B = A + 0.02 on every prompt, A varying widely from
+    prompt to prompt. Paired by prompt the interval is (almost) the point 0.02; an unpaired
+    comparison would be as wide as the prompt spread."""
+    rng = np.random.default_rng(0)
+    a = rng.random(64)
+    m, lo, hi = R.crossed_bootstrap([a + 0.02], _ones(64), [a], _ones(64), n_boot=500)
+    assert m == pytest.approx(0.02) and hi - lo < 1e-9
+
+
+def test_crossed_bootstrap_difference_includes_seed_to_seed_variation():
+    """Seeds of A at 0.3 and 0.7 (no prompt noise), B flat at 0.5: resampling A's seeds must make
+    the interval of A - B reach both -0.2 and +0.2."""
+    m, lo, hi = R.crossed_bootstrap([np.full(20, 0.3), np.full(20, 0.7)], _ones(20, 2),
+                                    [np.full(20, 0.5)], _ones(20), n_boot=2000)
+    assert m == pytest.approx(0.0, abs=1e-12) and lo <= -0.19 and hi >= 0.19
+
+
+def test_crossed_bootstrap_rejects_runs_on_different_prompts():
+    """A paired comparison needs the same prompts on both sides."""
+    with pytest.raises(ValueError, match="same prompts"):
+        R.crossed_bootstrap(_ones(5), _ones(5), _ones(6), _ones(6))
+
+
+def test_per_prompt_ratio_leaves_out_prompts_with_nothing_drafted():
+    """A NaN prompt (nothing drafted) counts neither as 0 nor at all: the ratio is the mean of the rest."""
+    num, den = R.per_prompt_ratio([0.5, np.nan, 1.0])
+    assert R.crossed_bootstrap([num], [den], n_boot=50)[0] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("diff, words", [((0.03, 0.01, 0.05), "separated, rkl is better than jsd"),
+                                         ((-0.03, -0.05, -0.01), "separated, jsd is better than rkl"),
+                                         ((0.002, -0.01, 0.012), "equivalent within +/- 1.5 points"),
+                                         ((0.002, -0.03, 0.02), "bound the difference to +/- 3.00 points")])
+def test_difference_statement_says_what_the_interval_supports(diff, words):
+    """Separated only when the interval excludes 0; equivalent only when it lies within the margin;
+    otherwise the bound the data do give."""
+    text = R.difference_statement("rkl", "jsd", diff)
+    assert words in text
+    assert ("equivalent" in text) == (words.startswith("equivalent"))
+
+
+def test_bin_differences_are_per_bin_rate_differences():
+    """Bin 0: the draft accepts 4 of 4 tokens, the baseline 2 of 4 -> +0.5; bin 1: both 1 of 2 -> 0."""
+    n = np.array([[2.0, 1.0], [2.0, 1.0]])
+    counts = {"baseline": [(n, np.array([[1.0, 1.0], [1.0, 0.0]]))],
+              "rkl": [(n, np.array([[2.0, 0.0], [2.0, 1.0]]))]}
+    m, lo, hi = R.bin_differences(counts, "baseline", n_boot=200)["rkl"]
+    assert m == pytest.approx([0.5, 0.0])
+
+
+def test_differences_use_the_best_fixed_divergence_as_reference():
+    """The best fixed divergence is the highest mean among fkl/rkl/jsd/tvd (never ajsd or the
+    baseline), and every other divergence is compared to it."""
+    by_div = R.collect_runs(_evals(seeds=(0, 1)), seeds=(0, 1))["gsm8k"]
+    by_div["jsd"] = [R.per_prompt_metrics(_entry([0.7] * 4))] * 2
+    by_div["ajsd"] = [R.per_prompt_metrics(_entry([0.9] * 4))] * 2
+    d = R.differences(by_div, n_boot=100)
+    assert d["best"] == "jsd" and d["rows"]["jsd"]["best"] is None
+    assert d["rows"]["ajsd"]["best"][0] == pytest.approx(0.2) and d["rows"]["rkl"]["baseline"][0] == pytest.approx(0)
+
+
+def test_headline_compares_the_seed_claims():
+    """gsm8k: rkl vs jsd; cnndm: jsd vs fkl; the sentence names the pair and the difference."""
+    by_div = R.collect_runs(_evals(tasks=("cnndm",), seeds=(0,)), seeds=(0,))["cnndm"]
+    by_div["jsd"] = [R.per_prompt_metrics(_entry([0.6] * 4))]
+    a, b, diff, text = R.headline(by_div, "cnndm", n_boot=100)
+    assert (a, b) == ("jsd", "fkl") and diff[0] == pytest.approx(0.1) and "jsd - fkl = +10.00 points" in text
+
+
+# ----------------------------------------------------------------------------- ajsd tuning
+
+def test_select_ajsd_takes_the_best_validation_mean_and_the_table_bolds_it():
+    grid = {(0.25, 0.3): (0.50, 0.4, 0.6), (0.5, 1.0): (0.62, 0.5, 0.7), (0.75, 3.0): (0.61, 0.5, 0.7)}
+    assert R.select_ajsd(grid) == (0.5, 1.0)
+    md = R.grid_markdown(grid, (0.5, 1.0))
+    assert md.count("**") == 2 and "**0.620 [0.500, 0.700]**" in md
+
+
+def test_validation_prompts_are_neither_eval_nor_training_prompts():
+    """ajsd is tuned on prompts that no training run of the study sees and that are not in the eval
+    split: the selection may not peek at the prompts the table is computed on."""
+    import data
+
+    cfg = R.ReportConfig(n_val=64)
+    val = R.validation_examples(cfg, "cnndm", used_seeds=(0, 1))
+    prompts = {e.prompt for e in val}
+    assert len(prompts) == 64
+    for seed in (0, 1):
+        train = data.load_examples("cnndm", "train", n=960, seed=seed)
+        assert not prompts & {e.prompt for e in train}
+    assert not prompts & {e.prompt for e in data.load_examples("cnndm", "eval", n=400)}
+
+
+# ----------------------------------------------------------------------------- entropy analysis
+
+def _recorded_entry(rng, n_prompts, acc_prob):
+    """An eval entry with records: 3 rounds of gamma 2 per prompt, H = 0 on 60% of positions."""
+    rows, pos, acc, hp, ht = [], [], [], [], []
+    for r in range(n_prompts):
+        for _ in range(3):
+            for i in (1, 2):
+                zero = rng.random() < 0.6
+                rows.append(r), pos.append(i), acc.append(bool(rng.random() < acc_prob))
+                t = float(rng.exponential(0.8)) + 0.01
+                hp.append(0.0 if zero else t / 2), ht.append(t)
+    per = {"token_acceptance": [0.5] * n_prompts, "alpha": [0.5] * n_prompts,
+           "mean_accepted_length": [2.0] * n_prompts}
+    return {"per_prompt": per, "records": {"row": rows, "position": pos, "accepted": acc, "teacher_entropy": hp,
+                                           "teacher_entropy_tempered": ht, "acceptance_prob": [0.5] * len(rows)}}
+
+
+def test_entropy_analysis_fills_every_bin_and_compares_to_the_baseline():
+    """Both views get data-filled bins (the processed one with its '0' bin, every bin with tokens
+    for every divergence), and a draft that accepts more than the baseline everywhere shows a
+    positive per-bin difference."""
+    rng = np.random.default_rng(0)
+    cfg = R.ReportConfig(divs=("baseline", "rkl", "jsd"), seeds=(0, 1), n_bins=3, n_boot=200)
+    evals = {"baseline": _recorded_entry(rng, 100, 0.3)}
+    evals.update({R.run_name(d, s): _recorded_entry(rng, 100, 0.8) for d in ("rkl", "jsd") for s in (0, 1)})
+    by_div = R.collect_runs({"gsm8k": evals}, cfg.divs, cfg.seeds)["gsm8k"]
+    an = R.entropy_analysis(cfg, "gsm8k", evals, by_div)
+    assert set(an) == {"processed", "tempered"}
+    assert an["processed"]["labels"][0] == "0" and an["tempered"]["labels"][0] != "0"
+    for view in an.values():
+        assert all(b.count > 0 for bins in view["bins"].values() for b in bins)
+        m, lo, hi = view["vs_baseline"]["rkl"]
+        assert (lo > 0).all() and np.allclose(m, 0.5, atol=0.2)
+    assert "rkl in" in " ".join(R.gain_sentences("gsm8k", an))
+
+
+def test_report_end_to_end_with_stubbed_runs_writes_every_section(tmp_path, monkeypatch):
+    """Training, evaluation and the teacher profile stubbed with synthetic recorded runs: the report
+    is written with the headline statement, the tuned ajsd grid, both entropy views, per-bin
+    difference tables and one difference plot per task (files that exist)."""
+    import json
+
+    rng = np.random.default_rng(1)
+
+    def fake_eval(cfg, task):
+        runs = {R.run_name(d, s): _recorded_entry(rng, 12, 0.4 if d == "baseline" else 0.7)
+                for d in cfg.divs for s in (cfg.seeds if d != "baseline" else (None,))}
+        path = tmp_path / "res" / task / "eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"runs": runs, "protocol": {"gamma": 5, "top_p": 0.95}}))
+        return path
+
+    monkeypatch.setattr(R, "train_all", lambda *a, **k: None)
+    monkeypatch.setattr(R, "tune_ajsd", lambda cfg, task, log: {
+        "grid": {(f, c): (0.5 + f / 10, 0.4, 0.7) for f in cfg.ajsd_floors for c in cfg.ajsd_scales},
+        "selected": (cfg.ajsd_floors[-1], cfg.ajsd_scales[0]), "n_val": 8})
+    monkeypatch.setattr(R, "evaluate_task", fake_eval)
+    monkeypatch.setattr(R, "teacher_profile", lambda cfg, task: {
+        "processed": np.r_[np.zeros(30), rng.exponential(0.3, 20)], "tempered": rng.exponential(1.0, 50)})
+    out = R.main(["--quick", "--tasks", "gsm8k", "--out", str(tmp_path / "REPORT.md")])
+    md = out.read_text()
+    for text in ("the headline comparison: rkl - jsd", "selected floor 0.75, scale 0.3", "processed view",
+                 "tempered view", "minus the baseline", "minus the best fixed divergence", "| 0 |"):
+        assert text in md, text
+    assert (tmp_path / "figures" / "diff_baseline_gsm8k.png").exists() and "figures/diff_baseline_gsm8k.png" in md
+
+
+def test_findings_use_the_paired_difference_when_given():
+    """Level intervals that overlap can still hide a clear paired difference: with the paired
+    best - runner-up excluding 0, the sentence calls the ordering reproduced, and says the
+    difference includes 0 when it does."""
+    rows = [_row("gsm8k", "rkl", 0.60, 0.58, 0.62), _row("gsm8k", "jsd", 0.59, 0.57, 0.61)]
+    sep = " ".join(R.findings(rows, paired={"gsm8k": ("rkl", "jsd", (0.01, 0.004, 0.016))}))
+    assert "excludes 0" in sep and "the seed's ordering (rkl best) reproduces" in sep
+    tie = " ".join(R.findings(rows, paired={"gsm8k": ("rkl", "jsd", (0.01, -0.004, 0.02))}))
+    assert "includes 0" in tie and "holds in the means only" in tie
+
+
+def test_best_vs_runner_up_is_the_paired_difference_of_the_top_two():
+    by_div = R.collect_runs(_evals(seeds=(0,)), seeds=(0,))["gsm8k"]
+    by_div["tvd"] = [R.per_prompt_metrics(_entry([0.8] * 4))]
+    by_div["fkl"] = [R.per_prompt_metrics(_entry([0.6] * 4))]
+    best, runner, d = R.best_vs_runner_up(by_div, n_boot=100)
+    assert (best, runner) == ("tvd", "fkl") and d[0] == pytest.approx(0.2)

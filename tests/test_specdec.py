@@ -372,9 +372,10 @@ def test_stats_and_records_are_consistent(pairs):
     result = speculative_generate(target, draft, prompts * 3, gamma=4, max_new_tokens=20, temperature=1.0,
                                   eos_token_id=[7], seed=3, record=True)
     stats, rec, rows = result.stats, result.records, result.stats["per_row"]
-    assert set(rec) == {"row", "position", "accepted", "teacher_entropy", "acceptance_prob"}
-    assert [rec[k].dtype for k in ("row", "position", "accepted", "teacher_entropy", "acceptance_prob")] == [
-        torch.int64, torch.int64, torch.bool, torch.float32, torch.float32]
+    keys = ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered", "acceptance_prob")
+    assert set(rec) == set(keys)
+    assert [rec[k].dtype for k in keys] == [torch.int64, torch.int64, torch.bool, torch.float32, torch.float32,
+                                            torch.float32]
     assert len({v.numel() for v in rec.values()}) == 1 and rec["row"].numel() == stats["drafted"]
     assert int(rec["accepted"].sum()) == stats["accepted"] == sum(r["accepted"] for r in rows)
     assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["drafted"])
@@ -384,6 +385,7 @@ def test_stats_and_records_are_consistent(pairs):
         stats["generated"] / sum(r["target_calls"] for r in rows))
     assert bool(((rec["position"] >= 1) & (rec["position"] <= 4)).all())
     assert bool((rec["teacher_entropy"] >= 0).all()) and bool((rec["acceptance_prob"] <= 1 + 1e-6).all())
+    assert bool((rec["teacher_entropy_tempered"] >= 0).all())
     for i, rate in enumerate(stats["per_position_acceptance"], start=1):
         at = rec["position"] == i
         assert rate == pytest.approx(rec["accepted"][at].float().mean().item())
