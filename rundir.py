@@ -156,6 +156,7 @@ class RunLock:
         self.fd = None
 
     def acquire(self):
+        self.created = not self.path.parent.exists()     # removed again if the run writes nothing
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -189,6 +190,8 @@ class RunLock:
                 pass
             os.close(self.fd)                # closing drops the flock
             self.fd = None
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()     # a run that failed before writing anything leaves no trace
 
     def __enter__(self):
         return self.acquire()
@@ -286,9 +289,10 @@ def check_same_run(out: Path, current: dict):
         raise RunDirError(f"--resume: {path} is not valid json ({e})") from None
     diff = config_differences(saved, current)
     if diff:
-        raise RunDirError(f"--resume would change the run in {out}: {'; '.join(diff)}. A resumed run must "
-                          f"use the saved settings (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'out'}))}"
-                          f" may change); drop these options, or start a new run with another --out")
+        free = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_MAY_CHANGE - {"resume", "out"}))
+        raise RunDirError(f"--resume would change the run in {out}: {'; '.join(diff)}. A resumed run keeps its "
+                          f"saved settings (only {free} may change); drop these options, or start a new run "
+                          f"with another --out")
 
 
 def write_config(out: Path, config: dict):
