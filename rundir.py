@@ -406,7 +406,9 @@ def resume_command(argv: list[str], out) -> str:
             skip = True
         elif not a.startswith("--out="):
             args.append(a)
-    return shlex.join(["python", "distill.py", *args, "--out", str(out), "--resume"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))              # the sharding is part of the run: same launcher
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join([*launcher, "distill.py", *args, "--out", str(out), "--resume"])
 
 
 def interrupted_message(out: Path, argv: list[str]) -> str:
