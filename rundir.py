@@ -343,8 +343,13 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def resume_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint whose files match their checksums; a damaged newer one is reported."""
+    """The newest checkpoint whose files match their checksums; a damaged newer one is reported. One
+    without checksums.json was written before checksums existed (every write here adds it before the
+    checkpoint's rename): used, with a warning that it is unverified."""
     for ckpt in reversed(checkpoints(out)):
+        if not (ckpt / CHECKSUMS).exists():
+            say(f"checkpoint {ckpt} has no {CHECKSUMS} (an older version wrote it): resuming without verifying it")
+            return ckpt
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
@@ -406,7 +411,7 @@ def resume_command(argv: list[str], out) -> str:
             skip = True
         elif not a.startswith("--out="):
             args.append(a)
-    world = int(os.environ.get("WORLD_SIZE", "1"))              # the sharding is part of the run: same launcher
+    world = int(os.environ.get("WORLD_SIZE", "1"))        # the sharding is part of the run: same launcher
     launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
     return shlex.join([*launcher, "distill.py", *args, "--out", str(out), "--resume"])
 

@@ -291,6 +291,19 @@ def test_a_truncated_trainer_state_is_detected_naming_the_file(full, tmp_path):
                                              f"(damaged: flipped bytes or a cut-off copy)"
 
 
+def test_a_checkpoint_without_checksums_is_used_with_a_warning(full, tmp_path, capsys):
+    """Checkpoints written before checksums existed stay resumable (unverified, said so); a damaged one
+    with checksums is skipped for its verified predecessor."""
+    import shutil
+    out = Path(shutil.copytree(full, tmp_path / "run"))
+    (out / "ckpt-0000004" / rundir.CHECKSUMS).unlink()
+    assert rundir.resume_checkpoint(out).name == "ckpt-0000004"
+    assert "resuming without verifying" in capsys.readouterr().err
+    shutil.copy(full / "ckpt-0000004" / rundir.CHECKSUMS, out / "ckpt-0000004")
+    (out / "ckpt-0000004" / "config.json").write_text("{}")
+    assert rundir.resume_checkpoint(out).name == "ckpt-0000002"
+
+
 def test_a_full_disk_during_a_checkpoint_says_so(pair, full, tmp_path, monkeypatch):
     """torch.save on a full disk reports 'unexpected pos A vs B'; the user reads that the disk is full,
     the path, and that --resume continues. The half-written checkpoint is removed (space given back)."""
