@@ -36,8 +36,8 @@ Each step: sample -> build the batch (left-padded prompt | completion, loss only
 first stop token included) -> teacher forward (frozen, no grad) -> student forward -> loss -> backward ->
 clip -> AdamW -> warm-up + cosine schedule. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
 optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
-atomically with checksums, the last two kept (the run directory's rules: rundir.py); every step's batch and sampling seed are pure functions of (seed, step, rank), so --resume
-reproduces the uninterrupted run exactly on the CPU. <out>/final is a plain Hugging Face model directory.
+atomically with checksums, the last two kept (the run directory's rules: rundir.py); every step's batch
+and sampling seed are pure functions of (seed, step, rank), so --resume the uninterrupted run exactly on the CPU. <out>/final is a plain Hugging Face model directory.
 
 Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
       torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)
@@ -500,7 +500,7 @@ def train(cfg: Config):
         for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
             shutil.rmtree(stale, ignore_errors=True)
         rundir.write_config(out, asdict(cfg))
-    # append-only log: a resumed run first drops the rows after its checkpoint (atomically), a fresh run starts empty
+    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one starts empty
     metrics = rundir.open_log(out, start if ckpt else None) if master else None
     per_rank = cfg.batch_size // world
     micro = per_rank // cfg.grad_accum
