@@ -37,7 +37,8 @@ first stop token included) -> teacher forward (frozen, no grad) -> student forwa
 clip -> AdamW -> warm-up + cosine schedule. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
 optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
 atomically with checksums, the last two kept (the run directory's rules: rundir.py); every step's batch
-and sampling seed are pure functions of (seed, step, rank), so --resume the uninterrupted run exactly on the CPU. <out>/final is a plain Hugging Face model directory.
+and sampling seed are pure functions of (seed, step, rank), so --resume reproduces the uninterrupted run
+exactly on the CPU. <out>/final is a plain Hugging Face model directory.
 
 Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
       torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)
