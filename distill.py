@@ -36,8 +36,9 @@ Each step: sample -> build the batch (left-padded prompt | completion, loss only
 first stop token included) -> teacher forward (frozen, no grad) -> student forward -> loss -> backward ->
 clip -> AdamW -> warm-up + cosine schedule. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
 optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
-atomically; every step's batch and sampling seed are pure functions of (seed, step, rank), so --resume
-reproduces the uninterrupted run exactly on the CPU. <out>/final is a plain Hugging Face model directory.
+atomically with checksums, the last two kept (the run directory's rules: rundir.py); every step's batch
+and sampling seed are pure functions of (seed, step, rank), so --resume reproduces the uninterrupted run
+exactly on the CPU. <out>/final is a plain Hugging Face model directory.
 <out>/metrics.jsonl, one row per step: loss, lr, grad_norm, completion_len, tokens_per_s, source and
 loss_teacher_entropy = the mean over completion tokens of H(p_T) at the loss temperature tau WITHOUT top-p
 (computed inside the loss sweep) -- not the processed H(p) (temperature + top-p) of evaluate.py's records.
@@ -53,6 +54,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -66,6 +68,7 @@ from transformers import get_cosine_schedule_with_warmup
 import data
 import divergences
 import models
+import rundir
 import specdec
 
 OFF_POLICY = ("dataset", "teacher")
@@ -87,6 +90,7 @@ class Config:
     seed: int = 0
     out: str | None = None           # default runs/<preset>/<task>/<div>-s<seed>
     resume: bool = False             # continue from the last checkpoint in `out`
+    overwrite: bool = False          # start from scratch in an `out` that holds a run (deletes it)
     # data: the GKD mixture
     lmbda: float = 1.0               # probability that a step's batch is sampled from the student
     off_policy: str = "dataset"      # the other batches: dataset answers or teacher samples (seq-KD)
@@ -134,6 +138,7 @@ HELP = {
     "seed": "run seed: prompt order, sampling and initial RNG state; default %(default)s",
     "out": "run directory (ckpt-*, final/); default runs/<preset>/<task>/<div>-s<seed>",
     "resume": "continue from the newest checkpoint in --out (reproduces the uninterrupted run)",
+    "overwrite": "start from scratch in an --out that already holds a run, deleting its checkpoints and log",
     "lmbda": "share of steps whose batch the student samples (1 = purely on-policy); default %(default)s",
     "off_policy": "the other (1 - lmbda) batches: dataset answers or teacher samples; default %(default)s",
     "source": "training prompts: standin, file or hub; default: the preset's (standin if unset)",
@@ -206,10 +211,57 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.out is None:
         tag = cfg.div if cfg.div != "jsd" or cfg.beta == 0.5 else f"jsd{cfg.beta:g}"
         cfg.out = str(Path("runs") / cfg.preset / cfg.task / f"{tag}-s{cfg.seed}")
+    check_options(cfg)
     if cfg.resume and latest_checkpoint(Path(cfg.out)) is None:
         raise ValueError(f"--resume: no checkpoint (ckpt-*/trainer_state.pt) in {cfg.out}; "
                          f"train without --resume or pass the run's --out")
+    check_run_dir(cfg)
     return cfg
+
+
+def check_options(cfg: Config):
+    """The value checks resolve_config leaves out: ranges that would train the wrong way silently
+    (a negative clip threshold ascends the gradient) and non-finite numbers (nan passes every < test)."""
+    def bad(name, allowed):
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} {getattr(cfg, name)!r} is not allowed; {flag} must be {allowed}")
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)   # noqa: E731
+    for name in ("beta", "ajsd_scale", "ajsd_floor", "lmbda", "temperature", "top_p", "loss_temperature",
+                 "lr", "warmup", "weight_decay", "max_grad_norm", "epochs"):
+        if getattr(cfg, name) is not None and not finite(getattr(cfg, name)):
+            bad(name, "a finite number")
+    if not cfg.max_grad_norm > 0:
+        bad("max_grad_norm", "> 0 (the gradient-norm clipping threshold)")
+    if not 0 <= cfg.warmup < 1:
+        bad("warmup", "in [0, 1) (a fraction of the steps)")
+    if cfg.seed < 0:
+        bad("seed", "an integer >= 0")
+    if cfg.weight_decay < 0:
+        bad("weight_decay", ">= 0")
+    if not cfg.epochs > 0:
+        bad("epochs", "> 0")
+    if cfg.ajsd_scale < 0:
+        bad("ajsd_scale", ">= 0 (nats; 0 = beta is the floor everywhere)")
+    if not 0 <= cfg.ajsd_floor <= 1:
+        bad("ajsd_floor", "in [0, 1] (the beta of a very uncertain teacher)")
+    if cfg.source not in data.SOURCES:
+        bad("source", f"one of {', '.join(data.SOURCES)}")
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+
+
+def check_run_dir(cfg: Config):
+    """--out: a writable directory, not written by another process; a fresh run does not replace a run
+    silently; a resumed run keeps the settings that change the result (rundir.py). Rank 0 only: it is
+    the rank that writes (the others would see its lock)."""
+    rundir.check_out_dir(Path(cfg.out))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    rundir.check_unlocked(Path(cfg.out))
+    if cfg.resume:
+        rundir.check_same_run(Path(cfg.out), asdict(cfg))
+    else:
+        rundir.check_fresh(Path(cfg.out), cfg.overwrite)
 
 
 # ----------------------------------------------------------------------------- small pure helpers
@@ -310,20 +362,29 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler):
-    """Write ckpt-<step> atomically: everything into a temporary directory, then one rename, then
-    delete the older checkpoints. A crash at any point leaves the previous checkpoint intact."""
+    """Write ckpt-<step> atomically: everything, and the checksums of its files, into a temporary
+    directory, then one rename; then keep the newest two (rundir.KEEP_CHECKPOINTS), so that a damaged
+    newest one has a predecessor. A crash at any point leaves the previous checkpoints intact."""
     final = out / f"ckpt-{step:07d}"
     tmp = out / f".ckpt-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)                                  # safetensors
-    tokenizer.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state()}
-    torch.save(state, tmp / "trainer_state.pt")                   # plain tensors / dicts only
+    try:
+        student.save_pretrained(tmp)                              # safetensors
+        tokenizer.save_pretrained(tmp)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state()}
+        torch.save(state, tmp / "trainer_state.pt")               # plain tensors / dicts only
+        rundir.write_checksums(tmp)                               # verified by --resume
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)                    # give back the space a full disk needs
+        full = rundir.disk_full(e, tmp)
+        if full is not None:
+            raise full from e
+        raise
+    rundir.set_aside(final)                   # only a damaged ckpt-<step> (skipped by --resume) is in the way
     os.replace(tmp, final)
-    for old in out.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    rundir.fsync_dir(out)
+    rundir.prune_checkpoints(out)
     return final
 
 
@@ -361,7 +422,24 @@ def all_reduce_sum(x: float, world: int, device) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv=None):
+    """Check everything, take the run directory's lock (rank 0), train. Ctrl-C: one line saying where
+    the run stopped and the command that resumes it (then the KeyboardInterrupt goes on)."""
     cfg = resolve_config(parse_args(argv))
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    master = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with rundir.RunLock(cfg.out) if master else nullcontext():
+            if master and not cfg.resume:
+                rundir.start_fresh(Path(cfg.out), cfg.overwrite)
+            return train(cfg)
+    except KeyboardInterrupt:
+        if master:
+            print(rundir.interrupted_message(Path(cfg.out), argv), file=sys.stderr, flush=True)
+        raise
+
+
+def train(cfg: Config):
+    """The training loop of a checked config (main) in its locked run directory."""
     rank, world, local_rank = init_distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
@@ -380,7 +458,7 @@ def main(argv=None):
     if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    ckpt = rundir.resume_checkpoint(out) if cfg.resume else None   # the newest verified checkpoint
     teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
                                                    device=device, load_in_8bit=cfg.teacher_8bit)
     teacher.eval().requires_grad_(False)
@@ -422,14 +500,9 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    metrics = None
-    if master:                       # a resumed run keeps the rows up to its checkpoint, a fresh run starts empty
-        log_file = out / "metrics.jsonl"
-        kept = [r for r in (log_file.read_text().splitlines() if ckpt and log_file.exists() else [])
-                if json.loads(r)["step"] <= start]
-        metrics = open(log_file, "w")
-        metrics.writelines(r + "\n" for r in kept)
+        rundir.write_config(out, asdict(cfg))
+    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one starts empty
+    metrics = rundir.open_log(out, start if ckpt else None) if master else None
     per_rank = cfg.batch_size // world
     micro = per_rank // cfg.grad_accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master,
@@ -518,4 +591,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                   # main printed where the run stopped and how to resume it
+        sys.exit(130)

@@ -150,7 +150,7 @@ def evaluate_task(args, task: str) -> dict:
     for name, label, path in drafts:
         draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
         res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
-                             record=args.record, **protocol)
+                             record=args.record, vocab_size=len(tok), **protocol)
         entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
                         "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res})
         print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}")

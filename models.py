@@ -478,17 +478,34 @@ def load_tokenizer(path_or_id):
     return tok
 
 
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.bin")
+
+
+def check_safetensors(path_or_id) -> None:
+    """A local model folder must hold safetensors weights. Pickle files (pytorch_model.bin, *.pt) can run
+    arbitrary code when unpickled, so they are refused (ValueError naming the file), not loaded."""
+    d = Path(str(path_or_id))
+    if not d.is_dir() or any(d.glob("*.safetensors")):
+        return                           # a hub id (from_pretrained(use_safetensors=True) refuses pickles)
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in d.glob(pattern)})
+    what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no model*.safetensors"
+    raise ValueError(f"{d} has {what}: weights load from safetensors only, because unpickling a file can run "
+                     f"arbitrary code. Convert a trusted checkpoint once with "
+                     f"AutoModelForCausalLM.from_pretrained(path, use_safetensors=False).save_pretrained(path)")
+
+
 def load_model(path_or_id, *, device=None, dtype=None, load_in_8bit: bool = False, trust_remote_code: bool = False):
     """A causal LM in eval mode: float32 on CPU, bfloat16 on CUDA unless dtype is given;
-    load_in_8bit quantises the linear layers with bitsandbytes (LLM.int8)."""
+    load_in_8bit quantises the linear layers with bitsandbytes (LLM.int8). Safetensors weights only."""
     from transformers import AutoModelForCausalLM
 
     p = str(path_or_id)
     if not Path(p).exists() and (p.startswith(str(REPO / "checkpoints")) or p.startswith("checkpoints")):
         raise FileNotFoundError(f"no tiny model at {p!r}: build it with `make models` or models.resolve_pair")
+    check_safetensors(p)
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if load_in_8bit:
         from transformers import BitsAndBytesConfig
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": str(device)})

@@ -32,8 +32,9 @@ Jagged batches, caches, no per-row Python loop:
     with holes), once a quarter of the slots are free (each admission costs one prefill call per model).
   * every call gets a ready-made 4-D attention mask built from the 2-D slot mask (what transformers would
     build itself, minus its construction cost in every call).
-  * draft and target may have lm_heads of different widths over one tokenizer: both logits are cut to
-    the shared vocabulary (the narrower width, or `vocab_size`); exactness is w.r.t. p on that vocabulary.
+  * draft and target may have lm_heads of different widths over one tokenizer (padding rows): pass
+    vocab_size=len(tokenizer), both logits are cut to it; exactness is w.r.t. p on that vocabulary. Without
+    vocab_size, different widths are refused (they may be two different vocabularies).
   * limitation: full-attention decoders (sliding-window layers would count holes as tokens).
 
 Metrics (`.stats`; the same keys for each row under stats["per_row"]). A drafted x_i is *counted*
@@ -63,6 +64,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -166,7 +168,39 @@ def _context_length(model) -> int | None:
     return None
 
 
-def _check_args(models, prompts, max_new_tokens, temperature, top_k, top_p, gamma=1):
+def _is_int(x) -> bool:
+    """A Python / numpy integer (bool is not a token id or a count)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_prompts(prompts, vocab: int):
+    """prompts: a non-empty list of non-empty lists of token ids in [0, vocab) (ValueError otherwise)."""
+    if not isinstance(prompts, (list, tuple)):
+        hint = ("; convert a tensor with .tolist() (one list per row, without padding)"
+                if torch.is_tensor(prompts) else "")
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}{hint}")
+    if len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists, got an empty list")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}: "
+                             f"{str(prompt)[:60]}")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        for t in prompt:
+            if not _is_int(t):
+                raise ValueError(f"prompt {i} holds {t!r} ({type(t).__name__}); token ids must be integers")
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt {i} holds token id {t}, outside the vocabulary [0, {vocab})")
+
+
+def _check_args(models, prompts, max_new_tokens, temperature, top_k, top_p, gamma=1, vocab_size=None):
+    for name, value in (("gamma", gamma), ("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if gamma < 1:
         raise ValueError(f"gamma must be an integer >= 1, got {gamma}")
     if temperature < 0:
@@ -177,11 +211,7 @@ def _check_args(models, prompts, max_new_tokens, temperature, top_k, top_p, gamm
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of token-id lists, got an empty list")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    _check_prompts(prompts, _shared_vocab(models, vocab_size))
     for i, prompt in enumerate(prompts):
         for model in models:
             ctx = _context_length(model)
@@ -265,9 +295,18 @@ def _join(cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_
 
 
 def _shared_vocab(models, vocab_size):
+    """The vocabulary the models are compared and sampled on: vocab_size, or the one lm_head width. Widths
+    that differ may be one tokenizer with padding rows, or two vocabularies (then decoding would be silently
+    wrong): refused unless vocab_size (len(tokenizer)) says which tokens they share."""
     widths = [m.get_output_embeddings().weight.shape[0] for m in models]
     shared = min(widths)
+    if vocab_size is None and len(set(widths)) > 1:
+        raise ValueError(f"the lm_heads have different widths {widths}: pass vocab_size=len(tokenizer) if they "
+                         f"share one tokenizer (the extra rows are padding); models of different vocabularies "
+                         f"cannot draft for each other")
     if vocab_size is not None:
+        if not _is_int(vocab_size) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer (len(tokenizer)), got {vocab_size!r}")
         if vocab_size > shared:
             raise ValueError(f"vocab_size={vocab_size} is larger than the narrowest lm_head ({shared})")
         shared = vocab_size
@@ -297,7 +336,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     admits the next prompts as rows finish (continuous batching)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be None (all prompts at once) or an integer >= 1, got {batch_size}")
-    _check_args([target, draft], prompts, max_new_tokens, temperature, top_k, top_p, gamma)
+    _check_args([target, draft], prompts, max_new_tokens, temperature, top_k, top_p, gamma, vocab_size)
     t0 = time.perf_counter()
     device = target.device
     gen = _make_generator(seed, generator, device)
@@ -491,7 +530,7 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
                             eos_token_id=None, seed=None, generator=None, vocab_size=None) -> GenerationResult:
     """Sample continuations of `prompts` token by token from `model` (same sampling rules, left padding,
     KV cache, several stop ids, finished rows evicted). Pass a torch.Generator for reproducibility."""
-    _check_args([model], prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_args([model], prompts, max_new_tokens, temperature, top_k, top_p, vocab_size=vocab_size)
     t0 = time.perf_counter()
     device = model.device
     gen = _make_generator(seed, generator, device)

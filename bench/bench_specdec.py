@@ -122,8 +122,8 @@ def train_pair(cfg: Config, lang: PhraseChain):
 def load_or_train(cfg: Config, lang: PhraseChain, retrain: bool):
     root = Path(cfg.cache_dir) / ("" if cfg.target_layers == 4 else f"target{cfg.target_layers}")
     if not retrain and (root / "target").exists() and (root / "draft").exists():
-        return (LlamaForCausalLM.from_pretrained(root / "target").eval().to(cfg.device),
-                LlamaForCausalLM.from_pretrained(root / "draft").eval().to(cfg.device))
+        return (LlamaForCausalLM.from_pretrained(root / "target", use_safetensors=True).eval().to(cfg.device),
+                LlamaForCausalLM.from_pretrained(root / "draft", use_safetensors=True).eval().to(cfg.device))
     print(f"training the benchmark pair ({cfg.train_steps} steps) ...", flush=True)
     target, draft = train_pair(cfg, lang)
     target.save_pretrained(root / "target")

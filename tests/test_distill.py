@@ -275,7 +275,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(pair, tmp_path, monkey
 def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(pair, loaded, tmp_path, monkeypatch):
     """A crash in the middle of writing checkpoint 4 (after the weights, before the trainer state)
     leaves checkpoint 2 complete: --resume picks it and its files load (safetensors, weights_only)."""
-    out = distill.main(run_args(pair, tmp_path, "--steps", 2))
+    real, calls = distill.specdec.autoregressive_generate, []
+
+    def dies_at_step_3(*a, **k):                                   # killed in step 3, after ckpt-2
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(run_args(pair, tmp_path))
+    monkeypatch.undo()
+    out = tmp_path
     student = fresh_student(pair)
     opt = torch.optim.AdamW(student.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -291,8 +303,8 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(pair, loa
     assert ckpt.name == "ckpt-0000002"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 2
     AutoModelForCausalLM.from_pretrained(ckpt)
-    distill.main(run_args(pair, tmp_path, "--steps", 3, "--resume"))
-    assert len(read_losses(out)) == 3 and not list(out.glob(".*.tmp"))
+    distill.main(run_args(pair, tmp_path, "--resume"))
+    assert len(read_losses(out)) == 4 and not list(out.glob(".*.tmp"))
 
 
 def test_final_student_works_as_assistant_model(pair, loaded, tmp_path):

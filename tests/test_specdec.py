@@ -152,12 +152,13 @@ def test_autoregressive_greedy_equals_generate(pairs):
 
 
 def test_lm_heads_of_different_widths_use_the_shared_vocabulary():
-    """A draft whose lm_head has padding columns (wider vocabulary, same tokenizer) must be compared on the shared
-    vocabulary: the output is still exactly the target's greedy decoding."""
+    """A draft whose lm_head has padding columns (wider vocabulary, same tokenizer), with vocab_size saying so,
+    is compared on the shared vocabulary: the output is still exactly the target's greedy decoding."""
     target = tiny_model("qwen3", 0, vocab=96)
     draft = tiny_model("qwen3", 1, vocab=112)
     prompts = make_prompts()
-    result = speculative_generate(target, draft, prompts, gamma=4, max_new_tokens=12, temperature=0, eos_token_id=[])
+    result = speculative_generate(target, draft, prompts, gamma=4, max_new_tokens=12, temperature=0, eos_token_id=[],
+                                  vocab_size=96)
     assert result.tokens == [hf_greedy(target, p, 12) for p in prompts]
     assert max(t for row in result.tokens for t in row) < 96
 
@@ -444,3 +445,47 @@ def test_empty_or_too_long_prompt_raises_value_error(pairs):
         speculative_generate(target, draft, [[1] * 200], max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p"):
         autoregressive_generate(target, [[1]], top_p=2.0)
+
+
+def test_lm_heads_of_different_widths_without_vocab_size_are_refused():
+    """Different lm_head widths may be two different vocabularies (a draft of another tokenizer decodes
+    silently wrong, at a low acceptance): without vocab_size naming the shared tokens, refuse."""
+    target, draft = tiny_model("qwen3", 0, vocab=96), tiny_model("qwen3", 1, vocab=112)
+    with pytest.raises(ValueError, match=r"different widths \[96, 112\].*vocab_size"):
+        speculative_generate(target, draft, make_prompts(), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("prompts, words", [
+    ([[1, 2], [3, 96]], "prompt 1 holds token id 96, outside the vocabulary \\[0, 96\\)"),
+    ([[1, -1]], "prompt 0 holds token id -1"),
+    ([[1, 2.0]], "prompt 0 holds 2.0 \\(float\\)"),
+    ([[1, True]], "prompt 0 holds True"),
+    ([[1, 2], "ab"], "prompt 1 must be a list of token ids, got str"),
+    ([], "non-empty list"),
+    (torch.tensor([[1, 2]]), "got Tensor; convert a tensor with .tolist"),
+    ([[1, 2], []], "prompt 1 is empty"),
+])
+def test_bad_prompts_raise_value_error_naming_them(prompts, words, pairs):
+    """A token id outside [0, vocab) would index past the embedding (an IndexError deep in torch, or a
+    negative id silently wrapping around); a non-integer or non-list prompt is a caller's mistake."""
+    target, draft, _, _ = pairs["qwen3"]
+    for call in (lambda: speculative_generate(target, draft, prompts, max_new_tokens=4),
+                 lambda: autoregressive_generate(target, prompts, max_new_tokens=4)):
+        with pytest.raises(ValueError, match=words):
+            call()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(gamma=2.5), "gamma must be an integer, got 2.5"), (dict(top_k=1.0), "top_k must be an integer"),
+    (dict(max_new_tokens=4.0), "max_new_tokens must be an integer"),
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+    (dict(top_p=float("nan")), "top_p must be a finite number"),
+    (dict(vocab_size=0), "vocab_size must be a positive integer"),
+])
+def test_non_integer_counts_and_non_finite_temperatures_raise_value_error(kwargs, words, pairs):
+    """gamma, top_k and max_new_tokens count tokens (2.5 drafts is no setting: a TypeError deep inside torch);
+    a nan temperature would sample from nan probabilities."""
+    target, draft, prompts, _ = pairs["qwen3"]
+    with pytest.raises(ValueError, match=words):
+        speculative_generate(target, draft, prompts, **{"max_new_tokens": 4, **kwargs})

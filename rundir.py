@@ -1,0 +1,430 @@
+"""The run directory of distill.py (<out>/): what may be trusted in it after a crash, and who may write it.
+
+A run directory holds
+    config.json             the run's settings (json of distill.Config), written atomically
+    metrics.jsonl           one json row per optimizer step {"step": s, ...}: append-only, flushed per step
+    ckpt-<step>/            the last two checkpoints; each lists the sha256 of its files in checksums.json
+    final/                  the trained student (a plain Hugging Face directory)
+    .lock                   the pid of the one process that writes here (while it runs)
+
+Invariants (each kept by one small function below, each pinned by tests/test_rundir.py):
+  * the log is never rewritten in place. Dropping the rows after a checkpoint on --resume writes a new
+    file and renames it over the old one (os.replace is atomic): a crash at any moment leaves the old or the
+    new log, whole. A torn last line (a crash or a full disk mid-write) is reported and dropped.
+  * one writer: `RunLock` holds an exclusive flock on <out>/.lock. The kernel drops it when the process dies,
+    so the lock of a dead process (kill -9, power loss) is recognised as stale without guessing from pids;
+    the pid in the file only names the holder in the message.
+  * a fresh run never deletes a run silently: it is refused unless --overwrite; --resume is refused when a
+    setting that changes the result (everything but RESUME_MAY_CHANGE) differs from the saved config.json.
+  * a checkpoint is trusted only if every file matches its checksum; --resume falls back to the previous
+    (verified) checkpoint, saying so, when the newest is damaged.
+"""
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+LOG, CONFIG, LOCK, CHECKSUMS = "metrics.jsonl", "config.json", ".lock", "checksums.json"
+KEEP_CHECKPOINTS = 2
+# settings a resumed run may change: where/how often it writes and on which device; nothing it computes
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "save_every", "device", "gradient_checkpointing"})
+
+
+class RunDirError(ValueError):
+    """A run-directory state that the user must resolve (the message says how)."""
+
+
+def say(msg: str):
+    print(f"[{Path(sys.argv[0]).name or 'distill'}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def fsync_dir(d: Path):
+    """Make a rename inside d durable (POSIX: the directory entry lives in the directory's own blocks)."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str):
+    """Replace `path` by `text` all at once: write a temporary sibling, fsync it, rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- the log
+
+def read_log(path: Path) -> tuple[list[dict], str | None]:
+    """(rows, torn): every complete row of a metrics.jsonl, and the torn last line if there is one.
+
+    A line is complete when it ends with a newline and parses as a json object with a "step". Only the
+    last line can be torn (rows are appended whole and flushed in order); damage before it is not a
+    crash's doing and is an error naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return [], None
+    lines = path.read_text(errors="replace").split("\n")     # the last piece is "" after a final newline
+    rows, torn = [], None
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and line == "":
+            break
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and "step" in row and not last    # no newline: a cut-off write
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            rows.append(row)
+        elif last or (i == len(lines) - 2 and lines[-1] == ""):
+            torn = line
+        else:
+            raise RunDirError(f"{path}: line {i + 1} is not a json row with a 'step' ({line[:80]!r}); "
+                              f"only a torn last line is expected after a crash. Fix or remove the line.")
+    return rows, torn
+
+
+def truncate_log(path: Path, step: int) -> list[dict]:
+    """Keep the rows with step <= `step` (those the checkpoint of that step accounts for): written to a
+    new file that replaces the old one atomically. A torn last line is reported and dropped."""
+    path = Path(path)
+    rows, torn = read_log(path)
+    if torn is not None:
+        say(f"{path}: dropped a torn last line ({torn[:60]!r}...), left by a crash or a full disk")
+    kept = [r for r in rows if r["step"] <= step]
+    if path.exists() or kept:
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def open_log(out: Path, resume_step: int | None):
+    """The log, opened for appending (each row: write + flush, see distill.main). resume_step=None: a
+    fresh run, the log starts empty; an int: the rows after that step are dropped first."""
+    path = Path(out) / LOG
+    truncate_log(path, 0 if resume_step is None else resume_step)
+    return open(path, "a")
+
+
+def last_logged_step(out: Path) -> int:
+    rows, _ = read_log(Path(out) / LOG)
+    return rows[-1]["step"] if rows else 0
+
+
+# ----------------------------------------------------------------------------- one writer
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # someone else's process: alive
+        return True
+    return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "another process"
+    return f"process {pid}"
+
+
+class RunLock:
+    """Exclusive writer of a run directory: an flock on <out>/.lock, which holds the holder's pid.
+
+    with RunLock(out): ...   -- refused with RunDirError (naming the pid) while another process holds it.
+    A lock file whose process died is not locked (the kernel releases flocks with the process), so it is
+    taken over, and the take-over is reported when the recorded pid is gone."""
+
+    def __init__(self, out):
+        self.path = Path(out) / LOCK
+        self.fd = None
+
+    def acquire(self):
+        self.created = not self.path.parent.exists()     # removed again if the run writes nothing
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunDirError(f"run directory {self.path.parent} is in use by {_holder(self.path)} "
+                                  f"(lock {self.path}); wait for it to finish or pass another --out") from None
+            # the file may have been unlinked by the holder we waited behind: then lock the new one
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = os.read(fd, 64).decode(errors="replace").split()
+        if old and old[0].isdigit() and int(old[0]) != os.getpid() and not _alive(int(old[0])):
+            say(f"{self.path}: took over the stale lock of process {old[0]}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                self.path.unlink()          # still ours: we hold the flock, nobody else can have replaced it
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)                # closing drops the flock
+            self.fd = None
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()     # a run that failed before writing anything leaves no trace
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def check_unlocked(out: Path):
+    """Refuse early (before any model loads) when another process writes `out`; takes nothing."""
+    path = Path(out) / LOCK
+    if not path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunDirError(f"run directory {out} is in use by {_holder(path)} (lock {path}); "
+                          f"wait for it to finish or pass another --out") from None
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- fresh run, overwrite
+
+def run_files(out: Path) -> list[Path]:
+    """The files and directories of a run in `out` (anything else there is the user's and is left alone)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    names = [out / CONFIG, out / LOG, out / "final"]
+    return sorted([p for p in names if p.exists()] + list(out.glob("ckpt-*")) + list(out.glob("damaged-ckpt-*")))
+
+
+def check_fresh(out: Path, overwrite: bool):
+    """A run started without --resume may not replace a run silently."""
+    found = run_files(out)
+    if found and not overwrite:
+        raise RunDirError(f"--out {out} already holds a run ({', '.join(p.name for p in found[:4])}); "
+                          f"continue it with --resume, or start again from scratch with --overwrite "
+                          f"(deletes its checkpoints, log and final model)")
+
+
+def start_fresh(out: Path, overwrite: bool):
+    """Check again under the lock, then clear the old run when --overwrite."""
+    check_fresh(out, overwrite)
+    for p in run_files(out):
+        say(f"--overwrite: removing {p}")
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def check_out_dir(out: Path):
+    """`out` must be a directory we can write, or creatable: its nearest existing ancestor is a writable
+    directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory; pass a directory (it is created if missing)")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunDirError(f"--out {out} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == out else f"cannot be created: {probe} is not writable"
+        raise RunDirError(f"--out {out} {what}; pass a directory you can write")
+
+
+# ----------------------------------------------------------------------------- resume = the same run
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'field: saved -> current' for every setting that changes the result and differs. A field the
+    saved config lacks (an older version) or the current one leaves unset (None = resolved later from
+    the same preset, e.g. the preset's teacher) is not compared."""
+    out = []
+    for k, v in current.items():
+        if k in RESUME_MAY_CHANGE or k not in saved or v is None:
+            continue
+        if saved[k] != v:                    # json keeps floats exactly; 1 == 1.0 is no change
+            out.append(f"--{k.replace('_', '-')}: {saved[k]!r} -> {v!r}")
+    return out
+
+
+def check_same_run(out: Path, current: dict):
+    """--resume continues the run in `out`: refuse when a result-changing setting differs."""
+    path = Path(out) / CONFIG
+    if not path.exists():
+        raise RunDirError(f"--resume: {path} is missing, so the run's settings are unknown; "
+                          f"start a new run with --overwrite")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"--resume: {path} is not valid json ({e})") from None
+    diff = config_differences(saved, current)
+    if diff:
+        free = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_MAY_CHANGE - {"resume", "out"}))
+        raise RunDirError(f"--resume would change the run in {out}: {'; '.join(diff)}. A resumed run keeps its "
+                          f"saved settings (only {free} may change); drop these options, or start a new run "
+                          f"with another --out")
+
+
+def write_config(out: Path, config: dict):
+    write_atomic(Path(out) / CONFIG, json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------- verified checkpoints
+
+def sha256(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt: Path):
+    """<ckpt>/checksums.json: {file name: sha256} of every file of the checkpoint."""
+    ckpt = Path(ckpt)
+    sums = {p.name: sha256(p) for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    with open(ckpt / CHECKSUMS, "w") as f:
+        json.dump(sums, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None when every file matches checksums.json, else what is wrong (naming the file)."""
+    ckpt = Path(ckpt)
+    try:
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"{ckpt / CHECKSUMS} is missing (the checkpoint cannot be verified)"
+    except json.JSONDecodeError:
+        return f"{ckpt / CHECKSUMS} is not valid json"
+    for name, digest in sums.items():
+        f = ckpt / name
+        if not f.exists():
+            return f"{f} is missing"
+        if sha256(f) != digest:
+            return f"{f} does not match its checksum (damaged: flipped bytes or a cut-off copy)"
+    return None
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a .tmp directory is an interrupted write and not listed)."""
+    return sorted(p for p in Path(out).glob("ckpt-*") if p.is_dir())
+
+
+def resume_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums; a damaged newer one is reported. One
+    without checksums.json was written before checksums existed (every write here adds it before the
+    checkpoint's rename): used, with a warning that it is unverified."""
+    for ckpt in reversed(checkpoints(out)):
+        if not (ckpt / CHECKSUMS).exists():
+            say(f"checkpoint {ckpt} has no {CHECKSUMS} (an older version wrote it): resuming without verifying it")
+            return ckpt
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        say(f"checkpoint {ckpt} is damaged: {problem}; trying the previous one")
+    if checkpoints(out):
+        raise RunDirError(f"--resume: no checkpoint in {out} passes its checksums (see above); "
+                          f"start again with --overwrite")
+    return None
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(Path(ckpt).name.split("-")[-1])
+
+
+def set_aside(ckpt: Path) -> Path | None:
+    """Move an existing (necessarily damaged or stale) ckpt-<step> out of the way of a new one."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        return None
+    aside = ckpt.with_name(f"damaged-{ckpt.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(ckpt, aside)
+    say(f"moved the damaged {ckpt} to {aside}")
+    return aside
+
+
+def prune_checkpoints(out: Path, keep: int = KEEP_CHECKPOINTS):
+    """Keep the newest `keep` checkpoints, so that a damaged newest one has a verified predecessor."""
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_full(exc: BaseException, path: Path) -> OSError | None:
+    """An OSError saying plainly that the disk is full, when `exc` (raised while writing `path`) means that:
+    ENOSPC, or torch.save's 'unexpected pos A vs B' (its zip writer wrote fewer bytes than it asked for)."""
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(exc)
+    if not full:
+        return None
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free / 2**20
+    return OSError(errno.ENOSPC, f"the disk is full while writing {path} ({free:.0f} MiB free; "
+                                 f"{type(exc).__name__}: {exc}). Free some space, then continue with --resume "
+                                 f"(the previous checkpoint is intact)")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def resume_command(argv: list[str], out) -> str:
+    """The command line that continues this run: the same options, --resume, an explicit --out."""
+    args, skip = [], False
+    for a in map(str, argv):
+        if skip:
+            skip = False
+        elif a in ("--resume", "--no-resume", "--overwrite", "--no-overwrite"):
+            continue
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            args.append(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))        # the sharding is part of the run: same launcher
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join([*launcher, "distill.py", *args, "--out", str(out), "--resume"])
+
+
+def interrupted_message(out: Path, argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: step reached, last checkpoint, and the command that resumes."""
+    try:
+        step = last_logged_step(out)
+    except RunDirError:
+        step = "?"
+    done = checkpoints(out)
+    if not done:
+        return (f"interrupted at step {step}; no checkpoint written yet in {out}, start again with: "
+                f"{resume_command(argv, out).removesuffix(' --resume')} --overwrite")
+    return (f"interrupted at step {step}; last checkpoint {done[-1]} (step {checkpoint_step(done[-1])}); "
+            f"resume with: {resume_command(argv, out)}")
