@@ -13,12 +13,25 @@ same sampling seed. Per prompt (one row of the batch):
 
 The table reports the mean over prompts (a macro-mean, as the seed did; a prompt with nothing drafted
 has no acceptance and is left out, not counted as 0) with a 95% percentile bootstrap interval over
-prompts, and the drafts' generation speed (generated tokens / wall time, tokens/s).
+prompts, and the drafts' generation speed (generated tokens / wall time, tokens/s). The JSON also keeps
+the pooled token acceptance sum(A) / sum(D) over all prompts.
+
+The speedup a user gets, per draft:
+    measured speedup       (tokens/s of speculative decoding) / (tokens/s of the target alone), the target
+                           alone sampled by specdec.autoregressive_generate on the same prompts, with the same
+                           sampling settings, seeds and batches (tokens per second, since sampled outputs
+                           differ in length)
+    theoretical speedup    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))  (Leviathan et al. 2023), with
+                           alpha the pooled analytic alpha (mean beta_i over every drafted position), gamma the
+                           protocol's and c = draft step cost / target step cost, measured here: seconds per
+                           decoding step of each model alone (autoregressive_generate on the first batch of
+                           prompts, no stop ids, (time of 1 + n steps - time of 1 step) / n, best of 3)
 Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
 accepted) for the entropy analysis (entropy.py / report.py).
 
 Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
+      python evaluate.py --preset paper --task gsm8k --source file --data-path data/gsm8k
 """
 import argparse
 import json
@@ -27,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import data
 import models
@@ -62,7 +76,28 @@ def per_prompt(per_row: list[dict]) -> dict[str, list]:
         "drafted": drafted,
         "accepted": [r["accepted"] for r in per_row],
         "generated": [r["generated"] for r in per_row],
+        "wall_time_s": [r["wall_time_s"] for r in per_row],   # from the row's admission to its finish
     }
+
+
+def pooled_acceptance(per_row: list[dict]) -> float:
+    """sum over prompts of accepted / sum of drafted: every drafted token weighs the same (NaN if none)."""
+    drafted = sum(r["drafted"] for r in per_row)
+    return sum(r["accepted"] for r in per_row) / drafted if drafted else math.nan
+
+
+def pooled_alpha(per_row: list[dict]) -> float:
+    """Mean beta_i over every drafted position of every prompt: the alpha of the speedup formula."""
+    drafted = sum(r["drafted"] for r in per_row)
+    return sum(r["alpha"] * r["drafted"] for r in per_row if r["drafted"]) / drafted if drafted else math.nan
+
+
+def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Expected walltime speedup of speculative decoding over the target alone (Leviathan et al. 2023):
+    E[tokens per round] / cost of a round = ((1 - alpha^(gamma+1)) / (1 - alpha)) / (gamma c + 1), with
+    c = draft step cost / target step cost. alpha = 1 is the limit gamma + 1 tokens per round."""
+    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + 1)
 
 
 def summarize(pp: dict, n_boot: int, seed: int) -> dict:
@@ -81,13 +116,16 @@ def fmt(s: dict, pct: bool) -> str:
 
 
 def table_markdown(entries: list[dict]) -> str:
-    """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s."""
-    lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s, the cost ratio c and
+    the measured and theoretical speedups over the target alone."""
+    lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s "
+             "| c | speedup measured | speedup theory |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         s = e["summary"]
         lines.append(f"| {e['name']} | {e['divergence']} | {fmt(s['token_acceptance'], True)} | "
-                     f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} |")
+                     f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} "
+                     f"| {e['cost_ratio']:.3f} | {e['speedup_measured']:.2f}x | {e['speedup_theoretical']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -108,26 +146,64 @@ def divergence_label(run_dir: Path) -> str:
     return f"jsd(beta={cfg.get('beta'):g})" if div == "jsd" else div
 
 
+def _bar(total: int, desc: str):
+    """Prompts done and tokens/s, as training shows its steps (1000 prompts x 312 tokens take a while)."""
+    return tqdm(total=total, desc=desc, unit="prompt", leave=False, mininterval=1.0)
+
+
 @torch.no_grad()
-def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, **protocol) -> dict:
+def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="draft", **protocol) -> dict:
     """speculative_generate over the prompts in batches; per-prompt metrics, speed and records."""
     per_row, records, tokens, seconds = [], [], 0, 0.0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record, **protocol)
-        per_row += res.stats["per_row"]
-        tokens += sum(len(t) for t in res.tokens)
-        seconds += res.stats["wall_time_s"]
-        if record:
-            rec = {k: v.tolist() for k, v in res.records.items()}
-            rec["row"] = [r + start for r in rec["row"]]
-            records.append(rec)
+    with _bar(len(prompts), desc) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record, **protocol)
+            per_row += res.stats["per_row"]
+            tokens += sum(len(t) for t in res.tokens)
+            seconds += res.stats["wall_time_s"]
+            if record:
+                rec = {k: v.tolist() for k, v in res.records.items()}
+                rec["row"] = [r + start for r in rec["row"]]
+                records.append(rec)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
     out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
-           "generated_tokens": tokens, "wall_time_s": seconds,
-           "pooled_acceptance": sum(r["accepted"] for r in per_row) / max(1, sum(r["drafted"] for r in per_row))}
+           "generated_tokens": tokens, "wall_time_s": seconds, "pooled_acceptance": pooled_acceptance(per_row),
+           "pooled_alpha": pooled_alpha(per_row)}
     if record:
         out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
     return out
+
+
+@torch.no_grad()
+def target_alone(teacher, prompts, *, batch_size, seed, desc="target alone", **sampling) -> dict:
+    """The baseline of the speedup: the target sampling alone (autoregressive_generate), with the batches,
+    seeds and sampling settings evaluate_draft uses."""
+    tokens, seconds = 0, 0.0
+    with _bar(len(prompts), desc) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            res = specdec.autoregressive_generate(teacher, chunk, seed=seed + start, **sampling)
+            tokens += sum(len(t) for t in res.tokens)
+            seconds += res.stats["wall_time_s"]
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
+    return {"generated_tokens": tokens, "wall_time_s": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def step_cost(model, prompts, *, n_steps: int = 16, repeats: int = 3, **sampling) -> float:
+    """Seconds per decoding step of `model` alone on this batch of prompts: (time to generate 1 + n_steps
+    tokens - time to generate 1) / n_steps, so the prompt's prefill cancels; no stop ids, so every row runs
+    every step; best of `repeats` for each length (the least disturbed by other jobs)."""
+    sampling = {k: v for k, v in sampling.items() if k not in ("max_new_tokens", "eos_token_id")}
+    sampling["eos_token_id"] = []
+
+    def best(n):
+        return min(specdec.autoregressive_generate(model, prompts, max_new_tokens=n, seed=0, **sampling)
+                   .stats["wall_time_s"] for _ in range(repeats))
+    return max(best(1 + n_steps) - best(1), 1e-9) / n_steps
 
 
 def evaluate_task(args, task: str) -> dict:
@@ -136,12 +212,24 @@ def evaluate_task(args, task: str) -> dict:
     if teacher_id is None or student_id is None:                    # the preset's pair (tiny: built on first use)
         t, s = models.resolve_pair(task, args.preset)
         teacher_id, student_id = teacher_id or t, student_id or s
-    teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
+    # the data first: every row checked (and CNN/DM's length filter counted with the teacher's tokenizer)
+    # before any model loads
+    source, data_path = data.resolve_source(args.source, args.data_path, pc.get("data_source"))
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
-    prompts = data.task_prompts(task, tok, split="eval", n=n, source=pc.get("data_source", "standin"))
+    prompts = data.task_prompts(task, models.load_tokenizer(teacher_id), split="eval", n=n, source=source,
+                                path=data_path, verbose=True)
+    teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
+    # -- the decoding protocol, in one block (the same for every draft and for the target alone)
     stop_ids = models.generation_stop_ids(tok, teacher)
     protocol = dict(gamma=args.gamma or pc.get("gamma", 5), max_new_tokens=pc["max_new_tokens"],
                     temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
+    sampling = {k: v for k, v in protocol.items() if k != "gamma"}  # the target alone: all but gamma
+    # --
+    alone = target_alone(teacher, prompts, batch_size=args.batch_size, seed=args.seed, desc=f"{task}/target alone",
+                         **sampling)
+    first_batch = prompts[:args.batch_size]
+    cost_target = step_cost(teacher, first_batch, **sampling)
+    print(f"  {task}/target alone: {alone['tokens_per_s']:.0f} tokens/s, {cost_target * 1e3:.2f} ms per step")
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
     drafts = [("baseline", "baseline (no distillation)", student_id)]
     drafts += [(final.parent.name, divergence_label(final.parent), str(final))
@@ -150,13 +238,20 @@ def evaluate_task(args, task: str) -> dict:
     for name, label, path in drafts:
         draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
         res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
-                             record=args.record, **protocol)
+                             record=args.record, desc=f"{task}/{name}", **protocol)
+        c = step_cost(draft, first_batch, **sampling) / cost_target
+        speed = {"cost_ratio": c, "speedup_measured": res["tokens_per_s"] / alone["tokens_per_s"],
+                 "speedup_theoretical": theoretical_speedup(res["pooled_alpha"], protocol["gamma"], c)}
         entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
-                        "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res})
-        print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}")
+                        "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res, **speed})
+        print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}, "
+              f"speedup {speed['speedup_measured']:.2f}x measured, {speed['speedup_theoretical']:.2f}x theory "
+              f"(c = {c:.3f})")
     return {"preset": args.preset, "task": task, "teacher": teacher_id,
             "protocol": {**protocol, "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
-                         "split": "eval"},
+                         "split": "eval", "source": source, "data_path": data_path,
+                         "batch_size": args.batch_size},
+            "target_alone": {**alone, "step_cost_s": cost_target},
             "runs": {e["name"]: e for e in entries}}
 
 
@@ -167,7 +262,12 @@ def write_results(doc: dict, results_root: Path) -> Path:
     md = [f"# {doc['task']} ({doc['preset']} preset): speculative decoding with each draft", "",
           f"Target {doc['teacher']}; gamma {p['gamma']}, top-p {p['top_p']}, temperature {p['temperature']}, "
           f"max_new_tokens {p['max_new_tokens']}, {p['n_prompts']} held-out prompts, seed {p['seed']}. "
-          f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples].", "",
+          f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples]. Data: "
+          f"{p['source']}{' ' + str(p['data_path']) if p.get('data_path') else ''}.", "",
+          f"Target alone (autoregressive_generate, same prompts, sampling and batches of {p['batch_size']}): "
+          f"{doc['target_alone']['tokens_per_s']:.0f} tokens/s. c = draft / target seconds per decoding step; "
+          f"speedup measured = tokens/s with the draft / tokens/s of the target alone; speedup theory = "
+          f"(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) with the pooled analytic alpha.", "",
           table_markdown(list(doc["runs"].values())), ""]
     (out / "eval.md").write_text("\n".join(md))
 
@@ -195,6 +295,10 @@ def parse_args(argv=None):
     p.add_argument("--results", default="results", help="writes <results>/<preset>/<task>/eval.{md,json} "
                    "(default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
+    p.add_argument("--source", default=None, help=f"eval prompts from one of {', '.join(data.SOURCES)} "
+                   "(default: file with --data-path, else the preset's)")
+    p.add_argument("--data-path", default=None, help="a .jsonl/.json/.parquet file or a folder; the eval split "
+                   "is test.* (CNN/DM: validation.* without a test file), see README 'Data'")
     p.add_argument("--record", action="store_true", help="store the per-drafted-position records in the JSON")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the preset's, 5)")
     p.add_argument("--top-p", type=float, default=0.95,
@@ -209,6 +313,9 @@ def parse_args(argv=None):
     models.check_preset(args.preset)
     if args.task is not None:
         data.check_task(args.task)
+    data.resolve_source(args.source, args.data_path)               # the rule's errors, before anything loads
+    if args.data_path is not None and args.task is None:
+        raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task ({', '.join(data.TASKS)})")
     for name in ("n_prompts", "gamma", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -229,7 +336,8 @@ def main(argv=None) -> dict:
     for task in tasks:
         doc = evaluate_task(args, task)
         out = write_results(doc, Path(args.results))
-        print(f"\n{task} ({args.preset}):\n{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
+        print(f"\n{task} ({args.preset}), target alone {doc['target_alone']['tokens_per_s']:.0f} tokens/s:\n"
+              f"{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
         docs[task] = doc
     return docs
 
