@@ -334,3 +334,56 @@ def test_bad_names_list_valid_ones(call, match):
     """WHY: a typo must name the valid choices."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- the scripts: one rule, data before models ------------------------------------------------
+
+class _ModelsLoaded(Exception):
+    """Raised instead of loading models: everything before it ran on the data alone."""
+
+
+def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monkeypatch, capsys):
+    """WHY: the length filter once counted words in training and tokens in evaluation; both scripts must
+    keep the same articles of the same file with the same (teacher's) tokenizer, print the counts, and do
+    it before any model loads."""
+    import distill
+    import evaluate
+    import models
+
+    tok_dir = tmp_path / "teacher"
+    tokenizer.save_pretrained(tok_dir)
+    n_tok = len(tokenizer("Bramley council", add_special_tokens=False)["input_ids"])
+    rows = [{"article": " ".join(["Bramley council"] * (k * 512 // n_tok // 4)), "highlights": f"h{k}"}
+            for k in range(1, 9)]                                       # ~128 .. ~1024 tokens
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "data" / "test.jsonl", rows)
+    kept = []
+    real_filter = data.length_filter
+    monkeypatch.setattr(data, "length_filter", lambda *a, **k: kept.append(real_filter(*a, **k)) or kept[-1])
+    monkeypatch.setattr(models, "load_pair", lambda *a, **k: (_ for _ in ()).throw(_ModelsLoaded()))
+    common = ["--task", "cnndm", "--teacher", str(tok_dir), "--student", str(tok_dir),
+              "--data-path", str(tmp_path / "data")]
+    with pytest.raises(_ModelsLoaded):
+        distill.main(common + ["--out", str(tmp_path / "run")])
+    with pytest.raises(_ModelsLoaded):
+        evaluate.main(common + ["--runs", str(tmp_path / "none"), "--results", str(tmp_path / "res")])
+    (train_kept, train_dropped), (eval_kept, eval_dropped) = kept
+    assert train_kept == eval_kept and 0 < len(train_kept) < len(rows) and train_dropped == eval_dropped
+    out = capsys.readouterr().out
+    line = f"kept {len(train_kept)} of {len(rows)} articles, dropped {train_dropped} longer than 512 tokens"
+    assert f"cnndm train: {line}" in out and f"cnndm eval: {line}" in out
+
+
+def test_distill_refuses_bad_rows_before_loading_models(tmp_path, tokenizer):
+    """WHY: an empty or broken file used to load both models and then die with ZeroDivisionError."""
+    import distill
+    tok_dir = tmp_path / "teacher"
+    tokenizer.save_pretrained(tok_dir)
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+    with pytest.raises(data.DataError, match=r"train\.jsonl: the file is empty"):
+        distill.main(["--task", "gsm8k", "--teacher", str(tok_dir), "--student", str(tmp_path / "no-student"),
+                      "--data-path", str(empty), "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="--source file needs --data-path"):
+        distill.main(["--task", "gsm8k", "--source", "file", "--out", str(tmp_path / "run")])
