@@ -17,6 +17,10 @@ speculative decoding (evaluate.main --record: gamma 5, top-p 0.95, the task's te
   sentences   generated from the numbers: does the seed's ordering (RKL best on gsm8k, JSD best on
               cnndm) reproduce, and is ajsd as good as the best fixed divergence within the intervals.
 
+Data: `--source` / `--data-path` as distill.py and evaluate.py take them (data.resolve_source); a path
+is one task's folder (its train.* files train, its test.* files evaluate). Every row of both splits is
+checked (check_data) before anything trains.
+
 Every number in REPORT.md is computed in this process from the eval JSON this invocation wrote; a
 run that is missing or failed raises MissingRunError, so a partial table is never written.
 `--quick` (what CI runs): one seed, fewer steps and prompts; it writes results/quick/REPORT.md so
@@ -68,6 +72,13 @@ class ReportConfig:
     n_boot: int = 2000
     reuse: bool = False               # skip training where <run>/final exists (same settings assumed)
     quick: bool = False
+    source: str | None = None         # the data (data.resolve_source): standin | file | hub; None = the preset's
+    data_path: str | None = None      # a folder with train.* and test.* files of one task (README, "Data")
+
+    def data_args(self) -> list[str]:
+        """--source / --data-path as given, for distill.py and evaluate.py (one rule: data.resolve_source)."""
+        return ((["--source", self.source] if self.source else [])
+                + (["--data-path", self.data_path] if self.data_path else []))
 
 
 QUICK = dict(seeds=(0,), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
@@ -258,7 +269,7 @@ def load_eval(path) -> dict:
 def protocol_line(path) -> str:
     """The decoding protocol evaluate.py recorded in its JSON, as one line of the report."""
     p = json.loads(Path(path).read_text()).get("protocol", {})
-    keys = ("gamma", "top_p", "temperature", "max_new_tokens", "n_prompts", "seed")
+    keys = ("gamma", "top_p", "temperature", "max_new_tokens", "n_prompts", "seed", "source", "data_path")
     return ", ".join(f"{k} {p[k]}" for k in keys if k in p)
 
 
@@ -271,6 +282,21 @@ def records_of(entry: dict):
 
 
 # ----------------------------------------------------------------------------- the study (I/O)
+
+def check_data(cfg: ReportConfig, log):
+    """Every row of both splits of every task, checked before anything trains (data.DataError names the
+    file, line and column); the length filter runs later, in distill.py and evaluate.py, with the teacher's
+    tokenizer."""
+    import data
+    import models
+
+    for task in cfg.tasks:
+        source, path = data.resolve_source(cfg.source, cfg.data_path,
+                                           models.preset_config(cfg.preset, task).get("data_source"))
+        for split in data.SPLITS:
+            n = len(data.load_examples(task, split, source=source, path=path, max_article_tokens=None))
+            log(f"data {task} {split}: {n} rows ({source}{' ' + path if path else ''}) checked")
+
 
 def train_all(cfg: ReportConfig, task: str, log):
     import distill
@@ -290,6 +316,7 @@ def train_all(cfg: ReportConfig, task: str, log):
             argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out)]
             if cfg.steps is not None:
                 argv += ["--steps", str(cfg.steps)]
+            argv += cfg.data_args()
             t0 = time.time()
             distill.main(argv)
             log(f"trained {task}/{run_name(div, seed)} in {time.time() - t0:.0f}s")
@@ -301,6 +328,7 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     task_results = Path(cfg.results) / cfg.preset / task
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record"]
+    argv += cfg.data_args()
     if cfg.n_prompts is not None:
         argv += ["--n-prompts", str(cfg.n_prompts)]
     evaluate.main(argv)
@@ -317,7 +345,8 @@ def teacher_profile(cfg: ReportConfig, task: str) -> np.ndarray:
     teacher_id, _ = models.resolve_pair(task, cfg.preset)
     teacher = models.load_model(teacher_id)
     tok = models.load_tokenizer(teacher_id)
-    prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=pc.get("data_source", "standin"))
+    source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))
+    prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=source, path=path)
     stop_ids = models.generation_stop_ids(tok, teacher)   # as evaluate.py
     return entropy.teacher_sample_entropies(
         teacher, prompts, temperature=pc["temperature"], top_p=pc.get("top_p", 0.95),
@@ -393,8 +422,12 @@ def parse_args(argv=None) -> ReportConfig:
     p.add_argument("--n-prompts", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--reuse", action="store_true", help="skip training where <run>/final already exists")
+    p.add_argument("--source", default=None, help="standin, file or hub (default: file with --data-path, else the "
+                   "preset's)")
+    p.add_argument("--data-path", default=None, help="a folder with one task's train.* and test.* files (README "
+                   "'Data'); needs --tasks with that one task")
     a = p.parse_args(argv)
-    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse)
+    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path)
     if a.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
@@ -408,6 +441,14 @@ def parse_args(argv=None) -> ReportConfig:
 
     for t in cfg.tasks:
         data.check_task(t)
+    data.resolve_source(cfg.source, cfg.data_path)                  # the shared rule's errors
+    if cfg.data_path is not None:
+        if len(cfg.tasks) != 1:
+            raise ValueError(f"--data-path {cfg.data_path!r} holds one task's data: pass --tasks with one of "
+                             f"{', '.join(data.TASKS)} (got {', '.join(cfg.tasks)})")
+        if not Path(cfg.data_path).is_dir():
+            raise ValueError(f"--data-path {cfg.data_path!r} is not a folder: the report trains on its train.* "
+                             f"files and evaluates on its test.* files, and one file would be both")
     bad = [d for d in cfg.divs if d not in DIVS]
     if bad:
         raise ValueError(f"unknown --divs {bad}; valid: {', '.join(DIVS)}")
@@ -422,6 +463,7 @@ def main(argv=None):
     t0 = time.time()
     log = lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     evals, protocols, profiles, acc_bins, plots = {}, {}, {}, {}, {}
+    check_data(cfg, log)
     for task in cfg.tasks:
         train_all(cfg, task, log)
         path = evaluate_task(cfg, task)
