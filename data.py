@@ -270,7 +270,8 @@ class DataError(ValueError):
     line (JSONL), item (JSON array) or row (Parquet), the column and what is wrong."""
 
 
-def resolve_source(source: str | None, data_path: str | None, default: str | None = None) -> tuple[str, str | None]:
+def resolve_source(source: str | None, data_path: str | None,
+                   default: str | None = None) -> tuple[str, str | None]:
     """The one rule behind --source / --data-path (and Make's SOURCE= / DATA=) in every script:
     a path alone means source 'file'; source 'file' needs a path; a path with another source is an
     error (it would be ignored); neither -> the preset's default source ('standin' if it has none).
@@ -324,14 +325,15 @@ def _config_folder(path: Path, task: str) -> tuple[Path, str]:
     config = HUB_DATASETS[task]["config"]
     if any(d.name == config for d in subs):
         others = [d.name + "/" for d in subs if d.name != config]
-        return path / config, (f"the {config}/ configuration" + (f"; left out {', '.join(others)}" if others else ""))
+        left_out = f"; left out {', '.join(others)}" if others else ""
+        return path / config, f"the {config}/ configuration{left_out}"
     if len(subs) == 1:
         return subs[0], f"the only data folder, {subs[0].name}/"
     if not subs:
         raise DataError(f"no .jsonl, .json or .parquet files in {str(path)!r} or its subfolders; "
                         f"{_get_instructions(task)}")
-    raise DataError(f"{str(path)!r} holds several configurations ({', '.join(d.name + '/' for d in subs)}) and no "
-                    f"{config}/ folder; pass the folder of the one you mean as --data-path")
+    raise DataError(f"{str(path)!r} holds several configurations ({', '.join(d.name + '/' for d in subs)}) "
+                    f"and no {config}/ folder; pass the folder of the one you mean as --data-path")
 
 
 def _split_files(folder: Path, name: str) -> tuple[list[Path], list[Path]]:
@@ -403,9 +405,11 @@ def read_rows(file: Path, task: str) -> list[tuple[str, object]]:
         if missing:
             raise DataError(f"{file}: no column {', '.join(map(repr, missing))} (it has {table.column_names}); "
                             f"{task} rows need {' and '.join(map(repr, _columns(task)))}")
-        return [(f"{file}, row {i}", r) for i, r in enumerate(table.select(list(_columns(task))).to_pylist(), 1)]
+        rows = table.select(list(_columns(task))).to_pylist()
+        return [(f"{file}, row {i}", r) for i, r in enumerate(rows, 1)]
     if file.suffix not in (".jsonl", ".json"):
-        raise DataError(f"unsupported data file {str(file)!r}; use .jsonl, .json (JSON lines or one array) or .parquet")
+        raise DataError(f"unsupported data file {str(file)!r}; use .jsonl, .json (JSON lines or one array) "
+                        f"or .parquet")
     raw = file.read_bytes()
     if not raw:
         raise DataError(f"{file}: the file is empty")
@@ -587,9 +591,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Check a task's data and print a few examples.")
     ap.add_argument("--task", default="gsm8k", choices=TASKS)
     ap.add_argument("--split", default="eval", choices=SPLITS)
-    ap.add_argument("--source", default=None, choices=SOURCES, help="default: file with --data-path, else standin")
+    ap.add_argument("--source", default=None, choices=SOURCES,
+                    help="default: file with --data-path, else standin")
     ap.add_argument("--data-path", default=None, help="a .jsonl/.json/.parquet file or a folder (README: Data)")
-    ap.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (path), for the CNN/DM length filter")
+    ap.add_argument("--tokenizer", default=None,
+                    help="the teacher's tokenizer (path), for the CNN/DM length filter")
     ap.add_argument("-n", type=int, default=3)
     args = ap.parse_args(argv)
     source, path = resolve_source(args.source, args.data_path)

@@ -132,7 +132,8 @@ HELP = {
     "lmbda": "share of steps whose batch the student samples (1 = purely on-policy); default %(default)s",
     "off_policy": "the other (1 - lmbda) batches: dataset answers or teacher samples; default %(default)s",
     "source": "training prompts: standin, file or hub; default: file with --data-path, else the preset's",
-    "data_path": "a .jsonl/.json/.parquet file or a folder (its train.* files, README 'Data'); implies --source file",
+    "data_path": "a .jsonl/.json/.parquet file or a folder (its train.* files, README 'Data'); "
+                 "implies --source file",
     "n_train": "number of training prompts; default: the preset's (all if unset)",
     "temperature": "sampling temperature (0 = greedy); default: the preset's (the task's)",
     "top_p": "sampling nucleus top-p; default: the preset's",
@@ -385,7 +386,7 @@ def main(argv=None):
     if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
-    # -- the data before any model: every row checked, CNN/DM's length filter counted with the teacher's tokenizer
+    # -- the data before any model: rows checked, CNN/DM's length filter counted with the teacher's tokenizer
     examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
                                   seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
     ckpt = latest_checkpoint(out) if cfg.resume else None

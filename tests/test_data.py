@@ -14,7 +14,8 @@ import data
 def tokenizer():
     """A small project tokenizer with the ChatML template (as the tiny pair ships)."""
     import models
-    texts = [e.prompt + "\n" + e.reference for t in data.TASKS for e in data.load_examples(t, "train", n=100, max_article_tokens=None)]
+    texts = [e.prompt + "\n" + e.reference for t in data.TASKS
+             for e in data.load_examples(t, "train", n=100, max_article_tokens=None)]
     texts += list(data.SYSTEM_PROMPTS.values())
     return models.train_tokenizer(texts + ["system user assistant"], vocab_size=400)
 
@@ -145,9 +146,9 @@ def test_a_folder_with_only_the_socratic_file_is_refused(tmp_path):
 def test_hub_parquet_layout_reads_the_main_configuration(tmp_path):
     """WHY: the hub's gsm8k copy is main/ + socratic/ Parquet folders; only main/ may be read."""
     test = _official_rows("test.jsonl")
-    _write_parquet((tmp_path / "main").mkdir() or tmp_path / "main" / "test-00000-of-00001.parquet", test)
-    (tmp_path / "socratic").mkdir()
-    _write_parquet(tmp_path / "socratic" / "test-00000-of-00001.parquet", _official_rows("test_socratic.jsonl"))
+    for config, rows in (("main", test), ("socratic", _official_rows("test_socratic.jsonl"))):
+        (tmp_path / config).mkdir()
+        _write_parquet(tmp_path / config / "test-00000-of-00001.parquet", rows)
     exs = data.load_examples("gsm8k", "eval", source="file", path=tmp_path)
     assert [e.reference for e in exs] == [r["answer"].strip() for r in test]
 
