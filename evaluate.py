@@ -158,7 +158,8 @@ def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="d
     with _bar(len(prompts), desc) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record, **protocol)
+            res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record,
+                                               **protocol)
             per_row += res.stats["per_row"]
             tokens += sum(len(t) for t in res.tokens)
             seconds += res.stats["wall_time_s"]
@@ -225,8 +226,8 @@ def evaluate_task(args, task: str) -> dict:
                     temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
     sampling = {k: v for k, v in protocol.items() if k != "gamma"}  # the target alone: all but gamma
     # --
-    alone = target_alone(teacher, prompts, batch_size=args.batch_size, seed=args.seed, desc=f"{task}/target alone",
-                         **sampling)
+    alone = target_alone(teacher, prompts, batch_size=args.batch_size, seed=args.seed,
+                         desc=f"{task}/target alone", **sampling)
     first_batch = prompts[:args.batch_size]
     cost_target = step_cost(teacher, first_batch, **sampling)
     print(f"  {task}/target alone: {alone['tokens_per_s']:.0f} tokens/s, {cost_target * 1e3:.2f} ms per step")
@@ -315,7 +316,8 @@ def parse_args(argv=None):
         data.check_task(args.task)
     data.resolve_source(args.source, args.data_path)               # the rule's errors, before anything loads
     if args.data_path is not None and args.task is None:
-        raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task ({', '.join(data.TASKS)})")
+        raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task "
+                         f"({', '.join(data.TASKS)})")
     for name in ("n_prompts", "gamma", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
