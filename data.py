@@ -536,12 +536,16 @@ def load_examples(task: str, split: str, *, source: str = "standin", path=None, 
         raise DataError(f"path={str(path)!r} is only read with source='file', not source={source!r}")
     if source == "standin":
         exs = standin_examples(task, split, n=n, seed=seed)
+        if verbose:
+            print(f"[data] {task} {split}: {len(exs)} generated stand-in examples (seed {seed})", flush=True)
     elif source == "file":
         if path is None:
             raise DataError(f"source='file' needs a path; {_get_instructions(task)}")
         exs = file_examples(task, split, path, verbose=verbose)
     else:
         exs = hub_examples(task, split)
+        if verbose:
+            print(f"[data] {task} {split}: {len(exs)} rows from {HUB_DATASETS[task]['id']}", flush=True)
     kept, dropped = length_filter(task, exs, tokenizer, max_article_tokens)
     if verbose and task == "cnndm" and max_article_tokens is not None:
         print(f"[data] {task} {split}: kept {len(kept)} of {len(exs)} articles, dropped {dropped} longer than "
