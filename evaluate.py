@@ -19,13 +19,15 @@ the pooled token acceptance sum(A) / sum(D) over all prompts.
 The speedup a user gets, per draft:
     measured speedup       (tokens/s of speculative decoding) / (tokens/s of the target alone), the target
                            alone sampled by specdec.autoregressive_generate on the same prompts, with the same
-                           sampling settings, seeds and batches (tokens per second, since sampled outputs
-                           differ in length)
+                           sampling settings, seeds and batches, timed right before each batch the draft runs
+                           (so both see the same machine load; --speedup-batches K times only the first K
+                           batches). Tokens per second, since sampled outputs differ in length.
     theoretical speedup    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))  (Leviathan et al. 2023), with
                            alpha the pooled analytic alpha (mean beta_i over every drafted position), gamma the
-                           protocol's and c = draft step cost / target step cost, measured here: seconds per
-                           decoding step of each model alone (autoregressive_generate on the first batch of
-                           prompts, no stop ids, (time of 1 + n steps - time of 1 step) / n, best of 3)
+                           protocol's and c = draft step cost / target step cost, measured here (cost_ratio):
+                           seconds per decoding step of each model alone on the first batch of prompts, no stop
+                           ids, (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns,
+                           best of 3.
 Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
 accepted) for the entropy analysis (entropy.py / report.py).
@@ -119,13 +121,14 @@ def table_markdown(entries: list[dict]) -> str:
     """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s, the cost ratio c and
     the measured and theoretical speedups over the target alone."""
     lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s "
-             "| c | speedup measured | speedup theory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| target alone tokens/s | c | speedup measured | speedup theory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         s = e["summary"]
         lines.append(f"| {e['name']} | {e['divergence']} | {fmt(s['token_acceptance'], True)} | "
                      f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} "
-                     f"| {e['cost_ratio']:.3f} | {e['speedup_measured']:.2f}x | {e['speedup_theoretical']:.2f}x |")
+                     f"| {e['target_alone']['tokens_per_s']:.0f} | {e['cost_ratio']:.3f} | {e['speedup_measured']:.2f}x "
+                     f"| {e['speedup_theoretical']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -152,59 +155,70 @@ def _bar(total: int, desc: str):
 
 
 @torch.no_grad()
-def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="draft", **protocol) -> dict:
-    """speculative_generate over the prompts in batches; per-prompt metrics, speed and records."""
+def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="draft", speedup_batches=None,
+                   **protocol) -> dict:
+    """speculative_generate over the prompts in batches; per-prompt metrics, speed and records. For the
+    speedup, the target alone (autoregressive_generate: same batch, seed and sampling settings, no draft)
+    is timed right before each of the first `speedup_batches` batches (None: all), so both sides of the
+    ratio see the same machine load; the measured speedup compares the two over those batches."""
+    sampling = {k: v for k, v in protocol.items() if k != "gamma"}  # the target alone: all but gamma
     per_row, records, tokens, seconds = [], [], 0, 0.0
+    timed = {"spec_tokens": 0, "spec_s": 0.0, "alone_tokens": 0, "alone_s": 0.0}
+    n_batches = math.ceil(len(prompts) / batch_size)
+    timed_batches = n_batches if speedup_batches is None else min(speedup_batches, n_batches)
     with _bar(len(prompts), desc) as bar:
-        for start in range(0, len(prompts), batch_size):
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start:start + batch_size]
+            if b < timed_batches:
+                alone = specdec.autoregressive_generate(teacher, chunk, seed=seed + start, **sampling)
+                timed["alone_tokens"] += sum(len(t) for t in alone.tokens)
+                timed["alone_s"] += alone.stats["wall_time_s"]
             res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record,
                                                **protocol)
             per_row += res.stats["per_row"]
-            tokens += sum(len(t) for t in res.tokens)
+            n_tokens = sum(len(t) for t in res.tokens)
+            tokens += n_tokens
             seconds += res.stats["wall_time_s"]
+            if b < timed_batches:
+                timed["spec_tokens"] += n_tokens
+                timed["spec_s"] += res.stats["wall_time_s"]
             if record:
                 rec = {k: v.tolist() for k, v in res.records.items()}
                 rec["row"] = [r + start for r in rec["row"]]
                 records.append(rec)
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
+    alone_tps = timed["alone_tokens"] / max(timed["alone_s"], 1e-9)
     out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
            "generated_tokens": tokens, "wall_time_s": seconds, "pooled_acceptance": pooled_acceptance(per_row),
-           "pooled_alpha": pooled_alpha(per_row)}
+           "pooled_alpha": pooled_alpha(per_row),
+           "target_alone": {"batches": timed_batches, "prompts": min(len(prompts), timed_batches * batch_size),
+                            "generated_tokens": timed["alone_tokens"], "wall_time_s": timed["alone_s"],
+                            "tokens_per_s": alone_tps,
+                            "draft_tokens_per_s": timed["spec_tokens"] / max(timed["spec_s"], 1e-9)}}
+    out["speedup_measured"] = out["target_alone"]["draft_tokens_per_s"] / alone_tps
     if record:
         out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
     return out
 
 
 @torch.no_grad()
-def target_alone(teacher, prompts, *, batch_size, seed, desc="target alone", **sampling) -> dict:
-    """The baseline of the speedup: the target sampling alone (autoregressive_generate), with the batches,
-    seeds and sampling settings evaluate_draft uses."""
-    tokens, seconds = 0, 0.0
-    with _bar(len(prompts), desc) as bar:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            res = specdec.autoregressive_generate(teacher, chunk, seed=seed + start, **sampling)
-            tokens += sum(len(t) for t in res.tokens)
-            seconds += res.stats["wall_time_s"]
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
-    return {"generated_tokens": tokens, "wall_time_s": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
-
-
-@torch.no_grad()
-def step_cost(model, prompts, *, n_steps: int = 16, repeats: int = 3, **sampling) -> float:
-    """Seconds per decoding step of `model` alone on this batch of prompts: (time to generate 1 + n_steps
-    tokens - time to generate 1) / n_steps, so the prompt's prefill cancels; no stop ids, so every row runs
-    every step; best of `repeats` for each length (the least disturbed by other jobs)."""
-    sampling = {k: v for k, v in sampling.items() if k not in ("max_new_tokens", "eos_token_id")}
-    sampling["eos_token_id"] = []
-
-    def best(n):
-        return min(specdec.autoregressive_generate(model, prompts, max_new_tokens=n, seed=0, **sampling)
-                   .stats["wall_time_s"] for _ in range(repeats))
-    return max(best(1 + n_steps) - best(1), 1e-9) / n_steps
+def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, **sampling) -> dict:
+    """c = draft step cost / target step cost. A model's step cost is its seconds per decoding step alone on
+    this batch of prompts: (time to generate 1 + n_steps tokens - time to generate 1) / n_steps, so the
+    prompt's prefill cancels; no stop ids, so every row runs every step. The two models are timed in turns,
+    best of `repeats` each (the run least disturbed by other jobs)."""
+    sampling = {k: v for k, v in sampling.items() if k not in ("max_new_tokens", "eos_token_id", "gamma")}
+    best = {}
+    for _ in range(repeats):
+        for name, model in (("target", target), ("draft", draft)):
+            for n in (1, 1 + n_steps):
+                t = specdec.autoregressive_generate(model, prompts, max_new_tokens=n, seed=0, eos_token_id=[],
+                                                    **sampling).stats["wall_time_s"]
+                best[name, n] = min(best.get((name, n), math.inf), t)
+    step = {name: max(best[name, 1 + n_steps] - best[name, 1], 1e-9) / n_steps for name in ("target", "draft")}
+    return {"cost_ratio": step["draft"] / step["target"], "target_step_s": step["target"],
+            "draft_step_s": step["draft"]}
 
 
 def evaluate_task(args, task: str) -> dict:
@@ -224,13 +238,7 @@ def evaluate_task(args, task: str) -> dict:
     stop_ids = models.generation_stop_ids(tok, teacher)
     protocol = dict(gamma=args.gamma or pc.get("gamma", 5), max_new_tokens=pc["max_new_tokens"],
                     temperature=pc["temperature"], top_p=args.top_p, eos_token_id=stop_ids)
-    sampling = {k: v for k, v in protocol.items() if k != "gamma"}  # the target alone: all but gamma
     # --
-    alone = target_alone(teacher, prompts, batch_size=args.batch_size, seed=args.seed,
-                         desc=f"{task}/target alone", **sampling)
-    first_batch = prompts[:args.batch_size]
-    cost_target = step_cost(teacher, first_batch, **sampling)
-    print(f"  {task}/target alone: {alone['tokens_per_s']:.0f} tokens/s, {cost_target * 1e3:.2f} ms per step")
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
     drafts = [("baseline", "baseline (no distillation)", student_id)]
     drafts += [(final.parent.name, divergence_label(final.parent), str(final))
@@ -239,20 +247,20 @@ def evaluate_task(args, task: str) -> dict:
     for name, label, path in drafts:
         draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
         res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
-                             record=args.record, desc=f"{task}/{name}", **protocol)
-        c = step_cost(draft, first_batch, **sampling) / cost_target
-        speed = {"cost_ratio": c, "speedup_measured": res["tokens_per_s"] / alone["tokens_per_s"],
-                 "speedup_theoretical": theoretical_speedup(res["pooled_alpha"], protocol["gamma"], c)}
+                             record=args.record, desc=f"{task}/{name}", speedup_batches=args.speedup_batches,
+                             **protocol)
+        cost = cost_ratio(draft, teacher, prompts[:args.batch_size], **protocol)
+        speed = {**cost, "speedup_theoretical": theoretical_speedup(res["pooled_alpha"], protocol["gamma"],
+                                                                    cost["cost_ratio"])}
         entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
                         "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res, **speed})
         print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}, "
-              f"speedup {speed['speedup_measured']:.2f}x measured, {speed['speedup_theoretical']:.2f}x theory "
-              f"(c = {c:.3f})")
+              f"speedup {res['speedup_measured']:.2f}x measured ({res['target_alone']['tokens_per_s']:.0f} "
+              f"tokens/s alone), {speed['speedup_theoretical']:.2f}x theory (c = {cost['cost_ratio']:.3f})")
     return {"preset": args.preset, "task": task, "teacher": teacher_id,
             "protocol": {**protocol, "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
                          "split": "eval", "source": source, "data_path": data_path,
                          "batch_size": args.batch_size},
-            "target_alone": {**alone, "step_cost_s": cost_target},
             "runs": {e["name"]: e for e in entries}}
 
 
@@ -265,10 +273,10 @@ def write_results(doc: dict, results_root: Path) -> Path:
           f"max_new_tokens {p['max_new_tokens']}, {p['n_prompts']} held-out prompts, seed {p['seed']}. "
           f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples]. Data: "
           f"{p['source']}{' ' + str(p['data_path']) if p.get('data_path') else ''}.", "",
-          f"Target alone (autoregressive_generate, same prompts, sampling and batches of {p['batch_size']}): "
-          f"{doc['target_alone']['tokens_per_s']:.0f} tokens/s. c = draft / target seconds per decoding step; "
-          f"speedup measured = tokens/s with the draft / tokens/s of the target alone; speedup theory = "
-          f"(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) with the pooled analytic alpha.", "",
+          "Speedup measured = tokens/s with the draft / tokens/s of the target alone (autoregressive_generate "
+          f"on the same prompts, sampling settings, seeds and batches of {p['batch_size']}, timed in turns batch by "
+          "batch); c = draft / target seconds per decoding step; speedup theory = "
+          "(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) with the pooled analytic alpha.", "",
           table_markdown(list(doc["runs"].values())), ""]
     (out / "eval.md").write_text("\n".join(md))
 
@@ -308,6 +316,9 @@ def parse_args(argv=None):
                    help="prompts per speculative_generate call (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every draft; also the bootstrap's "
                    "(default %(default)s)")
+    p.add_argument("--speedup-batches", type=int, default=None, help="time the target alone on the first K "
+                   "batches only, for the measured speedup (default: every batch; each timed batch costs one "
+                   "target-alone generation per draft)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")
     p.add_argument("--teacher-8bit", action="store_true", help="load the teacher in 8 bits with bitsandbytes")
     args = p.parse_args(argv)
@@ -318,7 +329,7 @@ def parse_args(argv=None):
     if args.data_path is not None and args.task is None:
         raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task "
                          f"({', '.join(data.TASKS)})")
-    for name in ("n_prompts", "gamma", "batch_size"):
+    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -338,8 +349,7 @@ def main(argv=None) -> dict:
     for task in tasks:
         doc = evaluate_task(args, task)
         out = write_results(doc, Path(args.results))
-        print(f"\n{task} ({args.preset}), target alone {doc['target_alone']['tokens_per_s']:.0f} tokens/s:\n"
-              f"{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
+        print(f"\n{task} ({args.preset}):\n{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
         docs[task] = doc
     return docs
 

@@ -130,24 +130,26 @@ FIXTURE_TEST = Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl"
 def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
     """`make eval SOURCE=file DATA=...` end to end on real GSM8k rows: the prompts are the file's
     questions, and the JSON's pooled acceptance, measured speedup and theoretical speedup are computed
-    from the right quantities (sums over prompts, tokens/s ratio, the formula with the measured c)."""
+    from the right quantities (sums over prompts; tokens/s ratio over the batches both sides ran, here
+    the first of two; the formula with the measured c)."""
     docs = evaluate.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--runs",
-                          str(tmp_path / "none"), "--results", str(tmp_path / "results"), "--n-prompts", "2",
+                          str(tmp_path / "none"), "--results", str(tmp_path / "results"), "--n-prompts", "3",
                           "--source", "file", "--data-path", str(FIXTURE_TEST), "--n-boot", "50",
-                          "--batch-size", "2"])
+                          "--batch-size", "2", "--speedup-batches", "1"])
     out = capsys.readouterr().out
-    assert "40 rows from" in out           # the whole file is checked, 2 are used
+    assert "40 rows from" in out           # the whole file is checked, 3 are used
     doc = json.loads((tmp_path / "results" / "tiny" / "gsm8k" / "eval.json").read_text())
-    assert doc["protocol"]["source"] == "file" and doc["protocol"]["n_prompts"] == 2
+    assert doc["protocol"]["source"] == "file" and doc["protocol"]["n_prompts"] == 3
     base = doc["runs"]["baseline"]
-    pp = base["per_prompt"]
+    pp, alone = base["per_prompt"], base["target_alone"]
     assert base["pooled_acceptance"] == pytest.approx(sum(pp["accepted"]) / sum(pp["drafted"]))
-    assert base["speedup_measured"] == pytest.approx(base["tokens_per_s"] / doc["target_alone"]["tokens_per_s"])
+    assert (alone["batches"], alone["prompts"]) == (1, 2) and alone["generated_tokens"] > 0
+    assert base["speedup_measured"] == pytest.approx(alone["draft_tokens_per_s"] / alone["tokens_per_s"])
     assert base["speedup_theoretical"] == pytest.approx(evaluate.theoretical_speedup(
         base["pooled_alpha"], doc["protocol"]["gamma"], base["cost_ratio"]))
-    assert base["cost_ratio"] > 0 and doc["target_alone"]["generated_tokens"] > 0
+    assert base["cost_ratio"] == pytest.approx(base["draft_step_s"] / base["target_step_s"])
     md = (tmp_path / "results" / "tiny" / "gsm8k" / "eval.md").read_text()
-    assert "speedup measured" in md and "Target alone" in md
+    assert "speedup measured" in md and "target alone tokens/s" in md
     assert set(docs["gsm8k"]["runs"]) == {"baseline"}
 
 
