@@ -5,6 +5,8 @@ DIV     ?= rkl
 PRESET  ?= tiny
 SEED    ?= 0
 QUICK   ?=
+SOURCE  ?=
+DATA    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup test models train eval report bench-loss bench-specdec bench-train clean
@@ -20,14 +22,19 @@ test:   ## the whole test suite, offline
 models: ## build (or reuse) the offline tiny teacher/student pairs and print their summary
 	$(PY) models.py --task all
 
-train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|paper] [SEED=0]
-	$(PY) distill.py --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED)
+# the data (README, "Data"): SOURCE=standin|file|hub, DATA=PATH (a path alone means SOURCE=file)
+DATA_ARGS = $(if $(SOURCE),--source $(SOURCE),) $(if $(DATA),--data-path $(DATA),)
 
-eval:   ## speculative-decoding acceptance of the baseline and every distilled student [TASK=...]
-	$(PY) evaluate.py --preset $(PRESET) $(if $(filter command line,$(origin TASK)),--task $(TASK),)
+train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|paper] [SEED=0] [SOURCE= DATA=]
+	$(PY) distill.py --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED) $(DATA_ARGS)
 
-report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run)
-	$(PY) report.py $(if $(QUICK),--quick,)
+eval:   ## acceptance and speedup of the baseline and every distilled student [TASK=...] [SOURCE= DATA=]
+	$(PY) evaluate.py --preset $(PRESET) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--task $(TASK),) \
+	    $(DATA_ARGS)
+
+report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run) [SOURCE= DATA= TASK=]
+	$(PY) report.py $(if $(QUICK),--quick,) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--tasks $(TASK),) \
+	    $(DATA_ARGS)
 
 bench-loss:
 	$(PY) bench/bench_loss.py

@@ -21,13 +21,27 @@ Sources (``load_examples(..., source=...)``):
   "articles" of facts whose reference summary picks 2-3 facts, orders them at random and words
   each one in one of several equivalent ways (many right answers). An example belongs to the
   eval split iff a hash of its prompt says so, so train and eval can never share a prompt.
-- ``"file"``: local JSONL or Parquet files in the real column formats (a file, or a folder whose
-  files start with the split name, e.g. ``train-00000-of-00001.parquet``, ``test.jsonl``).
+- ``"file"``: local files in the datasets' own columns: ``.jsonl`` (a UTF-8 BOM is fine), ``.json``
+  (JSON lines or one array of objects) or ``.parquet``. A file path is read as given (for either
+  split). A folder is read split by split (``data_files``): train <- ``train.*``, eval <- ``test.*``
+  (CNN/DM: ``validation.*`` when there is no test file), each one whole file or the hub's complete
+  shard set ``test-00000-of-0000n.parquet``. Other configurations are never merged in: GSM8k's
+  ``test_socratic.jsonl`` beside ``test.jsonl`` is left out (a folder with only the socratic file is
+  refused), and of the hub's config folders (gsm8k ``main/`` + ``socratic/``, cnn_dailymail
+  ``3.0.0/``) the task's main one is read.
 - ``"hub"``: the real datasets through the optional ``datasets`` package and the network.
+
+``resolve_source`` is the one rule behind every script's ``--source`` / ``--data-path``.
+Strict rows (``row_example``): every row must be an object whose task columns (GSM8k ``question``,
+``answer`` ending in ``#### <number>``; CNN/DM ``article``, ``highlights``) are non-empty strings;
+anything else raises ``DataError`` (a ValueError) naming the file, the 1-based line / item / row,
+the column and the problem, before any model is loaded. Zero rows is an error too.
 
 Prompts are the seed's: a system prompt (``SYSTEM_PROMPTS``, the one place the text lives) and the
 user turn, rendered by the tokenizer's own chat template with the assistant turn opened
-(``add_generation_prompt=True``). CNN/DM articles longer than 512 tokens are dropped, as in the seed.
+(``add_generation_prompt=True``). One length filter (``length_filter``): CNN/DM articles longer
+than 512 tokens of the run's teacher's tokenizer are left out, as in the seed, in training,
+evaluation and the report alike, and the kept/dropped counts are printed.
 """
 from __future__ import annotations
 
@@ -248,57 +262,215 @@ def standin_examples(task: str, split: str, n: int | None = None, seed: int = 0)
 
 
 # --------------------------------------------------------------------------------------------
-# Real data: local files (JSONL / Parquet) or the hub
+# Naming the data: one rule for distill.py, evaluate.py and report.py
 # --------------------------------------------------------------------------------------------
+
+class DataError(ValueError):
+    """A data file, folder or row that cannot be used. The message names the file, the 1-based
+    line (JSONL), item (JSON array) or row (Parquet), the column and what is wrong."""
+
+
+def resolve_source(source: str | None, data_path: str | None,
+                   default: str | None = None) -> tuple[str, str | None]:
+    """The one rule behind --source / --data-path (and Make's SOURCE= / DATA=) in every script:
+    a path alone means source 'file'; source 'file' needs a path; a path with another source is an
+    error (it would be ignored); neither -> the preset's default source ('standin' if it has none).
+    -> (source, path)."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"unknown --source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if data_path is not None and str(data_path).strip() == "":
+        raise DataError("--data-path is empty; give a data file or folder")
+    if source is None:
+        source = "file" if data_path is not None else (default or "standin")
+    if source == "file" and data_path is None:
+        raise DataError(f"--source file needs --data-path PATH (a .jsonl, .json or .parquet file, or a folder "
+                        f"of them; see README.md, 'Data')")
+    if source != "file" and data_path is not None:
+        raise DataError(f"--data-path {str(data_path)!r} is only read with --source file, not --source {source}; "
+                        f"drop --source (a path alone means file) or the path")
+    return source, (None if data_path is None else str(data_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Real data: local files (JSONL / JSON array / Parquet) or the hub
+# --------------------------------------------------------------------------------------------
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# File names each split is read from, in order of preference: CNN/DM's validation split stands in
+# for the eval split when a folder has no test file (load_examples prints which one it read).
+FILE_SPLITS = {"train": ("train",), "eval": ("test", "validation")}
+_GSM8K_FINAL = re.compile(r"####\s*-?[\d,]*\.?\d")   # the final answer line '#### 1,234'
+
 
 def _get_instructions(task: str) -> str:
     d = HUB_DATASETS[task]
     return (f"download the {task} files once with network access, e.g. "
             f"`huggingface-cli download {d['id']} --repo-type dataset --local-dir data/{task}` "
-            f"(the Parquet files lie under {d['config']}/), then pass source='file', "
-            f"path='data/{task}/{d['config']}' (a JSONL or Parquet file, or a folder of them), "
-            f"with columns {d['prompt']!r} and {d['reference']!r}")
+            f"(the Parquet files lie under {d['config']}/), then pass --data-path data/{task} "
+            f"(a .jsonl, .json or .parquet file, or a folder of them) with columns "
+            f"{d['prompt']!r} and {d['reference']!r}")
 
 
-def _read_rows(file: Path) -> list[dict]:
-    if file.suffix in (".jsonl", ".json"):
-        with open(file, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+def _has_data(folder: Path) -> bool:
+    return any(f.is_file() and f.suffix in DATA_SUFFIXES for f in folder.iterdir())
+
+
+def _config_folder(path: Path, task: str) -> tuple[Path, str]:
+    """The folder holding the split files: `path` itself when it holds data files, else its subfolder of
+    the task's main configuration (the hub's gsm8k main/ beside socratic/, cnn_dailymail 3.0.0/), else
+    its only subfolder with data files. Never two configurations. -> (folder, note)"""
+    if _has_data(path):
+        return path, ""
+    subs = sorted(d for d in path.iterdir() if d.is_dir() and _has_data(d))
+    config = HUB_DATASETS[task]["config"]
+    if any(d.name == config for d in subs):
+        others = [d.name + "/" for d in subs if d.name != config]
+        left_out = f"; left out {', '.join(others)}" if others else ""
+        return path / config, f"the {config}/ configuration{left_out}"
+    if len(subs) == 1:
+        return subs[0], f"the only data folder, {subs[0].name}/"
+    if not subs:
+        raise DataError(f"no .jsonl, .json or .parquet files in {str(path)!r} or its subfolders; "
+                        f"{_get_instructions(task)}")
+    raise DataError(f"{str(path)!r} holds several configurations ({', '.join(d.name + '/' for d in subs)}) "
+                    f"and no {config}/ folder; pass the folder of the one you mean as --data-path")
+
+
+def _split_files(folder: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """(files of split `name`, other files starting with it). A split is one file `<name>.jsonl|.json|.parquet`
+    or the hub's shards `<name>-00000-of-00003.parquet`; `test_socratic.jsonl` is another configuration."""
+    files, others = [], []
+    for f in sorted(folder.iterdir()):
+        if not (f.is_file() and f.suffix in DATA_SUFFIXES and f.name.startswith(name)):
+            continue
+        (files if re.fullmatch(rf"{re.escape(name)}(-\d+-of-\d+)?", f.stem) else others).append(f)
+    whole = [f for f in files if f.stem == name]
+    if len(whole) > 1 or (whole and len(files) > len(whole)):
+        raise DataError(f"{str(folder)!r} holds the {name} split twice ({', '.join(f.name for f in files)}); "
+                        f"pass the one file you mean as --data-path")
+    if files and not whole:                         # shards: all n of them, or a clear error
+        n = {int(f.stem.rsplit("-of-", 1)[1]) for f in files}
+        if len(n) != 1 or len(files) != n.pop():
+            raise DataError(f"{str(folder)!r}: the {name} shards {', '.join(f.name for f in files)} are not one "
+                            f"complete set (x-of-n); a download was interrupted?")
+    return files, others
+
+
+def data_files(path, task: str, split: str) -> tuple[list[Path], str]:
+    """The files one split is read from, and a note saying which (for the printed summary). A file path is
+    read as given; a folder is read as README.md's 'Data' section says."""
+    path = Path(path)
+    if path.is_file():
+        return [path], str(path)
+    if not path.exists():
+        raise DataError(f"no data file or folder at {str(path)!r}; {_get_instructions(task)}")
+    folder, note = _config_folder(path, task)
+    names = FILE_SPLITS[split]
+    for name in names:
+        files, others = _split_files(folder, name)
+        if files:
+            what = ", ".join(str(f) for f in files)
+            if name != names[0]:
+                what += f" (no {names[0]} file: the {name} split is the {split} split)"
+            if note:
+                what += f" ({note})"
+            if others:
+                what += f" (left out {', '.join(f.name for f in others)}: another configuration)"
+            return files, what
+        if others:
+            raise DataError(f"{str(folder)!r} has no {name} file of the main configuration, only "
+                            f"{', '.join(f.name for f in others)} (another configuration, never read without "
+                            f"asking); pass that file itself as --data-path to use it")
+    raise DataError(f"no {' or '.join(names)} file for the {split} split in {str(folder)!r} "
+                    f"(looked for {names[0]}.jsonl, {names[0]}.json, {names[0]}.parquet or "
+                    f"{names[0]}-*-of-*.parquet); {_get_instructions(task)}")
+
+
+def _columns(task: str) -> tuple[str, str]:
+    d = HUB_DATASETS[task]
+    return d["prompt"], d["reference"]
+
+
+def read_rows(file: Path, task: str) -> list[tuple[str, object]]:
+    """(where, row) for every row of one file; `where` is 'FILE, line N' (JSONL), 'FILE, item N' (a JSON
+    array) or 'FILE, row N' (Parquet), 1-based. JSONL may start with a UTF-8 BOM; blank lines are not rows."""
+    file = Path(file)
     if file.suffix == ".parquet":
         import pyarrow.parquet as pq               # installed with datasets / pandas
-        return pq.read_table(file).to_pylist()
-    raise ValueError(f"unsupported data file {str(file)!r}; use .jsonl, .json (JSON lines) or .parquet")
+        try:
+            table = pq.read_table(file)
+        except Exception as e:                      # not Parquet, truncated, ...
+            raise DataError(f"{file}: not a readable Parquet file ({e})") from e
+        missing = [c for c in _columns(task) if c not in table.column_names]
+        if missing:
+            raise DataError(f"{file}: no column {', '.join(map(repr, missing))} (it has {table.column_names}); "
+                            f"{task} rows need {' and '.join(map(repr, _columns(task)))}")
+        rows = table.select(list(_columns(task))).to_pylist()
+        return [(f"{file}, row {i}", r) for i, r in enumerate(rows, 1)]
+    if file.suffix not in (".jsonl", ".json"):
+        raise DataError(f"unsupported data file {str(file)!r}; use .jsonl, .json (JSON lines or one array) "
+                        f"or .parquet")
+    raw = file.read_bytes()
+    if not raw:
+        raise DataError(f"{file}: the file is empty")
+    try:
+        text = raw.decode("utf-8-sig")              # utf-8-sig: a leading BOM is dropped, not part of line 1
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text ({e})") from e
+    if not text.strip():
+        raise DataError(f"{file}: the file is blank (only whitespace), no rows")
+    if file.suffix == ".json" and text.lstrip().startswith("["):   # one JSON array of row objects
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        return [(f"{file}, item {i}", r) for i, r in enumerate(items, 1)]
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{file}, line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}, line {n}: invalid JSON ({e.msg} at column {e.colno}); "
+                            f"a truncated or broken line?") from e
+    return rows
 
 
-def _data_files(path: Path, task: str, split: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no data file or folder at {str(path)!r}; {_get_instructions(task)}")
-    names = {split, HUB_DATASETS[task]["splits"][split]}
-    files = sorted(f for f in path.iterdir() if f.suffix in (".jsonl", ".json", ".parquet")
-                   and any(f.name.startswith(s) for s in names))
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(sorted(names))}*.jsonl|.parquet files in {str(path)!r}; "
-                                f"{_get_instructions(task)}")
-    return files
+def row_example(task: str, row, where: str) -> Example:
+    """One row -> Example, or a DataError naming `where`, the column and the problem: the row must be an
+    object whose two task columns are non-empty strings (GSM8k's answer ends in '#### <number>')."""
+    cols = _columns(task)
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: the row is a JSON {type(row).__name__}, not an object with "
+                        f"{' and '.join(map(repr, cols))}")
+    values = []
+    for col in cols:
+        if col not in row:
+            raise DataError(f"{where}: no column {col!r} (the row has {sorted(row)}); "
+                            f"{task} rows need {' and '.join(map(repr, cols))}")
+        v = row[col]
+        if v is None:
+            raise DataError(f"{where}: column {col!r} is null")
+        if not isinstance(v, str):
+            raise DataError(f"{where}: column {col!r} is a {type(v).__name__} ({str(v)[:40]!r}), not a string")
+        if not v.strip():
+            raise DataError(f"{where}: column {col!r} is blank")
+        values.append(v.strip())
+    if task == "gsm8k" and not _GSM8K_FINAL.search(values[1]):
+        raise DataError(f"{where}: column 'answer' has no final answer line '#### <number>'")
+    return Example(prompt=values[0], reference=values[1])
 
 
-def _rows_to_examples(rows, task: str) -> list[Example]:
-    d = HUB_DATASETS[task]
-    out = []
-    for i, row in enumerate(rows):
-        if d["prompt"] not in row or d["reference"] not in row:
-            raise ValueError(f"{task} row {i} lacks the columns {d['prompt']!r}/{d['reference']!r}: "
-                             f"has {sorted(row)}")
-        out.append(Example(prompt=str(row[d["prompt"]]).strip(), reference=str(row[d["reference"]]).strip()))
-    return out
-
-
-def file_examples(task: str, split: str, path: str | os.PathLike) -> list[Example]:
-    """Rows of local GSM8k (question/answer) or CNN/DM (article/highlights) JSONL/Parquet files."""
-    rows = [r for f in _data_files(Path(path), task, split) for r in _read_rows(f)]
-    return _rows_to_examples(rows, task)
+def file_examples(task: str, split: str, path, *, verbose: bool = False) -> list[Example]:
+    """Every row of the split's local files, each checked (row_example); zero rows is an error."""
+    files, what = data_files(path, task, split)
+    exs = [row_example(task, row, where) for f in files for where, row in read_rows(f, task)]
+    if not exs:
+        raise DataError(f"{what}: no rows")
+    if verbose:
+        print(f"[data] {task} {split}: {len(exs)} rows from {what}", flush=True)
+    return exs
 
 
 def hub_examples(task: str, split: str) -> list[Example]:
@@ -315,36 +487,73 @@ def hub_examples(task: str, split: str) -> list[Example]:
     except Exception as e:                          # offline, no cache, hub down ...
         raise RuntimeError(f"could not load {d['id']} ({d['config']}) from the hub: {e}; "
                            f"{_get_instructions(task)}") from e
-    return _rows_to_examples(ds, task)
+    return [row_example(task, row, f"{d['id']} ({d['config']}, {d['splits'][split]}), row {i}")
+            for i, row in enumerate(ds, 1)]
 
 
-def too_long(task: str, example: Example, tokenizer=None, max_tokens: int = MAX_ARTICLE_TOKENS) -> bool:
-    """The seed's CNN/DM filter: an article longer than max_tokens tokens (whitespace words
-    stand in for tokens when no tokenizer is given). GSM8k questions are never dropped."""
-    if task != "cnndm":
-        return False
+# --------------------------------------------------------------------------------------------
+# The one length filter
+# --------------------------------------------------------------------------------------------
+
+def article_tokens(examples, tokenizer) -> list[int]:
+    """Tokens of each article (the user turn alone, no special tokens), counted with `tokenizer`."""
+    if not examples:
+        return []
+    return [len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]]
+
+
+def too_long(task: str, example: Example, tokenizer, max_tokens: int = MAX_ARTICLE_TOKENS) -> bool:
+    """The seed's CNN/DM filter: an article longer than max_tokens tokens of `tokenizer` (the run's
+    teacher's). GSM8k questions are never dropped."""
+    return task == "cnndm" and article_tokens([example], tokenizer)[0] > max_tokens
+
+
+def length_filter(task: str, examples: list[Example], tokenizer,
+                  max_tokens: int | None = MAX_ARTICLE_TOKENS) -> tuple[list[Example], int]:
+    """(kept, number dropped): CNN/DM articles over max_tokens tokens of the teacher's tokenizer are left
+    out, as in the seed; training, evaluation and the report all call this with the teacher's tokenizer,
+    so they keep the same rows. max_tokens=None keeps everything (only for building tokenizers)."""
+    if task != "cnndm" or max_tokens is None:
+        return examples, 0
     if tokenizer is None:
-        return len(example.prompt.split()) > max_tokens
-    return len(tokenizer(example.prompt, add_special_tokens=False)["input_ids"]) > max_tokens
+        raise ValueError("the CNN/DM length filter counts tokens of the run's teacher: pass tokenizer=... "
+                         "(or max_article_tokens=None to keep every article)")
+    kept = [e for e, n in zip(examples, article_tokens(examples, tokenizer)) if n <= max_tokens]
+    return kept, len(examples) - len(kept)
 
 
 def load_examples(task: str, split: str, *, source: str = "standin", path=None, n: int | None = None,
-                  seed: int = 0, tokenizer=None, max_article_tokens: int = MAX_ARTICLE_TOKENS) -> list[Example]:
-    """The first n examples of a split (all when n is None; stand-ins default to STANDIN_SIZES).
-    CNN/DM articles over max_article_tokens (counted with tokenizer if given) are dropped first."""
+                  seed: int = 0, tokenizer=None, max_article_tokens: int | None = MAX_ARTICLE_TOKENS,
+                  verbose: bool = False) -> list[Example]:
+    """The first n examples of a split (all when n is None; stand-ins default to STANDIN_SIZES), every
+    row checked. CNN/DM articles over max_article_tokens tokens of `tokenizer` (the teacher's; required
+    for cnndm unless max_article_tokens is None) are left out first and counted; verbose prints the
+    files read and the kept/dropped counts."""
     check_task(task), check_split(split)
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if source != "file" and path is not None:
+        raise DataError(f"path={str(path)!r} is only read with source='file', not source={source!r}")
     if source == "standin":
         exs = standin_examples(task, split, n=n, seed=seed)
+        if verbose:
+            print(f"[data] {task} {split}: {len(exs)} generated stand-in examples (seed {seed})", flush=True)
     elif source == "file":
         if path is None:
-            raise ValueError(f"source='file' needs path=...; {_get_instructions(task)}")
-        exs = file_examples(task, split, path)
-    elif source == "hub":
-        exs = hub_examples(task, split)
+            raise DataError(f"source='file' needs a path; {_get_instructions(task)}")
+        exs = file_examples(task, split, path, verbose=verbose)
     else:
-        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
-    exs = [e for e in exs if not too_long(task, e, tokenizer, max_article_tokens)]
-    return exs if n is None else exs[:n]
+        exs = hub_examples(task, split)
+        if verbose:
+            print(f"[data] {task} {split}: {len(exs)} rows from {HUB_DATASETS[task]['id']}", flush=True)
+    kept, dropped = length_filter(task, exs, tokenizer, max_article_tokens)
+    if verbose and task == "cnndm" and max_article_tokens is not None:
+        print(f"[data] {task} {split}: kept {len(kept)} of {len(exs)} articles, dropped {dropped} longer than "
+              f"{max_article_tokens} tokens (the teacher's tokenizer)", flush=True)
+    if not kept:
+        raise DataError(f"{task} {split}: every one of the {len(exs)} articles is longer than "
+                        f"{max_article_tokens} tokens; nothing left to use")
+    return kept if n is None else kept[:n]
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,21 +584,32 @@ def build_prompt_ids(tokenizer, task: str, example: Example) -> list[int]:
 
 
 def task_prompts(task: str, tokenizer, split: str = "eval", n: int = 64, source: str = "standin",
-                 path=None, seed: int = 0) -> list[list[int]]:
-    """n prompt id lists, ready for generate / speculative_generate."""
-    exs = load_examples(task, split, source=source, path=path, n=n, seed=seed, tokenizer=tokenizer)
+                 path=None, seed: int = 0, verbose: bool = False) -> list[list[int]]:
+    """n prompt id lists, ready for generate / speculative_generate (CNN/DM filtered with `tokenizer`)."""
+    exs = load_examples(task, split, source=source, path=path, n=n, seed=seed, tokenizer=tokenizer,
+                        verbose=verbose)
     return [build_prompt_ids(tokenizer, task, e) for e in exs]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Print a few examples of a task.")
+    ap = argparse.ArgumentParser(description="Check a task's data and print a few examples.")
     ap.add_argument("--task", default="gsm8k", choices=TASKS)
     ap.add_argument("--split", default="eval", choices=SPLITS)
-    ap.add_argument("--source", default="standin", choices=SOURCES)
-    ap.add_argument("--path", default=None)
+    ap.add_argument("--source", default=None, choices=SOURCES,
+                    help="default: file with --data-path, else standin")
+    ap.add_argument("--data-path", default=None, help="a .jsonl/.json/.parquet file or a folder (README: Data)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="the teacher's tokenizer (path), for the CNN/DM length filter")
     ap.add_argument("-n", type=int, default=3)
     args = ap.parse_args(argv)
-    for e in load_examples(args.task, args.split, source=args.source, path=args.path, n=args.n):
+    source, path = resolve_source(args.source, args.data_path)
+    tok = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    exs = load_examples(args.task, args.split, source=source, path=path, tokenizer=tok, verbose=True,
+                        max_article_tokens=MAX_ARTICLE_TOKENS if tok is not None else None)
+    for e in exs[:args.n]:
         print(f"--- prompt:\n{e.prompt}\n--- reference:\n{e.reference}\n")
 
 

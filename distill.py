@@ -141,8 +141,9 @@ HELP = {
     "overwrite": "start from scratch in an --out that already holds a run, deleting its checkpoints and log",
     "lmbda": "share of steps whose batch the student samples (1 = purely on-policy); default %(default)s",
     "off_policy": "the other (1 - lmbda) batches: dataset answers or teacher samples; default %(default)s",
-    "source": "training prompts: standin, file or hub; default: the preset's (standin if unset)",
-    "data_path": "the data file when --source file; default none",
+    "source": "training prompts: standin, file or hub; default: file with --data-path, else the preset's",
+    "data_path": "a .jsonl/.json/.parquet file or a folder (its train.* files, README 'Data'); "
+                 "implies --source file",
     "n_train": "number of training prompts; default: the preset's (all if unset)",
     "temperature": "sampling temperature (0 = greedy); default: the preset's (the task's)",
     "top_p": "sampling nucleus top-p; default: the preset's",
@@ -194,6 +195,7 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
+    cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset.get("data_source"))
     for key in ("n_train", "steps", *FALLBACK):
         if getattr(cfg, key) is None:
             setattr(cfg, key, preset.get(PRESET_KEYS.get(key, key), FALLBACK.get(key)))
@@ -458,6 +460,9 @@ def train(cfg: Config):
     if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
+    # -- the data before any model: rows checked, CNN/DM's length filter counted with the teacher's tokenizer
+    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
+                                  seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
     ckpt = rundir.resume_checkpoint(out) if cfg.resume else None   # the newest verified checkpoint
     teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
                                                    device=device, load_in_8bit=cfg.teacher_8bit)
@@ -476,8 +481,6 @@ def train(cfg: Config):
                 else nullcontext())
 
     # -- prompts (chat template) and, for dataset batches, the reference answers + a stop token
-    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path,
-                                  n=cfg.n_train, seed=cfg.seed)
     prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
     references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]

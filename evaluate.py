@@ -14,12 +14,27 @@ Every draft sees the same prompts and the same sampling seed. Per prompt (one ro
 
 The table reports the mean over prompts (a macro-mean, as the seed did; a prompt with nothing drafted
 has no acceptance and is left out, not counted as 0) with a 95% percentile bootstrap interval over
-prompts, and the drafts' generation speed (generated tokens / wall time, tokens/s).
+prompts, and the drafts' generation speed (generated tokens / wall time, tokens/s). The JSON also keeps
+the pooled token acceptance sum(A) / sum(D) over all prompts.
+
+The speedup a user gets, per draft:
+    measured speedup       (tokens/s of speculative decoding) / (tokens/s of the target alone), the target
+                           alone sampled by specdec.autoregressive_generate on the same prompts, with the same
+                           sampling settings, seeds and batches, timed right before each batch the draft runs
+                           (so both see the same machine load; --speedup-batches K times only the first K
+                           batches). Tokens per second, since sampled outputs differ in length.
+    theoretical speedup    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))  (Leviathan et al. 2023), with
+                           alpha the pooled analytic alpha (mean beta_i over every drafted position), gamma the
+                           protocol's and c = draft step cost / target step cost, measured here (cost_ratio):
+                           seconds per decoding step of each model alone on the first batch of prompts, no stop
+                           ids, (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns,
+                           best of 3.
 Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
 accepted) for the entropy analysis (entropy.py / report.py).
 
 Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
+      python evaluate.py --preset paper --task gsm8k --source file --data-path data/gsm8k
 """
 import argparse
 import json
@@ -28,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import data
 import models
@@ -63,7 +79,28 @@ def per_prompt(per_row: list[dict]) -> dict[str, list]:
         "drafted": drafted,
         "accepted": [r["accepted"] for r in per_row],
         "generated": [r["generated"] for r in per_row],
+        "wall_time_s": [r["wall_time_s"] for r in per_row],   # from the row's admission to its finish
     }
+
+
+def pooled_acceptance(per_row: list[dict]) -> float:
+    """sum over prompts of accepted / sum of drafted: every drafted token weighs the same (NaN if none)."""
+    drafted = sum(r["drafted"] for r in per_row)
+    return sum(r["accepted"] for r in per_row) / drafted if drafted else math.nan
+
+
+def pooled_alpha(per_row: list[dict]) -> float:
+    """Mean beta_i over every drafted position of every prompt: the alpha of the speedup formula."""
+    drafted = sum(r["drafted"] for r in per_row)
+    return sum(r["alpha"] * r["drafted"] for r in per_row if r["drafted"]) / drafted if drafted else math.nan
+
+
+def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Expected walltime speedup of speculative decoding over the target alone (Leviathan et al. 2023):
+    E[tokens per round] / cost of a round = ((1 - alpha^(gamma+1)) / (1 - alpha)) / (gamma c + 1), with
+    c = draft step cost / target step cost. alpha = 1 is the limit gamma + 1 tokens per round."""
+    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + 1)
 
 
 def summarize(pp: dict, n_boot: int, seed: int) -> dict:
@@ -82,13 +119,17 @@ def fmt(s: dict, pct: bool) -> str:
 
 
 def table_markdown(entries: list[dict]) -> str:
-    """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s."""
-    lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s, the cost ratio c and
+    the measured and theoretical speedups over the target alone."""
+    lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s "
+             "| target alone tokens/s | c | speedup measured | speedup theory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         s = e["summary"]
         lines.append(f"| {e['name']} | {e['divergence']} | {fmt(s['token_acceptance'], True)} | "
-                     f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} |")
+                     f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} "
+                     f"| {e['target_alone']['tokens_per_s']:.0f} | {e['cost_ratio']:.3f} | {e['speedup_measured']:.2f}x "
+                     f"| {e['speedup_theoretical']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -109,26 +150,76 @@ def divergence_label(run_dir: Path) -> str:
     return f"jsd(beta={cfg.get('beta'):g})" if div == "jsd" else div
 
 
+def _bar(total: int, desc: str):
+    """Prompts done and tokens/s, as training shows its steps (1000 prompts x 312 tokens take a while)."""
+    return tqdm(total=total, desc=desc, unit="prompt", leave=False, mininterval=1.0)
+
+
 @torch.no_grad()
-def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, **protocol) -> dict:
-    """speculative_generate over the prompts in batches; per-prompt metrics, speed and records."""
+def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="draft", speedup_batches=None,
+                   **protocol) -> dict:
+    """speculative_generate over the prompts in batches; per-prompt metrics, speed and records. For the
+    speedup, the target alone (autoregressive_generate: same batch, seed and sampling settings, no draft)
+    is timed right before each of the first `speedup_batches` batches (None: all), so both sides of the
+    ratio see the same machine load; the measured speedup compares the two over those batches."""
+    sampling = {k: v for k, v in protocol.items() if k != "gamma"}  # the target alone: all but gamma
     per_row, records, tokens, seconds = [], [], 0, 0.0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record, **protocol)
-        per_row += res.stats["per_row"]
-        tokens += sum(len(t) for t in res.tokens)
-        seconds += res.stats["wall_time_s"]
-        if record:
-            rec = {k: v.tolist() for k, v in res.records.items()}
-            rec["row"] = [r + start for r in rec["row"]]
-            records.append(rec)
+    timed = {"spec_tokens": 0, "spec_s": 0.0, "alone_tokens": 0, "alone_s": 0.0}
+    n_batches = math.ceil(len(prompts) / batch_size)
+    timed_batches = n_batches if speedup_batches is None else min(speedup_batches, n_batches)
+    with _bar(len(prompts), desc) as bar:
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start:start + batch_size]
+            if b < timed_batches:
+                alone = specdec.autoregressive_generate(teacher, chunk, seed=seed + start, **sampling)
+                timed["alone_tokens"] += sum(len(t) for t in alone.tokens)
+                timed["alone_s"] += alone.stats["wall_time_s"]
+            res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record,
+                                               **protocol)
+            per_row += res.stats["per_row"]
+            n_tokens = sum(len(t) for t in res.tokens)
+            tokens += n_tokens
+            seconds += res.stats["wall_time_s"]
+            if b < timed_batches:
+                timed["spec_tokens"] += n_tokens
+                timed["spec_s"] += res.stats["wall_time_s"]
+            if record:
+                rec = {k: v.tolist() for k, v in res.records.items()}
+                rec["row"] = [r + start for r in rec["row"]]
+                records.append(rec)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
+    alone_tps = timed["alone_tokens"] / max(timed["alone_s"], 1e-9)
     out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
-           "generated_tokens": tokens, "wall_time_s": seconds,
-           "pooled_acceptance": sum(r["accepted"] for r in per_row) / max(1, sum(r["drafted"] for r in per_row))}
+           "generated_tokens": tokens, "wall_time_s": seconds, "pooled_acceptance": pooled_acceptance(per_row),
+           "pooled_alpha": pooled_alpha(per_row),
+           "target_alone": {"batches": timed_batches, "prompts": min(len(prompts), timed_batches * batch_size),
+                            "generated_tokens": timed["alone_tokens"], "wall_time_s": timed["alone_s"],
+                            "tokens_per_s": alone_tps,
+                            "draft_tokens_per_s": timed["spec_tokens"] / max(timed["spec_s"], 1e-9)}}
+    out["speedup_measured"] = out["target_alone"]["draft_tokens_per_s"] / alone_tps
     if record:
         out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
     return out
+
+
+@torch.no_grad()
+def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, **sampling) -> dict:
+    """c = draft step cost / target step cost. A model's step cost is its seconds per decoding step alone on
+    this batch of prompts: (time to generate 1 + n_steps tokens - time to generate 1) / n_steps, so the
+    prompt's prefill cancels; no stop ids, so every row runs every step. The two models are timed in turns,
+    best of `repeats` each (the run least disturbed by other jobs)."""
+    sampling = {k: v for k, v in sampling.items() if k not in ("max_new_tokens", "eos_token_id", "gamma")}
+    best = {}
+    for _ in range(repeats):
+        for name, model in (("target", target), ("draft", draft)):
+            for n in (1, 1 + n_steps):
+                t = specdec.autoregressive_generate(model, prompts, max_new_tokens=n, seed=0, eos_token_id=[],
+                                                    **sampling).stats["wall_time_s"]
+                best[name, n] = min(best.get((name, n), math.inf), t)
+    step = {name: max(best[name, 1 + n_steps] - best[name, 1], 1e-9) / n_steps for name in ("target", "draft")}
+    return {"cost_ratio": step["draft"] / step["target"], "target_step_s": step["target"],
+            "draft_step_s": step["draft"]}
 
 
 def evaluate_task(args, task: str) -> dict:
@@ -137,10 +228,15 @@ def evaluate_task(args, task: str) -> dict:
     if teacher_id is None or student_id is None:                    # the preset's pair (tiny: built on first use)
         t, s = models.resolve_pair(task, args.preset)
         teacher_id, student_id = teacher_id or t, student_id or s
-    teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
+    # the data first: every row checked (and CNN/DM's length filter counted with the teacher's tokenizer)
+    # before any model loads
+    source, data_path = data.resolve_source(args.source, args.data_path, pc.get("data_source"))
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
-    prompts = data.task_prompts(task, tok, split="eval", n=n, source=pc.get("data_source", "standin"))
-    decoding = models.decoding_protocol(pc, tok, teacher, gamma=args.gamma, top_p=args.top_p)  # as distill.py
+    prompts = data.task_prompts(task, models.load_tokenizer(teacher_id), split="eval", n=n, source=source,
+                                path=data_path, verbose=True)
+    teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
+    # -- the decoding protocol (the same for every draft and for the target alone; as distill.py's)
+    decoding = models.decoding_protocol(pc, tok, teacher, gamma=args.gamma, top_p=args.top_p)
     protocol = decoding.speculative_kwargs()                        # vocab_size: q is never put on lm_head padding
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
     drafts = [("baseline", "baseline (no distillation)", student_id)]
@@ -150,13 +246,20 @@ def evaluate_task(args, task: str) -> dict:
     for name, label, path in drafts:
         draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
         res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
-                             record=args.record, vocab_size=len(tok), **protocol)
+                             record=args.record, desc=f"{task}/{name}", speedup_batches=args.speedup_batches,
+                             **protocol)
+        cost = cost_ratio(draft, teacher, prompts[:args.batch_size], **protocol)
+        speed = {**cost, "speedup_theoretical": theoretical_speedup(res["pooled_alpha"], protocol["gamma"],
+                                                                    cost["cost_ratio"])}
         entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
-                        "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res})
-        print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}")
+                        "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res, **speed})
+        print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}, "
+              f"speedup {res['speedup_measured']:.2f}x measured ({res['target_alone']['tokens_per_s']:.0f} "
+              f"tokens/s alone), {speed['speedup_theoretical']:.2f}x theory (c = {cost['cost_ratio']:.3f})")
     return {"preset": args.preset, "task": task, "teacher": teacher_id,
             "protocol": {**decoding.as_dict(), "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
-                         "split": "eval"},
+                         "split": "eval", "source": source, "data_path": data_path,
+                         "batch_size": args.batch_size},
             "runs": {e["name"]: e for e in entries}}
 
 
@@ -167,7 +270,12 @@ def write_results(doc: dict, results_root: Path) -> Path:
     md = [f"# {doc['task']} ({doc['preset']} preset): speculative decoding with each draft", "",
           f"Target {doc['teacher']}; gamma {p['gamma']}, top-p {p['top_p']}, temperature {p['temperature']}, "
           f"max_new_tokens {p['max_new_tokens']}, {p['n_prompts']} held-out prompts, seed {p['seed']}. "
-          f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples].", "",
+          f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples]. Data: "
+          f"{p['source']}{' ' + str(p['data_path']) if p.get('data_path') else ''}.", "",
+          "Speedup measured = tokens/s with the draft / tokens/s of the target alone (autoregressive_generate "
+          f"on the same prompts, sampling settings, seeds and batches of {p['batch_size']}, timed in turns batch by "
+          "batch); c = draft / target seconds per decoding step; speedup theory = "
+          "(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) with the pooled analytic alpha.", "",
           table_markdown(list(doc["runs"].values())), ""]
     (out / "eval.md").write_text("\n".join(md))
 
@@ -195,6 +303,10 @@ def parse_args(argv=None):
     p.add_argument("--results", default="results", help="writes <results>/<preset>/<task>/eval.{md,json} "
                    "(default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
+    p.add_argument("--source", default=None, help=f"eval prompts from one of {', '.join(data.SOURCES)} "
+                   "(default: file with --data-path, else the preset's)")
+    p.add_argument("--data-path", default=None, help="a .jsonl/.json/.parquet file or a folder; the eval split "
+                   "is test.* (CNN/DM: validation.* without a test file), see README 'Data'")
     p.add_argument("--record", action="store_true", help="store the per-drafted-position records in the JSON")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the preset's, 5)")
     p.add_argument("--top-p", type=float, default=None,
@@ -203,13 +315,20 @@ def parse_args(argv=None):
                    help="prompts per speculative_generate call (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every draft; also the bootstrap's "
                    "(default %(default)s)")
+    p.add_argument("--speedup-batches", type=int, default=None, help="time the target alone on the first K "
+                   "batches only, for the measured speedup (default: every batch; each timed batch costs one "
+                   "target-alone generation per draft)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")
     p.add_argument("--teacher-8bit", action="store_true", help="load the teacher in 8 bits with bitsandbytes")
     args = p.parse_args(argv)
     models.check_preset(args.preset)
     if args.task is not None:
         data.check_task(args.task)
-    for name in ("n_prompts", "gamma", "batch_size"):
+    data.resolve_source(args.source, args.data_path)               # the rule's errors, before anything loads
+    if args.data_path is not None and args.task is None:
+        raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task "
+                         f"({', '.join(data.TASKS)})")
+    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")

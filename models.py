@@ -328,7 +328,8 @@ def build_tiny_pair(task: str, out: Path, seed: int = 0, scale: str = "full") ->
 
     sc = SCALES[scale]
     t0, cpu0 = time.time(), time.process_time()
-    examples = data.load_examples(task, "train", n=sc["n_train"], seed=seed)
+    # the tokenizer is built from these texts, so there is none yet to count the length filter with
+    examples = data.load_examples(task, "train", n=sc["n_train"], seed=seed, max_article_tokens=None)
     corpus = [f"system\n{data.SYSTEM_PROMPTS[task]}\nuser\n{e.prompt}\nassistant\n{e.reference}\n" for e in examples]
     tok = train_tokenizer(corpus, sc["vocab_size"])
     seqs = sft_sequences(tok, task, examples)

@@ -31,6 +31,10 @@ pair):
               intervals (tokens of one prompt stay together), plotted per task.
   sentences   generated from the numbers.
 
+Data: `--source` / `--data-path` as distill.py and evaluate.py take them (data.resolve_source); a path
+is one task's folder (its train.* files train, its test.* files evaluate). Every row of both splits is
+checked (check_data) before anything trains.
+
 Every number in REPORT.md is computed in this process from the eval JSON this invocation wrote; a
 run that is missing or failed raises MissingRunError, so a partial table is never written.
 `--quick` (what CI runs): two seeds, a 2 x 2 ajsd grid, few steps and prompts; it writes
@@ -91,6 +95,13 @@ class ReportConfig:
     n_boot: int = 2000
     reuse: bool = False               # skip training where <run>/final exists (same settings assumed)
     quick: bool = False
+    source: str | None = None         # the data (data.resolve_source): standin | file | hub; None = the preset's
+    data_path: str | None = None      # a folder with train.* and test.* files of one task (README, "Data")
+
+    def data_args(self) -> list[str]:
+        """--source / --data-path as given, for distill.py and evaluate.py (one rule: data.resolve_source)."""
+        return ((["--source", self.source] if self.source else [])
+                + (["--data-path", self.data_path] if self.data_path else []))
 
 
 QUICK = dict(seeds=(0, 1), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
@@ -495,7 +506,7 @@ def load_eval(path) -> dict:
 def protocol_line(path) -> str:
     """The decoding protocol evaluate.py recorded in its JSON, as one line of the report."""
     p = json.loads(Path(path).read_text()).get("protocol", {})
-    keys = ("gamma", "top_p", "temperature", "max_new_tokens", "n_prompts", "seed")
+    keys = ("gamma", "top_p", "temperature", "max_new_tokens", "n_prompts", "seed", "source", "data_path")
     return ", ".join(f"{k} {p[k]}" for k in keys if k in p)
 
 
@@ -508,6 +519,21 @@ def records_of(entry: dict):
 
 
 # ----------------------------------------------------------------------------- the study (I/O)
+
+def check_data(cfg: ReportConfig, log):
+    """Every row of both splits of every task, checked before anything trains (data.DataError names the
+    file, line and column); the length filter runs later, in distill.py and evaluate.py, with the teacher's
+    tokenizer."""
+    import data
+    import models
+
+    for task in cfg.tasks:
+        source, path = data.resolve_source(cfg.source, cfg.data_path,
+                                           models.preset_config(cfg.preset, task).get("data_source"))
+        for split in data.SPLITS:
+            n = len(data.load_examples(task, split, source=source, path=path, max_article_tokens=None))
+            log(f"data {task} {split}: {n} rows ({source}{' ' + path if path else ''}) checked")
+
 
 def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=()) -> bool:
     """distill.main for one run into `out`; False when --reuse found it already trained (same ajsd
@@ -523,7 +549,7 @@ def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=(
     argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out), *extra]
     if cfg.steps is not None:
         argv += ["--steps", str(cfg.steps)]
-    distill.main(argv)
+    distill.main(argv + cfg.data_args() + held_out_args(cfg, task))
     return True
 
 
@@ -547,16 +573,56 @@ def train_all(cfg: ReportConfig, task: str, log, ajsd_setting=None):
             f"in {time.time() - t0:.0f}s")
 
 
-def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
-    """cfg.n_val examples of the TRAIN split that no training run of `used_seeds` sees: disjoint from
-    the eval prompts (data.py's split) and from every training set (checked prompt by prompt).
-    Drawn from the stand-in's stream of seed VAL_SEED (a file/hub source: the rows after those the
-    runs train on)."""
+def _train_rows(cfg: ReportConfig, task: str) -> list:
+    """The train split of a file/hub source as distill.py reads it (rows checked, CNN/DM's length filter
+    with the teacher's tokenizer), in file order."""
+    import data
+    import models
+
+    key = (task, cfg.source, cfg.data_path)
+    if key not in _TRAIN_ROWS:
+        pc = models.preset_config(cfg.preset, task)
+        source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))
+        tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0])
+        _TRAIN_ROWS[key] = data.load_examples(task, "train", source=source, path=path, tokenizer=tok)
+    return _TRAIN_ROWS[key]
+
+
+_TRAIN_ROWS: dict = {}
+
+
+def held_out_args(cfg: ReportConfig, task: str) -> list[str]:
+    """distill.py flags that keep the validation rows out of training: with a file/hub source the last
+    cfg.n_val train rows are the validation prompts, so every run trains on the rows before them."""
     import data
     import models
 
     pc = models.preset_config(cfg.preset, task)
-    source, n_train = pc.get("data_source", "standin"), pc.get("n_train_prompts")
+    if data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))[0] == "standin":
+        return []
+    n = len(_train_rows(cfg, task)) - cfg.n_val
+    if n < 1:
+        raise ValueError(f"{task}: the train split has {n + cfg.n_val} rows, too few to hold out n_val={cfg.n_val} "
+                         f"validation prompts for the ajsd grid")
+    if pc.get("n_train_prompts"):
+        n = min(n, pc["n_train_prompts"])
+    return ["--n-train", str(n)]
+
+
+def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
+    """cfg.n_val examples of the TRAIN split that no training run of `used_seeds` sees: disjoint from
+    the eval prompts (data.py's split) and from every training set (checked prompt by prompt).
+    Stand-ins: drawn from the stand-in's stream of seed VAL_SEED. A file/hub source: the last n_val
+    train rows, which held_out_args keeps out of every training run."""
+    import data
+    import models
+
+    pc = models.preset_config(cfg.preset, task)
+    source = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))[0]
+    if source != "standin":
+        held_out_args(cfg, task)                       # raises when there are too few rows
+        return _train_rows(cfg, task)[-cfg.n_val:]
+    n_train = pc.get("n_train_prompts")
     used = {e.prompt for s in used_seeds for e in data.load_examples(task, "train", source=source, n=n_train, seed=s)}
     pool = data.load_examples(task, "train", source=source, n=len(used) + cfg.n_val, seed=VAL_SEED)
     val = [e for e in pool if e.prompt not in used][:cfg.n_val]
@@ -615,6 +681,7 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     task_results = Path(cfg.results) / cfg.preset / task
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record"]
+    argv += cfg.data_args()
     if cfg.n_prompts is not None:
         argv += ["--n-prompts", str(cfg.n_prompts)]
     evaluate.main(argv)
@@ -632,7 +699,8 @@ def teacher_profile(cfg: ReportConfig, task: str) -> dict:
     teacher_id, _ = models.resolve_pair(task, cfg.preset)
     teacher = models.load_model(teacher_id)
     tok = models.load_tokenizer(teacher_id)
-    prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=pc.get("data_source", "standin"))
+    source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))
+    prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=source, path=path)
     protocol = models.decoding_protocol(pc, tok, teacher)   # as evaluate.py and distill.py
     return entropy.teacher_sample_entropies(teacher, prompts, seed=0, views=True, **protocol.generate_kwargs())
 
@@ -815,8 +883,12 @@ def parse_args(argv=None) -> ReportConfig:
     p.add_argument("--n-prompts", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--reuse", action="store_true", help="skip training where <run>/final already exists")
+    p.add_argument("--source", default=None, help="standin, file or hub (default: file with --data-path, else the "
+                   "preset's)")
+    p.add_argument("--data-path", default=None, help="a folder with one task's train.* and test.* files (README "
+                   "'Data'); needs --tasks with that one task")
     a = p.parse_args(argv)
-    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse)
+    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path)
     if a.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
@@ -830,6 +902,14 @@ def parse_args(argv=None) -> ReportConfig:
 
     for t in cfg.tasks:
         data.check_task(t)
+    data.resolve_source(cfg.source, cfg.data_path)                  # the shared rule's errors
+    if cfg.data_path is not None:
+        if len(cfg.tasks) != 1:
+            raise ValueError(f"--data-path {cfg.data_path!r} holds one task's data: pass --tasks with one of "
+                             f"{', '.join(data.TASKS)} (got {', '.join(cfg.tasks)})")
+        if not Path(cfg.data_path).is_dir():
+            raise ValueError(f"--data-path {cfg.data_path!r} is not a folder: the report trains on its train.* "
+                             f"files and evaluates on its test.* files, and one file would be both")
     bad = [d for d in cfg.divs if d not in DIVS]
     if bad:
         raise ValueError(f"unknown --divs {bad}; valid: {', '.join(DIVS)}")
@@ -848,6 +928,7 @@ def main(argv=None):
     log(f"plan: {len(cfg.tasks)} task(s) x ({n_grid} ajsd grid runs + {n_train} study runs), {cfg.steps} steps "
         f"each; {cfg.n_prompts} eval prompts per run")
     evals, protocols, profiles, analysis, plots, grids = {}, {}, {}, {}, {}, {}
+    check_data(cfg, log)
     for task in cfg.tasks:
         if "ajsd" in cfg.divs:
             grids[task] = tune_ajsd(cfg, task, log)

@@ -70,7 +70,7 @@ def run_trl(a, teacher, student, out) -> dict:
 
     t_model, s_model, tok = models.load_pair(teacher, student)
     s_model.float().train()
-    examples = data.load_examples(a.task, "train", n=a.steps * a.batch_size)
+    examples = data.load_examples(a.task, "train", n=a.steps * a.batch_size, tokenizer=tok)
     rows = [{"messages": data.chat_messages(a.task, ex) + [{"role": "assistant", "content": ex.reference}]}
             for ex in examples]
     cfg = GKDConfig(output_dir=out, beta=1.0, lmbda=1.0, temperature=a.temperature, max_new_tokens=a.max_new_tokens,

@@ -2,6 +2,8 @@
 import json
 import random
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +14,8 @@ import data
 def tokenizer():
     """A small project tokenizer with the ChatML template (as the tiny pair ships)."""
     import models
-    texts = [e.prompt + "\n" + e.reference for t in data.TASKS for e in data.load_examples(t, "train", n=100)]
+    texts = [e.prompt + "\n" + e.reference for t in data.TASKS
+             for e in data.load_examples(t, "train", n=100, max_article_tokens=None)]
     texts += list(data.SYSTEM_PROMPTS.values())
     return models.train_tokenizer(texts + ["system user assistant"], vocab_size=400)
 
@@ -22,9 +25,9 @@ def tokenizer():
 @pytest.mark.parametrize("task", data.TASKS)
 def test_standin_is_deterministic(task):
     """WHY: runs, tiny pairs and eval prompts must be reproducible from the seed alone."""
-    a = data.load_examples(task, "train", n=50, seed=3)
-    b = data.load_examples(task, "train", n=50, seed=3)
-    c = data.load_examples(task, "train", n=50, seed=4)
+    a = data.load_examples(task, "train", n=50, seed=3, max_article_tokens=None)
+    b = data.load_examples(task, "train", n=50, seed=3, max_article_tokens=None)
+    c = data.load_examples(task, "train", n=50, seed=4, max_article_tokens=None)
     assert a == b
     assert a != c
 
@@ -32,9 +35,9 @@ def test_standin_is_deterministic(task):
 @pytest.mark.parametrize("task", data.TASKS)
 def test_standin_splits_are_disjoint(task):
     """WHY: eval prompts the teacher or the student trained on would inflate the acceptance."""
-    train = {e.prompt for e in data.load_examples(task, "train", n=2000)}
+    train = {e.prompt for e in data.load_examples(task, "train", n=2000, max_article_tokens=None)}
     for seed in (0, 1):   # the split is a function of the prompt, so also across seeds
-        ev = {e.prompt for e in data.load_examples(task, "eval", n=200, seed=seed)}
+        ev = {e.prompt for e in data.load_examples(task, "eval", n=200, seed=seed, max_article_tokens=None)}
         assert len(ev) == 200
         assert not train & ev
 
@@ -104,6 +107,13 @@ def _write_parquet(path, rows):
     return path
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "gsm8k"   # the first rows of the official files (MIT)
+
+
+def _official_rows(name):
+    return [json.loads(line) for line in (FIXTURES / name).read_text(encoding="utf-8").splitlines()]
+
+
 def test_gsm8k_jsonl_reader(tmp_path):
     """WHY: users bring the real GSM8k files; question is the user turn, the answer is kept whole."""
     f = _write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS)
@@ -114,41 +124,183 @@ def test_gsm8k_jsonl_reader(tmp_path):
     assert data.strip_calculator(exs[0].reference).startswith("Natalia sold 48/2 = 24 clips")
 
 
-def test_cnndm_parquet_folder_reader_filters_long_articles(tmp_path):
+def test_gsm8k_official_folder_reads_each_test_question_once():
+    """WHY: the official folder holds test.jsonl beside test_socratic.jsonl (the same questions, other
+    answers); reading both by prefix doubled every question and mixed two answer formats."""
+    exs = data.load_examples("gsm8k", "eval", source="file", path=FIXTURES)
+    test = _official_rows("test.jsonl")
+    assert [e.prompt for e in exs] == [r["question"].strip() for r in test]
+    assert [e.reference for e in exs] == [r["answer"].strip() for r in test]
+    train = data.load_examples("gsm8k", "train", source="file", path=FIXTURES)
+    assert [e.prompt for e in train] == [r["question"].strip() for r in _official_rows("train.jsonl")]
+
+
+def test_a_folder_with_only_the_socratic_file_is_refused(tmp_path):
+    """WHY: the socratic configuration is never read without asking: the refusal names the file."""
+    shutil.copy(FIXTURES / "test_socratic.jsonl", tmp_path)
+    with pytest.raises(data.DataError, match="test_socratic.jsonl.*another configuration"):
+        data.load_examples("gsm8k", "eval", source="file", path=tmp_path)
+    assert len(data.load_examples("gsm8k", "eval", source="file", path=tmp_path / "test_socratic.jsonl")) == 3
+
+
+def test_hub_parquet_layout_reads_the_main_configuration(tmp_path):
+    """WHY: the hub's gsm8k copy is main/ + socratic/ Parquet folders; only main/ may be read."""
+    test = _official_rows("test.jsonl")
+    for config, rows in (("main", test), ("socratic", _official_rows("test_socratic.jsonl"))):
+        (tmp_path / config).mkdir()
+        _write_parquet(tmp_path / config / "test-00000-of-00001.parquet", rows)
+    exs = data.load_examples("gsm8k", "eval", source="file", path=tmp_path)
+    assert [e.reference for e in exs] == [r["answer"].strip() for r in test]
+
+
+def test_cnndm_parquet_shards_and_the_length_filter(tmp_path, tokenizer, capsys):
     """WHY: the hub's CNN/DM Parquet layout (test-*.parquet for eval) must read as is, and
-    articles over 512 tokens are dropped as the seed did."""
+    articles over 512 tokens are dropped as the seed did, and counted where the user sees it."""
     _write_parquet(tmp_path / "test-00000-of-00001.parquet", CNNDM_ROWS)
-    _write_parquet(tmp_path / "train-00000-of-00003.parquet", CNNDM_ROWS[:1] * 3)
-    exs = data.load_examples("cnndm", "eval", source="file", path=tmp_path)
+    _write_parquet(tmp_path / "train-00000-of-00002.parquet", CNNDM_ROWS[:1] * 3)
+    _write_parquet(tmp_path / "train-00001-of-00002.parquet", CNNDM_ROWS[:1] * 2)
+    exs = data.load_examples("cnndm", "eval", source="file", path=tmp_path, tokenizer=tokenizer, verbose=True)
     assert exs == [data.Example(CNNDM_ROWS[0]["article"], CNNDM_ROWS[0]["highlights"])]
-    assert len(data.load_examples("cnndm", "train", source="file", path=tmp_path)) == 3
+    assert "kept 1 of 2 articles, dropped 1 longer than 512 tokens" in capsys.readouterr().out
+    assert len(data.load_examples("cnndm", "train", source="file", path=tmp_path, tokenizer=tokenizer)) == 5
 
 
-def test_long_article_filter_counts_tokens(tokenizer):
-    """WHY: with a tokenizer the 512 limit is in tokens (as in the seed), not words."""
+def test_cnndm_validation_is_the_eval_split_without_a_test_file(tmp_path, tokenizer, capsys):
+    """WHY: CNN/DM ships a validation split; without a test file it is the eval split, said aloud."""
+    _write_jsonl(tmp_path / "validation.jsonl", CNNDM_ROWS[:1])
+    _write_jsonl(tmp_path / "train.jsonl", CNNDM_ROWS[:1] * 2)
+    exs = data.load_examples("cnndm", "eval", source="file", path=tmp_path, tokenizer=tokenizer, verbose=True)
+    assert len(exs) == 1
+    assert "validation.jsonl (no test file: the validation split is the eval split)" in capsys.readouterr().out
+
+
+def test_length_filter_counts_tokens_of_the_given_tokenizer(tokenizer):
+    """WHY: the 512 limit is in tokens of the run's teacher (as in the seed), not whitespace words:
+    an article of exactly the limit is kept, one token more is dropped, whatever its word count."""
     ex = data.Example(" ".join(["Bramley"] * 300), "x")
-    n_tokens = len(tokenizer(ex.prompt)["input_ids"])
-    assert data.too_long("cnndm", ex, tokenizer, max_tokens=n_tokens - 1)
-    assert not data.too_long("cnndm", ex, tokenizer, max_tokens=n_tokens)
-    assert not data.too_long("gsm8k", ex, tokenizer, max_tokens=1)
+    n_tokens = len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
+    assert n_tokens != 300                                   # tokens, not words
+    assert data.length_filter("cnndm", [ex], tokenizer, max_tokens=n_tokens) == ([ex], 0)
+    assert data.length_filter("cnndm", [ex], tokenizer, max_tokens=n_tokens - 1) == ([], 1)
+    assert data.length_filter("gsm8k", [ex], tokenizer, max_tokens=1) == ([ex], 0)
+    with pytest.raises(ValueError, match="tokenizer"):        # never a silent fallback to words
+        data.length_filter("cnndm", [ex], None)
 
 
-def test_reader_rejects_wrong_columns(tmp_path):
-    """WHY: a CNN/DM file passed as GSM8k must fail loudly, not give empty prompts."""
-    f = _write_jsonl(tmp_path / "train.jsonl", CNNDM_ROWS[:1])
-    with pytest.raises(ValueError, match="question"):
+def test_bom_jsonl_and_json_arrays_load(tmp_path):
+    """WHY: files saved by Windows tools start with a UTF-8 BOM, and `.json` exports are often one array."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in GSM8K_ROWS).encode())
+    arr = tmp_path / "rows.json"
+    arr.write_text(json.dumps(GSM8K_ROWS, indent=2))
+    for f in (bom, arr):
+        exs = data.load_examples("gsm8k", "train", source="file", path=f)
+        assert [e.prompt for e in exs] == [r["question"] for r in GSM8K_ROWS]
+
+
+GOOD = json.dumps(GSM8K_ROWS[0])
+
+
+def _bad(tmp_path, text, name="train.jsonl"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+# (what is written, the message it must give): each names the file, the 1-based line and what is wrong
+BAD_ROWS = {
+    "empty file": ("", r"train\.jsonl: the file is empty"),
+    "blank file": ("\n  \n", r"train\.jsonl: the file is blank"),
+    "truncated line": (GOOD + "\n" + GOOD[:-20] + "\n", r"train\.jsonl, line 2: invalid JSON"),
+    "not an object": (GOOD + "\n" + json.dumps(["a", "b"]) + "\n", r"train\.jsonl, line 2: the row is a JSON list"),
+    "missing column": (json.dumps({"question": "q?"}) + "\n", r"line 1: no column 'answer'"),
+    "null column": (json.dumps({"question": None, "answer": "#### 1"}) + "\n", r"line 1: column 'question' is null"),
+    "blank column": ("\n" + json.dumps({"question": " \t", "answer": "#### 1"}), r"line 2: column 'question' is blank"),
+    "number column": (json.dumps({"question": 7, "answer": "#### 1"}), r"line 1: column 'question' is a int"),
+    "no final answer": (json.dumps({"question": "q?", "answer": "it is 4"}), r"line 1: column 'answer' has no final"),
+    "empty array": ("[]", r"no rows"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ROWS)
+def test_bad_rows_name_file_line_column_and_problem(tmp_path, kind):
+    """WHY: a bad row used to become the prompt "None" or "", or fail with a bare JSONDecodeError; each
+    kind must stop the run with the file, the line, the column and the problem."""
+    text, match = BAD_ROWS[kind]
+    f = _bad(tmp_path, text, "train.json" if text.startswith("[") else "train.jsonl")
+    with pytest.raises(data.DataError, match=match) as e:
         data.load_examples("gsm8k", "train", source="file", path=f)
+    assert str(f) in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_parquet_with_the_wrong_columns(tmp_path):
+    """WHY: a CNN/DM Parquet passed as GSM8k must fail naming the file and the missing columns."""
+    f = _write_parquet(tmp_path / "test-00000-of-00001.parquet", CNNDM_ROWS)
+    with pytest.raises(data.DataError, match=r"test-00000-of-00001\.parquet: no column 'question', 'answer'"):
+        data.load_examples("gsm8k", "eval", source="file", path=f)
+
+
+def test_parquet_bad_row_names_the_row(tmp_path):
+    """WHY: Parquet rows are numbered 1-based in the message, as JSONL lines are."""
+    f = _write_parquet(tmp_path / "train.parquet", GSM8K_ROWS + [{"question": None, "answer": "#### 3"}])
+    with pytest.raises(data.DataError, match=r"train\.parquet, row 3: column 'question' is null"):
+        data.load_examples("gsm8k", "train", source="file", path=f)
+
+
+@pytest.mark.parametrize("layout, match", [
+    ({"train.jsonl": 1}, r"no test or validation file for the eval split"),
+    ({"test.jsonl": 1, "test.parquet": 1}, r"holds the test split twice \(test\.jsonl, test\.parquet\)"),
+    ({"test-00000-of-00002.parquet": 1}, r"not one complete set"),
+    ({"a/test.jsonl": 1, "b/test.jsonl": 1}, r"several configurations \(a/, b/\)"),
+])
+def test_bad_folders_are_refused(tmp_path, layout, match):
+    """WHY: a folder without the split, with the split twice, with missing shards or with several
+    configurations must never be read half or doubled."""
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".parquet"):
+            _write_parquet(tmp_path / name, GSM8K_ROWS)
+        else:
+            _write_jsonl(tmp_path / name, GSM8K_ROWS)
+    with pytest.raises(data.DataError, match=match):
+        data.load_examples("gsm8k", "eval", source="file", path=tmp_path)
+
+
+@pytest.mark.parametrize("source, path, default, expected", [
+    (None, None, "hub", ("hub", None)),             # the preset's default
+    (None, None, None, ("standin", None)),
+    (None, "d/x.jsonl", "hub", ("file", "d/x.jsonl")),  # a path alone means file
+    ("file", "d", None, ("file", "d")),
+    ("standin", None, "hub", ("standin", None)),
+])
+def test_resolve_source_rule(source, path, default, expected):
+    """WHY: distill.py, evaluate.py and report.py share this one rule, so a path is never ignored."""
+    assert data.resolve_source(source, path, default) == expected
+
+
+@pytest.mark.parametrize("source, path, match", [
+    ("file", None, "--source file needs --data-path"),
+    ("hub", "x.jsonl", "only read with --source file"),
+    ("web", None, "standin, file, hub"),
+])
+def test_resolve_source_errors(source, path, match):
+    """WHY: --data-path with another source used to be silently ignored; file without a path is unusable."""
+    with pytest.raises(ValueError, match=match):
+        data.resolve_source(source, path, "standin")
 
 
 def test_missing_files_say_how_to_get_them(tmp_path):
     """WHY: offline users need the download command, not a bare FileNotFoundError."""
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download openai/gsm8k"):
+    with pytest.raises(data.DataError, match="huggingface-cli download openai/gsm8k"):
+        data.load_examples("gsm8k", "eval", source="file", path=tmp_path / "missing")
+    with pytest.raises(data.DataError, match="no .jsonl, .json or .parquet files"):
         data.load_examples("gsm8k", "eval", source="file", path=tmp_path)
 
 
 def test_hub_offline_says_how_to_get_files():
     """WHY: source='hub' without network must fail early and name the offline alternative."""
-    with pytest.raises(RuntimeError, match="abisee/cnn_dailymail.*source='file'"):
+    with pytest.raises(RuntimeError, match="abisee/cnn_dailymail.*--data-path data/cnndm"):
         data.load_examples("cnndm", "eval", source="hub")
 
 
@@ -158,7 +310,7 @@ def test_hub_offline_says_how_to_get_files():
 def test_prompt_has_system_prompt_and_opens_assistant_turn(tokenizer, task):
     """WHY: the seed prompts with its system prompt, and generation must start inside the
     assistant turn, or the models continue the user turn."""
-    ex = data.load_examples(task, "eval", n=1)[0]
+    ex = data.load_examples(task, "eval", n=1, tokenizer=tokenizer)[0]
     text = tokenizer.decode(data.build_prompt_ids(tokenizer, task, ex))
     assert data.SYSTEM_PROMPTS[task] in text
     assert ex.prompt in text
@@ -183,3 +335,56 @@ def test_bad_names_list_valid_ones(call, match):
     """WHY: a typo must name the valid choices."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- the scripts: one rule, data before models ------------------------------------------------
+
+class _ModelsLoaded(Exception):
+    """Raised instead of loading models: everything before it ran on the data alone."""
+
+
+def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monkeypatch, capsys):
+    """WHY: the length filter once counted words in training and tokens in evaluation; both scripts must
+    keep the same articles of the same file with the same (teacher's) tokenizer, print the counts, and do
+    it before any model loads."""
+    import distill
+    import evaluate
+    import models
+
+    tok_dir = tmp_path / "teacher"
+    tokenizer.save_pretrained(tok_dir)
+    n_tok = len(tokenizer("Bramley council", add_special_tokens=False)["input_ids"])
+    rows = [{"article": " ".join(["Bramley council"] * (k * 512 // n_tok // 4)), "highlights": f"h{k}"}
+            for k in range(1, 9)]                                       # ~128 .. ~1024 tokens
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "data" / "test.jsonl", rows)
+    kept = []
+    real_filter = data.length_filter
+    monkeypatch.setattr(data, "length_filter", lambda *a, **k: kept.append(real_filter(*a, **k)) or kept[-1])
+    monkeypatch.setattr(models, "load_pair", lambda *a, **k: (_ for _ in ()).throw(_ModelsLoaded()))
+    common = ["--task", "cnndm", "--teacher", str(tok_dir), "--student", str(tok_dir),
+              "--data-path", str(tmp_path / "data")]
+    with pytest.raises(_ModelsLoaded):
+        distill.main(common + ["--out", str(tmp_path / "run")])
+    with pytest.raises(_ModelsLoaded):
+        evaluate.main(common + ["--runs", str(tmp_path / "none"), "--results", str(tmp_path / "res")])
+    (train_kept, train_dropped), (eval_kept, eval_dropped) = kept
+    assert train_kept == eval_kept and 0 < len(train_kept) < len(rows) and train_dropped == eval_dropped
+    out = capsys.readouterr().out
+    line = f"kept {len(train_kept)} of {len(rows)} articles, dropped {train_dropped} longer than 512 tokens"
+    assert f"cnndm train: {line}" in out and f"cnndm eval: {line}" in out
+
+
+def test_distill_refuses_bad_rows_before_loading_models(tmp_path, tokenizer):
+    """WHY: an empty or broken file used to load both models and then die with ZeroDivisionError."""
+    import distill
+    tok_dir = tmp_path / "teacher"
+    tokenizer.save_pretrained(tok_dir)
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+    with pytest.raises(data.DataError, match=r"train\.jsonl: the file is empty"):
+        distill.main(["--task", "gsm8k", "--teacher", str(tok_dir), "--student", str(tmp_path / "no-student"),
+                      "--data-path", str(empty), "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="--source file needs --data-path"):
+        distill.main(["--task", "gsm8k", "--source", "file", "--out", str(tmp_path / "run")])

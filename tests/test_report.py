@@ -148,14 +148,16 @@ def test_report_reads_the_json_evaluate_writes(tmp_path):
 
     def stats(drafted, accepted):
         return {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else float("nan"),
-                "alpha": 0.5, "mean_accepted_length": 2.0, "generated": 4}
+                "alpha": 0.5, "mean_accepted_length": 2.0, "generated": 4, "wall_time_s": 0.1}
 
     pp = evaluate.per_prompt([stats(10, 4), stats(0, 0), stats(10, 8)])
+    speed = {"cost_ratio": 0.1, "speedup_measured": 1.5, "speedup_theoretical": 1.7, "target_alone": {"tokens_per_s": 2.0}}
     runs = {R.run_name(d, 0): {"name": R.run_name(d, 0), "divergence": d, "per_prompt": pp, "tokens_per_s": 1.0,
-                               "summary": evaluate.summarize(pp, 10, 0)} for d in R.DIVS}
+                               "summary": evaluate.summarize(pp, 10, 0), **speed} for d in R.DIVS}
     evaluate.write_results({"preset": "tiny", "task": "gsm8k", "teacher": "t", "runs": runs,
                             "protocol": {"gamma": 5, "top_p": 0.95, "temperature": 0.6, "max_new_tokens": 8,
-                                         "n_prompts": 3, "seed": 0, "n_boot": 10}}, tmp_path)
+                                         "n_prompts": 3, "seed": 0, "n_boot": 10, "source": "standin",
+                                         "data_path": None, "batch_size": 16}}, tmp_path)
     evals = {"gsm8k": R.load_eval(tmp_path / "tiny" / "gsm8k" / "eval.json")}
     rows = R.build_table(R.collect_runs(evals, seeds=(0,)), n_boot=100)
     assert rows[0].stats["token_acceptance"][0] == pytest.approx(0.6)
@@ -359,3 +361,46 @@ def test_best_vs_runner_up_is_the_paired_difference_of_the_top_two():
     by_div["fkl"] = [R.per_prompt_metrics(_entry([0.6] * 4))]
     best, runner, d = R.best_vs_runner_up(by_div, n_boot=100)
     assert (best, runner) == ("tvd", "fkl") and d[0] == pytest.approx(0.2)
+# ----------------------------------------------------------------------------- the data options
+
+GSM8K_FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "gsm8k"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--data-path", str(GSM8K_FIXTURES)], "one task's data: pass --tasks"),
+    (["--tasks", "gsm8k", "--data-path", str(GSM8K_FIXTURES / "test.jsonl")], "not a folder"),
+    (["--tasks", "gsm8k", "--source", "file"], "--source file needs --data-path"),
+    (["--tasks", "gsm8k", "--source", "hub", "--data-path", str(GSM8K_FIXTURES)], "only read with --source file"),
+])
+def test_data_options_are_checked(argv, match):
+    """The report takes distill/evaluate's --source/--data-path; a path holds one task's two splits."""
+    with pytest.raises(ValueError, match=match):
+        R.parse_args(argv)
+
+
+def test_data_options_reach_training_and_evaluation(tmp_path, monkeypatch):
+    """--source/--data-path are handed to every distill.py and evaluate.py call, so the report never
+    trains on one data set and evaluates on another."""
+    import distill
+    import evaluate
+    calls = []
+    monkeypatch.setattr(distill, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(evaluate, "main", lambda argv: calls.append(argv))
+    cfg = R.parse_args(["--quick", "--tasks", "gsm8k", "--divs", "baseline", "rkl", "--data-path",
+                        str(GSM8K_FIXTURES)])
+    cfg.runs, cfg.results = str(tmp_path / "runs"), str(tmp_path / "results")
+    R.train_all(cfg, "gsm8k", log=lambda msg: None)
+    R.evaluate_task(cfg, "gsm8k")
+    assert len(calls) == 2
+    for argv in calls:
+        assert argv[argv.index("--data-path") + 1] == str(GSM8K_FIXTURES)
+
+
+def test_bad_rows_stop_the_report_before_training(tmp_path, monkeypatch):
+    """A bad eval row must fail before an hour of training, not after it."""
+    import distill
+    monkeypatch.setattr(distill, "main", lambda argv: pytest.fail("trained before the data was checked"))
+    (tmp_path / "train.jsonl").write_text((GSM8K_FIXTURES / "train.jsonl").read_text())
+    (tmp_path / "test.jsonl").write_text('{"question": "q?", "answer": "no final line"}\n')
+    with pytest.raises(ValueError, match=r"test\.jsonl, line 1: column 'answer' has no final answer"):
+        R.main(["--quick", "--tasks", "gsm8k", "--data-path", str(tmp_path), "--out", str(tmp_path / "R.md")])
