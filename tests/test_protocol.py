@@ -94,13 +94,24 @@ def test_training_evaluation_summary_and_report_decode_alike(which, tiny, wide, 
     (len(tokenizer), below every lm_head width), and the loss compares the same len(tokenizer) logits: a draft
     is never trained on one vocabulary and evaluated on another, for the tiny pair and a wider-headed pair."""
     pair = tiny if which == "tiny" else wide
-    seen = {}
+    seen, probing = {}, []
 
     def spy(name, fn):
         def wrapped(*args, **kw):
-            seen.setdefault(name, []).append({k: kw.get(k) for k in KEYS})
+            seen.setdefault("cost probe" if probing else name, []).append({k: kw.get(k) for k in KEYS})
             return fn(*args, **kw)
         return wrapped
+
+    def probe(fn):      # evaluate.cost_ratio times fixed-length steps (no stop ids, 1 or 17 tokens)
+        def wrapped(*args, **kw):
+            probing.append(1)
+            try:
+                return fn(*args, **kw)
+            finally:
+                probing.pop()
+        return wrapped
+
+    monkeypatch.setattr(evaluate, "cost_ratio", probe(evaluate.cost_ratio))
 
     monkeypatch.setattr(specdec, "autoregressive_generate", spy("sample", specdec.autoregressive_generate))
     monkeypatch.setattr(specdec, "speculative_generate", spy("verify", specdec.speculative_generate))
@@ -123,7 +134,10 @@ def test_training_evaluation_summary_and_report_decode_alike(which, tiny, wide, 
 
     expected = {**p.generate_kwargs(), "eos_token_id": list(p.stop_ids)}
     assert p.vocab_size == len(tok) < min(m.get_output_embeddings().weight.shape[0] for m in (teacher, student))
-    assert set(seen) == {"sample", "verify", "summary"} and len(seen["sample"]) >= 2
+    assert set(seen) == {"sample", "verify", "summary", "cost probe"} and len(seen["sample"]) >= 2
+    for call in seen.pop("cost probe"):   # the timing probe samples the same distribution, for fixed lengths
+        assert {k: call[k] for k in ("temperature", "top_p", "top_k", "vocab_size")} == {
+            k: expected[k] for k in ("temperature", "top_p", "top_k", "vocab_size")}
     for name, calls in seen.items():
         for call in calls:
             assert {k: (sorted(v) if k == "eos_token_id" else v) for k, v in call.items()} == expected, name
