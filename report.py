@@ -583,7 +583,7 @@ def _train_rows(cfg: ReportConfig, task: str) -> list:
     if key not in _TRAIN_ROWS:
         pc = models.preset_config(cfg.preset, task)
         source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))
-        tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0])
+        tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0]) if task == "cnndm" else None
         _TRAIN_ROWS[key] = data.load_examples(task, "train", source=source, path=path, tokenizer=tok)
     return _TRAIN_ROWS[key]
 
@@ -623,8 +623,11 @@ def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
         held_out_args(cfg, task)                       # raises when there are too few rows
         return _train_rows(cfg, task)[-cfg.n_val:]
     n_train = pc.get("n_train_prompts")
-    used = {e.prompt for s in used_seeds for e in data.load_examples(task, "train", source=source, n=n_train, seed=s)}
-    pool = data.load_examples(task, "train", source=source, n=len(used) + cfg.n_val, seed=VAL_SEED)
+    # the stand-in articles are far below the length filter: no tokenizer needed to list them
+    used = {e.prompt for s in used_seeds
+            for e in data.load_examples(task, "train", source=source, n=n_train, seed=s, max_article_tokens=None)}
+    pool = data.load_examples(task, "train", source=source, n=len(used) + cfg.n_val, seed=VAL_SEED,
+                              max_article_tokens=None)
     val = [e for e in pool if e.prompt not in used][:cfg.n_val]
     if len(val) < cfg.n_val:
         raise ValueError(f"only {len(val)} {task} train prompts are unused by training, need n_val={cfg.n_val}")

@@ -271,9 +271,9 @@ def test_validation_prompts_are_neither_eval_nor_training_prompts():
     prompts = {e.prompt for e in val}
     assert len(prompts) == 64
     for seed in (0, 1):
-        train = data.load_examples("cnndm", "train", n=960, seed=seed)
+        train = data.load_examples("cnndm", "train", n=960, seed=seed, max_article_tokens=None)
         assert not prompts & {e.prompt for e in train}
-    assert not prompts & {e.prompt for e in data.load_examples("cnndm", "eval", n=400)}
+    assert not prompts & {e.prompt for e in data.load_examples("cnndm", "eval", n=400, max_article_tokens=None)}
 
 
 # ----------------------------------------------------------------------------- entropy analysis
@@ -391,7 +391,7 @@ def test_data_options_reach_training_and_evaluation(tmp_path, monkeypatch):
     cfg.runs, cfg.results = str(tmp_path / "runs"), str(tmp_path / "results")
     R.train_all(cfg, "gsm8k", log=lambda msg: None)
     R.evaluate_task(cfg, "gsm8k")
-    assert len(calls) == 2
+    assert len(calls) == len(cfg.seeds) + 1      # one training run per seed, one evaluation
     for argv in calls:
         assert argv[argv.index("--data-path") + 1] == str(GSM8K_FIXTURES)
 
