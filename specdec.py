@@ -78,27 +78,85 @@ class GenerationResult:
 
 # ----------------------------------------------------------------------------- small pure helpers
 
+TOP_P_BUCKET_SHIFT = 16  # CPU top-p buckets: the top 16 bits of a float32 probability (8 exponent + 7 mantissa)
+
+
+def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None) -> torch.Tensor:
+    """Hugging Face's top-p set of probs (N, V) -> keep (N, V) bool, without sorting the vocabulary.
+
+    TopPLogitsWarper sorts ascending, drops every token whose cumulative mass (itself and all LESS likely
+    tokens) is <= 1 - top_p, and always keeps the most likely token. Read from the top: the token of
+    descending rank r is kept iff the mass of the r - 1 tokens ahead of it, M_{r-1}, is < top_p (as
+    1 - M_{r-1} > 1 - top_p); M_0 = 0, so the most likely token is always kept. The kept ranks are a prefix.
+
+    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so: bucket the tokens by the top 16 bits
+    of their float32 probability (monotone in the value for p >= 0), sum the mass per bucket (one
+    scatter_add), and find the boundary bucket b* (the mass of the buckets >= b* reaches top_p, that of the
+    buckets > b* does not). Tokens above b* are all kept, tokens below all dropped, and only the few tokens
+    inside b* are ranked (a topk), their M_{r-1} = mass above b* + the candidates ahead of them.
+    On CUDA the full sort is cheap and the candidate count would wait for the GPU, so it sorts
+    (full_sort=None: sort on CUDA only; True / False force either path, both give the same set).
+    Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic; HF's float32 rule can
+    differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
+    exactly equal probability at the boundary, which are kept is unspecified, as in HF (torch.sort is not
+    stable)."""
+    N, V = probs.shape
+    if full_sort if full_sort is not None else probs.device.type == "cuda":
+        top, idx = probs.sort(-1, descending=True)  # (N, V)
+        top = top.double()
+        keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total
+        keep[:, 0] = True  # the most likely token, whatever the rounding
+        return torch.zeros_like(keep).scatter_(-1, idx, keep)
+    key = (probs.view(torch.int32) >> TOP_P_BUCKET_SHIFT).long()  # (N, V) bucket of each token
+    p64 = probs.double()  # masses in float64: near a flat boundary float32 sums err by ~1e-6
+    mass = torch.zeros(N, 1 << (31 - TOP_P_BUCKET_SHIFT), dtype=torch.float64, device=probs.device)
+    mass.scatter_add_(1, key, p64)  # (N, buckets)
+    from_top = mass.flip(-1).cumsum(-1).flip(-1)  # (N, buckets) mass of the buckets >= b
+    # top_p of the TOTAL mass: float32 softmax output sums to 1 only within ~1e-6, and that error would
+    # decide boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
+    threshold = top_p * from_top[:, :1]  # (N, 1)
+    b_star = (from_top >= threshold).sum(-1, keepdim=True) - 1  # (N, 1) the boundary bucket
+    above = torch.cat([from_top, torch.zeros_like(from_top[:, :1])], 1).gather(1, b_star + 1)  # (N, 1)
+    keep = key > b_star  # (N, V)
+    in_b = key == b_star  # (N, V) the candidates
+    n_cand = int(in_b.sum(-1, dtype=torch.int32).max())
+    cand, idx = torch.where(in_b, probs, -1.0).topk(n_cand, dim=-1)  # (N, n_cand) descending; -1 = padding
+    cand64 = cand.double().clamp(min=0)
+    ahead = above + cand64.cumsum(-1) - cand64  # (N, n_cand) M_{r-1}
+    keep |= torch.zeros_like(keep).scatter_(1, idx, (cand >= 0) & (ahead < threshold))
+    return keep
+
+
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Logits (..., V) -> probabilities (..., V) in float32: / temperature, top-k, top-p.
-    temperature 0 -> one-hot argmax (greedy)."""
+    """Logits (..., V) -> probabilities (..., V) in float32: / temperature, top-k, top-p (HF's order and rules:
+    top-k keeps every logit >= the k-th largest, ties included; top-p see `top_p_keep`).
+    temperature 0 -> one-hot argmax (greedy). Cost: O(V) passes (softmax, topk of a few candidates), no sort."""
     logits = logits.float()
+    V = logits.shape[-1]
     if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.nn.functional.one_hot(logits.argmax(-1), V).float()
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = logits.softmax(-1)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as transformers' TopPLogitsWarper
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    return logits.softmax(-1)
+        keep = top_p_keep(probs.reshape(-1, V), top_p).reshape(probs.shape)  # (..., V)
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)  # = softmax of the kept logits (HF masks them, softmaxes)
+    return probs
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from probs (B, V) -> (B,)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """One token per row from probs (B, V) -> (B,), exactly: the inverse CDF of a float64 cumulative sum at
+    one float64 uniform per row (torch.multinomial does the same search, with checks and copies that cost
+    more than the search at V = 151936). The token is the first i with C_i > u * C_V: tokens of probability 0
+    add nothing to C and can never be drawn. u * C_V is kept below C_V, so the search never runs off the end."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1) in [0, C_V)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
