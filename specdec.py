@@ -78,7 +78,16 @@ class GenerationResult:
 
 # ----------------------------------------------------------------------------- small pure helpers
 
-TOP_P_BUCKET_SHIFT = 16  # CPU top-p buckets: the top 16 bits of a float32 probability (8 exponent + 7 mantissa)
+def _boundary_bucket(key, weight, n_buckets: int, above, threshold):
+    """One radix step of top-p: per row, the mass of each bucket (key (N, V) in [0, n_buckets)), and the
+    boundary bucket b*: the last b with above + mass(buckets >= b) >= threshold. Returns b* (N, 1) and the new
+    `above` = above + mass(buckets > b*) (N, 1). float64 masses: near a flat boundary float32 sums err by ~1e-6."""
+    mass = torch.zeros(key.shape[0], n_buckets, dtype=torch.float64, device=key.device)
+    mass.scatter_add_(1, key, weight)  # (N, n_buckets)
+    from_top = above + mass.flip(-1).cumsum(-1).flip(-1)  # (N, n_buckets) above + mass of the buckets >= b
+    b_star = ((from_top >= threshold).sum(-1, keepdim=True) - 1).clamp(min=0)  # (N, 1)
+    from_top = torch.cat([from_top, above.expand(-1, 1)], 1)  # (N, n_buckets + 1): nothing above the top
+    return b_star, from_top.gather(1, b_star + 1)
 
 
 def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None) -> torch.Tensor:
@@ -89,17 +98,19 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     descending rank r is kept iff the mass of the r - 1 tokens ahead of it, M_{r-1}, is < top_p (as
     1 - M_{r-1} > 1 - top_p); M_0 = 0, so the most likely token is always kept. The kept ranks are a prefix.
 
-    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so: bucket the tokens by the top 16 bits
-    of their float32 probability (monotone in the value for p >= 0), sum the mass per bucket (one
-    scatter_add), and find the boundary bucket b* (the mass of the buckets >= b* reaches top_p, that of the
-    buckets > b* does not). Tokens above b* are all kept, tokens below all dropped, and only the few tokens
-    inside b* are ranked (a topk), their M_{r-1} = mass above b* + the candidates ahead of them.
-    On CUDA the full sort is cheap and the candidate count would wait for the GPU, so it sorts
-    (full_sort=None: sort on CUDA only; True / False force either path, both give the same set).
+    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so a radix select finds the boundary
+    instead. The bits of a float32 p >= 0, read as an int32, are monotone in p. Step 1 buckets the tokens by
+    their top 16 bits and finds the boundary bucket b1 (scatter_add of the masses, a cumulative sum over
+    2^15 buckets); tokens above b1 are kept, below it dropped. Step 2 splits b1 by the low 16 bits the same
+    way, down to one exact float value v. The boundary tokens of value v (ties) are kept in index order while
+    M_{r-1} = (mass above them) + (i - 1) v < top_p. No step depends on how many tokens share a bucket, so a
+    near-uniform row (random weights: all p within 1% of 1/V) costs the same as a peaked one.
+    On CUDA the full sort is cheap, so it sorts (full_sort=None: sort on CUDA only; True / False force
+    either path, both give the same set).
     Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic; HF's float32 rule can
     differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
-    exactly equal probability at the boundary, which are kept is unspecified, as in HF (torch.sort is not
-    stable)."""
+    exactly equal probability at the boundary, which are kept is unspecified in HF (torch.sort is not
+    stable); here the lowest ids."""
     N, V = probs.shape
     if full_sort if full_sort is not None else probs.device.type == "cuda":
         top, idx = probs.sort(-1, descending=True)  # (N, V)
@@ -107,24 +118,20 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
         keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total
         keep[:, 0] = True  # the most likely token, whatever the rounding
         return torch.zeros_like(keep).scatter_(-1, idx, keep)
-    key = (probs.view(torch.int32) >> TOP_P_BUCKET_SHIFT).long()  # (N, V) bucket of each token
-    p64 = probs.double()  # masses in float64: near a flat boundary float32 sums err by ~1e-6
-    mass = torch.zeros(N, 1 << (31 - TOP_P_BUCKET_SHIFT), dtype=torch.float64, device=probs.device)
-    mass.scatter_add_(1, key, p64)  # (N, buckets)
-    from_top = mass.flip(-1).cumsum(-1).flip(-1)  # (N, buckets) mass of the buckets >= b
-    # top_p of the TOTAL mass: float32 softmax output sums to 1 only within ~1e-6, and that error would
-    # decide boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
-    threshold = top_p * from_top[:, :1]  # (N, 1)
-    b_star = (from_top >= threshold).sum(-1, keepdim=True) - 1  # (N, 1) the boundary bucket
-    above = torch.cat([from_top, torch.zeros_like(from_top[:, :1])], 1).gather(1, b_star + 1)  # (N, 1)
-    keep = key > b_star  # (N, V)
-    in_b = key == b_star  # (N, V) the candidates
-    n_cand = int(in_b.sum(-1, dtype=torch.int32).max())
-    cand, idx = torch.where(in_b, probs, -1.0).topk(n_cand, dim=-1)  # (N, n_cand) descending; -1 = padding
-    cand64 = cand.double().clamp(min=0)
-    ahead = above + cand64.cumsum(-1) - cand64  # (N, n_cand) M_{r-1}
-    keep |= torch.zeros_like(keep).scatter_(1, idx, (cand >= 0) & (ahead < threshold))
-    return keep
+    bits = probs.view(torch.int32).long()  # (N, V) monotone in p; int64, as scatter_add wants
+    p64 = probs.double()
+    # top_p of the TOTAL mass: a float32 softmax sums to 1 only within ~1e-6, and that error would decide
+    # boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
+    threshold = top_p * p64.sum(-1, keepdim=True)  # (N, 1)
+    hi, lo = bits >> 16, bits & 0xFFFF  # (N, V) each
+    b1, above = _boundary_bucket(hi, p64, 1 << 15, torch.zeros_like(threshold), threshold)
+    in_b1 = hi == b1  # (N, V)
+    b2, above = _boundary_bucket(lo, p64.masked_fill(~in_b1, 0.0), 1 << 16, above, threshold)
+    tie = in_b1 & (lo == b2)  # (N, V) the boundary tokens, all of one value v
+    v = ((b1 << 16) | b2).int().view(torch.float32).double()  # (N, 1)
+    # kept ties: above + (i - 1) v < threshold, i = 1, 2, ...
+    n_keep = torch.ceil((threshold - above) / v).clamp(min=1, max=V).int()  # (N, 1)
+    return (hi > b1) | (in_b1 & (lo > b2)) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -142,7 +149,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     probs = logits.softmax(-1)
     if top_p < 1.0:
         keep = top_p_keep(probs.reshape(-1, V), top_p).reshape(probs.shape)  # (..., V)
-        probs = torch.where(keep, probs, 0.0)
+        probs = probs.masked_fill(~keep, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)  # = softmax of the kept logits (HF masks them, softmaxes)
     return probs
 

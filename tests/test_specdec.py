@@ -298,6 +298,23 @@ def test_top_p_at_the_real_vocabulary_keeps_exactly_hf_set(scale, top_k, top_p):
     assert torch.allclose(got.double(), expected, atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.parametrize("full_sort", [False, True])
+def test_top_p_with_ties_and_a_near_uniform_row(full_sort):
+    """A random-weight model's row is near-uniform (every p within 1% of 1/V, one float bucket), and bf16
+    logits make exact ties common. Within ties HF keeps an unspecified subset (torch.sort is not stable), so
+    the kept COUNT and the multiset of kept probabilities must equal HF's (float64), row by row."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.cat([(torch.randn(2, QWEN3_V, generator=gen) * 0.01),  # near-uniform
+                        (torch.randn(2, QWEN3_V, generator=gen) * 2).bfloat16().float()])  # ties everywhere
+    probs = logits.softmax(-1)
+    for top_p in (0.3, 0.95):
+        expected = TopPLogitsWarper(top_p)(None, probs.double().log()).softmax(-1) > 0
+        keep = top_p_keep(probs, top_p, full_sort=full_sort)
+        assert torch.equal(keep.sum(-1), expected.sum(-1))
+        for row in range(4):
+            assert torch.equal(probs[row][keep[row]].sort().values, probs[row][expected[row]].sort().values)
+
+
 @pytest.mark.parametrize("top_p", [1e-6, 1e-9, 1e-30])
 def test_tiny_top_p_keeps_the_most_likely_token(top_p):
     """HF always keeps the most likely token (min_tokens_to_keep=1): in float32, 1 - 1e-9 rounds to 1.0 and
