@@ -433,6 +433,27 @@ def load_model(path_or_id, *, device=None, dtype=None, load_in_8bit: bool = Fals
     return model.eval()
 
 
+def int8_unsupported(device) -> str | None:
+    """None if bitsandbytes' LLM.int8 (load_in_8bit) runs on `device`, else why not. It is tried, not
+    assumed: bitsandbytes >= 0.45 has CPU kernels for the 8-bit matmul, older builds and other
+    accelerators may not. One 16x16 Linear8bitLt is quantised on the device and run once."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        return f"bitsandbytes is not installed ({e}); pip install bitsandbytes"
+    try:
+        layer = bnb.nn.Linear8bitLt(16, 16, bias=False, has_fp16_weights=False, threshold=6.0).to(device)
+        if layer.weight.dtype != torch.int8:
+            return f"bitsandbytes {bnb.__version__} did not quantise the weights on {device}"
+        with torch.no_grad():
+            y = layer(torch.randn(2, 16, dtype=torch.float16, device=device))
+        if not bool(torch.isfinite(y).all()):
+            return f"bitsandbytes {bnb.__version__} gave non-finite 8-bit matmul outputs on {device}"
+    except Exception as e:  # no kernel for this device, a broken install, ...
+        return f"bitsandbytes {bnb.__version__} cannot run 8-bit matmuls on {device}: {type(e).__name__}: {e}"
+    return None
+
+
 def same_tokenizer(a, b) -> bool:
     """Same token <-> id map (incl. added/special tokens). Chat templates may differ
     (Qwen3-4B-Instruct-2507 has no thinking mode, Qwen3-0.6B has): the teacher's is used."""
