@@ -79,15 +79,15 @@ class GenerationResult:
 # ----------------------------------------------------------------------------- small pure helpers
 
 def _boundary_bucket(key, weight, n_buckets: int, above, threshold):
-    """One radix step of top-p: per row, the mass of each bucket (key (N, V) in [0, n_buckets)), and the
-    boundary bucket b*: the last b with above + mass(buckets >= b) >= threshold. Returns b* (N, 1) and the new
-    `above` = above + mass(buckets > b*) (N, 1). float64 masses: near a flat boundary float32 sums err by ~1e-6."""
+    """One radix step of top-p: per row, the mass of each bucket (key (N, V) in [0, n_buckets), float64 weight
+    (N, V)) and the boundary bucket b*: the last b with above + mass(buckets >= b) >= threshold.
+    Returns b* (N, 1) and the new `above` = above + mass(buckets > b*) (N, 1)."""
     mass = torch.zeros(key.shape[0], n_buckets, dtype=torch.float64, device=key.device)
     mass.scatter_add_(1, key, weight)  # (N, n_buckets)
-    from_top = above + mass.flip(-1).cumsum(-1).flip(-1)  # (N, n_buckets) above + mass of the buckets >= b
-    b_star = ((from_top >= threshold).sum(-1, keepdim=True) - 1).clamp(min=0)  # (N, 1)
-    from_top = torch.cat([from_top, above.expand(-1, 1)], 1)  # (N, n_buckets + 1): nothing above the top
-    return b_star, from_top.gather(1, b_star + 1)
+    total = mass.sum(-1, keepdim=True)  # (N, 1)
+    above_b = above + total - mass.cumsum(-1)  # (N, n_buckets) above + mass of the buckets > b (no flips)
+    b_star = ((above_b + mass >= threshold).sum(-1, keepdim=True) - 1).clamp(min=0)  # (N, 1)
+    return b_star, above_b.gather(1, b_star)
 
 
 def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None) -> torch.Tensor:
@@ -118,20 +118,25 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
         keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total
         keep[:, 0] = True  # the most likely token, whatever the rounding
         return torch.zeros_like(keep).scatter_(-1, idx, keep)
-    bits = probs.view(torch.int32).long()  # (N, V) monotone in p; int64, as scatter_add wants
+    bits = probs.view(torch.int32)  # (N, V) monotone in p
     p64 = probs.double()
     # top_p of the TOTAL mass: a float32 softmax sums to 1 only within ~1e-6, and that error would decide
     # boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
     threshold = top_p * p64.sum(-1, keepdim=True)  # (N, 1)
-    hi, lo = bits >> 16, bits & 0xFFFF  # (N, V) each
+    hi = (bits >> 16).long()  # (N, V) step-1 bucket; int64, as scatter_add wants
     b1, above = _boundary_bucket(hi, p64, 1 << 15, torch.zeros_like(threshold), threshold)
-    in_b1 = hi == b1  # (N, V)
-    b2, above = _boundary_bucket(lo, p64.masked_fill(~in_b1, 0.0), 1 << 16, above, threshold)
-    tie = in_b1 & (lo == b2)  # (N, V) the boundary tokens, all of one value v
-    v = ((b1 << 16) | b2).int().view(torch.float32).double()  # (N, 1)
-    # kept ties: above + (i - 1) v < threshold, i = 1, 2, ...
+    # step 2 splits b1 by the low 16 bits; tokens outside b1 weigh 0 there, whatever their bucket
+    # (a float32 product then a cast: a bool * float64 product or torch.where costs ~5x more on the CPU)
+    w2 = (probs * (hi == b1)).double()  # (N, V)
+    b2, above = _boundary_bucket((bits & 0xFFFF).long(), w2, 1 << 16, above, threshold)
+    v_bits = ((b1 << 16) | b2).int()  # (N, 1) the boundary value v as int32 bits
+    v = v_bits.view(torch.float32).double()  # (N, 1)
+    # kept ties: above + (i - 1) v < threshold, i = 1, 2, ... (usually every tie: then keep = p >= v)
     n_keep = torch.ceil((threshold - above) / v).clamp(min=1, max=V).int()  # (N, 1)
-    return (hi > b1) | (in_b1 & (lo > b2)) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))
+    tie = bits == v_bits  # (N, V)
+    if bool((tie.sum(-1, keepdim=True, dtype=torch.int32) <= n_keep).all()):
+        return bits >= v_bits
+    return (bits > v_bits) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -149,7 +154,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     probs = logits.softmax(-1)
     if top_p < 1.0:
         keep = top_p_keep(probs.reshape(-1, V), top_p).reshape(probs.shape)  # (..., V)
-        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs * keep
         probs = probs / probs.sum(-1, keepdim=True)  # = softmax of the kept logits (HF masks them, softmaxes)
     return probs
 
