@@ -2,7 +2,10 @@
 
 Notation: p = target (the large model whose output distribution must be reproduced exactly),
 q = draft (the small model that proposes tokens). Both next-token distributions are processed the same
-way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order).
+way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order and
+rules). At Qwen's vocabulary (V = 151936) a sort per row would cost more than small models' forwards, so
+top-p finds its boundary by a radix select over the float bits (`top_p_keep`, O(V), no sort on the CPU)
+and tokens are drawn by an inverse CDF over a float64 cumulative sum (`sample`); both are exact.
 
 The algorithm (Leviathan et al. 2023; Chen et al. 2023), one *round* for all rows of the batch at once:
   1. draft k = min(gamma, most tokens any row may still emit) tokens x_1..x_k autoregressively from q,
