@@ -206,7 +206,7 @@ def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shorter generations (a smoke run)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
@@ -227,7 +227,7 @@ def main(argv=None):
               f"vocab_size {V} (tied), real Qwen3 tokenizer")
         bench_phases(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, 1 if a.quick else 2)
         bench_loops(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, a.steps)
-        bench_specdec(teacher_dir, student_dir, (1, 8) if a.quick else (1, 8, 32), 16 if a.quick else 32, 5,
+        bench_specdec(teacher_dir, student_dir, (1, 8, 32), 16 if a.quick else 32, 5,
                       1 if a.quick else 2)
 
 
