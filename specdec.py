@@ -81,6 +81,10 @@ class GenerationResult:
 
 # ----------------------------------------------------------------------------- small pure helpers
 
+TOP_P_SORT_BELOW = 16384  # vocabularies up to this size sort (see top_p_keep)
+TOP_P_ROWS = 64  # rows per radix-select chunk
+
+
 def _boundary_bucket(key, weight, n_buckets: int, above, threshold):
     """One radix step of top-p: per row, the mass of each bucket (key (N, V) in [0, n_buckets), float64 weight
     (N, V)) and the boundary bucket b*: the last b with above + mass(buckets >= b) >= threshold.
@@ -108,14 +112,19 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     way, down to one exact float value v. The boundary tokens of value v (ties) are kept in index order while
     M_{r-1} = (mass above them) + (i - 1) v < top_p. No step depends on how many tokens share a bucket, so a
     near-uniform row (random weights: all p within 1% of 1/V) costs the same as a peaked one.
-    On CUDA the full sort is cheap, so it sorts (full_sort=None: sort on CUDA only; True / False force
-    either path, both give the same set).
+    On CUDA, and for vocabularies of at most TOP_P_SORT_BELOW tokens, the full sort is cheap, so it sorts
+    (full_sort=None: that choice; True / False force either path, both give the same set). The radix path
+    runs TOP_P_ROWS rows at a time, so its bucket tables stay small whatever the batch.
     Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic; HF's float32 rule can
     differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
     exactly equal probability at the boundary, which are kept is unspecified in HF (torch.sort is not
     stable); here the lowest ids."""
     N, V = probs.shape
-    if full_sort if full_sort is not None else probs.device.type == "cuda":
+    if full_sort is None:  # a small vocabulary sorts in microseconds, and its buckets would outnumber its tokens
+        full_sort = probs.device.type == "cuda" or V <= TOP_P_SORT_BELOW
+    if not full_sort and N > TOP_P_ROWS:  # the bucket tables are (rows, 2^16) float64: 32 MiB per 64 rows
+        return torch.cat([top_p_keep(chunk, top_p, full_sort=False) for chunk in probs.split(TOP_P_ROWS)])
+    if full_sort:
         top, idx = probs.sort(-1, descending=True)  # (N, V)
         top = top.double()
         keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total

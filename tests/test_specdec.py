@@ -315,6 +315,16 @@ def test_top_p_with_ties_and_a_near_uniform_row(full_sort):
             assert torch.equal(probs[row][keep[row]].sort().values, probs[row][expected[row]].sort().values)
 
 
+def test_radix_top_p_in_row_chunks_and_small_vocabularies_agree_with_the_sort():
+    """The radix path runs 64 rows at a time (its bucket tables are (rows, 2^16)), and a small vocabulary
+    sorts; on 130 rows at V = 151936 and on 5000 rows at V = 64 (where 5000 bucket tables would need GBs)
+    the default path must keep exactly the set the full sort keeps."""
+    gen = torch.Generator().manual_seed(11)
+    for rows, V in ((130, QWEN3_V), (5000, 64)):
+        probs = (torch.randn(rows, V, generator=gen) * 3).softmax(-1)
+        assert torch.equal(top_p_keep(probs, 0.9), top_p_keep(probs, 0.9, full_sort=True))
+
+
 @pytest.mark.parametrize("top_p", [1e-6, 1e-9, 1e-30])
 def test_tiny_top_p_keeps_the_most_likely_token(top_p):
     """HF always keeps the most likely token (min_tokens_to_keep=1): in float32, 1 - 1e-9 rounds to 1.0 and
