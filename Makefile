@@ -9,7 +9,7 @@ SOURCE  ?=
 DATA    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test models train eval report bench-loss bench-specdec bench-train clean
+.PHONY: setup test models train eval report bench-loss bench-specdec bench-train bench-paper clean
 
 setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
@@ -44,6 +44,9 @@ bench-specdec:
 
 bench-train:
 	$(PY) bench/bench_train.py
+
+bench-paper:  ## paper-shaped pairs (real Qwen3 tokenizer, V = 151936): sampler, step phases, vs TRL, specdec
+	flock /tmp/heavy.lock $(PY) bench/bench_paper.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf runs results/report results/quick results/tiny .pytest_cache

@@ -115,7 +115,7 @@ class Config:
     device: str | None = None        # default: cuda:<local rank> if available, else cpu
     bf16: bool = True                # bfloat16 autocast for the forwards (CUDA only)
     gradient_checkpointing: bool = False
-    teacher_8bit: bool = False       # bitsandbytes 8-bit teacher (CUDA only)
+    teacher_8bit: bool = False       # bitsandbytes 8-bit teacher (CUDA; CPU where bitsandbytes runs)
     save_every: int | None = None    # checkpoint every N steps (and always at the end)
 
 
@@ -161,7 +161,7 @@ HELP = {
     "device": "torch device; default cuda:<local rank> if CUDA is available, else cpu",
     "bf16": "bfloat16 autocast for the forward passes (CUDA only); default on",
     "gradient_checkpointing": "recompute the student's activations in backward to save memory; default off",
-    "teacher_8bit": "load the teacher in 8 bits with bitsandbytes; default off",
+    "teacher_8bit": "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU where it runs); default off",
     "save_every": "checkpoint every N steps (and always at the end); default: the preset's (50 if unset)",
 }
 
@@ -447,8 +447,8 @@ def train(cfg: Config):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
                          f"x --grad-accum {cfg.grad_accum}")
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if cfg.teacher_8bit and device.type != "cuda":
-        raise ValueError(f"--teacher-8bit needs a CUDA device (bitsandbytes), got device {device}")
+    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
+        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)

@@ -516,6 +516,27 @@ def load_model(path_or_id, *, device=None, dtype=None, load_in_8bit: bool = Fals
     return model.eval()
 
 
+def int8_unsupported(device) -> str | None:
+    """None if bitsandbytes' LLM.int8 (load_in_8bit) runs on `device`, else why not. It is tried, not
+    assumed: bitsandbytes >= 0.45 has CPU kernels for the 8-bit matmul, older builds and other
+    accelerators may not. One 16x16 Linear8bitLt is quantised on the device and run once."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        return f"bitsandbytes is not installed ({e}); pip install bitsandbytes"
+    try:
+        layer = bnb.nn.Linear8bitLt(16, 16, bias=False, has_fp16_weights=False, threshold=6.0).to(device)
+        if layer.weight.dtype != torch.int8:
+            return f"bitsandbytes {bnb.__version__} did not quantise the weights on {device}"
+        with torch.no_grad():
+            y = layer(torch.randn(2, 16, dtype=torch.float16, device=device))
+        if not bool(torch.isfinite(y).all()):
+            return f"bitsandbytes {bnb.__version__} gave non-finite 8-bit matmul outputs on {device}"
+    except Exception as e:  # no kernel for this device, a broken install, ...
+        return f"bitsandbytes {bnb.__version__} cannot run 8-bit matmuls on {device}: {type(e).__name__}: {e}"
+    return None
+
+
 def same_tokenizer(a, b) -> bool:
     """Same token <-> id map (incl. added/special tokens). Chat templates may differ
     (Qwen3-4B-Instruct-2507 has no thinking mode, Qwen3-0.6B has): the teacher's is used."""
@@ -540,6 +561,73 @@ def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
         if width < len(tok_t):
             raise ValueError(f"{name} lm_head has {width} rows, fewer than the {len(tok_t)} tokens of the tokenizer")
     return t, s, tok_t
+
+
+# --------------------------------------------------------------------------------------------
+# Paper-shaped pairs: the real Qwen3 tokenizer and vocabulary width, random weights, small depth
+# --------------------------------------------------------------------------------------------
+
+QWEN3_FIXTURES = REPO / "tests" / "fixtures" / "qwen3"   # the real tokenizer files (Apache-2.0, README there)
+QWEN3_REAL_TOKENS = 151669      # 151643 BPE tokens + 26 added specials; the lm_head has 151936 rows
+# the paper's shapes (tests/fixtures/qwen3/*/config.json and its README): for the GPU benchmark
+QWEN3_4B_INSTRUCT_2507 = dict(num_hidden_layers=36, hidden_size=2560, intermediate_size=9728,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+QWEN3_0_6B = dict(num_hidden_layers=28, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, rope_theta=1e6)
+# small shapes for offline tests and CPU benchmarks: every matrix but the 151936-row embedding is tiny
+SMALL_TEACHER = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16)
+SMALL_STUDENT = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=96, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8)
+
+
+def qwen3_tokenizer_dir(template: str, out) -> Path:
+    """A loadable tokenizer folder with one of the two real Qwen3 chat templates: 'instruct-2507' (the
+    teacher's, non-thinking) or 'hybrid' (Qwen3-0.6B's, with enable_thinking). The hybrid folder shares
+    vocab.json / merges.txt with instruct-2507, so they are copied next to its tokenizer_config.json."""
+    if template not in ("instruct-2507", "hybrid"):
+        raise ValueError(f"unknown Qwen3 template {template!r}; valid: instruct-2507, hybrid")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(QWEN3_FIXTURES / "instruct-2507" / name, out / name)
+    for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
+        shutil.copyfile(QWEN3_FIXTURES / template / name, out / name)
+    return out
+
+
+def build_paper_shaped_pair(out_dir, *, teacher_shape=None, student_shape=None, student_template="instruct-2507",
+                            seed: int = 0, dtype=torch.float32) -> tuple[Path, Path]:
+    """Random-weight Qwen3 teacher/student folders <out_dir>/{teacher,student} with the paper's token side:
+    the real Qwen3 tokenizer (151669 tokens), the real lm_head width (vocab_size 151936, tied embeddings,
+    so 267 padding rows), the real stop/pad/bos ids from generation_config.json (eos [151645, 151643],
+    pad 151643) and the real config's norms/rope; depth and width from the shapes (default: small ones;
+    QWEN3_4B_INSTRUCT_2507 / QWEN3_0_6B give the real sizes). The teacher carries the Instruct-2507
+    template; the student the template named by student_template ('hybrid': Qwen3-0.6B's own, which
+    the pipeline must not use, see data.py's prompt rule). Saved with save_pretrained (safetensors);
+    the weights are a function of seed. Returns (teacher_dir, student_dir)."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    real = json.loads((QWEN3_FIXTURES / "instruct-2507" / "config.json").read_text())
+    dirs = []
+    for i, (role, shape, template) in enumerate((("teacher", teacher_shape or SMALL_TEACHER, "instruct-2507"),
+                                                 ("student", student_shape or SMALL_STUDENT, student_template))):
+        d = out / role
+        with tempfile.TemporaryDirectory() as tmp:
+            src = qwen3_tokenizer_dir(template, tmp)
+            tokenizer = AutoTokenizer.from_pretrained(str(src))
+            generation = GenerationConfig.from_pretrained(str(src))
+        # config.json keeps the real bos/eos (151645 only); the generation config lists both stop ids
+        config = Qwen3Config.from_dict({**real, **shape, "pad_token_id": generation.pad_token_id,
+                                        "torch_dtype": None})
+        torch.manual_seed(seed + i)
+        model = Qwen3ForCausalLM(config).to(dtype)
+        model.generation_config = generation
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        dirs.append(d)
+    return dirs[0], dirs[1]
 
 
 # --------------------------------------------------------------------------------------------

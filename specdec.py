@@ -2,7 +2,10 @@
 
 Notation: p = target (the large model whose output distribution must be reproduced exactly),
 q = draft (the small model that proposes tokens). Both next-token distributions are processed the same
-way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order).
+way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order and
+rules). At Qwen's vocabulary (V = 151936) a sort per row would cost more than small models' forwards, so
+top-p finds its boundary by a radix select over the float bits (`top_p_keep`, O(V), no sort on the CPU)
+and tokens are drawn by an inverse CDF over a float64 cumulative sum (`sample`); both are exact.
 
 The algorithm (Leviathan et al. 2023; Chen et al. 2023), one *round* for all rows of the batch at once:
   1. draft k = min(gamma, most tokens any row may still emit) tokens x_1..x_k autoregressively from q,
@@ -81,27 +84,106 @@ class GenerationResult:
 
 # ----------------------------------------------------------------------------- small pure helpers
 
+TOP_P_SORT_BELOW = 16384  # vocabularies up to this size sort (see top_p_keep)
+TOP_P_ROWS = 64  # rows per radix-select chunk
+
+
+def _boundary_bucket(key, weight, n_buckets: int, above, threshold):
+    """One radix step of top-p: per row, the mass of each bucket (key (N, V) in [0, n_buckets), float64 weight
+    (N, V)) and the boundary bucket b*: the last b with above + mass(buckets >= b) >= threshold.
+    Returns b* (N, 1) and the new `above` = above + mass(buckets > b*) (N, 1)."""
+    mass = torch.zeros(key.shape[0], n_buckets, dtype=torch.float64, device=key.device)
+    mass.scatter_add_(1, key, weight)  # (N, n_buckets)
+    total = mass.sum(-1, keepdim=True)  # (N, 1)
+    above_b = above + total - mass.cumsum(-1)  # (N, n_buckets) above + mass of the buckets > b (no flips)
+    b_star = ((above_b + mass >= threshold).sum(-1, keepdim=True) - 1).clamp(min=0)  # (N, 1)
+    return b_star, above_b.gather(1, b_star)
+
+
+def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None) -> torch.Tensor:
+    """Hugging Face's top-p set of probs (N, V) -> keep (N, V) bool, without sorting the vocabulary.
+
+    TopPLogitsWarper sorts ascending, drops every token whose cumulative mass (itself and all LESS likely
+    tokens) is <= 1 - top_p, and always keeps the most likely token. Read from the top: the token of
+    descending rank r is kept iff the mass of the r - 1 tokens ahead of it, M_{r-1}, is < top_p (as
+    1 - M_{r-1} > 1 - top_p); M_0 = 0, so the most likely token is always kept. The kept ranks are a prefix.
+
+    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so a radix select finds the boundary
+    instead. The bits of a float32 p >= 0, read as an int32, are monotone in p. Step 1 buckets the tokens by
+    their top 16 bits and finds the boundary bucket b1 (scatter_add of the masses, a cumulative sum over
+    2^15 buckets); tokens above b1 are kept, below it dropped. Step 2 splits b1 by the low 16 bits the same
+    way, down to one exact float value v. The boundary tokens of value v (ties) are kept in index order while
+    M_{r-1} = (mass above them) + (i - 1) v < top_p. No step depends on how many tokens share a bucket, so a
+    near-uniform row (random weights: all p within 1% of 1/V) costs the same as a peaked one.
+    On CUDA, and for vocabularies of at most TOP_P_SORT_BELOW tokens, the full sort is cheap, so it sorts
+    (full_sort=None: that choice; True / False force either path, both give the same set). The radix path
+    runs TOP_P_ROWS rows at a time, so its bucket tables stay small whatever the batch.
+    Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic; HF's float32 rule can
+    differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
+    exactly equal probability at the boundary, which are kept is unspecified in HF (torch.sort is not
+    stable); here the lowest ids."""
+    N, V = probs.shape
+    if full_sort is None:  # a small vocabulary sorts in microseconds, and its buckets would outnumber its tokens
+        full_sort = probs.device.type == "cuda" or V <= TOP_P_SORT_BELOW
+    if not full_sort and N > TOP_P_ROWS:  # the bucket tables are (rows, 2^16) float64: 32 MiB per 64 rows
+        return torch.cat([top_p_keep(chunk, top_p, full_sort=False) for chunk in probs.split(TOP_P_ROWS)])
+    if full_sort:
+        top, idx = probs.sort(-1, descending=True)  # (N, V)
+        top = top.double()
+        keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total
+        keep[:, 0] = True  # the most likely token, whatever the rounding
+        return torch.zeros_like(keep).scatter_(-1, idx, keep)
+    bits = probs.view(torch.int32)  # (N, V) monotone in p
+    p64 = probs.double()
+    # top_p of the TOTAL mass: a float32 softmax sums to 1 only within ~1e-6, and that error would decide
+    # boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
+    threshold = top_p * p64.sum(-1, keepdim=True)  # (N, 1)
+    hi = (bits >> 16).long()  # (N, V) step-1 bucket; int64, as scatter_add wants
+    b1, above = _boundary_bucket(hi, p64, 1 << 15, torch.zeros_like(threshold), threshold)
+    # step 2 splits b1 by the low 16 bits; tokens outside b1 weigh 0 there, whatever their bucket
+    # (a float32 product then a cast: a bool * float64 product or torch.where costs ~5x more on the CPU)
+    w2 = (probs * (hi == b1)).double()  # (N, V)
+    b2, above = _boundary_bucket((bits & 0xFFFF).long(), w2, 1 << 16, above, threshold)
+    v_bits = ((b1 << 16) | b2).int()  # (N, 1) the boundary value v as int32 bits
+    v = v_bits.view(torch.float32).double()  # (N, 1)
+    # kept ties: above + (i - 1) v < threshold, i = 1, 2, ... (usually every tie: then keep = p >= v)
+    n_keep = torch.ceil((threshold - above) / v).clamp(min=1, max=V).int()  # (N, 1)
+    tie = bits == v_bits  # (N, V)
+    if bool((tie.sum(-1, keepdim=True, dtype=torch.int32) <= n_keep).all()):
+        return bits >= v_bits
+    return (bits > v_bits) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))
+
+
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Logits (..., V) -> probabilities (..., V) in float32: / temperature, top-k, top-p.
-    temperature 0 -> one-hot argmax (greedy)."""
+    """Logits (..., V) -> probabilities (..., V) in float32: / temperature, top-k, top-p (HF's order and rules:
+    top-k keeps every logit >= the k-th largest, ties included; top-p see `top_p_keep`).
+    temperature 0 -> one-hot argmax (greedy). Cost: O(V) passes (softmax, topk of a few candidates), no sort."""
     logits = logits.float()
+    V = logits.shape[-1]
     if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.nn.functional.one_hot(logits.argmax(-1), V).float()
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = logits.softmax(-1)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending, as transformers' TopPLogitsWarper
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    return logits.softmax(-1)
+        keep = top_p_keep(probs.reshape(-1, V), top_p).reshape(probs.shape)  # (..., V)
+        probs = probs * keep
+        probs = probs / probs.sum(-1, keepdim=True)  # = softmax of the kept logits (HF masks them, softmaxes)
+    return probs
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from probs (B, V) -> (B,)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """One token per row from probs (B, V) -> (B,), exactly: the inverse CDF of a float64 cumulative sum at
+    one float64 uniform per row (torch.multinomial does the same search, with checks and copies that cost
+    more than the search at V = 151936). The token is the first i with C_i > u * C_V: tokens of probability 0
+    add nothing to C and can never be drawn. u * C_V is kept below C_V, so the search never runs off the end."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1) in [0, C_V)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from specdec import (autoregressive_generate, process_logits, resolve_stop_ids, speculative_generate)
+from specdec import (autoregressive_generate, process_logits, resolve_stop_ids, sample, speculative_generate,
+                     top_p_keep, verify_block)
 
 DEVICE = torch.device(os.environ.get("SPECDEC_TEST_DEVICE", "cpu"))
 ARCHS = ("qwen3", "llama", "gpt2")
@@ -264,6 +265,131 @@ def test_process_logits_matches_transformers_warpers():
     assert torch.allclose(process_logits(logits, 0.7, 10, 0.8), expected.softmax(-1), atol=1e-6)
     assert torch.equal(process_logits(logits, 0, 0, 1.0).argmax(-1), logits.argmax(-1))
     assert torch.equal(process_logits(logits, 0, 0, 1.0).sum(-1), torch.ones(5))
+
+
+# ----------------------------------------------------------------------------- the real vocabulary (V = 151936)
+
+QWEN3_V = 151936  # the Qwen3 lm_head width (151669 tokenizer tokens + 267 padding rows)
+
+
+def hf_top_p_reference(logits, top_k, top_p):
+    """transformers' own warpers (top-k then top-p) run in float64: HF's rule without float32 rounding."""
+    scores = logits.double()
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    return TopPLogitsWarper(top_p)(None, scores).softmax(-1)
+
+
+@pytest.mark.parametrize("scale,top_k,top_p", [  # near-uniform rows, a nucleus of ~10^4 tokens, peaked rows
+    (1.0, 0, 0.95), (3.0, 0, 0.95), (3.0, 0, 0.5), (12.0, 0, 0.9), (3.0, 50, 0.9), (3.0, 0, 1e-9)])
+def test_top_p_at_the_real_vocabulary_keeps_exactly_hf_set(scale, top_k, top_p):
+    """At V = 151936 the sort-free top-p (bucket search; and the CUDA path's full sort) must keep exactly the
+    tokens transformers' TopPLogitsWarper keeps (computed in float64), and the kept probabilities must be
+    the renormalised softmax; a rule off by one rank, or one that drops the kept token's own mass, fails."""
+    logits = torch.randn(2, QWEN3_V, generator=torch.Generator().manual_seed(int(scale * 10) + top_k)) * scale
+    expected = hf_top_p_reference(logits, top_k, top_p)
+    probs = logits.double().softmax(-1)
+    if top_k:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    for full_sort in (False, True):
+        assert torch.equal(top_p_keep(probs.float(), top_p, full_sort=full_sort), expected > 0)
+    got = process_logits(logits, 1.0, top_k, top_p)
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got.double(), expected, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("full_sort", [False, True])
+def test_top_p_with_ties_and_a_near_uniform_row(full_sort):
+    """A random-weight model's row is near-uniform (every p within 1% of 1/V, one float bucket), and bf16
+    logits make exact ties common. Within ties HF keeps an unspecified subset (torch.sort is not stable), so
+    the kept COUNT and the multiset of kept probabilities must equal HF's (float64), row by row."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.cat([(torch.randn(2, QWEN3_V, generator=gen) * 0.01),  # near-uniform
+                        (torch.randn(2, QWEN3_V, generator=gen) * 2).bfloat16().float()])  # ties everywhere
+    probs = logits.softmax(-1)
+    for top_p in (0.3, 0.95):
+        expected = TopPLogitsWarper(top_p)(None, probs.double().log()).softmax(-1) > 0
+        keep = top_p_keep(probs, top_p, full_sort=full_sort)
+        assert torch.equal(keep.sum(-1), expected.sum(-1))
+        for row in range(4):
+            assert torch.equal(probs[row][keep[row]].sort().values, probs[row][expected[row]].sort().values)
+
+
+def test_radix_top_p_in_row_chunks_and_small_vocabularies_agree_with_the_sort():
+    """The radix path runs 64 rows at a time (its bucket tables are (rows, 2^16)), and a small vocabulary
+    sorts; on 130 rows at V = 151936 and on 5000 rows at V = 64 (where 5000 bucket tables would need GBs)
+    the default path must keep exactly the set the full sort keeps."""
+    gen = torch.Generator().manual_seed(11)
+    for rows, V in ((130, QWEN3_V), (5000, 64)):
+        probs = (torch.randn(rows, V, generator=gen) * 3).softmax(-1)
+        assert torch.equal(top_p_keep(probs, 0.9), top_p_keep(probs, 0.9, full_sort=True))
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 1e-9, 1e-30])
+def test_tiny_top_p_keeps_the_most_likely_token(top_p):
+    """HF always keeps the most likely token (min_tokens_to_keep=1): in float32, 1 - 1e-9 rounds to 1.0 and
+    the ascending cumulative mass would drop every token, giving NaN. top_p -> 0 must give the argmax,
+    one-hot, without NaN, at the real vocabulary (a near-uniform row: a top token of mass ~1e-5)."""
+    logits = torch.randn(3, QWEN3_V, generator=torch.Generator().manual_seed(7)) * 0.5
+    probs = process_logits(logits, 0.7, 0, top_p)
+    assert not torch.isnan(probs).any()
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), QWEN3_V).float())
+
+
+def test_sample_draws_exactly_the_processed_distribution_at_the_real_vocabulary():
+    """sample (an inverse CDF over a float64 cumulative sum) must draw each token with its probability at
+    V = 151936, including ids at both ends of the vocabulary, and never a token of probability 0 (the 267
+    padding rows here): 1000 draws pass a chi-square test against the processed distribution."""
+    V, n_real = QWEN3_V, 151669
+    gen = torch.Generator().manual_seed(3)
+    support = torch.cat([torch.tensor([0, 1, n_real - 1]), torch.randint(2, n_real - 1, (37,), generator=gen)])
+    logits = torch.full((V,), -math.inf)
+    logits[support] = torch.randn(support.numel(), generator=gen)
+    probs = process_logits(logits, 0.9, 0, 1.0)  # (V,) 40 tokens, none among the padding rows
+    counts = torch.zeros(V, dtype=torch.float64)
+    draw_gen = torch.Generator().manual_seed(4)
+    for _ in range(10):  # 10 x 100 rows: a (100, V) float64 CDF at a time
+        counts += torch.bincount(sample(probs.expand(100, V), draw_gen), minlength=V).double()
+    assert counts[n_real:].sum() == 0
+    assert chi_square_p_value(counts, 1000 * probs.double()) > 1e-3
+
+
+def test_sample_after_top_p_at_the_real_vocabulary():
+    """process_logits + sample at V = 151936 with top-p (a nucleus of a few dozen tokens out of a long tail):
+    the draws must follow the renormalised nucleus and never leave it (chi-square, 1000 draws)."""
+    logits = torch.randn(QWEN3_V, generator=torch.Generator().manual_seed(5)) * 3.5
+    probs = process_logits(logits, 0.6, 0, 0.9)  # (V,)
+    assert 10 < int((probs > 0).sum()) < 100
+    counts = torch.zeros(QWEN3_V, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(10):
+        counts += torch.bincount(sample(probs.expand(100, -1), gen), minlength=QWEN3_V).double()
+    assert chi_square_p_value(counts, 1000 * probs.double()) > 1e-3
+
+
+def test_verify_block_residual_at_the_real_vocabulary():
+    """After a certain rejection (p_1(x_1) = 0) the next token must come from norm(max(0, p - q)): at
+    V = 151936, with p and q overlapping on part of their support, 500 draws pass a chi-square test
+    against the residual, and tokens where q >= p are never emitted."""
+    V = QWEN3_V
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 151669, (30,), generator=gen)
+    p, q = torch.zeros(V), torch.zeros(V)
+    p[ids[:20]] = torch.rand(20, generator=gen)
+    q[ids[10:]] = torch.rand(20, generator=gen)
+    p, q = p / p.sum(), q / q.sum()
+    draft = ids[25]  # only q has it: p(x) = 0, always rejected
+    expected = (p - q).clamp(min=0)
+    expected = expected / expected.sum()
+    counts = torch.zeros(V, dtype=torch.float64)
+    for _ in range(4):
+        n = 125
+        acc, t = verify_block(p.expand(n, 2, V), q.expand(n, 1, V), draft.expand(n, 1),
+                              torch.ones(n, 1, dtype=torch.bool), generator=gen)
+        assert not acc.any()
+        counts += torch.bincount(t, minlength=V).double()
+    assert chi_square_p_value(counts, 500 * expected.double()) > 1e-3
 
 
 # ----------------------------------------------------------------------------- draft == target

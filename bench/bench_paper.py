@@ -1,0 +1,235 @@
+"""The paper's shapes on the CPU: the real Qwen3 tokenizer and vocabulary width (lm_head 151936 rows),
+random weights of small depth and width (models.build_paper_shaped_pair), everything side by side in one run.
+
+1. Sampling one token for a batch of 4 rows at V = 151936 (temperature 0.6, top-p 0.95): the old sampler
+   (a full torch.sort for top-p + torch.multinomial, kept here as the reference) vs specdec's
+   (radix-select top-p + float64 inverse CDF), on near-uniform rows (random weights) and peaked rows.
+2. One training step of distill.py split into its phases (sampling, teacher forward, student forward, loss,
+   backward, optimizer), timed with the project's own functions on one batch.
+3. The whole training loop vs TRL's GKDTrainer on the same paper-shaped models, prompts, batch and
+   lengths (bench_train.py's harness: each side in its own process, peak RSS, completion tokens/s).
+4. speculative_generate vs autoregressive_generate vs transformers' generate at batch 1, 8, 32, with the
+   cost ratio c = (draft forward time) / (target forward time) and the per-round overhead (the round's wall
+   time minus its draft and target forwards). Random weights: acceptance means nothing here (both models
+   are near-uniform, so they "agree" by accident); only the costs are the point.
+
+Run:  flock /tmp/heavy.lock python bench/bench_paper.py [--threads 2] [--quick]      (or: make bench-paper)
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+
+V = 151936
+
+
+def best(fn, repeats):
+    """Minimum wall time of `repeats` calls (the least disturbed by other jobs on a shared machine), seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def old_process_and_sample(logits, temperature, top_p, gen):
+    """The sampler before this benchmark's change (HF's TopPLogitsWarper verbatim + torch.multinomial)."""
+    logits = logits.float() / temperature
+    sorted_logits, order = torch.sort(logits, dim=-1)
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[..., -1] = False
+    probs = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf).softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def bench_sampling(repeats):
+    import specdec
+    gen = torch.Generator().manual_seed(0)
+    print("\n## 1. processing + sampling one token, batch 4, V = 151936, T 0.6, top-p 0.95 (best of "
+          f"{repeats})\n")
+    print("| logits | old: sort + multinomial (ms) | new: radix top-p + inverse CDF (ms) | old / new |")
+    print("|---|---|---|---|")
+    for name, scale in (("near-uniform (random weights)", 0.02), ("Gaussian, std 3", 3.0), ("peaked, std 12", 12.0)):
+        x = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * scale
+        t_old = best(lambda: old_process_and_sample(x, 0.6, 0.95, gen), repeats)
+        t_new = best(lambda: specdec.sample(specdec.process_logits(x, 0.6, 0, 0.95), gen), repeats)
+        print(f"| {name} | {t_old * 1e3:.1f} | {t_new * 1e3:.1f} | {t_old / t_new:.1f} |")
+
+
+def bench_phases(teacher_dir, student_dir, batch, new_tokens, repeats):
+    """One distill.py step by its phases, with distill.py's own functions (as main() calls them)."""
+    import data
+    import distill
+    import divergences
+    import models
+    import specdec
+    teacher, student, tok = models.load_pair(teacher_dir, student_dir, device="cpu")
+    teacher.eval().requires_grad_(False)
+    student.float().train()
+    vocab, stop = len(tok), models.generation_stop_ids(tok, teacher)
+    prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in data.load_examples("gsm8k", "train", n=batch)]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    phases = {k: [] for k in ("sampling", "teacher forward", "student forward", "loss", "backward", "optimizer",
+                              "logged teacher entropy")}
+    tokens = 0
+    for step in range(repeats + 1):
+        t = time.perf_counter
+
+        def lap(name, t0):
+            if step:                                            # step 0 is warm-up
+                phases[name].append(t() - t0)
+            return t()
+
+        t0 = t()
+        student.eval()
+        with torch.no_grad():
+            c = specdec.autoregressive_generate(student, prompts, max_new_tokens=new_tokens, temperature=0.6,
+                                                top_p=0.95, eos_token_id=[], seed=step, vocab_size=vocab).tokens
+        student.train()
+        b = distill.build_batch(prompts, c, tok.pad_token_id)
+        mask = b["loss_mask"][:, b["prompt_width"]:]
+        t0 = lap("sampling", t0)
+        with torch.no_grad():
+            t_logits = distill.completion_logits(teacher, b)
+        t0 = lap("teacher forward", t0)
+        s_logits = distill.completion_logits(student, b)
+        t0 = lap("student forward", t0)
+        loss = distill.batch_divergence_sum(s_logits, t_logits, mask, "rkl", 0.5, 0.6, vocab) / mask.sum()
+        t0 = lap("loss", t0)
+        loss.backward()
+        t0 = lap("backward", t0)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t0 = lap("optimizer", t0)
+        distill.entropy_sum(t_logits[..., :vocab], mask, 0.6)
+        lap("logged teacher entropy", t0)
+        tokens = int(mask.sum())
+        del t_logits, s_logits, loss
+    del divergences
+    mean = {k: sum(v) / len(v) for k, v in phases.items()}
+    total = sum(mean.values())
+    print(f"\n## 2. one distill.py step by phase: batch {batch} x {new_tokens} new tokens, rkl, T 0.6, top-p 0.95 "
+          f"(mean of {repeats} steps after a warm-up)\n")
+    print("| phase | seconds | share |")
+    print("|---|---|---|")
+    for k, v in mean.items():
+        print(f"| {k} | {v:.3f} | {v / total:.0%} |")
+    print(f"| **step** | **{total:.3f}** | {tokens / total:.1f} completion tokens/s |")
+
+
+def bench_loops(teacher_dir, student_dir, batch, new_tokens, steps):
+    """bench_train.py's harness (each loop in a fresh process) on the paper-shaped pair."""
+    results = {}
+    for side in ("ours", "trl"):
+        cmd = [sys.executable, str(REPO / "bench" / "bench_paper.py"), "--side", side, "--pair", teacher_dir,
+               student_dir, "--batch-size", str(batch), "--max-new-tokens", str(new_tokens), "--steps", str(steps)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(line[-1][7:])
+    print(f"\n## 3. the training loop vs TRL GKDTrainer: same paper-shaped pair, batch {batch}, "
+          f"max_new_tokens {new_tokens}, T 0.6, rkl, on-policy, {steps} steps (first = warm-up)\n")
+    print("| loop | completion tokens | seconds | completion tokens/s | s / step | peak RSS (MiB) | "
+          "RSS growth in training (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for side, name in (("ours", "distill.py (ours)"), ("trl", "TRL GKDTrainer")):
+        r = results[side]
+        print(f"| {name} | {r['tokens']:.0f} | {r['seconds']:.2f} | {r['tokens'] / r['seconds']:.1f} | "
+              f"{r['seconds'] / (steps - 1):.2f} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |")
+    o, t = results["ours"], results["trl"]
+    print(f"\nours / TRL: step time {o['seconds'] / t['seconds']:.2f}x, training RSS growth "
+          f"{(o['peak_rss_mib'] - o['rss_before_mib']) / max(1.0, t['peak_rss_mib'] - t['rss_before_mib']):.2f}x, "
+          f"peak RSS {o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
+
+
+def loop_child(a):
+    """One side of section 3, in its own process (its peak RSS is its own)."""
+    import bench_train
+    torch.manual_seed(0)
+    a.task, a.temperature = "gsm8k", 0.6
+    with tempfile.TemporaryDirectory() as out:
+        res = (bench_train.run_ours if a.side == "ours" else bench_train.run_trl)(a, a.pair[0], a.pair[1], out)
+    res["peak_rss_mib"] = bench_train.peak_rss_mib()
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
+    import data
+    import models
+    import specdec
+    teacher, draft, tok = models.load_pair(teacher_dir, student_dir, device="cpu")
+    vocab = len(tok)
+    exs = data.load_examples("gsm8k", "eval", n=max(batches))
+    all_prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in exs]
+    rules = dict(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, eos_token_id=[], vocab_size=vocab)
+    print(f"\n## 4. speculative decoding at the real vocabulary: gamma {gamma}, {new_tokens} new tokens per row, "
+          f"T 0.6, top-p 0.95 (best of {repeats}; random weights: acceptance is meaningless)\n")
+    print("| batch | generate (s) | autoregressive_generate (s) | speculative_generate (s) | spec / AR | "
+          "c = t_q / t_p | per-round overhead (ms) | mean accepted length |")
+    print("|---|---|---|---|---|---|---|---|")
+    for B in batches:
+        prompts = all_prompts[:B]
+        ids, mask = specdec._left_pad(prompts, "cpu")
+        hf = best(lambda: teacher.generate(ids, attention_mask=mask, do_sample=True, temperature=0.6, top_p=0.95,
+                                           top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           pad_token_id=tok.pad_token_id), repeats)
+        res = {}
+        t_ar = best(lambda: res.__setitem__("p", specdec.autoregressive_generate(teacher, prompts, seed=0, **rules)),
+                    repeats)
+        t_q = best(lambda: res.__setitem__("q", specdec.autoregressive_generate(draft, prompts, seed=0, **rules)),
+                   repeats)
+        t_sd = best(lambda: res.__setitem__("sd", specdec.speculative_generate(teacher, draft, prompts, gamma=gamma,
+                                                                               seed=0, **rules)), repeats)
+        p_call = t_ar / res["p"].stats["target_calls"]          # one target call (one token per row)
+        q_call = t_q / res["q"].stats["target_calls"]           # one draft call
+        st = res["sd"].stats
+        overhead = (t_sd - st["draft_calls"] * q_call - st["target_calls"] * p_call) / st["target_calls"]
+        print(f"| {B} | {hf:.2f} | {t_ar:.2f} | {t_sd:.2f} | {t_sd / t_ar:.2f} | {q_call / p_call:.2f} | "
+              f"{overhead * 1e3:.1f} | {st['mean_accepted_length']:.2f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shorter generations (a smoke run)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--side", default=None, help=argparse.SUPPRESS)       # internal: one loop of section 3
+    p.add_argument("--pair", nargs=2, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.side:
+        return loop_child(a)
+    import models
+    repeats = 2 if a.quick else 5
+    print(f"# bench-paper: torch {torch.__version__}, {a.threads} threads, commit "
+          + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip())
+    bench_sampling(repeats * 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_dir, student_dir = (str(d) for d in models.build_paper_shaped_pair(tmp))
+        print(f"\npaper-shaped pair: teacher {models.SMALL_TEACHER}, student {models.SMALL_STUDENT}, "
+              f"vocab_size {V} (tied), real Qwen3 tokenizer")
+        bench_phases(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, 1 if a.quick else 2)
+        bench_loops(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, a.steps)
+        bench_specdec(teacher_dir, student_dir, (1, 8, 32), 16 if a.quick else 32, 5,
+                      1 if a.quick else 2)
+
+
+if __name__ == "__main__":
+    main()
