@@ -151,7 +151,7 @@ def test_paper_preset_end_to_end(pair, tmp_path, monkeypatch):
                   "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"])
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["teacher_entropy"], r["grad_norm"]])).all() for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loss_teacher_entropy"], r["grad_norm"]])).all() for r in rows)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["preset"], cfg["temperature"], cfg["top_p"]) == ("paper", 0.6, 0.95)
 
