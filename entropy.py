@@ -386,6 +386,16 @@ def _pyplot():
     return plt
 
 
+def _save_png(plt, fig, path, dpi: int) -> Path:
+    """Lay out, write as PNG at exactly the figure's size (no bbox_inches="tight": size_px holds), close."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_entropy_histogram(profile: dict, path, title: str = "", size_px=(800, 450), dpi: int = 100) -> Path:
     """Bar chart of entropy_profile's fractions per bin, with the median written in. PNG of size_px."""
     plt = _pyplot()
@@ -398,12 +408,7 @@ def plot_entropy_histogram(profile: dict, path, title: str = "", size_px=(800, 4
     ax.set_ylabel("fraction of tokens")
     q = profile["quantiles"]
     ax.set_title(f"{title}  n={profile['n']}  median={q.get(0.5, float('nan')):.3g} nats  mean={profile['mean']:.3g}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")  # no bbox_inches="tight": the size stays size_px
-    plt.close(fig)
-    return path
+    return _save_png(plt, fig, path, dpi)
 
 
 def plot_acceptance_vs_entropy(bins_by_name: dict[str, list[EntropyBin]], path, title: str = "",
@@ -436,12 +441,7 @@ def plot_acceptance_vs_entropy(bins_by_name: dict[str, list[EntropyBin]], path, 
     ax.set_ylabel("token acceptance (95% Wilson)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower left", markerscale=0.5)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(plt, fig, path, dpi)
 
 
 def plot_bin_differences(panels: dict, path, title: str = "", ylabel: str = "acceptance - baseline",
@@ -469,12 +469,7 @@ def plot_bin_differences(panels: dict, path, title: str = "", ylabel: str = "acc
         ax.set_ylabel(f"{ylabel} (95% bootstrap)", fontsize=8)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(plt, fig, path, dpi)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -18,7 +18,6 @@ Run:  flock /tmp/heavy.lock python bench/bench_paper.py [--threads 2] [--quick] 
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -132,16 +131,11 @@ def bench_phases(teacher_dir, student_dir, batch, new_tokens, repeats):
 
 def bench_loops(teacher_dir, student_dir, batch, new_tokens, steps):
     """bench_train.py's harness (each loop in a fresh process) on the paper-shaped pair."""
-    results = {}
-    for side in ("ours", "trl"):
-        cmd = [sys.executable, str(REPO / "bench" / "bench_paper.py"), "--side", side, "--pair", teacher_dir,
-               student_dir, "--batch-size", str(batch), "--max-new-tokens", str(new_tokens), "--steps", str(steps)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][7:])
+    from bench_train import run_sides                # bench/ is this script's folder
+
+    results = run_sides(lambda side: [sys.executable, str(REPO / "bench" / "bench_paper.py"), "--side", side,
+                                      "--pair", teacher_dir, student_dir, "--batch-size", str(batch),
+                                      "--max-new-tokens", str(new_tokens), "--steps", str(steps)])
     print(f"\n## 3. the training loop vs TRL GKDTrainer: same paper-shaped pair, batch {batch}, "
           f"max_new_tokens {new_tokens}, T 0.6, rkl, on-policy, {steps} steps (first = warm-up)\n")
     print("| loop | completion tokens | seconds | completion tokens/s | s / step | peak RSS (MiB) | "

@@ -122,6 +122,20 @@ def child(a):
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def run_sides(command_of) -> dict:
+    """Run each loop ("ours", "trl") in a fresh process (command_of(side) -> argv) and collect the JSON
+    after its "RESULT " line: each side's peak memory is then its own."""
+    results = {}
+    for side in ("ours", "trl"):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(command_of(side), capture_output=True, text=True, env=env, cwd=REPO)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(line[-1][7:])
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="our training loop vs TRL GKDTrainer: tokens/s and peak memory")
     p.add_argument("--task", default="gsm8k")
@@ -134,15 +148,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.side:
         return child(a)
-    results = {}
-    for side in ("ours", "trl"):
-        cmd = [sys.executable, __file__, "--side", side] + [x for x in (argv or sys.argv[1:])]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][7:])
+    results = run_sides(lambda side: [sys.executable, __file__, "--side", side] + list(argv or sys.argv[1:]))
     names = {"ours": "distill.py (ours)", "trl": "TRL GKDTrainer"}
     print(f"\n{a.task} tiny pair ({a.scale}), batch {a.batch_size}, max_new_tokens {a.max_new_tokens}, "
           f"T {a.temperature}, rkl, {a.steps} steps (first = warm-up)\n")

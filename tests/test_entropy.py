@@ -154,15 +154,7 @@ def test_concat_records_keeps_rows_distinct():
 def tiny_lm():
     """A random 2-layer Llama over 48 tokens; lm_head scaled x3 so that, at T = 0.3 and top-p
     0.95, its entropies spread from exactly 0 to a few nats (several bins get tokens)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(3)
+    model = _other_lm(0)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (3, 5, 8, 4)]
     return model, prompts
