@@ -236,7 +236,8 @@ def evaluate_task(args, task: str) -> dict:
                                 path=data_path, verbose=True)
     teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
     # -- the decoding protocol (the same for every draft and for the target alone; as distill.py's)
-    decoding = models.decoding_protocol(pc, tok, teacher, gamma=args.gamma, top_p=args.top_p)
+    decoding = models.decoding_protocol(pc, tok, teacher, gamma=args.gamma, top_p=args.top_p,
+                                        max_new_tokens=args.max_new_tokens)
     protocol = decoding.speculative_kwargs()                        # vocab_size: q is never put on lm_head padding
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
     drafts = [("baseline", "baseline (no distillation)", student_id)]
@@ -309,6 +310,8 @@ def parse_args(argv=None):
                    "is test.* (CNN/DM: validation.* without a test file), see README 'Data'")
     p.add_argument("--record", action="store_true", help="store the per-drafted-position records in the JSON")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default: the preset's, 5)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens generated per prompt (default: the preset's, e.g. 312 for paper/gsm8k)")
     p.add_argument("--top-p", type=float, default=None,
                    help="nucleus top-p of both p and q (default: the preset's, 0.95 as the seed's)")
     p.add_argument("--batch-size", type=int, default=16,
@@ -328,7 +331,7 @@ def parse_args(argv=None):
     if args.data_path is not None and args.task is None:
         raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task "
                          f"({', '.join(data.TASKS)})")
-    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches"):
+    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches", "max_new_tokens"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")

@@ -145,7 +145,7 @@ def test_paper_preset_end_to_end(pair, tmp_path, monkeypatch):
         return res
 
     monkeypatch.setattr(specdec, "autoregressive_generate", spy)
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "paper" / "gsm8k" / "rkl-s0"           # where evaluate.py looks for drafts
     distill.main(["--preset", "paper", "--task", "gsm8k", "--teacher", str(teacher_dir), "--student",
                   str(student_dir), "--source", "file", "--data-path", str(GSM8K), "--steps", "2",
                   "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"])
@@ -166,14 +166,20 @@ def test_paper_preset_end_to_end(pair, tmp_path, monkeypatch):
 
     final = out / "final"
     assert AutoTokenizer.from_pretrained(str(final)).chat_template == teacher_tok.chat_template
-    teacher, draft, tok = models.load_pair(teacher_dir, final)
-    test_prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in data.file_examples("gsm8k", "eval", GSM8K)[:2]]
-    res = evaluate.evaluate_draft(teacher, draft, test_prompts, batch_size=2, seed=0, record=True, gamma=3,
-                                  max_new_tokens=6, temperature=0.6, top_p=0.95,
-                                  eos_token_id=models.generation_stop_ids(tok, teacher), vocab_size=len(tok))
+    # evaluate.py as a user runs it offline: --preset paper --teacher DIR --student DIR --data-path PATH
+    docs = evaluate.main(["--preset", "paper", "--task", "gsm8k", "--teacher", str(teacher_dir), "--student",
+                          str(student_dir), "--data-path", str(GSM8K), "--runs", str(tmp_path / "runs"),
+                          "--results", str(tmp_path / "results"), "--n-prompts", "2", "--max-new-tokens", "6",
+                          "--gamma", "3", "--batch-size", "2", "--record"])
+    doc = docs["gsm8k"]
+    assert set(doc["runs"]) == {"baseline", "rkl-s0"}
+    assert doc["protocol"]["stop_ids"] == [ENDOFTEXT, IM_END] and doc["protocol"]["vocab_size"] == V_TOKENS
+    res = doc["runs"]["rkl-s0"]
     assert len(res["per_prompt"]["drafted"]) == 2 and res["generated_tokens"] > 0
     assert 0.0 <= res["pooled_acceptance"] <= 1.0
     assert all(0 <= h <= torch.log(torch.tensor(float(V_TOKENS))) + 1e-4 for h in res["records"]["teacher_entropy"])
+    teacher, draft, tok = models.load_pair(teacher_dir, final)
+    test_prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in data.file_examples("gsm8k", "eval", GSM8K)[:2]]
 
     ids = torch.tensor([test_prompts[0]])
     out_ids = teacher.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, do_sample=False,
