@@ -93,7 +93,8 @@ class ReportConfig:
     results: str = "results/report"   # eval JSON + plots
     out: str = "results/REPORT.md"
     n_boot: int = 2000
-    reuse: bool = False               # skip training where <run>/final exists (same settings assumed)
+    reuse: bool = False               # skip training where <run>/final exists (same settings assumed), and
+                                      # evaluation where eval.json holds exactly this study's drafts
     quick: bool = False
     source: str | None = None         # the data (data.resolve_source): standin | file | hub; None = the preset's
     data_path: str | None = None      # a folder with train.* and test.* files of one task (README, "Data")
@@ -678,10 +679,25 @@ def _protocol(cfg: ReportConfig, task: str, tok, teacher) -> dict:
     return models.decoding_protocol(models.preset_config(cfg.preset, task), tok, teacher).speculative_kwargs()
 
 
+def reusable_eval(cfg: ReportConfig, task: str, path: Path) -> bool:
+    """--reuse: an eval.json already written for exactly this study (the same drafts, prompt count and
+    data) may be read instead of decoding again; anything else is evaluated afresh."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    want = {run_name(d, s) for d in cfg.divs if d != "baseline" for s in cfg.seeds} | {"baseline"}
+    p = doc.get("protocol", {})
+    return (set(doc.get("runs", {})) == want and (cfg.n_prompts is None or p.get("n_prompts") == cfg.n_prompts)
+            and p.get("data_path") == cfg.data_path and all("records" in r for r in doc["runs"].values()))
+
+
 def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     import evaluate
 
     task_results = Path(cfg.results) / cfg.preset / task
+    if cfg.reuse and reusable_eval(cfg, task, task_results / "eval.json"):
+        return task_results / "eval.json"
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record"]
     argv += cfg.data_args()
@@ -885,7 +901,8 @@ def parse_args(argv=None) -> ReportConfig:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--n-prompts", type=int, default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--reuse", action="store_true", help="skip training where <run>/final already exists")
+    p.add_argument("--reuse", action="store_true", help="skip training where <run>/final already exists, and "
+                   "evaluation where results/<preset>/<task>/eval.json holds exactly this study's drafts")
     p.add_argument("--source", default=None, help="standin, file or hub (default: file with --data-path, else the "
                    "preset's)")
     p.add_argument("--data-path", default=None, help="a folder with one task's train.* and test.* files (README "

@@ -404,3 +404,20 @@ def test_bad_rows_stop_the_report_before_training(tmp_path, monkeypatch):
     (tmp_path / "test.jsonl").write_text('{"question": "q?", "answer": "no final line"}\n')
     with pytest.raises(ValueError, match=r"test\.jsonl, line 1: column 'answer' has no final answer"):
         R.main(["--quick", "--tasks", "gsm8k", "--data-path", str(tmp_path), "--out", str(tmp_path / "R.md")])
+
+
+def test_reuse_reads_an_eval_only_when_it_holds_exactly_this_studys_drafts(tmp_path):
+    """--reuse may skip decoding only for an eval.json of the same drafts, prompt count and data: an
+    evaluation of other seeds or fewer prompts must never stand in for this study's."""
+    import json as _json
+    cfg = R.ReportConfig(seeds=(0, 1), divs=("baseline", "rkl"), n_prompts=4, reuse=True)
+    runs = {n: {"records": {}} for n in ("baseline", "rkl-s0", "rkl-s1")}
+    path = tmp_path / "eval.json"
+    path.write_text(_json.dumps({"runs": runs, "protocol": {"n_prompts": 4, "data_path": None}}))
+    assert R.reusable_eval(cfg, "gsm8k", path)
+    path.write_text(_json.dumps({"runs": runs, "protocol": {"n_prompts": 8, "data_path": None}}))
+    assert not R.reusable_eval(cfg, "gsm8k", path)
+    path.write_text(_json.dumps({"runs": {"baseline": {"records": {}}, "rkl-s0": {"records": {}}},
+                                 "protocol": {"n_prompts": 4, "data_path": None}}))
+    assert not R.reusable_eval(cfg, "gsm8k", path)
+    assert not R.reusable_eval(cfg, "gsm8k", tmp_path / "missing.json")
