@@ -99,10 +99,13 @@ class Config:
     preset: str = option("tiny", "models, lr, temperature, lengths and steps: tiny (offline pair) or paper; "
                                  "default %(default)s")
     teacher: str | None = option(None, "teacher (target p) path or hub id; default: the preset's")
-    student: str | None = option(None, "student (draft q) to start from, path or hub id; default: the preset's")
+    student: str | None = option(None, "student (draft q) to start from, path or hub id; "
+                                       "default: the preset's")
     seed: int = option(0, "run seed: prompt order, sampling and initial RNG state; default %(default)s")
-    out: str | None = option(None, "run directory (ckpt-*, final/); default runs/<preset>/<task>/<div>-s<seed>")
-    resume: bool = option(False, "continue from the newest checkpoint in --out (reproduces the uninterrupted run)")
+    out: str | None = option(None, "run directory (ckpt-*, final/); "
+                                   "default runs/<preset>/<task>/<div>-s<seed>")
+    resume: bool = option(False, "continue from the newest checkpoint in --out "
+                                 "(reproduces the uninterrupted run)")
     overwrite: bool = option(False, "start from scratch in an --out that already holds a run, deleting its "
                                     "checkpoints and log")
     # data: the GKD mixture
@@ -110,20 +113,23 @@ class Config:
                                "default %(default)s")
     off_policy: str = option("dataset", "the other (1 - lmbda) batches: dataset answers or teacher samples "
                                         "(seq-KD); default %(default)s")
-    source: str | None = option(None, "training prompts: standin, file or hub; default: file with --data-path, "
-                                      "else the preset's (standin if it has none: data.resolve_source)")
-    data_path: str | None = option(None, "a .jsonl/.json/.parquet file or a folder (its train.* files, README "
-                                         "'Data'); implies --source file")
+    source: str | None = option(None, "training prompts: standin, file or hub; default: file with "
+                                      "--data-path, else the preset's (standin if it has none: "
+                                      "data.resolve_source)")
+    data_path: str | None = option(None, "a .jsonl/.json/.parquet file or a folder (its train.* files, "
+                                         "README 'Data'); implies --source file")
     n_train: int | None = option(None, "number of training prompts; default: the preset's (all if unset)",
                                  preset=True)
     # sampling
     temperature: float | None = option(None, "sampling temperature (0 = greedy); default: the preset's (the "
                                              "task's)", preset=True, fallback=1.0)
-    top_p: float | None = option(None, "sampling nucleus top-p; default: the preset's", preset=True, fallback=1.0)
+    top_p: float | None = option(None, "sampling nucleus top-p; default: the preset's",
+                                 preset=True, fallback=1.0)
     max_new_tokens: int | None = option(None, "most tokens sampled per completion; default: the preset's",
                                         preset=True, fallback=128)
-    loss_temperature: float | None = option(None, "temperature tau of both distributions in the loss; default: "
-                                                  "the sampling temperature (1 when it is 0; see the docstring)")
+    loss_temperature: float | None = option(None, "temperature tau of both distributions in the loss; "
+                                                  "default: the sampling temperature (1 when it is 0; see "
+                                                  "the docstring)")
     # optimisation
     steps: int | None = option(None, "optimizer steps; default: the preset's, else --epochs over the prompts",
                                preset=True)
@@ -134,13 +140,16 @@ class Config:
     epochs: float | None = option(None, "passes over the prompts, used only when --steps is unset (steps = "
                                         "epochs x prompts / batch size); default: the preset's (1 if unset)",
                                   preset=True, fallback=1)
-    lr: float | None = option(None, "peak AdamW learning rate; default: the preset's", preset=True, fallback=5e-5)
-    warmup: float | None = option(None, "fraction of the steps with linear warm-up before the cosine decay to 0; "
-                                        "default: the preset's (0.1 if unset)", preset=True, fallback=0.1)
+    lr: float | None = option(None, "peak AdamW learning rate; default: the preset's",
+                              preset=True, fallback=5e-5)
+    warmup: float | None = option(None, "fraction of the steps with linear warm-up before the cosine "
+                                        "decay to 0; default: the preset's (0.1 if unset)",
+                                  preset=True, fallback=0.1)
     weight_decay: float = option(0.0, "AdamW weight decay; default %(default)s")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold; default %(default)s")
     # system
-    device: str | None = option(None, "torch device; default cuda:<local rank> if CUDA is available, else cpu")
+    device: str | None = option(None, "torch device; default cuda:<local rank> if CUDA is available, "
+                                      "else cpu")
     bf16: bool = option(True, "bfloat16 autocast for the forward passes (CUDA only); default on")
     gradient_checkpointing: bool = option(False, "recompute the student's activations in backward to save "
                                                  "memory; default off")
@@ -568,11 +577,12 @@ def set_up(cfg: Config) -> Run:
         for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
             shutil.rmtree(stale, ignore_errors=True)
         rundir.write_config(out, asdict(cfg))
-    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one starts empty
+    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one
+    # starts empty
     metrics = rundir.open_log(out, start if ckpt else None) if master else None
     return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol, stop_ids,
-               tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references, optimizer, scheduler,
-               start, metrics)
+               tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references, optimizer,
+               scheduler, start, metrics)
 
 
 def set_up_process(cfg: Config):
@@ -592,8 +602,8 @@ def set_up_process(cfg: Config):
 
 
 def load_models_and_data(cfg: Config, device, master: bool):
-    """The training examples, then the frozen teacher (eval, no grad) and the trainable student (--resume: from
-    the newest verified checkpoint). -> teacher, student, tokenizer, examples, checkpoint (or None)."""
+    """The training examples, then the frozen teacher (eval, no grad) and the trainable student (--resume:
+    from the newest verified checkpoint). -> teacher, student, tokenizer, examples, checkpoint (or None)."""
     if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
@@ -611,8 +621,8 @@ def load_models_and_data(cfg: Config, device, master: bool):
 
 
 def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
-    """AdamW and its schedule (linear warm-up, then cosine to 0), restored with the RNG states from a checkpoint.
-    -> optimizer, scheduler, the first step to run."""
+    """AdamW and its schedule (linear warm-up, then cosine to 0), restored with the RNG states from a
+    checkpoint. -> optimizer, scheduler, the first step to run."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
     if ckpt is None:

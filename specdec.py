@@ -28,7 +28,8 @@ Jagged batches, caches, no per-row Python loop:
   * when holes make up more than half of a cache, it is compacted with one stable sort + gather per
     layer (valid slots move right, order kept); finished rows are evicted with `batch_select_indices`;
   * the draft feeds [pending, x_1..x_{k-1}] in a round, so when all k drafts are accepted x_k is not
-    in its cache yet: each round's first draft call feeds two tokens [x_k or a hole, pending].
+    in its cache yet (RunningBatch.unfed): each round's first draft call feeds two tokens [x_k or a hole,
+    pending].
   * continuous batching (batch_size < len(prompts)): a batch runs until its slowest row is done, so with a
     fixed batch the rounds are set by the unluckiest row. With batch_size, finished rows free their slots and
     the next prompts are prefilled alone and joined to the running caches (the narrower side left-padded
@@ -39,6 +40,11 @@ Jagged batches, caches, no per-row Python loop:
     vocab_size=len(tokenizer), both logits are cut to it; exactness is w.r.t. p on that vocabulary. Without
     vocab_size, different widths are refused (they may be two different vocabularies).
   * limitation: full-attention decoders (sliding-window layers would count holes as tokens).
+
+Code: `Sampling` (the processing / sampling rule of both models), `RunningBatch` (the per-row state and
+both caches: admit, draft, verify, accept, keep, compact), `SpecMetrics` (per-prompt counts and records, one
+`add` per round), and the pure rules `verify_block`, `counted_drafts`, `emit_tokens`. A round of
+`speculative_generate` reads: admit -> draft k -> verify -> accept -> emit -> record -> evict / compact.
 
 Metrics (`.stats`; the same keys for each row under stats["per_row"]). A drafted x_i is *counted*
 unless the row's budget ends before it (g + i > max_new_tokens, g = tokens the row generated before the
@@ -243,7 +249,7 @@ def emit_tokens(drafts, t, n, stop_ids, budget):
     j = torch.arange(drafts.shape[1] + 1, device=drafts.device)
     emit = torch.where(j < n[:, None], torch.cat([drafts, t[:, None]], 1), t[:, None])  # (b, k+1)
     stop_in = torch.isin(emit, stop_ids) & (j <= n[:, None])  # (b, k+1) stop ids among the n + 1 tokens
-    first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # (b,) tokens up to the stop
+    first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # (b,) up to the stop
     e = torch.minimum(first_stop, budget)  # (b,) tokens emitted this round
     done = (stop_in.any(1) & (first_stop <= budget)) | (e >= budget)  # (b,)
     return emit, e, done
@@ -532,24 +538,26 @@ class RunningBatch:
         self.unfed, self.unfed_valid = drafts[:, -1], n == k
         self.pending, self.n_seq = t, self.n_seq + n + 1
 
-    def keep(self, keep: torch.Tensor):
-        """Evict every row but keep (b',) (positions in the batch; may be empty)."""
+    def keep(self, kept: torch.Tensor):
+        """Evict every row but kept (b',) (positions in the batch; may be empty)."""
         for cache in (self.tcache, self.dcache):
-            cache.batch_select_indices(keep)
+            cache.batch_select_indices(kept)
         self.tmask, self.dmask, self.rows, self.pending, self.n_seq, self.unfed, self.unfed_valid = (
-            v[keep] for v in (self.tmask, self.dmask, self.rows, self.pending, self.n_seq, self.unfed,
+            v[kept] for v in (self.tmask, self.dmask, self.rows, self.pending, self.n_seq, self.unfed,
                               self.unfed_valid))
 
     def compact(self):
         """Compact each cache whose slots are more than half holes."""
-        t_valid, d_valid = torch.stack([self.tmask.sum(1).max(), self.dmask.sum(1).max()]).tolist()  # one sync
+        # both checks in one GPU sync
+        t_valid, d_valid = torch.stack([self.tmask.sum(1).max(), self.dmask.sum(1).max()]).tolist()
         if self.tmask.shape[1] > 2 * t_valid:
             self.tmask = _compact(self.tcache, self.tmask)
         if self.dmask.shape[1] > 2 * d_valid:
             self.dmask = _compact(self.dcache, self.dmask)
 
 
-RECORD_KEYS = ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered", "acceptance_prob")
+RECORD_KEYS = ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered",
+               "acceptance_prob")
 
 
 class SpecMetrics:
@@ -575,7 +583,8 @@ class SpecMetrics:
         p (b, k+1, V), q (b, k, V), t_logits (b, k+1, V) the target's logits before processing."""
         b, k = counted.shape
         g = self.n_gen[rows]  # (b,) tokens generated before this round
-        self.out[rows[:, None], g[:, None] + torch.arange(k + 1, device=rows.device)] = emit  # (b, k+1)
+        j = torch.arange(k + 1, device=rows.device)
+        self.out[rows[:, None], g[:, None] + j] = emit  # (b, k+1); only the first e of them count
         beta = acceptance_prob(p[:, :k], q)  # (b, k)
         self.n_gen.index_add_(0, rows, e)
         self.drafted.index_add_(0, rows, counted.sum(1))
@@ -587,9 +596,10 @@ class SpecMetrics:
         self.draft_calls.index_add_(0, rows, torch.full_like(rows, k))
         self.batched_target_calls += 1
         self.batched_draft_calls += k
-        if self.recs is not None:  # (b, k)[counted] -> (n_counted,): one entry per counted draft, rows then positions
+        if self.recs is not None:  # (b, k)[counted] -> (n_counted,): one per counted draft, rows then positions
+            i = torch.arange(1, k + 1, device=rows.device)  # draft positions 1..k
             self.recs["row"].append(rows[:, None].expand(b, k)[counted])
-            self.recs["position"].append(torch.arange(1, k + 1, device=rows.device)[None].expand(b, k)[counted])
+            self.recs["position"].append(i[None].expand(b, k)[counted])
             self.recs["accepted"].append(acc[counted])
             self.recs["teacher_entropy"].append(entropy(p[:, :k])[counted])
             # the tempered p before top-k / top-p: continuous, where the processed H is often exactly 0
@@ -600,8 +610,8 @@ class SpecMetrics:
     def result(self, wall: float) -> GenerationResult:
         tokens = [row[:n] for row, n in zip(self.out.tolist(), self.n_gen.tolist())]  # two transfers, not 2B
         stats = _spec_stats(self.n_gen, self.drafted, self.accepted, self.beta_sum, self.pos_drafted,
-                            self.pos_accepted, self.target_calls, self.draft_calls, self.start, self.finish, wall,
-                            self.batched_target_calls, self.batched_draft_calls)
+                            self.pos_accepted, self.target_calls, self.draft_calls, self.start, self.finish,
+                            wall, self.batched_target_calls, self.batched_draft_calls)
         records = None
         if self.recs is not None:
             records = {key: (torch.cat(v).cpu() if v else torch.zeros(0)) for key, v in self.recs.items()}
