@@ -57,7 +57,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -76,107 +76,100 @@ OFF_POLICY = ("dataset", "teacher")
 
 # ----------------------------------------------------------------------------- config
 
+def option(default, help: str, *, preset: bool = False, fallback=None):
+    """A Config field and its --help text ("%(default)s" = the default). preset=True: None means the preset's
+    value (models.preset_config, the key named as the field), else `fallback` (resolve_config fills it)."""
+    return field(default=default, metadata={"help": help, "preset": preset, "fallback": fallback})
+
+
 @dataclass
 class Config:
+    """Every option of a run, in one table: each field is a flag (parse_args), its help next to it; the fields
+    marked preset=True take the preset's value when unset, then their fallback. config.json saves these
+    names, and --resume compares them (rundir.check_same_run): renaming a field breaks old runs."""
     # what to distil
-    task: str = "gsm8k"
-    div: str = "rkl"
-    beta: float = 0.5                # jsd only (0 = fkl, 1 = rkl)
-    ajsd_scale: float = 1.0          # ajsd only: beta_t = f(H(p_t)), see divergences.ajsd_beta
-    ajsd_floor: float = 0.5
-    preset: str = "tiny"             # models.preset_config: models, lr, temperature, lengths, steps
-    teacher: str | None = None       # override the preset's teacher (path or hub id)
-    student: str | None = None       # override the preset's student
-    seed: int = 0
-    out: str | None = None           # default runs/<preset>/<task>/<div>-s<seed>
-    resume: bool = False             # continue from the last checkpoint in `out`
-    overwrite: bool = False          # start from scratch in an `out` that holds a run (deletes it)
+    task: str = option("gsm8k", "task: gsm8k (low teacher entropy) or cnndm (high); default %(default)s")
+    div: str = option("rkl", "per-token divergence d(p, q): fkl, rkl, jsd, tvd or ajsd (see divergences.py); "
+                             "default %(default)s")
+    beta: float = option(0.5, "jsd only: weight toward reverse KL, 0 = fkl, 1 = rkl; default %(default)s")
+    ajsd_scale: float = option(1.0, "ajsd only: entropy scale (nats) of beta = floor + (1 - floor) "
+                                    "exp(-H / scale); default %(default)s")
+    ajsd_floor: float = option(0.5, "ajsd only: the beta of a very uncertain teacher (0.5 = symmetric JSD); "
+                                    "default %(default)s")
+    preset: str = option("tiny", "models, lr, temperature, lengths and steps: tiny (offline pair) or paper; "
+                                 "default %(default)s")
+    teacher: str | None = option(None, "teacher (target p) path or hub id; default: the preset's")
+    student: str | None = option(None, "student (draft q) to start from, path or hub id; "
+                                       "default: the preset's")
+    seed: int = option(0, "run seed: prompt order, sampling and initial RNG state; default %(default)s")
+    out: str | None = option(None, "run directory (ckpt-*, final/); "
+                                   "default runs/<preset>/<task>/<div>-s<seed>")
+    resume: bool = option(False, "continue from the newest checkpoint in --out "
+                                 "(reproduces the uninterrupted run)")
+    overwrite: bool = option(False, "start from scratch in an --out that already holds a run, deleting its "
+                                    "checkpoints and log")
     # data: the GKD mixture
-    lmbda: float = 1.0               # probability that a step's batch is sampled from the student
-    off_policy: str = "dataset"      # the other batches: dataset answers or teacher samples (seq-KD)
-    source: str | None = None        # data.load_examples source: standin | file | hub (preset's)
-    data_path: str | None = None
-    n_train: int | None = None       # number of training prompts (preset's; None there = all)
-    # sampling (None = the preset's value)
-    temperature: float | None = None
-    top_p: float | None = None
-    max_new_tokens: int | None = None
-    loss_temperature: float | None = None   # None = the sampling temperature (see the docstring)
+    lmbda: float = option(1.0, "share of steps whose batch the student samples (1 = purely on-policy); "
+                               "default %(default)s")
+    off_policy: str = option("dataset", "the other (1 - lmbda) batches: dataset answers or teacher samples "
+                                        "(seq-KD); default %(default)s")
+    source: str | None = option(None, "training prompts: standin, file or hub; default: file with "
+                                      "--data-path, else the preset's (standin if it has none: "
+                                      "data.resolve_source)")
+    data_path: str | None = option(None, "a .jsonl/.json/.parquet file or a folder (its train.* files, "
+                                         "README 'Data'); implies --source file")
+    n_train: int | None = option(None, "number of training prompts; default: the preset's (all if unset)",
+                                 preset=True)
+    # sampling
+    temperature: float | None = option(None, "sampling temperature (0 = greedy); default: the preset's (the "
+                                             "task's)", preset=True, fallback=1.0)
+    top_p: float | None = option(None, "sampling nucleus top-p; default: the preset's",
+                                 preset=True, fallback=1.0)
+    max_new_tokens: int | None = option(None, "most tokens sampled per completion; default: the preset's",
+                                        preset=True, fallback=128)
+    loss_temperature: float | None = option(None, "temperature tau of both distributions in the loss; "
+                                                  "default: the sampling temperature (1 when it is 0; see "
+                                                  "the docstring)")
     # optimisation
-    steps: int | None = None         # optimizer steps (preset's, else its epochs over the prompts)
-    batch_size: int | None = None    # prompts per optimizer step, summed over ranks and micro-batches
-    grad_accum: int | None = None    # micro-batches per optimizer step (per rank)
-    epochs: float | None = None      # only when steps is None: steps = epochs x prompts / batch_size
-    lr: float | None = None
-    warmup: float | None = None      # fraction of the steps with linear warm-up, then cosine to 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    steps: int | None = option(None, "optimizer steps; default: the preset's, else --epochs over the prompts",
+                               preset=True)
+    batch_size: int | None = option(None, "prompts per optimizer step, summed over ranks and micro-batches; "
+                                          "default: the preset's", preset=True, fallback=8)
+    grad_accum: int | None = option(None, "micro-batches per optimizer step on each rank; default: the "
+                                          "preset's (1 if unset)", preset=True, fallback=1)
+    epochs: float | None = option(None, "passes over the prompts, used only when --steps is unset (steps = "
+                                        "epochs x prompts / batch size); default: the preset's (1 if unset)",
+                                  preset=True, fallback=1)
+    lr: float | None = option(None, "peak AdamW learning rate; default: the preset's",
+                              preset=True, fallback=5e-5)
+    warmup: float | None = option(None, "fraction of the steps with linear warm-up before the cosine "
+                                        "decay to 0; default: the preset's (0.1 if unset)",
+                                  preset=True, fallback=0.1)
+    weight_decay: float = option(0.0, "AdamW weight decay; default %(default)s")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping threshold; default %(default)s")
     # system
-    device: str | None = None        # default: cuda:<local rank> if available, else cpu
-    bf16: bool = True                # bfloat16 autocast for the forwards (CUDA only)
-    gradient_checkpointing: bool = False
-    teacher_8bit: bool = False       # bitsandbytes 8-bit teacher (CUDA; CPU where bitsandbytes runs)
-    save_every: int | None = None    # checkpoint every N steps (and always at the end)
-
-
-# used when neither the command line nor models.preset_config gives a value
-FALLBACK = dict(temperature=1.0, top_p=1.0, max_new_tokens=128, batch_size=8, grad_accum=1, lr=5e-5,
-                warmup=0.1, save_every=50, source="standin")
-PRESET_KEYS = {"n_train": "n_train_prompts", "source": "data_source"}   # Config name -> preset name
-
-
-# --help text of every Config field (parse_args needs one per field); "preset's" = models.preset_config
-HELP = {
-    "task": "task: gsm8k (low teacher entropy) or cnndm (high); default %(default)s",
-    "div": "per-token divergence d(p, q): fkl, rkl, jsd, tvd or ajsd (see divergences.py); default %(default)s",
-    "beta": "jsd only: weight toward reverse KL, 0 = fkl, 1 = rkl; default %(default)s",
-    "ajsd_scale": "ajsd only: entropy scale (nats) of beta = floor + (1 - floor) exp(-H / scale); default %(default)s",
-    "ajsd_floor": "ajsd only: the beta of a very uncertain teacher (0.5 = symmetric JSD); default %(default)s",
-    "preset": "models, lr, temperature, lengths and steps: tiny (offline pair) or paper; default %(default)s",
-    "teacher": "teacher (target p) path or hub id; default: the preset's",
-    "student": "student (draft q) to start from, path or hub id; default: the preset's",
-    "seed": "run seed: prompt order, sampling and initial RNG state; default %(default)s",
-    "out": "run directory (ckpt-*, final/); default runs/<preset>/<task>/<div>-s<seed>",
-    "resume": "continue from the newest checkpoint in --out (reproduces the uninterrupted run)",
-    "overwrite": "start from scratch in an --out that already holds a run, deleting its checkpoints and log",
-    "lmbda": "share of steps whose batch the student samples (1 = purely on-policy); default %(default)s",
-    "off_policy": "the other (1 - lmbda) batches: dataset answers or teacher samples; default %(default)s",
-    "source": "training prompts: standin, file or hub; default: file with --data-path, else the preset's",
-    "data_path": "a .jsonl/.json/.parquet file or a folder (its train.* files, README 'Data'); "
-                 "implies --source file",
-    "n_train": "number of training prompts; default: the preset's (all if unset)",
-    "temperature": "sampling temperature (0 = greedy); default: the preset's (the task's)",
-    "top_p": "sampling nucleus top-p; default: the preset's",
-    "max_new_tokens": "most tokens sampled per completion; default: the preset's",
-    "loss_temperature": "temperature tau of both distributions in the loss; default: the sampling "
-                        "temperature (1 when it is 0)",
-    "steps": "optimizer steps; default: the preset's, else --epochs over the prompts",
-    "batch_size": "prompts per optimizer step, summed over ranks and micro-batches; default: the preset's",
-    "grad_accum": "micro-batches per optimizer step on each rank; default: the preset's (1 if unset)",
-    "epochs": "passes over the prompts, used only when --steps is unset; default: the preset's (1 if unset)",
-    "lr": "peak AdamW learning rate; default: the preset's",
-    "warmup": "fraction of the steps with linear warm-up before the cosine decay; default: the preset's (0.1 if unset)",
-    "weight_decay": "AdamW weight decay; default %(default)s",
-    "max_grad_norm": "gradient-norm clipping threshold; default %(default)s",
-    "device": "torch device; default cuda:<local rank> if CUDA is available, else cpu",
-    "bf16": "bfloat16 autocast for the forward passes (CUDA only); default on",
-    "gradient_checkpointing": "recompute the student's activations in backward to save memory; default off",
-    "teacher_8bit": "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU where it runs); default off",
-    "save_every": "checkpoint every N steps (and always at the end); default: the preset's (50 if unset)",
-}
+    device: str | None = option(None, "torch device; default cuda:<local rank> if CUDA is available, "
+                                      "else cpu")
+    bf16: bool = option(True, "bfloat16 autocast for the forward passes (CUDA only); default on")
+    gradient_checkpointing: bool = option(False, "recompute the student's activations in backward to save "
+                                                 "memory; default off")
+    teacher_8bit: bool = option(False, "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU where it "
+                                       "runs); default off")
+    save_every: int | None = option(None, "checkpoint every N steps (and always at the end); default: the "
+                                          "preset's (50 if unset)", preset=True, fallback=50)
 
 
 def parse_args(argv=None) -> Config:
     """Every Config field is a flag: --max-new-tokens 64, --resume / --no-resume."""
     p = argparse.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.",
                                 epilog="example: python distill.py --task gsm8k --div rkl --seed 0")
-    for f in Config.__dataclass_fields__.values():
-        flag = "--" + f.name.replace("_", "-")
+    for f in fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:                                     # `int | None` -> int
             typ = next(a for a in getattr(f.type, "__args__", (f.type,)) if a is not type(None))
-            p.add_argument(flag, type=typ, default=f.default, help=HELP[f.name])
+            p.add_argument(flag, type=typ, default=f.default, help=help)
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -195,11 +188,11 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
-    cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset.get("data_source"))
-    for key in ("n_train", "steps", *FALLBACK):
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, preset.get(PRESET_KEYS.get(key, key), FALLBACK.get(key)))
-    cfg.epochs = cfg.epochs or preset.get("epochs") or 1
+    cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset.get("source"))
+    for f in fields(Config):
+        if f.metadata["preset"] and getattr(cfg, f.name) is None:
+            value = preset.get(f.name)
+            setattr(cfg, f.name, f.metadata["fallback"] if value is None else value)
     if cfg.loss_temperature is None:
         cfg.loss_temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     for name in ("loss_temperature", "lr"):
@@ -441,102 +434,20 @@ def main(argv=None):
 
 
 def train(cfg: Config):
-    """The training loop of a checked config (main) in its locked run directory."""
-    rank, world, local_rank = init_distributed()
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
-                         f"x --grad-accum {cfg.grad_accum}")
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
-        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(cfg.out)
-    master = rank == 0
-    random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
-
-    # -- models: frozen teacher (eval, no grad), trainable student; resume loads the student from the checkpoint
-    if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
-        teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
-        cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
-    # -- the data before any model: rows checked, CNN/DM's length filter counted with the teacher's tokenizer
-    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
-                                  seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
-    ckpt = rundir.resume_checkpoint(out) if cfg.resume else None   # the newest verified checkpoint
-    teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
-                                                   device=device, load_in_8bit=cfg.teacher_8bit)
-    teacher.eval().requires_grad_(False)
-    student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
-    protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
-                                        temperature=cfg.temperature, top_p=cfg.top_p,
-                                        max_new_tokens=cfg.max_new_tokens)
-    stop_ids = list(protocol.stop_ids)
-    pad_id = tokenizer.pad_token_id
-    vocab = protocol.vocab_size                                   # len(tokenizer): no lm_head padding rows
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
-                else nullcontext())
-
-    # -- prompts (chat template) and, for dataset batches, the reference answers + a stop token
-    prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
-    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
-    references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]
-    if cfg.steps is None:                                          # the paper preset: epochs over the prompts
-        cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
-
-    # -- optimiser + schedule (AdamW, linear warm-up then cosine to 0), restored on --resume
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
-    start = 0
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
-
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        rundir.write_config(out, asdict(cfg))
-    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one starts empty
-    metrics = rundir.open_log(out, start if ckpt else None) if master else None
-    per_rank = cfg.batch_size // world
-    micro = per_rank // cfg.grad_accum
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master,
+    """The training loop of a checked config (main) in its locked run directory (set-up: `set_up`)."""
+    run = set_up(cfg)
+    teacher, student, model = run.teacher, run.student, run.model
+    world, autocast = run.world, run.autocast
+    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not run.master,
                desc=f"{cfg.task}/{cfg.div}")
     for step in bar:
         t0 = time.perf_counter()
-        # 1) sample: this rank's shard of the step's prompts, completions from the student (prob. lmbda),
-        #    else from the dataset or the teacher. No gradient flows through sampling.
-        idx = step_prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)[rank::world]
-        coin = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).item()
-        source = "student" if coin < cfg.lmbda else cfg.off_policy
-        gen = step_generator(cfg.seed, step, rank, device)
-        micro_batches = []
-        for m in range(cfg.grad_accum):
-            p = [prompts[i] for i in idx[m * micro:(m + 1) * micro]]
-            if source == "dataset":
-                c = [references[i] for i in idx[m * micro:(m + 1) * micro]]
-            else:
-                sampler = student if source == "student" else teacher
-                sampler.eval()
-                with torch.no_grad(), autocast:
-                    c = specdec.autoregressive_generate(sampler, p, generator=gen,
-                                                        **protocol.generate_kwargs()).tokens
-                student.train()
-            c = [cut_at_stop(ci, stop_ids, cfg.max_new_tokens) for ci in c]
-            micro_batches.append({k: (v.to(device) if torch.is_tensor(v) else v)
-                                  for k, v in build_batch(p, c, pad_id).items()})
+        # 1) sample: this rank's micro-batches; completions from the student (prob. lmbda), else from the
+        #    dataset or the teacher. No gradient flows through sampling.
+        source, micro_batches = sample_step(cfg, run, step)
 
         # 2) the normaliser: completion tokens in the whole step (all micro-batches, all ranks)
-        n_local = sum(int(b["loss_mask"].sum()) for b in micro_batches)
-        n_tokens = all_reduce_sum(n_local, world, device)
+        n_tokens = all_reduce_sum(sum(int(b["loss_mask"].sum()) for b in micro_batches), world, run.device)
 
         # 3) teacher forward (frozen), student forward, loss = sum of d / n_tokens, backward
         loss_sum, ent_sum = 0.0, 0.0
@@ -549,7 +460,7 @@ def train(cfg: Config):
                 with autocast:
                     s_logits = completion_logits(model, batch)                    # (B, C, V)
                 div_sum, ent = batch_divergence_sum(
-                    s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, vocab,
+                    s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, run.vocab,
                     ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, return_teacher_entropy=True)
                 # DDP averages gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
@@ -559,38 +470,180 @@ def train(cfg: Config):
 
         # 4) clip, AdamW step, schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = run.scheduler.get_last_lr()[0]
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
         # 5) log: global mean loss per completion token, tokens/s of the whole step (sampling included)
-        loss_sum = all_reduce_sum(loss_sum, world, device)
-        ent_sum = all_reduce_sum(ent_sum, world, device)
-        dt = all_reduce_sum(time.perf_counter() - t0, world, device) / world
+        loss_sum = all_reduce_sum(loss_sum, world, run.device)
+        ent_sum = all_reduce_sum(ent_sum, world, run.device)
+        dt = all_reduce_sum(time.perf_counter() - t0, world, run.device) / world
         row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=float(grad_norm),
                    completion_len=n_tokens / cfg.batch_size, loss_teacher_entropy=ent_sum / max(n_tokens, 1.0),
                    tokens_per_s=n_tokens / dt, source=source)
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        if run.master:
+            run.metrics.write(json.dumps(row) + "\n")
+            run.metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
         # 6) checkpoint (atomic), every save_every steps and at the end
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            if master:
-                save_checkpoint(out, step + 1, student, tokenizer, optimizer, scheduler)
+            if run.master:
+                save_checkpoint(run.out, step + 1, student, run.tokenizer, run.optimizer, run.scheduler)
             if world > 1:
                 dist.barrier()
+    return finish(run)
 
+
+def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
+    """The step's source ("student", "dataset" or "teacher": one seeded coin per step, the same on every
+    rank) and this rank's grad_accum micro-batches (build_batch dicts on the device) of its shard of the
+    step's prompts. Every choice is a pure function of (seed, step, rank), so --resume reproduces it."""
+    shard = step_prompt_indices(step, cfg.batch_size, len(run.prompts), cfg.seed)[run.rank::run.world]
+    coin = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).item()
+    source = "student" if coin < cfg.lmbda else cfg.off_policy
+    gen = step_generator(cfg.seed, step, run.rank, run.device)
+    micro = cfg.batch_size // run.world // cfg.grad_accum             # prompts per micro-batch
+    micro_batches = []
+    for m in range(cfg.grad_accum):
+        rows = shard[m * micro:(m + 1) * micro]                         # indices into run.prompts
+        prompt_ids = [run.prompts[r] for r in rows]
+        if source == "dataset":
+            completions = [run.references[r] for r in rows]
+        else:
+            sampler = run.student if source == "student" else run.teacher
+            sampler.eval()
+            with torch.no_grad(), run.autocast:
+                completions = specdec.autoregressive_generate(sampler, prompt_ids, generator=gen,
+                                                              **run.protocol.generate_kwargs()).tokens
+            run.student.train()
+        completions = [cut_at_stop(c, run.stop_ids, cfg.max_new_tokens) for c in completions]
+        micro_batches.append({k: (v.to(run.device) if torch.is_tensor(v) else v)
+                              for k, v in build_batch(prompt_ids, completions, run.pad_id).items()})
+    return source, micro_batches
+
+
+@dataclass
+class Run:
+    """What the loop needs, built by set_up: the process, the models, the data, the optimiser, the log."""
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    master: bool
+    teacher: torch.nn.Module            # frozen target p
+    student: torch.nn.Module            # trainable draft q (fp32 master weights)
+    model: torch.nn.Module              # the student, wrapped in DDP when world > 1
+    tokenizer: object
+    protocol: models.DecodingProtocol   # sampling settings shared with evaluate.py / report.py
+    stop_ids: list[int]
+    pad_id: int
+    vocab: int                          # len(tokenizer): no lm_head padding rows
+    autocast: object                    # bf16 autocast on CUDA, else a no-op context
+    prompts: list[list[int]]            # chat-templated prompt ids
+    references: list[list[int]]         # dataset answers + a stop token (off-policy dataset batches)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start: int                          # the first step to run (the checkpoint's on --resume)
+    metrics: object                     # <out>/metrics.jsonl, open for appending (rank 0; else None)
+
+
+def set_up(cfg: Config) -> Run:
+    """Everything before the first step, in this order (the RNG seeds are set before any model exists):
+    process and device, models and data, optimiser and schedule (restored on --resume), the run directory."""
+    rank, world, device = set_up_process(cfg)
+    out, master = Path(cfg.out), rank == 0
+    teacher, student, tokenizer, examples, ckpt = load_models_and_data(cfg, device, master)
+    # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
+    protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
+                                        temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens)
+    stop_ids = list(protocol.stop_ids)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
+                else nullcontext())
+
+    # -- prompts (chat template) and, for dataset batches, the reference answers + a stop token
+    prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
+    references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]
+    if cfg.steps is None:                                          # the paper preset: epochs over the prompts
+        cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
+
+    optimizer, scheduler, start = make_optimizer(cfg, student, ckpt, device)
+    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     if master:
-        metrics.close()
-        final = save_final(out, student, tokenizer)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        rundir.write_config(out, asdict(cfg))
+    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one
+    # starts empty
+    metrics = rundir.open_log(out, start if ckpt else None) if master else None
+    return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol, stop_ids,
+               tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references, optimizer,
+               scheduler, start, metrics)
+
+
+def set_up_process(cfg: Config):
+    """(rank, world size, device) of this process; checks what depends on them; seeds the RNGs."""
+    rank, world, local_rank = init_distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
+                         f"x --grad-accum {cfg.grad_accum}")
+    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
+        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    return rank, world, device
+
+
+def load_models_and_data(cfg: Config, device, master: bool):
+    """The training examples, then the frozen teacher (eval, no grad) and the trainable student (--resume:
+    from the newest verified checkpoint). -> teacher, student, tokenizer, examples, checkpoint (or None)."""
+    if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
+        teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
+        cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
+    # the data before any model: rows checked, CNN/DM's length filter counted with the teacher's tokenizer
+    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
+                                  seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
+    ckpt = rundir.resume_checkpoint(Path(cfg.out)) if cfg.resume else None   # the newest verified checkpoint
+    teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
+                                                   device=device, load_in_8bit=cfg.teacher_8bit)
+    teacher.eval().requires_grad_(False)
+    student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    return teacher, student, tokenizer, examples, ckpt
+
+
+def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
+    """AdamW and its schedule (linear warm-up, then cosine to 0), restored with the RNG states from a
+    checkpoint. -> optimizer, scheduler, the first step to run."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
+    if ckpt is None:
+        return optimizer, scheduler, 0
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=device)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return optimizer, scheduler, state["step"]
+
+
+def finish(run: Run) -> Path:
+    """After the last step: close the log, write <out>/final (rank 0), end the process group."""
+    if run.master:
+        run.metrics.close()
+        final = save_final(run.out, run.student, run.tokenizer)
         print(f"final student: {final}")
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return out
+    return run.out
 
 
 if __name__ == "__main__":

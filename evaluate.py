@@ -230,7 +230,7 @@ def evaluate_task(args, task: str) -> dict:
         teacher_id, student_id = teacher_id or t, student_id or s
     # the data first: every row checked (and CNN/DM's length filter counted with the teacher's tokenizer)
     # before any model loads
-    source, data_path = data.resolve_source(args.source, args.data_path, pc.get("data_source"))
+    source, data_path = data.resolve_source(args.source, args.data_path, pc.get("source"))
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     prompts = data.task_prompts(task, models.load_tokenizer(teacher_id), split="eval", n=n, source=source,
                                 path=data_path, verbose=True)

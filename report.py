@@ -530,7 +530,7 @@ def check_data(cfg: ReportConfig, log):
 
     for task in cfg.tasks:
         source, path = data.resolve_source(cfg.source, cfg.data_path,
-                                           models.preset_config(cfg.preset, task).get("data_source"))
+                                           models.preset_config(cfg.preset, task).get("source"))
         for split in data.SPLITS:
             n = len(data.load_examples(task, split, source=source, path=path, max_article_tokens=None))
             log(f"data {task} {split}: {n} rows ({source}{' ' + path if path else ''}) checked")
@@ -583,7 +583,7 @@ def _train_rows(cfg: ReportConfig, task: str) -> list:
     key = (task, cfg.source, cfg.data_path)
     if key not in _TRAIN_ROWS:
         pc = models.preset_config(cfg.preset, task)
-        source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))
+        source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))
         tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0]) if task == "cnndm" else None
         _TRAIN_ROWS[key] = data.load_examples(task, "train", source=source, path=path, tokenizer=tok)
     return _TRAIN_ROWS[key]
@@ -599,14 +599,14 @@ def held_out_args(cfg: ReportConfig, task: str) -> list[str]:
     import models
 
     pc = models.preset_config(cfg.preset, task)
-    if data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))[0] == "standin":
+    if data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))[0] == "standin":
         return []
     n = len(_train_rows(cfg, task)) - cfg.n_val
     if n < 1:
         raise ValueError(f"{task}: the train split has {n + cfg.n_val} rows, too few to hold out n_val={cfg.n_val} "
                          f"validation prompts for the ajsd grid")
-    if pc.get("n_train_prompts"):
-        n = min(n, pc["n_train_prompts"])
+    if pc.get("n_train"):
+        n = min(n, pc["n_train"])
     return ["--n-train", str(n)]
 
 
@@ -619,11 +619,11 @@ def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
     import models
 
     pc = models.preset_config(cfg.preset, task)
-    source = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))[0]
+    source = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))[0]
     if source != "standin":
         held_out_args(cfg, task)                       # raises when there are too few rows
         return _train_rows(cfg, task)[-cfg.n_val:]
-    n_train = pc.get("n_train_prompts")
+    n_train = pc.get("n_train")
     # the stand-in articles are far below the length filter: no tokenizer needed to list them
     used = {e.prompt for s in used_seeds
             for e in data.load_examples(task, "train", source=source, n=n_train, seed=s, max_article_tokens=None)}
@@ -718,7 +718,7 @@ def teacher_profile(cfg: ReportConfig, task: str) -> dict:
     teacher_id, _ = models.resolve_pair(task, cfg.preset)
     teacher = models.load_model(teacher_id)
     tok = models.load_tokenizer(teacher_id)
-    source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("data_source"))
+    source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))
     prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=source, path=path)
     protocol = models.decoding_protocol(pc, tok, teacher)   # as evaluate.py and distill.py
     return entropy.teacher_sample_entropies(teacher, prompts, seed=0, views=True, **protocol.generate_kwargs())

@@ -28,7 +28,8 @@ Jagged batches, caches, no per-row Python loop:
   * when holes make up more than half of a cache, it is compacted with one stable sort + gather per
     layer (valid slots move right, order kept); finished rows are evicted with `batch_select_indices`;
   * the draft feeds [pending, x_1..x_{k-1}] in a round, so when all k drafts are accepted x_k is not
-    in its cache yet: each round's first draft call feeds two tokens [x_k or a hole, pending].
+    in its cache yet (RunningBatch.unfed): each round's first draft call feeds two tokens [x_k or a hole,
+    pending].
   * continuous batching (batch_size < len(prompts)): a batch runs until its slowest row is done, so with a
     fixed batch the rounds are set by the unluckiest row. With batch_size, finished rows free their slots and
     the next prompts are prefilled alone and joined to the running caches (the narrower side left-padded
@@ -39,6 +40,11 @@ Jagged batches, caches, no per-row Python loop:
     vocab_size=len(tokenizer), both logits are cut to it; exactness is w.r.t. p on that vocabulary. Without
     vocab_size, different widths are refused (they may be two different vocabularies).
   * limitation: full-attention decoders (sliding-window layers would count holes as tokens).
+
+Code: `Sampling` (the processing / sampling rule of both models), `RunningBatch` (the per-row state and
+both caches: admit, draft, verify, accept, keep, compact), `SpecMetrics` (per-prompt counts and records, one
+`add` per round), and the pure rules `verify_block`, `counted_drafts`, `emit_tokens`. A round of
+`speculative_generate` reads: admit -> draft k -> verify -> accept -> emit -> record -> evict / compact.
 
 Metrics (`.stats`; the same keys for each row under stats["per_row"]). A drafted x_i is *counted*
 unless the row's budget ends before it (g + i > max_new_tokens, g = tokens the row generated before the
@@ -226,6 +232,29 @@ def verify_block(p, q, drafts, counted, greedy=False, generator=None):
     return acc, t
 
 
+def counted_drafts(drafts, stop_ids, budget):
+    """drafts (b, k), budget (b,) tokens each row may still emit -> counted (b, k): x_i counts unless the
+    budget ends before it (i > budget) or x_1..x_{i-1} holds a stop id (it would never be emitted)."""
+    i = torch.arange(1, drafts.shape[1] + 1, device=drafts.device)  # draft positions 1..k
+    is_stop = torch.isin(drafts, stop_ids).long()  # (b, k)
+    stop_before = (is_stop.cumsum(1) - is_stop) > 0  # a stop id among x_1..x_{i-1}
+    return (i <= budget[:, None]) & ~stop_before
+
+
+def emit_tokens(drafts, t, n, stop_ids, budget):
+    """The emission rule of one round: x_1..x_n then t, cut after the first stop id and at the budget.
+    drafts (b, k), t (b,) the correction or bonus token, n (b,) accepted drafts, budget (b,) tokens each row
+    may still emit. Returns emit (b, k+1) (only its first e count; the rest is scratch), e (b,) and done (b,):
+    the row emitted a stop id within its budget, or used the whole budget."""
+    j = torch.arange(drafts.shape[1] + 1, device=drafts.device)
+    emit = torch.where(j < n[:, None], torch.cat([drafts, t[:, None]], 1), t[:, None])  # (b, k+1)
+    stop_in = torch.isin(emit, stop_ids) & (j <= n[:, None])  # (b, k+1) stop ids among the n + 1 tokens
+    first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # (b,) up to the stop
+    e = torch.minimum(first_stop, budget)  # (b,) tokens emitted this round
+    done = (stop_in.any(1) & (first_stop <= budget)) | (e >= budget)  # (b,)
+    return emit, e, done
+
+
 def resolve_stop_ids(model, eos_token_id=None) -> list[int]:
     """Stop ids: an int or a list as given ([] = never stop early); None -> the model's generation
     config (Qwen3 lists several), else its config."""
@@ -409,6 +438,192 @@ def _rate(num: float, den: float) -> float:
 
 # ----------------------------------------------------------------------------- speculative decoding
 
+@dataclass
+class Sampling:
+    """How both models' logits become probabilities and tokens (the same rule for p and q)."""
+    temperature: float
+    top_k: int
+    top_p: float
+    vocab_size: int  # logits are cut to this many tokens (lm_head padding rows dropped)
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V') -> processed probabilities (..., V) on the shared vocabulary."""
+        return process_logits(logits[..., :self.vocab_size], self.temperature, self.top_k, self.top_p)
+
+    def pick(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of probs (b, V) -> (b,): argmax when greedy (no random number), else a sample."""
+        return probs.argmax(-1) if self.greedy else sample(probs, self.generator)
+
+
+class RunningBatch:
+    """The rows being decoded and both models' caches; one entry per active row in every tensor.
+
+    tcache / dcache   one DynamicCache per model for the whole run
+    tmask / dmask     (b, L) per cache slot: 1 = token, 0 = hole (a rejected draft, or left padding)
+    rows              (b,) index into `prompts`
+    pending           (b,) the last token, not yet in either cache
+    n_seq             (b,) real tokens so far, pending included
+    unfed             (b,) x_k of the last round: when all k drafts were accepted (unfed_valid) it is in
+                      the target's cache but not the draft's, which fed [pending, x_1..x_{k-1}]; the next
+                      round's first draft call feeds [unfed or a hole, pending]
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.tcache, self.dcache = DynamicCache(), DynamicCache()
+        self.tmask = self.dmask = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self.rows, self.pending, self.n_seq, self.unfed = (
+            torch.zeros(0, dtype=torch.long, device=device) for _ in range(4))
+        self.unfed_valid = torch.zeros(0, dtype=torch.bool, device=device)
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def admit(self, target, draft, prompts, new: list[int]):
+        """Prefill prompts[new] alone (every token but the last, which becomes the pending token), then join
+        their caches to the batch's, left-padding the narrower with holes."""
+        ids, mask = _left_pad([prompts[r][:-1] for r in new], self.device)  # (m, P-1), P-1 may be 0
+        new_tcache, new_dcache = DynamicCache(), DynamicCache()
+        if ids.shape[1] > 0:
+            positions = (mask.cumsum(1) - 1).clamp(min=0)  # (m, P-1)
+            _forward(target, ids, mask, positions, new_tcache, logits_to_keep=1)
+            _forward(draft, ids, mask, positions, new_dcache, logits_to_keep=1)
+        self.tcache, self.tmask = _join(self.tcache, self.tmask, new_tcache, mask)
+        self.dcache, self.dmask = _join(self.dcache, self.dmask, new_dcache, mask)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        self.rows = torch.cat([self.rows, as_tensor(new)])
+        self.pending = torch.cat([self.pending, as_tensor([prompts[r][-1] for r in new])])
+        self.n_seq = torch.cat([self.n_seq, as_tensor([len(prompts[r]) for r in new])])
+        self.unfed = torch.cat([self.unfed, as_tensor([0] * len(new))])  # no x_k yet: a hole is fed
+        self.unfed_valid = torch.cat([self.unfed_valid, torch.zeros(len(new), dtype=torch.bool,
+                                                                    device=self.device)])
+
+    def draft(self, model, k: int, rule: Sampling):
+        """Draft x_1..x_k from q, one call each (the first also feeds last round's x_k, or a hole).
+        Returns drafts (b, k) and q (b, k, V)."""
+        b, n_seq = len(self), self.n_seq
+        one = torch.ones(b, 1, dtype=torch.long, device=self.device)  # (b, 1) the mask entry of a real token
+        x = torch.stack([self.unfed, self.pending], 1)  # (b, 2)
+        valid = torch.cat([self.unfed_valid.long()[:, None], one], 1)
+        positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
+        drafts, qs = [], []
+        for i in range(k):
+            self.dmask = torch.cat([self.dmask, valid], 1)  # (b, L + x's width): covers the slots x fills
+            q_i = rule.probs(_forward(model, x, self.dmask, positions, self.dcache, logits_to_keep=1)[:, -1])
+            x_i = rule.pick(q_i)  # (b,)
+            drafts.append(x_i)
+            qs.append(q_i)  # (b, V)
+            x, valid, positions = x_i[:, None], one, (n_seq + i)[:, None]
+        return torch.stack(drafts, 1), torch.stack(qs, 1)  # (b, k), (b, k, V)
+
+    def verify(self, model, drafts: torch.Tensor) -> torch.Tensor:
+        """One target call over [pending, x_1..x_k] (b, k+1) -> its logits (b, k+1, V'), i.e. p_1..p_{k+1}."""
+        b, k = drafts.shape
+        x = torch.cat([self.pending[:, None], drafts], 1)  # (b, k+1)
+        positions = self.n_seq[:, None] - 1 + torch.arange(k + 1, device=self.device)  # (b, k+1)
+        self.tmask = torch.cat([self.tmask, torch.ones(b, k + 1, dtype=torch.long, device=self.device)], 1)
+        return _forward(model, x, self.tmask, positions, self.tcache)  # (b, k+1, V'); tmask (b, L + k + 1)
+
+    def accept(self, drafts: torch.Tensor, n: torch.Tensor, t: torch.Tensor):
+        """n (b,) drafts accepted, t (b,) the next token: the slots of rejected drafts become holes."""
+        k = drafts.shape[1]
+        j = torch.arange(k + 1, device=self.device)
+        self.tmask[:, -(k + 1):] = (j[None] <= n[:, None]).long()  # [pending, x_1..x_k]: valid up to x_n
+        self.dmask[:, -k:] = (j[None, :k] <= n[:, None]).long()  # [pending, x_1..x_{k-1}]: valid up to x_n
+        self.unfed, self.unfed_valid = drafts[:, -1], n == k
+        self.pending, self.n_seq = t, self.n_seq + n + 1
+
+    def keep(self, kept: torch.Tensor):
+        """Evict every row but kept (b',) (positions in the batch; may be empty)."""
+        for cache in (self.tcache, self.dcache):
+            cache.batch_select_indices(kept)
+        self.tmask, self.dmask, self.rows, self.pending, self.n_seq, self.unfed, self.unfed_valid = (
+            v[kept] for v in (self.tmask, self.dmask, self.rows, self.pending, self.n_seq, self.unfed,
+                              self.unfed_valid))
+
+    def compact(self):
+        """Compact each cache whose slots are more than half holes."""
+        # both checks in one GPU sync
+        t_valid, d_valid = torch.stack([self.tmask.sum(1).max(), self.dmask.sum(1).max()]).tolist()
+        if self.tmask.shape[1] > 2 * t_valid:
+            self.tmask = _compact(self.tcache, self.tmask)
+        if self.dmask.shape[1] > 2 * d_valid:
+            self.dmask = _compact(self.dcache, self.dmask)
+
+
+RECORD_KEYS = ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered",
+               "acceptance_prob")
+
+
+class SpecMetrics:
+    """Per original row (index into `prompts`): the generated ids and the counts of the module docstring,
+    filled by index_add_ as rows progress; with record=True the per-draft records."""
+
+    def __init__(self, B: int, gamma: int, max_new_tokens: int, device, record: bool):
+        # gamma + 1 spare columns, so a round writes its whole block without a boolean-mask gather (which
+        # would wait for the GPU): tokens past a row's count are overwritten later or cut at the end
+        self.out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
+        self.n_gen, self.drafted, self.accepted, self.target_calls, self.draft_calls = (
+            torch.zeros(B, dtype=torch.long, device=device) for _ in range(5))
+        self.beta_sum = torch.zeros(B, device=device)
+        self.pos_drafted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+        self.pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+        self.start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
+        self.finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
+        self.batched_target_calls = self.batched_draft_calls = 0
+        self.recs = {key: [] for key in RECORD_KEYS} if record else None
+
+    def add(self, rows, emit, e, counted, acc, p, q, t_logits, temperature):
+        """One round of the rows (b,): emit (b, k+1) of which the first e (b,) count, counted / acc (b, k),
+        p (b, k+1, V), q (b, k, V), t_logits (b, k+1, V) the target's logits before processing."""
+        b, k = counted.shape
+        g = self.n_gen[rows]  # (b,) tokens generated before this round
+        j = torch.arange(k + 1, device=rows.device)
+        self.out[rows[:, None], g[:, None] + j] = emit  # (b, k+1); only the first e of them count
+        beta = acceptance_prob(p[:, :k], q)  # (b, k)
+        self.n_gen.index_add_(0, rows, e)
+        self.drafted.index_add_(0, rows, counted.sum(1))
+        self.accepted.index_add_(0, rows, acc.sum(1))
+        self.beta_sum.index_add_(0, rows, (beta * counted).sum(1))
+        self.pos_drafted[:, :k].index_add_(0, rows, counted.long())
+        self.pos_accepted[:, :k].index_add_(0, rows, acc.long())
+        self.target_calls.index_add_(0, rows, torch.ones_like(rows))
+        self.draft_calls.index_add_(0, rows, torch.full_like(rows, k))
+        self.batched_target_calls += 1
+        self.batched_draft_calls += k
+        if self.recs is not None:  # (b, k)[counted] -> (n_counted,): one per counted draft, rows then positions
+            i = torch.arange(1, k + 1, device=rows.device)  # draft positions 1..k
+            self.recs["row"].append(rows[:, None].expand(b, k)[counted])
+            self.recs["position"].append(i[None].expand(b, k)[counted])
+            self.recs["accepted"].append(acc[counted])
+            self.recs["teacher_entropy"].append(entropy(p[:, :k])[counted])
+            # the tempered p before top-k / top-p: continuous, where the processed H is often exactly 0
+            self.recs["teacher_entropy_tempered"].append(
+                entropy(process_logits(t_logits[:, :k], temperature))[counted])
+            self.recs["acceptance_prob"].append(beta[counted])
+
+    def result(self, wall: float) -> GenerationResult:
+        tokens = [row[:n] for row, n in zip(self.out.tolist(), self.n_gen.tolist())]  # two transfers, not 2B
+        stats = _spec_stats(self.n_gen, self.drafted, self.accepted, self.beta_sum, self.pos_drafted,
+                            self.pos_accepted, self.target_calls, self.draft_calls, self.start, self.finish,
+                            wall, self.batched_target_calls, self.batched_draft_calls)
+        records = None
+        if self.recs is not None:
+            records = {key: (torch.cat(v).cpu() if v else torch.zeros(0)) for key, v in self.recs.items()}
+            records["row"], records["position"] = records["row"].long(), records["position"].long()
+            records["accepted"] = records["accepted"].bool()
+            for key in ("teacher_entropy", "teacher_entropy_tempered", "acceptance_prob"):
+                records[key] = records[key].float()
+            with torch.inference_mode(False):  # ordinary tensors: inference tensors refuse in-place updates
+                records = {key: v.clone() for key, v in records.items()}
+        return GenerationResult(tokens, stats, records)
+
+
 @torch.inference_mode()  # like no_grad, minus autograd's per-op bookkeeping (version counters, views)
 def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128, temperature=1.0, top_p=1.0,
                          top_k=0, eos_token_id=None, seed=None, record=False, vocab_size=None, generator=None,
@@ -421,163 +636,50 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     _check_args([target, draft], prompts, max_new_tokens, temperature, top_k, top_p, gamma, vocab_size)
     t0 = time.perf_counter()
     device = target.device
-    gen = _make_generator(seed, generator, device)
-    V = _shared_vocab([target, draft], vocab_size)
+    rule = Sampling(temperature, top_k, top_p, _shared_vocab([target, draft], vocab_size),
+                    _make_generator(seed, generator, device))
     stop_ids = torch.tensor(resolve_stop_ids(target, eos_token_id), dtype=torch.long, device=device)
-    greedy = temperature == 0
     B = len(prompts)
-
-    # per original row, filled by index_add_ as rows progress. The generated ids get gamma + 1 spare columns
-    # so a round writes its whole block without a boolean-mask gather (which would wait for the GPU): tokens
-    # past a row's count are overwritten later or cut at the end
-    out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
-    n_gen = torch.zeros(B, dtype=torch.long, device=device)
-    drafted, accepted_n, target_calls, draft_calls = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(4))
-    beta_sum = torch.zeros(B, device=device)
-    pos_drafted = torch.zeros(B, gamma, dtype=torch.long, device=device)
-    pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
-    start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
-    finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
-    recs = {k: [] for k in ("row", "position", "accepted", "teacher_entropy", "teacher_entropy_tempered",
-                        "acceptance_prob")}
-    batched_target_calls = batched_draft_calls = 0
-
-    # the batch starts empty; its per-row state, one entry per active row:
-    tcache, dcache = DynamicCache(), DynamicCache()
-    tmask = dmask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (b, L) per cache slot: 1 = token, 0 = hole
-    rows = torch.zeros(0, dtype=torch.long, device=device)  # index into `prompts`
-    pending = torch.zeros(0, dtype=torch.long, device=device)  # the last token, not yet in either cache
-    n_seq = torch.zeros(0, dtype=torch.long, device=device)  # real tokens so far, pending included
-    lag = torch.zeros(0, dtype=torch.long, device=device)  # x_k of the last round when all k were accepted
-    lag_valid = torch.zeros(0, dtype=torch.bool, device=device)
+    metrics = SpecMetrics(B, gamma, max_new_tokens, device, record)
+    batch = RunningBatch(device)  # starts empty
     slots = B if batch_size is None else batch_size
     refill_at = max(1, slots // 4)  # admitting costs a prefill call per model: wait for a quarter of the slots
     admitted = 0 if max_new_tokens > 0 else B  # prompts[:admitted] have entered the batch
 
-    while admitted < B or rows.numel() > 0:
-        # 0. admit prompts into free slots: prefill them alone (every token but the last, which becomes the
-        #    pending token), then join their caches to the batch's, left-padding the narrower with holes
-        free = slots - rows.numel()
-        if admitted < B and (free >= refill_at or rows.numel() == 0):
+    while admitted < B or len(batch) > 0:
+        # 0. admit prompts into free slots
+        free = slots - len(batch)
+        if admitted < B and (free >= refill_at or len(batch) == 0):
             new = list(range(admitted, min(B, admitted + free)))
             admitted += len(new)
-            start[new] = time.perf_counter() - t0
-            ids, mask = _left_pad([prompts[r][:-1] for r in new], device)  # (m, P-1), P-1 may be 0
-            new_tcache, new_dcache = DynamicCache(), DynamicCache()
-            if ids.shape[1] > 0:
-                positions = (mask.cumsum(1) - 1).clamp(min=0)  # (m, P-1)
-                _forward(target, ids, mask, positions, new_tcache, logits_to_keep=1)
-                _forward(draft, ids, mask, positions, new_dcache, logits_to_keep=1)
-            tcache, tmask = _join(tcache, tmask, new_tcache, mask)
-            dcache, dmask = _join(dcache, dmask, new_dcache, mask)
-            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-            rows = torch.cat([rows, as_tensor(new)])
-            pending = torch.cat([pending, as_tensor([prompts[r][-1] for r in new])])
-            n_seq = torch.cat([n_seq, as_tensor([len(prompts[r]) for r in new])])
-            lag = torch.cat([lag, as_tensor([0] * len(new))])  # no x_k yet: the first draft call feeds a hole
-            lag_valid = torch.cat([lag_valid, torch.zeros(len(new), dtype=torch.bool, device=device)])
-        b = rows.numel()
-        g = n_gen[rows]  # (b,) tokens generated so far
-        k = min(gamma, int((max_new_tokens - g).max()))
+            metrics.start[new] = time.perf_counter() - t0
+            batch.admit(target, draft, prompts, new)
+        budget = max_new_tokens - metrics.n_gen[batch.rows]  # (b,) tokens each row may still emit
+        k = min(gamma, int(budget.max()))
 
-        # 1. draft k tokens from q, one call each (the first call also feeds last round's x_k, or a hole)
-        one = torch.ones(b, 1, dtype=torch.long, device=device)  # (b, 1) the mask entry of a real token
-        x = torch.stack([lag, pending], 1)  # (b, 2)
-        valid = torch.cat([lag_valid.long()[:, None], one], 1)
-        positions = torch.stack([(n_seq - 2).clamp(min=0), n_seq - 1], 1)
-        drafts, qs = [], []
-        for i in range(k):
-            dmask = torch.cat([dmask, valid], 1)  # (b, L + x's width): the mask must cover the slots x fills
-            q_i = process_logits(_forward(draft, x, dmask, positions, dcache, logits_to_keep=1)[:, -1, :V],
-                                 temperature, top_k, top_p)  # (b, V)
-            x_i = q_i.argmax(-1) if greedy else sample(q_i, gen)  # (b,)
-            drafts.append(x_i)
-            qs.append(q_i)
-            x, valid, positions = x_i[:, None], one, (n_seq + i)[:, None]
-        drafts = torch.stack(drafts, 1)  # (b, k)
-        q = torch.stack(qs, 1)  # (b, k, V)
-        batched_draft_calls += k
+        # 1. draft k tokens from q; 2. verify [pending, x_1..x_k] in one target call -> p_1..p_{k+1}
+        drafts, q = batch.draft(draft, k, rule)  # (b, k), (b, k, V)
+        t_logits = batch.verify(target, drafts)[..., :rule.vocab_size]  # (b, k+1, V)
+        p = rule.probs(t_logits)  # (b, k+1, V)
 
-        # 2. verify [pending, x_1..x_k] in one target call -> p_1..p_{k+1}
-        x = torch.cat([pending[:, None], drafts], 1)  # (b, k+1)
-        positions = n_seq[:, None] - 1 + torch.arange(k + 1, device=device)  # (b, k+1)
-        tmask = torch.cat([tmask, torch.ones(b, k + 1, dtype=torch.long, device=device)], 1)  # (b, L + k + 1)
-        t_logits = _forward(target, x, tmask, positions, tcache)[..., :V]  # (b, k+1, V)
-        p = process_logits(t_logits, temperature, top_k, top_p)  # (b, k+1, V)
-        batched_target_calls += 1
-
-        # 3./4. accept a prefix of the drafts, then the correction or bonus token
-        i = torch.arange(1, k + 1, device=device)  # draft positions 1..k
-        is_stop = torch.isin(drafts, stop_ids)  # (b, k)
-        stop_before = (is_stop.long().cumsum(1) - is_stop.long()) > 0  # a stop id among x_1..x_{i-1}
-        counted = (g[:, None] + i <= max_new_tokens) & ~stop_before  # (b, k) drafts that count
-        acc, t = verify_block(p, q, drafts, counted, greedy, gen)  # (b, k), (b,)
+        # 3./4. accept a prefix of the drafts, then the correction or bonus token t
+        counted = counted_drafts(drafts, stop_ids, budget)  # (b, k)
+        acc, t = verify_block(p, q, drafts, counted, rule.greedy, rule.generator)  # (b, k), (b,)
         n = acc.sum(1)  # (b,) accepted drafts per row
 
-        # emit x_1..x_n, t; cut after the first stop id and at the budget
-        j = torch.arange(k + 1, device=device)
-        emit = torch.where(j < n[:, None], torch.cat([drafts, t[:, None]], 1), t[:, None])  # (b, k+1)
-        stop_in = torch.isin(emit, stop_ids) & (j <= n[:, None])
-        first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # (b,) tokens up to the stop
-        e = torch.minimum(first_stop, max_new_tokens - g)  # (b,) tokens emitted this round
-        done = (stop_in.any(1) & (first_stop <= max_new_tokens - g)) | (g + e >= max_new_tokens)  # (b,)
-        out[rows[:, None], g[:, None] + j] = emit  # (b, k+1); only the first e of them count
-
-        # metrics, indexed by original row
-        beta = acceptance_prob(p[:, :k], q)  # (b, k)
-        n_gen.index_add_(0, rows, e)
-        drafted.index_add_(0, rows, counted.sum(1))
-        accepted_n.index_add_(0, rows, n)
-        beta_sum.index_add_(0, rows, (beta * counted).sum(1))
-        pos_drafted[:, :k].index_add_(0, rows, counted.long())
-        pos_accepted[:, :k].index_add_(0, rows, acc.long())
-        target_calls.index_add_(0, rows, torch.ones_like(rows))
-        draft_calls.index_add_(0, rows, torch.full_like(rows, k))
-        if record:  # (b, k)[counted] -> (n_counted,): one entry per counted draft, rows then positions
-            recs["row"].append(rows[:, None].expand(b, k)[counted])
-            recs["position"].append(i[None].expand(b, k)[counted])
-            recs["accepted"].append(acc[counted])
-            recs["teacher_entropy"].append(entropy(p[:, :k])[counted])
-            # the tempered p before top-k / top-p: continuous, where the processed H is often exactly 0
-            recs["teacher_entropy_tempered"].append(entropy(process_logits(t_logits[:, :k], temperature))[counted])
-            recs["acceptance_prob"].append(beta[counted])
-
-        # cache bookkeeping: slots of rejected drafts become holes
-        tmask[:, -(k + 1):] = (j[None] <= n[:, None]).long()  # [pending, x_1..x_k]: valid up to x_n
-        dmask[:, -k:] = (j[None, :k] <= n[:, None]).long()  # [pending, x_1..x_{k-1}]: valid up to x_n
-        lag, lag_valid = drafts[:, -1], n == k
-        pending, n_seq = t, n_seq + n + 1
+        # emit x_1..x_n, t (cut after the first stop id and at the budget); record; slots of rejects -> holes
+        emit, e, done = emit_tokens(drafts, t, n, stop_ids, budget)  # (b, k+1), (b,), (b,)
+        metrics.add(batch.rows, emit, e, counted, acc, p, q, t_logits, temperature)
+        batch.accept(drafts, n, t)
 
         # evict finished rows; compact caches that are mostly holes
         if done.any():
-            finish[rows[done].cpu()] = time.perf_counter() - t0
-            keep = (~done).nonzero().squeeze(1)  # (b',) the rows still generating; may be none
-            for cache in (tcache, dcache):
-                cache.batch_select_indices(keep)
-            tmask, dmask, rows, pending, n_seq, lag, lag_valid = (
-                v[keep] for v in (tmask, dmask, rows, pending, n_seq, lag, lag_valid))
-        if compact and rows.numel() > 0:
-            t_valid, d_valid = torch.stack([tmask.sum(1).max(), dmask.sum(1).max()]).tolist()  # one GPU sync
-            if tmask.shape[1] > 2 * t_valid:
-                tmask = _compact(tcache, tmask)
-            if dmask.shape[1] > 2 * d_valid:
-                dmask = _compact(dcache, dmask)
+            metrics.finish[batch.rows[done].cpu()] = time.perf_counter() - t0
+            batch.keep((~done).nonzero().squeeze(1))  # (b',) the rows still generating; may be none
+        if compact and len(batch) > 0:
+            batch.compact()
 
-    wall = time.perf_counter() - t0
-    tokens = [row[:n] for row, n in zip(out.tolist(), n_gen.tolist())]  # two transfers, not two per row
-    stats = _spec_stats(n_gen, drafted, accepted_n, beta_sum, pos_drafted, pos_accepted, target_calls,
-                        draft_calls, start, finish, wall, batched_target_calls, batched_draft_calls)
-    records = None
-    if record:
-        records = {k: (torch.cat(v).cpu() if v else torch.zeros(0)) for k, v in recs.items()}
-        records["row"], records["position"] = records["row"].long(), records["position"].long()
-        records["accepted"] = records["accepted"].bool()
-        records["teacher_entropy"] = records["teacher_entropy"].float()
-        records["teacher_entropy_tempered"] = records["teacher_entropy_tempered"].float()
-        records["acceptance_prob"] = records["acceptance_prob"].float()
-        with torch.inference_mode(False):  # hand back ordinary tensors: inference tensors refuse in-place updates
-            records = {k: v.clone() for k, v in records.items()}
-    return GenerationResult(tokens, stats, records)
+    return metrics.result(time.perf_counter() - t0)
 
 
 def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, target_calls, draft_calls,

@@ -17,8 +17,9 @@ from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from specdec import (autoregressive_generate, process_logits, resolve_stop_ids, sample, speculative_generate,
-                     top_p_keep, verify_block)
+import specdec
+from specdec import (autoregressive_generate, counted_drafts, emit_tokens, process_logits, residual,
+                     resolve_stop_ids, sample, speculative_generate, top_p_keep, verify_block)
 
 DEVICE = torch.device(os.environ.get("SPECDEC_TEST_DEVICE", "cpu"))
 ARCHS = ("qwen3", "llama", "gpt2")
@@ -615,3 +616,151 @@ def test_non_integer_counts_and_non_finite_temperatures_raise_value_error(kwargs
     target, draft, prompts, _ = pairs["qwen3"]
     with pytest.raises(ValueError, match=words):
         speculative_generate(target, draft, prompts, **{"max_new_tokens": 4, **kwargs})
+
+
+# ----------------------------------------------------------------------------- the paper-shaped pieces, directly
+
+def _dist(*values):
+    """A distribution over a 4-token vocabulary, (4,) float32."""
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_residual_is_the_normalised_positive_part_of_p_minus_q():
+    """After a rejection the next token is drawn from norm(max(0, p - q)) (Leviathan et al., Theorem 1):
+    p = (.5, .3, .2, 0), q = (.2, .5, .1, .2) gives max(0, p - q) = (.3, 0, .1, 0) -> (.75, 0, .25, 0)."""
+    r = residual(_dist(.5, .3, .2, 0)[None], _dist(.2, .5, .1, .2)[None])
+    assert torch.allclose(r, _dist(.75, 0, .25, 0)[None])
+
+
+def test_residual_of_equal_distributions_falls_back_to_p():
+    """p == q has no positive part (0 / 0); residual must then return p itself, a distribution, not nan."""
+    p = _dist(.4, .6, 0, 0)[None]
+    assert torch.equal(residual(p, p.clone()), p)
+
+
+def test_verify_block_accepts_with_probability_min_1_p_over_q():
+    """A draft x with q(x) = 0.8, p(x) = 0.2 must be accepted with probability p/q = 1/4 (the seed's rule
+    min(1, p/q)); in 4000 independent rows the accepted share lies within 4 standard errors of 0.25."""
+    n = 4000
+    p = torch.stack([_dist(.2, .8, 0, 0), _dist(0, 0, 0, 1)])[None].expand(n, 2, 4)  # (n, k+1, V)
+    q = _dist(.8, .2, 0, 0)[None, None].expand(n, 1, 4)  # (n, k, V)
+    drafts = torch.zeros(n, 1, dtype=torch.long)  # x_1 = token 0
+    acc, t = verify_block(p, q, drafts, torch.ones(n, 1, dtype=torch.bool),
+                          generator=torch.Generator().manual_seed(0))
+    share = acc.float().mean().item()
+    assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+    # after a rejection the only token of max(0, p_1 - q_1) = (0, .6, 0, 0) is token 1; after an
+    # acceptance the bonus comes from p_2 = one-hot(3)
+    assert torch.equal(t, torch.where(acc[:, 0], 3, 1))
+
+
+def test_verify_block_never_accepts_past_the_first_rejection_and_draws_the_bonus_from_p_k_plus_1():
+    """Drafts with p(x) >= q(x) are always accepted; one with p(x) = 0 always rejected, and nothing after it
+    (the accepted drafts are a prefix). When all k are accepted t comes from p_{k+1} (the bonus)."""
+    q = torch.stack([_dist(.5, .5, 0, 0)] * 3)  # (k, V)
+    p_accept = torch.stack([_dist(.5, .5, 0, 0)] * 3 + [_dist(0, 0, 1, 0)])  # (k+1, V) p = q, bonus = token 2
+    p_reject = p_accept.clone()
+    p_reject[1] = _dist(0, .2, .8, 0)  # p_2(x_2 = 0) = 0
+    p = torch.stack([p_accept, p_reject])  # (2, k+1, V)
+    drafts = torch.tensor([[0, 1, 0], [1, 0, 1]])
+    acc, t = verify_block(p, torch.stack([q, q]), drafts, torch.ones(2, 3, dtype=torch.bool),
+                          generator=torch.Generator().manual_seed(1))
+    assert acc.tolist() == [[True, True, True], [True, False, False]]
+    # row 1 after its rejection at x_2: norm(max(0, p_2 - q_2)) = norm((0, 0, .8, 0)) -> token 2 as well,
+    # row 0 the bonus token 2 of p_4
+    assert t.tolist() == [2, 2]
+
+
+def test_verify_block_refuses_drafts_that_do_not_count():
+    """A draft that does not count (past the budget, or after a stop id) must not be accepted even when p = q:
+    the next token is then sampled in its place, from the residual of p and q at that position (= p)."""
+    p = torch.stack([_dist(1, 0, 0, 0), _dist(0, 1, 0, 0), _dist(0, 0, 1, 0)])[None]  # (1, k+1, V)
+    q = p[:, :2].clone()
+    acc, t = verify_block(p, q, torch.tensor([[0, 1]]), torch.tensor([[True, False]]),
+                          generator=torch.Generator().manual_seed(2))
+    assert acc.tolist() == [[True, False]] and t.tolist() == [1]
+
+
+def test_verify_block_greedy_accepts_while_drafts_equal_argmax_p():
+    """Greedy: x_i is accepted iff it is argmax p_i, up to the first mismatch; t = argmax p_{n+1}; no random
+    number is drawn (the generator's state is untouched)."""
+    p = torch.stack([_dist(.1, .7, .1, .1), _dist(.6, .2, .1, .1), _dist(.1, .1, .1, .7)])  # argmax 1, 0, 3
+    q = torch.full((2, 4), .25)
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    acc, t = verify_block(torch.stack([p, p]), torch.stack([q, q]), torch.tensor([[1, 0], [1, 2]]),
+                          torch.ones(2, 2, dtype=torch.bool), greedy=True, generator=gen)
+    assert acc.tolist() == [[True, True], [True, False]]
+    assert t.tolist() == [3, 0]  # the bonus argmax p_3, the correction argmax p_2
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_counted_drafts_stop_at_the_budget_and_after_a_stop_id():
+    """x_i counts unless i > budget or a stop id is among x_1..x_{i-1}: the stop id itself counts (it is
+    emitted), the drafts after it do not."""
+    drafts = torch.tensor([[5, 6, 7], [9, 5, 6], [5, 6, 7]])
+    counted = counted_drafts(drafts, torch.tensor([9]), torch.tensor([3, 3, 2]))
+    assert counted.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+
+
+def test_emit_tokens_emits_accepted_drafts_then_t_cut_at_stop_and_budget():
+    """Emission rule: x_1..x_n then t, cut after the first stop id (9) among those n + 1 tokens and at the
+    budget. Row 0: n = 1 -> [5, t]; row 1: stop id x_2 -> [5, 9], done; row 2: budget 2 -> [5, 6], done;
+    row 3: a stop id among the REJECTED drafts is not emitted and does not end the row."""
+    drafts = torch.tensor([[5, 6, 7], [5, 9, 7], [5, 6, 7], [5, 9, 7]])
+    t = torch.tensor([8, 8, 8, 8])
+    n = torch.tensor([1, 3, 3, 1])
+    emit, e, done = emit_tokens(drafts, t, n, torch.tensor([9]), torch.tensor([10, 10, 2, 10]))
+    assert [row[:m] for row, m in zip(emit.tolist(), e.tolist())] == [[5, 8], [5, 9], [5, 6], [5, 8]]
+    assert done.tolist() == [False, True, True, False]
+
+
+def test_emit_tokens_marks_a_row_done_when_it_uses_its_whole_budget():
+    """A row whose n + 1 tokens exactly fill its budget is done, with no stop id; one short of it is not."""
+    drafts, t, n = torch.tensor([[5, 6], [5, 6]]), torch.tensor([8, 8]), torch.tensor([2, 2])
+    emit, e, done = emit_tokens(drafts, t, n, torch.tensor([], dtype=torch.long), torch.tensor([3, 4]))
+    assert e.tolist() == [3, 3] and done.tolist() == [True, False]
+    assert emit.tolist() == [[5, 6, 8], [5, 6, 8]]
+
+
+def _cache(values_per_layer):
+    """A DynamicCache whose keys and values are values_per_layer[l] (B, 1, L, 1) (values = -keys)."""
+    cache = DynamicCache()
+    for layer, kv in enumerate(values_per_layer):
+        cache.update(kv.clone(), -kv.clone(), layer)
+    return cache
+
+
+def test_join_left_pads_the_narrower_side_with_holes():
+    """Joining a batch (1 row, 2 slots) and new rows (2 rows, 3 slots): 3 rows of 3 slots, the old row
+    shifted right by one hole (mask 0, zero keys), new rows unchanged, in both keys and values of every layer."""
+    old = torch.tensor([[1., 2.]]).view(1, 1, 2, 1)
+    new = torch.tensor([[3., 4., 5.], [0., 6., 7.]]).view(2, 1, 3, 1)
+    cache, mask = specdec._join(_cache([old, 10 * old]), torch.tensor([[1, 1]]),
+                                _cache([new, 10 * new]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 1, 1]]
+    expected = [[0., 1., 2.], [3., 4., 5.], [0., 6., 7.]]
+    for layer, scale in zip(cache.layers, (1, 10)):
+        assert (layer.keys.view(3, 3) / scale).tolist() == expected
+        assert (-layer.values.view(3, 3) / scale).tolist() == expected
+
+
+def test_join_into_an_empty_batch_is_the_new_rows():
+    """The batch starts empty (mask (0, 0)): joining must hand back the new rows as they are."""
+    new = torch.tensor([[3., 4.]]).view(1, 1, 2, 1)
+    new_cache = _cache([new])
+    cache, mask = specdec._join(DynamicCache(), torch.zeros(0, 0, dtype=torch.long), new_cache,
+                                torch.tensor([[1, 1]]))
+    assert cache is new_cache and mask.tolist() == [[1, 1]]
+
+
+def test_compact_moves_valid_slots_right_in_order():
+    """Compaction drops holes: mask [[1,0,1,0],[0,1,1,1]] keeps width 3 = the most valid slots of a row; row 0's
+    valid slots a, c move right in order behind one hole, row 1 keeps b, c, d; keys and values move together."""
+    keys = torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]]).view(2, 1, 4, 1)
+    cache = _cache([keys])
+    mask = specdec._compact(cache, torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]]))
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    kept = cache.layers[0].keys.view(2, 3)
+    assert kept[0, 1:].tolist() == [1., 3.] and kept[1].tolist() == [6., 7., 8.]  # row 0's slot 0 is a hole
+    assert torch.equal(cache.layers[0].values, -cache.layers[0].keys)
