@@ -55,6 +55,7 @@ def old_process_and_sample(logits, temperature, top_p, gen):
 
 def bench_sampling(repeats):
     import specdec
+    specdec.reuse_freed_memory()      # as speculative_generate / autoregressive_generate do (both sides gain)
     gen = torch.Generator().manual_seed(0)
     print("\n## 1. processing + sampling one token, batch 4, V = 151936, T 0.6, top-p 0.95 (best of "
           f"{repeats})\n")

@@ -764,3 +764,13 @@ def test_compact_moves_valid_slots_right_in_order():
     kept = cache.layers[0].keys.view(2, 3)
     assert kept[0, 1:].tolist() == [1., 3.] and kept[1].tolist() == [6., 7., 8.]  # row 0's slot 0 is a hole
     assert torch.equal(cache.layers[0].values, -cache.layers[0].keys)
+
+
+def test_freed_buffers_are_kept_for_reuse_on_glibc():
+    """Both generators keep freed CPU buffers for reuse (specdec.reuse_freed_memory): without it every
+    O(V) temporary of a sampling step is page-faulted in afresh, which tripled the sampler's cost at
+    V = 151936. On Linux/glibc (this project's machines and CI) the setting must apply."""
+    import sys
+    specdec.reuse_freed_memory.cache_clear()
+    applied = specdec.reuse_freed_memory()
+    assert applied is sys.platform.startswith("linux")
