@@ -782,7 +782,9 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
     md = [f"# Report: which divergence distils the best draft? ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
     md += [f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}, "
            f"in {meta['minutes']:.1f} min. Every number below was computed by that invocation from the "
-           f"evaluations it ran ({cfg.results}).", ""]
+           + (f"evaluations in {cfg.results}: --reuse read back the trained runs and every evaluation that held "
+              f"exactly this study's drafts, prompts and data, and ran the rest." if cfg.reuse else
+              f"evaluations it ran ({cfg.results})."), ""]
     if cfg.quick:
         md += ["**QUICK run: few seeds, few steps. A smoke test of the pipeline, not a result.**", ""]
     found = [f"On {t}, the headline comparison: {h[3]}." for t, h in heads.items() if h]
