@@ -4,8 +4,10 @@ Notation: p = target (the large model whose output distribution must be reproduc
 q = draft (the small model that proposes tokens). Both next-token distributions are processed the same
 way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order and
 rules). At Qwen's vocabulary (V = 151936) a sort per row would cost more than small models' forwards, so
-top-p finds its boundary by a radix select over the float bits (`top_p_keep`, O(V), no sort on the CPU)
-and tokens are drawn by an inverse CDF over a float64 cumulative sum (`sample`); both are exact.
+top-p reads a peaked row's nucleus off its 256 most likely tokens and finds a flat row's boundary by a
+radix select over the float bits (`top_p_keep`, O(V), no sort on the CPU), and tokens are drawn by an
+inverse CDF over a float64 cumulative sum (`sample`); both are exact. Every O(V) pass on the CPU runs a
+few rows at a time (`by_rows`): a round's (b, k+1, V) block at once would be page-faulted in afresh.
 
 The algorithm (Leviathan et al. 2023; Chen et al. 2023), one *round* for all rows of the batch at once:
   1. draft k = min(gamma, most tokens any row may still emit) tokens x_1..x_k autoregressively from q,
@@ -91,19 +93,51 @@ class GenerationResult:
 # ----------------------------------------------------------------------------- small pure helpers
 
 TOP_P_SORT_BELOW = 16384  # vocabularies up to this size sort (see top_p_keep)
-TOP_P_ROWS = 64  # rows per radix-select chunk
+PASS_ELEMENTS = 1 << 20  # CPU: elements per pass of the O(V) work, about 7 rows of 151936 (see by_rows)
+TOP_P_CANDIDATES = 256  # top-p first looks for the nucleus among this many most likely tokens
 
 
-def _boundary_bucket(key, weight, n_buckets: int, above, threshold):
-    """One radix step of top-p: per row, the mass of each bucket (key (N, V) in [0, n_buckets), float64 weight
-    (N, V)) and the boundary bucket b*: the last b with above + mass(buckets >= b) >= threshold.
-    Returns b* (N, 1) and the new `above` = above + mass(buckets > b*) (N, 1)."""
+def by_rows(fn, *tensors):
+    """fn(*tensors) for a ROW-WISE fn (output row i depends on input row i alone), run on the CPU a few
+    vocabulary rows at a time: tensors (N, ..., V) are split along dim 0 into pieces of at most PASS_ELEMENTS
+    elements (at least one slice), and the pieces' outputs fill one output (N, ...). Why: a round verifies
+    (b, k+1, V) target logits, e.g. 32 x 6 x 151936 floats = 117 MB, and every O(V) pass over all of them at
+    once makes temporaries of that size: above glibc's largest mmap threshold (32 MiB, see
+    reuse_freed_memory), so each is page-faulted in afresh, and far out of cache. Pieces of a few rows keep
+    every temporary small and reused. The arithmetic per row is the same; a sum over V may round its last bit
+    differently with another number of rows beside it (torch splits reductions by shape). On other devices,
+    and for inputs of at most PASS_ELEMENTS, one call."""
+    x = tensors[0]
+    if x.device.type != "cpu" or x.dim() < 2 or x.shape[0] == 0:
+        return fn(*tensors)
+    step = max(1, PASS_ELEMENTS // x[0].numel())  # dim-0 slices per piece
+    if step >= x.shape[0]:
+        return fn(*tensors)
+    out = None
+    for start in range(0, x.shape[0], step):
+        piece = fn(*(t[start:start + step] for t in tensors))
+        if out is None:
+            out = piece.new_empty((x.shape[0], *piece.shape[1:]))
+        out[start:start + step] = piece
+    return out
+
+
+def _bucket_mass(key, weight, n_buckets: int):
+    """Per row, the total weight of each bucket: key (N, V) in [0, n_buckets), float64 weight (N, V)
+    -> (N, n_buckets)."""
     mass = torch.zeros(key.shape[0], n_buckets, dtype=torch.float64, device=key.device)
-    mass.scatter_add_(1, key, weight)  # (N, n_buckets)
+    return mass.scatter_add_(1, key, weight)
+
+
+def _boundary_bucket(mass, above, threshold):
+    """One radix step of top-p: per row, bucket masses (N, n) in ascending order of value and the mass
+    `above` (N, 1) of every token above these buckets -> the boundary bucket b*, the last b with
+    above + mass(buckets >= b) >= threshold (N, 1); the new above = above + mass(buckets > b*) (N, 1); and
+    the mass of b* (N, 1)."""
     total = mass.sum(-1, keepdim=True)  # (N, 1)
-    above_b = above + total - mass.cumsum(-1)  # (N, n_buckets) above + mass of the buckets > b (no flips)
+    above_b = above + total - mass.cumsum(-1)  # (N, n) above + mass of the buckets > b (no flips)
     b_star = ((above_b + mass >= threshold).sum(-1, keepdim=True) - 1).clamp(min=0)  # (N, 1)
-    return b_star, above_b.gather(1, b_star)
+    return b_star, above_b.gather(1, b_star), mass.gather(1, b_star)
 
 
 def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None) -> torch.Tensor:
@@ -114,49 +148,85 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     descending rank r is kept iff the mass of the r - 1 tokens ahead of it, M_{r-1}, is < top_p (as
     1 - M_{r-1} > 1 - top_p); M_0 = 0, so the most likely token is always kept. The kept ranks are a prefix.
 
-    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so a radix select finds the boundary
-    instead. The bits of a float32 p >= 0, read as an int32, are monotone in p. Step 1 buckets the tokens by
-    their top 16 bits and finds the boundary bucket b1 (scatter_add of the masses, a cumulative sum over
-    2^15 buckets); tokens above b1 are kept, below it dropped. Step 2 splits b1 by the low 16 bits the same
-    way, down to one exact float value v. The boundary tokens of value v (ties) are kept in index order while
-    M_{r-1} = (mass above them) + (i - 1) v < top_p. No step depends on how many tokens share a bucket, so a
-    near-uniform row (random weights: all p within 1% of 1/V) costs the same as a peaked one.
+    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so it is avoided. A trained model's row
+    is peaked: its nucleus lies within its TOP_P_CANDIDATES most likely tokens, and a partial topk finds it
+    (`_top_p_from_candidates`). A flat row (random weights, or a very uncertain position) falls back to a
+    radix select over the float bits, whose cost does not depend on the row (`_top_p_radix`).
     On CUDA, and for vocabularies of at most TOP_P_SORT_BELOW tokens, the full sort is cheap, so it sorts
-    (full_sort=None: that choice; True / False force either path, both give the same set). The radix path
-    runs TOP_P_ROWS rows at a time, so its bucket tables stay small whatever the batch.
+    (full_sort=None: that choice; True / False force either way, both give the same set). The CPU path runs
+    a few rows at a time (by_rows), so its bucket tables stay small whatever the batch.
     Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic; HF's float32 rule can
     differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
     exactly equal probability at the boundary, which are kept is unspecified in HF (torch.sort is not
     stable); here the lowest ids."""
-    N, V = probs.shape
+    V = probs.shape[-1]
     if full_sort is None:  # a small vocabulary sorts in microseconds, and its buckets would outnumber its tokens
         full_sort = probs.device.type == "cuda" or V <= TOP_P_SORT_BELOW
-    if not full_sort and N > TOP_P_ROWS:  # the bucket tables are (rows, 2^16) float64: 32 MiB per 64 rows
-        return torch.cat([top_p_keep(chunk, top_p, full_sort=False) for chunk in probs.split(TOP_P_ROWS)])
     if full_sort:
         top, idx = probs.sort(-1, descending=True)  # (N, V)
         top = top.double()
         keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total
         keep[:, 0] = True  # the most likely token, whatever the rounding
         return torch.zeros_like(keep).scatter_(-1, idx, keep)
-    bits = probs.view(torch.int32)  # (N, V) monotone in p
-    p64 = probs.double()
+    return by_rows(lambda rows: _top_p_unsorted(rows, top_p), probs)  # bucket tables: 0.75 MiB a row
+
+
+def _top_p_unsorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top_p_keep's CPU path on rows (N, V): from the candidates, and the rows they cannot settle by radix."""
     # top_p of the TOTAL mass: a float32 softmax sums to 1 only within ~1e-6, and that error would decide
     # boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
-    threshold = top_p * p64.sum(-1, keepdim=True)  # (N, 1)
+    threshold = top_p * probs.sum(-1, keepdim=True, dtype=torch.float64)  # (N, 1)
+    v, settled = _top_p_from_candidates(probs, threshold)  # (N, 1), (N,)
+    if not bool(settled.any()):  # all flat (random weights): no row copies
+        return _top_p_radix(probs, threshold)
+    keep = probs >= v  # (N, V)
+    if not bool(settled.all()):
+        rest = (~settled).nonzero().squeeze(1)  # (n_rest,)
+        keep[rest] = _top_p_radix(probs[rest], threshold[rest])
+    return keep
+
+
+def _top_p_from_candidates(probs: torch.Tensor, threshold: torch.Tensor, n: int = TOP_P_CANDIDATES):
+    """The top-p set of probs (N, V) (the ranks r with M_{r-1} < threshold (N, 1)) read off the n most likely
+    tokens alone -> v (N, 1) and settled (N,) bool: a settled row keeps exactly its tokens with p >= v (v the
+    last kept value, float32). A row is unsettled when its nucleus reaches past rank n - 1, or its boundary
+    falls between tokens of equal probability (which of those are kept is decided by id, see _top_p_radix)."""
+    n = min(n, probs.shape[-1])
+    top = probs.topk(n, dim=-1).values  # (N, n) descending
+    top64 = top.double()
+    n_kept = ((top64.cumsum(-1) - top64) < threshold).sum(-1, keepdim=True)  # (N, 1) kept ranks, >= 1 (M_0 = 0)
+    v = top.gather(1, n_kept - 1)  # (N, 1) the last kept value
+    first_dropped = top.gather(1, n_kept.clamp(max=n - 1))  # (N, 1)
+    return v, ((n_kept < n) & (first_dropped < v)).squeeze(1)
+
+
+def _top_p_radix(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The top-p set of probs (N, V) (the ranks r with M_{r-1} < threshold (N, 1)) by a two-step radix select
+    on the float bits -> keep (N, V) bool. The bits of a float32 p >= 0, read as an int32, are monotone in p.
+    Step 1 buckets the tokens by their top 16 bits and finds the boundary bucket b1 (scatter_add of the
+    masses, a cumulative sum over 2^15 buckets); tokens above b1 are kept, below it dropped. Step 2 splits b1
+    by the low 16 bits the same way, down to one exact float value v. The boundary tokens of value v (ties)
+    are kept in index order while M_{r-1} = (mass above them) + (i - 1) v < threshold. No step depends on how
+    many tokens share a bucket, so a near-uniform row (random weights: all p within 1% of 1/V) costs the same
+    as a peaked one."""
+    V = probs.shape[-1]
+    bits = probs.view(torch.int32)  # (N, V) monotone in p
+    p64 = probs.double()
     hi = (bits >> 16).long()  # (N, V) step-1 bucket; int64, as scatter_add wants
-    b1, above = _boundary_bucket(hi, p64, 1 << 15, torch.zeros_like(threshold), threshold)
-    # step 2 splits b1 by the low 16 bits; tokens outside b1 weigh 0 there, whatever their bucket
+    b1, above, _ = _boundary_bucket(_bucket_mass(hi, p64, 1 << 15), torch.zeros_like(threshold), threshold)
+    # step 2 splits b1 by the low 16 bits; tokens outside b1 weigh 0 there, whatever their bucket (clamping
+    # their keys into sentinel buckets instead would pile them onto two slots: scatter_add slows down ~5x)
     # (a float32 product then a cast: a bool * float64 product or torch.where costs ~5x more on the CPU)
     w2 = (probs * (hi == b1)).double()  # (N, V)
-    b2, above = _boundary_bucket((bits & 0xFFFF).long(), w2, 1 << 16, above, threshold)
+    b2, above, tie_mass = _boundary_bucket(_bucket_mass((bits & 0xFFFF).long(), w2, 1 << 16), above, threshold)
     v_bits = ((b1 << 16) | b2).int()  # (N, 1) the boundary value v as int32 bits
     v = v_bits.view(torch.float32).double()  # (N, 1)
-    # kept ties: above + (i - 1) v < threshold, i = 1, 2, ... (usually every tie: then keep = p >= v)
-    n_keep = torch.ceil((threshold - above) / v).clamp(min=1, max=V).int()  # (N, 1)
-    tie = bits == v_bits  # (N, V)
-    if bool((tie.sum(-1, keepdim=True, dtype=torch.int32) <= n_keep).all()):
+    # kept ties: above + (i - 1) v < threshold, i = 1, 2, ... (usually every tie: then keep = p >= v).
+    # The count of ties is tie_mass / v exactly: c copies of a float32 v (c < 2^18) sum exactly in float64
+    n_keep = torch.ceil((threshold - above) / v).clamp(min=1, max=V)  # (N, 1)
+    if bool((torch.round(tie_mass / v) <= n_keep).all()):
         return bits >= v_bits
+    tie = bits == v_bits  # (N, V)
     return (bits > v_bits) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))
 
 
@@ -184,19 +254,26 @@ def reuse_freed_memory() -> bool:
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Logits (..., V) -> probabilities (..., V) in float32: / temperature, top-k, top-p (HF's order and rules:
     top-k keeps every logit >= the k-th largest, ties included; top-p see `top_p_keep`).
-    temperature 0 -> one-hot argmax (greedy). Cost: O(V) passes (softmax, topk of a few candidates), no sort."""
+    temperature 0 -> one-hot argmax (greedy). Cost: O(V) passes (softmax, topk of a few candidates), no sort,
+    a few rows at a time on the CPU (by_rows)."""
+    V = logits.shape[-1]
+    rows = logits.reshape(-1, V)  # (N, V); a view for the verifier's (b, k+1, V) logits
+    return by_rows(lambda x: _process_rows(x, temperature, top_k, top_p), rows).reshape(logits.shape)
+
+
+def _process_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """process_logits on rows (N, V) -> (N, V)."""
     logits = logits.float()
     V = logits.shape[-1]
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), V).float()
     logits = logits / temperature
     if 0 < top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = logits.softmax(-1)
     if top_p < 1.0:
-        keep = top_p_keep(probs.reshape(-1, V), top_p).reshape(probs.shape)  # (..., V)
-        probs = probs * keep
+        probs = probs * top_p_keep(probs, top_p)
         probs = probs / probs.sum(-1, keepdim=True)  # = softmax of the kept logits (HF masks them, softmaxes)
     return probs
 
@@ -206,22 +283,33 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     one float64 uniform per row (torch.multinomial does the same search, with checks and copies that cost
     more than the search at V = 151936). The token is the first i with C_i > u * C_V: tokens of probability 0
     add nothing to C and can never be drawn. u * C_V is kept below C_V, so the search never runs off the end."""
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)  # (B, 1)
+    return by_rows(_inverse_cdf, probs, u)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token i with C_i > u * C_V, per row: probs (B, V), u (B, 1) uniforms in [0, 1) -> (B,)."""
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
     total = cdf[:, -1:]  # (B, 1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # (B, 1) in [0, C_V)
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q): the chance a draft from q is accepted. (..., V) -> (...)."""
-    return torch.minimum(p, q).sum(-1)
+    return by_rows(lambda p_, q_: torch.minimum(p_, q_).sum(-1), p, q)
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """H(p) in nats from PROBABILITIES p (..., V) -> (...); 0 log 0 = 0 (xlogy), as top-k / top-p zero out
     tokens. divergences.teacher_entropy is the same H from log-probs, for the losses."""
-    return -torch.special.xlogy(p, p).sum(-1)
+    return by_rows(lambda p_: -torch.special.xlogy(p_, p_).sum(-1), p)
+
+
+def tempered_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """H(softmax(logits / T)) (..., V) -> (...): the entropy before top-k / top-p (a row at a time, no (..., V)
+    probabilities kept)."""
+    return by_rows(lambda z: entropy(process_logits(z, temperature)), logits)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -246,9 +334,10 @@ def verify_block(p, q, drafts, counted, greedy=False, generator=None):
         ok = u * q_x < p_x  # u < min(1, p/q)
     acc = (ok & counted).long().cumprod(1).bool()  # (b, k) stop at the first rejection
     n = acc.sum(1)  # (b,)
-    q_ext = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # (b, k+1, V); q_{k+1} = 0 -> residual = p
-    at_n = n[:, None, None].expand(b, 1, p.shape[-1])
-    p_n, q_n = p.gather(1, at_n).squeeze(1), q_ext.gather(1, at_n).squeeze(1)  # (b, V)
+    at_n = n[:, None, None].expand(b, 1, p.shape[-1])  # (b, 1, V)
+    p_n = p.gather(1, at_n).squeeze(1)  # (b, V)
+    # q_{k+1} = 0 (all k accepted: the residual is p itself); no (b, k+1, V) copy of q to read one row
+    q_n = q.gather(1, at_n.clamp(max=k - 1)).squeeze(1) * (n < k)[:, None]  # (b, V)
     t = p_n.argmax(-1) if greedy else sample(residual(p_n, q_n), generator)  # (b,)
     return acc, t
 
@@ -624,8 +713,7 @@ class SpecMetrics:
             self.recs["accepted"].append(acc[counted])
             self.recs["teacher_entropy"].append(entropy(p[:, :k])[counted])
             # the tempered p before top-k / top-p: continuous, where the processed H is often exactly 0
-            self.recs["teacher_entropy_tempered"].append(
-                entropy(process_logits(t_logits[:, :k], temperature))[counted])
+            self.recs["teacher_entropy_tempered"].append(tempered_entropy(t_logits[:, :k], temperature)[counted])
             self.recs["acceptance_prob"].append(beta[counted])
 
     def result(self, wall: float) -> GenerationResult:

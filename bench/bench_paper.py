@@ -3,7 +3,7 @@ random weights of small depth and width (models.build_paper_shaped_pair), everyt
 
 1. Sampling one token for a batch of 4 rows at V = 151936 (temperature 0.6, top-p 0.95): the old sampler
    (a full torch.sort for top-p + torch.multinomial, kept here as the reference) vs specdec's
-   (radix-select top-p + float64 inverse CDF), on near-uniform rows (random weights) and peaked rows.
+   (top-p from the 256 most likely tokens or a radix select, + float64 inverse CDF), on near-uniform rows (random weights) and peaked rows.
 2. One training step of distill.py split into its phases (sampling, teacher forward, student forward, loss,
    backward, optimizer), timed with the project's own functions on one batch.
 3. The whole training loop vs TRL's GKDTrainer on the same paper-shaped models, prompts, batch and
@@ -12,6 +12,11 @@ random weights of small depth and width (models.build_paper_shaped_pair), everyt
    cost ratio c = (draft forward time) / (target forward time) and the per-round overhead (the round's wall
    time minus its draft and target forwards). Random weights: acceptance means nothing here (both models
    are near-uniform, so they "agree" by accident); only the costs are the point.
+5. A round's work besides the models: speculative_generate's wall time minus the time inside the two models'
+   forwards (timed by forward hooks), per round, at batch 1, 8, 32 with and without records, for specdec.py as
+   it was before issue 13 (sort + multinomial sampler), as it was after issue 13's sampler (commit c75d92a),
+   and as it is now; the old versions are read from git (`git show COMMIT:specdec.py`) and run on the same
+   pair, prompts and seeds in this process.
 
 Run:  flock /tmp/heavy.lock python bench/bench_paper.py [--threads 2] [--quick]      (or: make bench-paper)
 """
@@ -59,7 +64,7 @@ def bench_sampling(repeats):
     gen = torch.Generator().manual_seed(0)
     print("\n## 1. processing + sampling one token, batch 4, V = 151936, T 0.6, top-p 0.95 (best of "
           f"{repeats})\n")
-    print("| logits | old: sort + multinomial (ms) | new: radix top-p + inverse CDF (ms) | old / new |")
+    print("| logits | old: sort + multinomial (ms) | new: candidates or radix top-p + inverse CDF (ms) | old / new |")
     print("|---|---|---|---|")
     for name, scale in (("near-uniform (random weights)", 0.02), ("Gaussian, std 3", 3.0), ("peaked, std 12", 12.0)):
         x = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * scale
@@ -198,6 +203,93 @@ def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats)
               f"{overhead * 1e3:.1f} | {st['mean_accepted_length']:.2f} |")
 
 
+ROUND_WORK_COMMITS = (("before issue 13", "740dfa1"), ("issue 13 sampler", "c75d92a"))
+
+
+def specdec_at(commit, tmp):
+    """specdec.py as it was at `commit`, imported under another name (read with git show)."""
+    import importlib.util
+    src = subprocess.run(["git", "show", f"{commit}:specdec.py"], capture_output=True, text=True, cwd=REPO,
+                         check=True).stdout
+    path = Path(tmp) / f"specdec_{commit}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"specdec_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                     # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class ForwardClock:
+    """Seconds spent inside the forwards of some models (forward pre-hook -> forward hook)."""
+
+    def __init__(self, *models):
+        self.seconds = 0.0
+        for m in models:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _start(self, module, args):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, out):
+        self.seconds += time.perf_counter() - self._t0
+
+
+def sharpen(model, prompt_ids, logit_std):
+    """Scale the model's final norm so its logits have about this standard deviation over the vocabulary
+    (random weights give ~0.1: near-uniform rows; a trained model's rows are peaked)."""
+    with torch.no_grad():
+        std = model(input_ids=torch.tensor([prompt_ids])).logits[0].std(-1).mean().item()
+        model.model.norm.weight.mul_(logit_std / std)
+
+
+def bench_round_work(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
+    import data
+    import models
+    import specdec
+    specdec.reuse_freed_memory()      # process-wide: the old versions gain from it too (their best case)
+    teacher, draft, tok = models.load_pair(teacher_dir, student_dir, device="cpu")
+    clock = ForwardClock(teacher, draft)
+    exs = data.load_examples("gsm8k", "eval", n=max(batches))
+    all_prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in exs]
+    rules = dict(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, eos_token_id=[], vocab_size=len(tok))
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = [(name, specdec_at(commit, tmp)) for name, commit in ROUND_WORK_COMMITS]
+    versions.append(("now", specdec))
+    print(f"\n## 5. a round's work besides the two models' forwards (ms per round): gamma {gamma}, {new_tokens} new "
+          f"tokens per row, T 0.6, top-p 0.95, best of {repeats}. Flat rows: the random pair as built; peaked "
+          f"rows: the same pair with its final norms scaled so the logits have std ~4 over the vocabulary (as "
+          f"a trained model's)\n")
+    print("| rows | batch | records | " + " | ".join(f"{name} ({commit})" for name, commit in ROUND_WORK_COMMITS)
+          + " | now | before / now | issue 13 sampler / now | forwards per round, now (ms) |")
+    print("|---|---|---|" + "---|" * (len(versions) + 3))
+    for rows in ("flat", "peaked"):
+        if rows == "peaked":
+            for model in (teacher, draft):
+                sharpen(model, all_prompts[0], 4.0)
+        for B in batches:
+            prompts = all_prompts[:B]
+            for record in (False, True):
+                work, fwd = {}, {}
+                for name, module in versions:
+                    runs = []
+                    for _ in range(repeats):
+                        clock.seconds = 0.0
+                        t0 = time.perf_counter()
+                        res = module.speculative_generate(teacher, draft, prompts, gamma=gamma, seed=0,
+                                                          record=record, **rules)
+                        wall = time.perf_counter() - t0
+                        rounds = res.stats["target_calls"]
+                        runs.append(((wall - clock.seconds) / rounds, clock.seconds / rounds))
+                    work[name], fwd[name] = min(runs)
+                first, second = (work[name] for name, _ in ROUND_WORK_COMMITS)
+                print(f"| {rows} | {B} | {'yes' if record else 'no'} | "
+                      + " | ".join(f"{work[name] * 1e3:.1f}" for name, _ in versions)
+                      + f" | {first / work['now']:.1f}x | {second / work['now']:.1f}x | {fwd['now'] * 1e3:.1f} |",
+                      flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -205,6 +297,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--sections", default="12345", help="which sections to run, e.g. 5 or 145 (default: all)")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)       # internal: one loop of section 3
     p.add_argument("--pair", nargs=2, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -215,15 +308,20 @@ def main(argv=None):
     repeats = 2 if a.quick else 5
     print(f"# bench-paper: torch {torch.__version__}, {a.threads} threads, commit "
           + subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip())
-    bench_sampling(repeats * 4)
+    if "1" in a.sections:
+        bench_sampling(repeats * 4)
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir, student_dir = (str(d) for d in models.build_paper_shaped_pair(tmp))
         print(f"\npaper-shaped pair: teacher {models.SMALL_TEACHER}, student {models.SMALL_STUDENT}, "
               f"vocab_size {V} (tied), real Qwen3 tokenizer")
-        bench_phases(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, 1 if a.quick else 2)
-        bench_loops(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, a.steps)
-        bench_specdec(teacher_dir, student_dir, (1, 8, 32), 16 if a.quick else 32, 5,
-                      1 if a.quick else 2)
+        if "2" in a.sections:
+            bench_phases(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, 1 if a.quick else 2)
+        if "3" in a.sections:
+            bench_loops(teacher_dir, student_dir, a.batch_size, a.max_new_tokens, a.steps)
+        if "4" in a.sections:
+            bench_specdec(teacher_dir, student_dir, (1, 8, 32), 16 if a.quick else 32, 5, 1 if a.quick else 2)
+        if "5" in a.sections:
+            bench_round_work(teacher_dir, student_dir, (1, 8, 32), 16 if a.quick else 32, 5, 1 if a.quick else 2)
 
 
 if __name__ == "__main__":

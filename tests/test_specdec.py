@@ -318,13 +318,95 @@ def test_top_p_with_ties_and_a_near_uniform_row(full_sort):
 
 
 def test_radix_top_p_in_row_chunks_and_small_vocabularies_agree_with_the_sort():
-    """The radix path runs 64 rows at a time (its bucket tables are (rows, 2^16)), and a small vocabulary
-    sorts; on 130 rows at V = 151936 and on 5000 rows at V = 64 (where 5000 bucket tables would need GBs)
-    the default path must keep exactly the set the full sort keeps."""
+    """The CPU path runs a few rows at a time (by_rows; its bucket tables are (rows, 2^16)), and a small
+    vocabulary sorts; on 130 rows at V = 151936 and on 5000 rows at V = 64 (where 5000 bucket tables would need
+    GBs) the default path must keep exactly the set the full sort keeps."""
     gen = torch.Generator().manual_seed(11)
     for rows, V in ((130, QWEN3_V), (5000, 64)):
         probs = (torch.randn(rows, V, generator=gen) * 3).softmax(-1)
         assert torch.equal(top_p_keep(probs, 0.9), top_p_keep(probs, 0.9, full_sort=True))
+
+
+def _rows_with_nuclei(seed=12):
+    """4 rows at V = 151936 whose 0.95-nuclei hold about 2 to 500 tokens (Gaussian logits of std 3 to 12,
+    at temperature 0.6), and the threshold the CPU path computes for them."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([[3.0], [4.0], [6.0], [12.0]])
+    probs = (torch.randn(4, QWEN3_V, generator=gen) * scale / 0.6).softmax(-1)
+    return probs, 0.95 * probs.sum(-1, keepdim=True, dtype=torch.float64)
+
+
+def test_top_p_from_candidates_is_the_sorted_rule_when_the_nucleus_fits():
+    """A trained model's row is peaked, so top-p reads its nucleus off a partial topk: where every nucleus
+    lies within the candidates, that set must be exactly the full sort's, with nothing left to the radix
+    select (the fast path is really taken); the radix select alone must give the same set."""
+    probs, threshold = _rows_with_nuclei()
+    expected = top_p_keep(probs, 0.95, full_sort=True)
+    assert 1 < int(expected.sum(-1).max()) < specdec.TOP_P_CANDIDATES  # the nuclei fit
+    v, settled = specdec._top_p_from_candidates(probs, threshold)
+    assert settled.all() and torch.equal(probs >= v, expected)
+    assert torch.equal(specdec._top_p_radix(probs, threshold), expected)
+
+
+def test_top_p_from_candidates_declines_a_nucleus_past_the_candidates():
+    """When a row's nucleus holds more tokens than the candidates (a flat row), the candidates cannot say
+    where it ends: that row must be left unsettled rather than cut at the last candidate (the others stay
+    settled), and top_p_keep, which hands it to the radix select, must still keep the full sort's set."""
+    probs, _ = _rows_with_nuclei()
+    flat = (torch.randn(1, QWEN3_V, generator=torch.Generator().manual_seed(3)) * 0.5).softmax(-1)
+    probs = torch.cat([probs[:2], flat, probs[2:]])
+    threshold = 0.95 * probs.sum(-1, keepdim=True, dtype=torch.float64)
+    _, settled = specdec._top_p_from_candidates(probs, threshold)
+    assert settled.tolist() == [True, True, False, True, True]
+    assert specdec._top_p_from_candidates(probs, threshold, n=QWEN3_V)[1].all()  # every token a candidate
+    assert torch.equal(top_p_keep(probs, 0.95), top_p_keep(probs, 0.95, full_sort=True))
+
+
+def test_top_p_from_candidates_declines_a_boundary_inside_a_tie():
+    """When the nucleus ends inside a group of equal probabilities, which of them are kept is decided by id
+    (the radix select keeps the lowest ids), which a topk (no order among ties) cannot say: the fast path must
+    decline there, and top_p_keep must keep the rule's count with the lowest ids. A nucleus that ends after a
+    whole tie group is the fast path's to take."""
+    p = torch.zeros(1, QWEN3_V)
+    p[0, :3] = 0.3                                         # M_0 = 0, M_1 = 0.3, M_2 = 0.6, M_3 = 0.9
+    p[0, 3:] = 0.1 / (QWEN3_V - 3)
+    after = 0.65 * p.sum(-1, keepdim=True, dtype=torch.float64)   # M_2 < 0.65 <= M_3: all three ties kept
+    v, settled = specdec._top_p_from_candidates(p, after)
+    assert settled.all() and torch.equal(p >= v, p >= 0.3)
+    inside = 0.5 * p.sum(-1, keepdim=True, dtype=torch.float64)   # M_1 < 0.5 <= M_2: two of the three
+    assert not specdec._top_p_from_candidates(p, inside)[1].any()
+    assert torch.equal(top_p_keep(p, 0.5)[0, :4], torch.tensor([True, True, False, False]))
+    assert int(top_p_keep(p, 0.5).sum()) == 2
+
+
+def test_by_rows_gives_the_same_values_as_one_call():
+    """by_rows runs a row-wise function a few vocabulary rows at a time only to keep temporaries small; the
+    values must be exactly those of one call over all rows, for 2-D (N, V) and 3-D (b, k+1, V) inputs, for
+    outputs of the input's shape and reductions, and for a non-contiguous slice like p[:, :k]."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, 6, 5000, generator=gen) * 3                  # (b, k+1, V)
+    q = torch.randn(7, 5, 5000, generator=gen).softmax(-1)               # (b, k, V)
+    p = logits.softmax(-1)
+    assert torch.equal(specdec.by_rows(lambda x: x.softmax(-1), logits), p)
+    assert torch.equal(specdec.by_rows(lambda x: x.softmax(-1), logits.reshape(-1, 5000)),
+                       p.reshape(-1, 5000))
+    assert torch.equal(specdec.acceptance_prob(p[:, :5], q), torch.minimum(p[:, :5], q).sum(-1))
+    assert torch.equal(specdec.entropy(p[:, :5]), -torch.special.xlogy(p[:, :5], p[:, :5]).sum(-1))
+    assert specdec.by_rows(lambda x: x.sum(-1), torch.ones(0, 5000)).shape == (0,)
+
+
+def test_processing_the_verifier_block_at_once_equals_row_by_row():
+    """A round processes the target's (b, k+1, V) logits in one process_logits call (in pieces on the
+    CPU); every row must get what processing it alone gives, at the real vocabulary: exactly the same kept
+    set and the same probabilities (to the last bit or two: torch sums a lone row in another order), so the
+    verification's p is the distribution the autoregressive sampler would use for that row."""
+    logits = torch.randn(3, 6, QWEN3_V, generator=torch.Generator().manual_seed(8)) * 4  # (b, k+1, V)
+    block = process_logits(logits, 0.6, 0, 0.95)
+    for i in range(3):
+        for j in range(6):
+            alone = process_logits(logits[i, j][None], 0.6, 0, 0.95)[0]
+            assert torch.equal(block[i, j] > 0, alone > 0)
+            assert torch.allclose(block[i, j], alone, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("top_p", [1e-6, 1e-9, 1e-30])
