@@ -222,7 +222,8 @@ def _top_p_radix(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     v_bits = ((b1 << 16) | b2).int()  # (N, 1) the boundary value v as int32 bits
     v = v_bits.view(torch.float32).double()  # (N, 1)
     # kept ties: above + (i - 1) v < threshold, i = 1, 2, ... (usually every tie: then keep = p >= v).
-    # The count of ties is tie_mass / v exactly: c copies of a float32 v (c < 2^18) sum exactly in float64
+    # The count of ties is tie_mass / v exactly: c <= V copies of a float32 v (24-bit significand) sum
+    # exactly in float64 while c < 2^29
     n_keep = torch.ceil((threshold - above) / v).clamp(min=1, max=V)  # (N, 1)
     if bool((torch.round(tie_mass / v) <= n_keep).all()):
         return bits >= v_bits
