@@ -155,27 +155,35 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     On CUDA, and for vocabularies of at most TOP_P_SORT_BELOW tokens, the full sort is cheap, so it sorts
     (full_sort=None: that choice; True / False force either way, both give the same set). The CPU path runs
     a few rows at a time (by_rows), so its bucket tables stay small whatever the batch.
-    Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic; HF's float32 rule can
+    Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic up to float64 rounding
+    (~1e-16 of the mass: a top_p within that of a partial sum may go either way); HF's float32 rule can
     differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
     exactly equal probability at the boundary, which are kept is unspecified in HF (torch.sort is not
-    stable); here the lowest ids."""
+    stable); here the lowest ids, on every path."""
+    if probs.dim() != 2:
+        raise ValueError(f"top_p_keep takes probabilities of shape (N, V), got {tuple(probs.shape)}")
     V = probs.shape[-1]
     if full_sort is None:  # a small vocabulary sorts in microseconds, and its buckets would outnumber its tokens
         full_sort = probs.device.type == "cuda" or V <= TOP_P_SORT_BELOW
     if full_sort:
-        top, idx = probs.sort(-1, descending=True)  # (N, V)
+        top, idx = probs.sort(stable=True, dim=-1, descending=True)  # (N, V); equal p: lowest id first
         top = top.double()
-        keep = (top.cumsum(-1) - top) < top_p * top.sum(-1, keepdim=True)  # M_{r-1} < top_p of the total
+        keep = (top.cumsum(-1) - top) < _top_p_threshold(probs, top_p)  # M_{r-1} < top_p of the total
         keep[:, 0] = True  # the most likely token, whatever the rounding
         return torch.zeros_like(keep).scatter_(-1, idx, keep)
     return by_rows(lambda rows: _top_p_unsorted(rows, top_p), probs)  # bucket tables: 0.75 MiB a row
 
 
+def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """top_p of each row's TOTAL mass, in float64 (N, V) -> (N, 1), the same sum for every path: a float32
+    softmax sums to 1 only within ~1e-6, and that error would decide boundary tokens of flat distributions
+    (HF's float32 rule has it; the exact rule does not)."""
+    return top_p * probs.sum(-1, keepdim=True, dtype=torch.float64)
+
+
 def _top_p_unsorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """top_p_keep's CPU path on rows (N, V): from the candidates, and the rows they cannot settle by radix."""
-    # top_p of the TOTAL mass: a float32 softmax sums to 1 only within ~1e-6, and that error would decide
-    # boundary tokens of flat distributions (HF's float32 rule has it; the exact rule does not)
-    threshold = top_p * probs.sum(-1, keepdim=True, dtype=torch.float64)  # (N, 1)
+    threshold = _top_p_threshold(probs, top_p)  # (N, 1)
     v, settled = _top_p_from_candidates(probs, threshold)  # (N, 1), (N,)
     if not bool(settled.any()):  # all flat (random weights): no row copies
         return _top_p_radix(probs, threshold)
@@ -298,6 +306,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q): the chance a draft from q is accepted. (..., V) -> (...)."""
+    p, q = torch.broadcast_tensors(p, q)  # views; by_rows splits both alike
     return by_rows(lambda p_, q_: torch.minimum(p_, q_).sum(-1), p, q)
 
 

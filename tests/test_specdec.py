@@ -379,6 +379,32 @@ def test_top_p_from_candidates_declines_a_boundary_inside_a_tie():
     assert int(top_p_keep(p, 0.5).sum()) == 2
 
 
+def test_every_top_p_path_keeps_the_lowest_ids_among_boundary_ties():
+    """Among tokens of equal probability at the boundary the rule keeps the lowest ids, whichever path runs:
+    the sort (small vocabularies, CUDA) must be stable, and the radix select must agree with it id for id,
+    on a uniform row of a small vocabulary and on one at the real vocabulary."""
+    for V, top_p in ((17, 0.5), (QWEN3_V, 0.3)):
+        p = torch.full((1, V), 1.0 / V)
+        n = int(top_p * V) + 1                          # ranks r with (r - 1) / V < top_p
+        expected = torch.arange(V)[None] < n
+        for full_sort in (True, False):
+            assert torch.equal(top_p_keep(p, top_p, full_sort=full_sort), expected)
+
+
+def test_top_p_keep_refuses_other_shapes_than_rows_of_a_vocabulary():
+    """top_p_keep works on rows (N, V); a (b, k, V) block would have its per-row rules (the top token kept)
+    applied to the wrong axis, so it must be refused with the shape named, not answered wrongly."""
+    with pytest.raises(ValueError, match=r"\(N, V\), got \(2, 3, 40\)"):
+        top_p_keep(torch.full((2, 3, 40), 1 / 40), 0.9)
+
+
+def test_acceptance_prob_broadcasts_like_the_formula():
+    """acceptance_prob runs in row pieces on the CPU; q of one row against many rows of p must still
+    broadcast as sum_x min(p, q) does."""
+    p = torch.randn(40, QWEN3_V, generator=torch.Generator().manual_seed(2)).softmax(-1)
+    assert torch.allclose(specdec.acceptance_prob(p, p[:1]), torch.minimum(p, p[:1]).sum(-1), rtol=1e-6)
+
+
 def test_by_rows_gives_the_same_values_as_one_call():
     """by_rows runs a row-wise function a few vocabulary rows at a time only to keep temporaries small; the
     values must be exactly those of one call over all rows, for 2-D (N, V) and 3-D (b, k+1, V) inputs, for
