@@ -495,17 +495,12 @@ def hub_examples(task: str, split: str) -> list[Example]:
 # The one length filter
 # --------------------------------------------------------------------------------------------
 
-def article_tokens(examples, tokenizer) -> list[int]:
-    """Tokens of each article (the user turn alone, no special tokens), counted with `tokenizer`."""
-    if not examples:
-        return []
-    return [len(ids) for ids in tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]]
-
-
-def too_long(task: str, example: Example, tokenizer, max_tokens: int = MAX_ARTICLE_TOKENS) -> bool:
-    """The seed's CNN/DM filter: an article longer than max_tokens tokens of `tokenizer` (the run's
-    teacher's). GSM8k questions are never dropped."""
-    return task == "cnndm" and article_tokens([example], tokenizer)[0] > max_tokens
+def article_tokens(examples, tokenizer, chunk: int = 1000) -> list[int]:
+    """Tokens of each article (the user turn alone, no special tokens), counted with `tokenizer`, `chunk`
+    articles per call: one call over CNN/DM's 287k training articles would hold all their ids at once
+    (~140 bytes a token, tens of GB)."""
+    return [len(ids) for i in range(0, len(examples), chunk)
+            for ids in tokenizer([e.prompt for e in examples[i:i + chunk]], add_special_tokens=False)["input_ids"]]
 
 
 def length_filter(task: str, examples: list[Example], tokenizer,

@@ -239,8 +239,6 @@ def check_options(cfg: Config):
         bad("ajsd_scale", ">= 0 (nats; 0 = beta is the floor everywhere)")
     if not 0 <= cfg.ajsd_floor <= 1:
         bad("ajsd_floor", "in [0, 1] (the beta of a very uncertain teacher)")
-    if cfg.source not in data.SOURCES:
-        bad("source", f"one of {', '.join(data.SOURCES)}")
     if cfg.overwrite and cfg.resume:
         raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 

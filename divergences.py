@@ -195,7 +195,8 @@ def teacher_entropy(t: torch.Tensor) -> torch.Tensor:
 
 
 def ajsd_beta(entropy: torch.Tensor, scale: float = 1.0, floor: float = 0.5):
-    """beta(H) = floor + (1 - floor) exp(-H / scale), and 1 - beta computed without cancellation.
+    """beta(H) = floor + (1 - floor) exp(-H / scale), and 1 - beta computed without cancellation (the readable
+    definition, which the tests check ajsd_log_beta against; the loss itself uses ajsd_log_beta).
 
     Returns (beta, 1 - beta), each shaped like `entropy`. scale = 0 gives beta = floor everywhere.
     """
@@ -236,7 +237,7 @@ def mixture_term(log_p, log_k, log_one_minus_k, d, p, p_other):
       otherwise:  -exp(log p - log k) logaddexp(log(1 - k), log k - d)   (M is then far from p: no cancellation,
                   and p / k <= 2 p_other + p cannot overflow).
     """
-    log_abs_u = torch.where(d < 0, torch.log(-torch.expm1(d)) - d, torch.log(-torch.expm1(-d)))  # log|e^-d - 1|
+    log_abs_u = torch.where(d < 0, torch.log(-torch.expm1(d)) - d, torch.log(-torch.expm1(-d)))  # (n, V) log|e^-d - 1|
     y = torch.exp(log_k + log_abs_u).copysign(-d)  # (n, V); +-inf where M is far from p: the other branch
     small = y.abs() < 0.5
     r = torch.where(y.abs() < 1e-4, 1 - y / 2, torch.log1p(y) / y)  # log1p(y) / y; series near 0 (subnormal y)
@@ -258,9 +259,9 @@ def ajsd(s, t, scale=1.0, floor=0.5, want_grad=False, log_entropy=None):
         log_entropy = teacher_log_entropy(t)
     log_beta, log_one_minus_beta = (x.unsqueeze(-1) for x in ajsd_log_beta(log_entropy, scale, floor))  # (n, 1)
     d = t - s  # (n, V); finite (t, s are), of any size
-    p_t, p_s = t.exp(), s.exp()
-    p_a = mixture_term(t, log_one_minus_beta, log_beta, d, p_t, p_s)  # p_T a
-    p_b = mixture_term(s, log_beta, log_one_minus_beta, -d, p_s, p_t)  # p_S b
+    p_t, p_s = t.exp(), s.exp()  # (n, V) each
+    p_a = mixture_term(t, log_one_minus_beta, log_beta, d, p_t, p_s)  # (n, V) p_T a
+    p_b = mixture_term(s, log_beta, log_one_minus_beta, -d, p_s, p_t)  # (n, V) p_S b
     value = p_a.sum(-1) + p_b.sum(-1)
     return value, (softmax_backward(p_s, p_b) if want_grad else None)
 

@@ -177,10 +177,7 @@ def decoding_protocol(preset_cfg, tokenizer, model, task: str | None = None, **o
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise ValueError(f"the preset config lacks {missing} and no override was given")
-    width = model.get_output_embeddings().weight.shape[0]
-    if width < len(tokenizer):
-        raise ValueError(f"the model's lm_head has {width} rows, fewer than the {len(tokenizer)} tokens of the "
-                         f"tokenizer")
+    check_lm_head(model, tokenizer)
     stops = generation_stop_ids(tokenizer, model, cfg.get("stop_tokens", _STOP))
     return DecodingProtocol(gamma=int(values["gamma"]), temperature=float(values["temperature"]),
                             top_p=float(values["top_p"]), top_k=int(values["top_k"]),
@@ -557,10 +554,16 @@ def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
     t = load_model(teacher, device=device, load_in_8bit=load_in_8bit)
     s = load_model(student, device=device)
     for name, m in (("teacher", t), ("student", s)):
-        width = m.get_output_embeddings().weight.shape[0]
-        if width < len(tok_t):
-            raise ValueError(f"{name} lm_head has {width} rows, fewer than the {len(tok_t)} tokens of the tokenizer")
+        check_lm_head(m, tok_t, name)
     return t, s, tok_t
+
+
+def check_lm_head(model, tokenizer, name: str = "model"):
+    """The lm_head must have a row for every token of the tokenizer (more rows are padding)."""
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < len(tokenizer):
+        raise ValueError(f"the {name}'s lm_head has {width} rows, fewer than the {len(tokenizer)} tokens of the "
+                         f"tokenizer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +571,6 @@ def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
 # --------------------------------------------------------------------------------------------
 
 QWEN3_FIXTURES = REPO / "tests" / "fixtures" / "qwen3"   # the real tokenizer files (Apache-2.0, README there)
-QWEN3_REAL_TOKENS = 151669      # 151643 BPE tokens + 26 added specials; the lm_head has 151936 rows
 # the paper's shapes (tests/fixtures/qwen3/*/config.json and its README): for the GPU benchmark
 QWEN3_4B_INSTRUCT_2507 = dict(num_hidden_layers=36, hidden_size=2560, intermediate_size=9728,
                               num_attention_heads=32, num_key_value_heads=8, head_dim=128)

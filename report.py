@@ -492,21 +492,30 @@ def profile_sentence(profiles: dict, view: str = "") -> str:
 
 # ----------------------------------------------------------------------------- loading eval JSON
 
-def load_eval(path) -> dict:
-    """results/<preset>/<task>/eval.json (evaluate.py) -> {run_name: entry}."""
+def read_eval(path) -> dict:
+    """results/<preset>/<task>/eval.json (evaluate.py) -> its parsed document."""
     path = Path(path)
     if not path.exists():
         raise MissingRunError(f"no evaluation file {path}: run evaluate.py for this task first")
-    doc = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def eval_runs(doc: dict) -> dict:
+    """An eval.json document -> {run_name: entry}."""
     runs = doc.get("runs", doc)
     if isinstance(runs, list):
         runs = {r["name"]: r for r in runs}
     return runs
 
 
-def protocol_line(path) -> str:
-    """The decoding protocol evaluate.py recorded in its JSON, as one line of the report."""
-    p = json.loads(Path(path).read_text()).get("protocol", {})
+def load_eval(path) -> dict:
+    """results/<preset>/<task>/eval.json (evaluate.py) -> {run_name: entry}."""
+    return eval_runs(read_eval(path))
+
+
+def protocol_line(doc: dict) -> str:
+    """The decoding protocol evaluate.py recorded in its JSON document, as one line of the report."""
+    p = doc.get("protocol", {})
     keys = ("gamma", "top_p", "temperature", "max_new_tokens", "n_prompts", "seed", "source", "data_path")
     return ", ".join(f"{k} {p[k]}" for k in keys if k in p)
 
@@ -645,8 +654,7 @@ def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:
 
     grid_dir = Path(cfg.runs) / cfg.preset / "ajsd-grid" / task   # outside <runs>/<preset>/<task>: evaluate.py
     settings = [(f, c) for f in cfg.ajsd_floors for c in cfg.ajsd_scales]    # scores every run there
-    teacher_id, student_id = models.resolve_pair(task, cfg.preset)
-    teacher, _, tok = models.load_pair(teacher_id, student_id)
+    teacher, tok = load_teacher(cfg, task)
     prompts = [data.build_prompt_ids(tok, task, e)
                for e in validation_examples(cfg, task, set(cfg.seeds) | set(cfg.grid_seeds))]
     protocol = _protocol(cfg, task, tok, teacher)
@@ -710,6 +718,14 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     return task_results / "eval.json"
 
 
+def load_teacher(cfg: ReportConfig, task: str):
+    """The task's teacher (the target p) and its tokenizer."""
+    import models
+
+    teacher_id, _ = models.resolve_pair(task, cfg.preset)
+    return models.load_model(teacher_id), models.load_tokenizer(teacher_id)
+
+
 def teacher_profile(cfg: ReportConfig, task: str) -> dict:
     """Both entropy views along the teacher's own samples on the task's eval prompts (entropy.py):
     {"processed": H(p), "tempered": H before top-p}."""
@@ -718,9 +734,7 @@ def teacher_profile(cfg: ReportConfig, task: str) -> dict:
     import models
 
     pc = models.preset_config(cfg.preset, task)
-    teacher_id, _ = models.resolve_pair(task, cfg.preset)
-    teacher = models.load_model(teacher_id)
-    tok = models.load_tokenizer(teacher_id)
+    teacher, tok = load_teacher(cfg, task)
     source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))
     prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=source, path=path)
     protocol = models.decoding_protocol(pc, tok, teacher)   # as evaluate.py and distill.py
@@ -734,7 +748,8 @@ def entropy_analysis(cfg: ReportConfig, task: str, evals_task: dict, by_div: dic
     seeds and prompts). -> {view: {"edges", "labels", "bins", "vs_baseline", "vs_best", "ref_counts"}}"""
     import entropy
 
-    recs = {div: [records_of(evals_task[run_name(div, s)]) for s in (cfg.seeds if div != "baseline" else (None,))]
+    recs = {div: [entropy.as_records(records_of(evals_task[run_name(div, s)]))   # JSON lists -> arrays, once
+                  for s in (cfg.seeds if div != "baseline" else (None,))]
             for div in cfg.divs}
     n_prompts = len(by_div["baseline"][0]["token_acceptance"]) if "baseline" in by_div else None
     best = best_fixed(by_div)
@@ -744,7 +759,7 @@ def entropy_analysis(cfg: ReportConfig, task: str, evals_task: dict, by_div: dic
         edges = entropy.quantile_edges(values, cfg.n_bins)
         labels = [entropy.bin_label(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
         bins = {div: entropy.acceptance_by_entropy(entropy.concat_records(rs), edges, key=key) for div, rs in recs.items()}
-        res = {"edges": edges, "labels": labels, "bins": bins, "values": values, "vs_baseline": {}, "vs_best": {}}
+        res = {"edges": edges, "labels": labels, "bins": bins, "vs_baseline": {}, "vs_best": {}}
         if n_prompts is not None:
             counts = {div: [entropy.per_prompt_bin_counts(r, edges, n_prompts, key) for r in rs] for div, rs in recs.items()}
             res["vs_baseline"] = bin_differences(counts, "baseline", cfg.n_boot)
@@ -959,7 +974,8 @@ def main(argv=None):
             grids[task] = tune_ajsd(cfg, task, log)
         train_all(cfg, task, log, grids[task]["selected"] if task in grids else None)
         path = evaluate_task(cfg, task)
-        evals[task], protocols[task] = load_eval(path), protocol_line(path)
+        doc = read_eval(path)   # holds every run's records: parsed once
+        evals[task], protocols[task] = eval_runs(doc), protocol_line(doc)
         log(f"evaluated {task} -> {path}")
     collected = collect_runs(evals, cfg.divs, cfg.seeds)   # raises on missing runs
     rows = build_table(collected, n_boot=cfg.n_boot)

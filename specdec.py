@@ -317,8 +317,8 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def tempered_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """H(softmax(logits / T)) (..., V) -> (...): the entropy before top-k / top-p (a row at a time, no (..., V)
-    probabilities kept)."""
+    """H(softmax(logits / T)) (..., V) -> (...): the entropy before top-k / top-p (a few rows at a time, so no
+    (..., V) probabilities are kept)."""
     return by_rows(lambda z: entropy(process_logits(z, temperature)), logits)
 
 

@@ -3,7 +3,8 @@ random weights of small depth and width (models.build_paper_shaped_pair), everyt
 
 1. Sampling one token for a batch of 4 rows at V = 151936 (temperature 0.6, top-p 0.95): the old sampler
    (a full torch.sort for top-p + torch.multinomial, kept here as the reference) vs specdec's
-   (top-p from the 256 most likely tokens or a radix select, + float64 inverse CDF), on near-uniform rows (random weights) and peaked rows.
+   (top-p from the 256 most likely tokens or a radix select, + float64 inverse CDF), on near-uniform rows
+   (random weights) and peaked rows.
 2. One training step of distill.py split into its phases (sampling, teacher forward, student forward, loss,
    backward, optimizer), timed with the project's own functions on one batch.
 3. The whole training loop vs TRL's GKDTrainer on the same paper-shaped models, prompts, batch and
@@ -168,15 +169,19 @@ def loop_child(a):
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
+def decoding_setup(teacher_dir, student_dir, n_prompts, new_tokens):
+    """Sections 4 and 5: the pair, n_prompts GSM8k eval prompts (teacher template) and the sampling rules."""
     import data
     import models
-    import specdec
     teacher, draft, tok = models.load_pair(teacher_dir, student_dir, device="cpu")
-    vocab = len(tok)
-    exs = data.load_examples("gsm8k", "eval", n=max(batches))
-    all_prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in exs]
-    rules = dict(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, eos_token_id=[], vocab_size=vocab)
+    prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in data.load_examples("gsm8k", "eval", n=n_prompts)]
+    rules = dict(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, eos_token_id=[], vocab_size=len(tok))
+    return teacher, draft, tok, prompts, rules
+
+
+def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
+    import specdec
+    teacher, draft, tok, all_prompts, rules = decoding_setup(teacher_dir, student_dir, max(batches), new_tokens)
     print(f"\n## 4. speculative decoding at the real vocabulary: gamma {gamma}, {new_tokens} new tokens per row, "
           f"T 0.6, top-p 0.95 (best of {repeats}; random weights: acceptance is meaningless)\n")
     print("| batch | generate (s) | autoregressive_generate (s) | speculative_generate (s) | spec / AR | "
@@ -245,15 +250,10 @@ def sharpen(model, prompt_ids, logit_std):
 
 
 def bench_round_work(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
-    import data
-    import models
     import specdec
     specdec.reuse_freed_memory()      # process-wide: the old versions gain from it too (their best case)
-    teacher, draft, tok = models.load_pair(teacher_dir, student_dir, device="cpu")
+    teacher, draft, _, all_prompts, rules = decoding_setup(teacher_dir, student_dir, max(batches), new_tokens)
     clock = ForwardClock(teacher, draft)
-    exs = data.load_examples("gsm8k", "eval", n=max(batches))
-    all_prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in exs]
-    rules = dict(max_new_tokens=new_tokens, temperature=0.6, top_p=0.95, eos_token_id=[], vocab_size=len(tok))
     with tempfile.TemporaryDirectory() as tmp:
         versions = [(name, specdec_at(commit, tmp)) for name, commit in ROUND_WORK_COMMITS]
     versions.append(("now", specdec))
