@@ -18,6 +18,8 @@ The per-token divergence d is chosen with --div (implemented in divergences.py; 
           (TRL's convention: beta = 0 is exactly fkl, beta = 1 exactly rkl)
     tvd   total variation  0.5 * sum_x |p - q|  = 1 - sum_x min(p, q) = 1 - (the acceptance probability)
     ajsd  JSD with a per-token beta that falls with the teacher's entropy (see divergences.py)
+    nla   -log alpha, alpha = sum_x min(p, q): the acceptance probability itself (LK losses' "alpha")
+    lk    w KL(p || q) + (1 - w)(1 - alpha), w = lk_scale exp(-lk_decay mean alpha): KL -> TV as alpha grows
 
 Both distributions are softmax(logits / tau) with tau = --loss-temperature. Default: tau = the sampling
 temperature (the task's, e.g. 0.6 for gsm8k). Why: speculative decoding is evaluated at that temperature,
@@ -41,7 +43,12 @@ and sampling seed are pure functions of (seed, step, rank), so --resume reproduc
 exactly on the CPU. <out>/final is a plain Hugging Face model directory.
 <out>/metrics.jsonl, one row per step: loss, lr, grad_norm, completion_len, tokens_per_s, source and
 loss_teacher_entropy = the mean over completion tokens of H(p_T) at the loss temperature tau WITHOUT top-p
-(computed inside the loss sweep) -- not the processed H(p) (temperature + top-p) of evaluate.py's records.
+(computed inside the loss sweep) -- not the processed H(p) (temperature + top-p) of evaluate.py's records;
+train_alpha = the mean over the step's completion tokens (all micro-batches, all ranks) of
+alpha = sum_x min(p_tau, q_tau), again at tau without top-p and from the loss's own sweep, and
+train_accepted_length = (1 - a^(gamma+1)) / (1 - a) at a = train_alpha and the protocol's gamma: an ESTIMATE
+of the mean accepted length (it assumes i.i.d. acceptances at the training tokens' mean alpha, on the
+student's own samples, without top-p); the validation rows below measure the real thing.
 Sampling uses models.decoding_protocol: the same temperature, top-p, stop ids and vocabulary (len(tokenizer))
 as evaluate.py and report.py.
 
@@ -89,13 +96,16 @@ class Config:
     names, and --resume compares them (rundir.check_same_run): renaming a field breaks old runs."""
     # what to distil
     task: str = option("gsm8k", "task: gsm8k (low teacher entropy) or cnndm (high); default %(default)s")
-    div: str = option("rkl", "per-token divergence d(p, q): fkl, rkl, jsd, tvd or ajsd (see divergences.py); "
-                             "default %(default)s")
+    div: str = option("rkl", "per-token divergence d(p, q): fkl, rkl, jsd, tvd, ajsd, nla or lk (see "
+                             "divergences.py); default %(default)s")
     beta: float = option(0.5, "jsd only: weight toward reverse KL, 0 = fkl, 1 = rkl; default %(default)s")
     ajsd_scale: float = option(1.0, "ajsd only: entropy scale (nats) of beta = floor + (1 - floor) "
                                     "exp(-H / scale); default %(default)s")
     ajsd_floor: float = option(0.5, "ajsd only: the beta of a very uncertain teacher (0.5 = symmetric JSD); "
                                     "default %(default)s")
+    lk_scale: float = option(1.0, "lk only: w = lk_scale exp(-lk_decay mean alpha), the KL weight; "
+                                  "default %(default)s")
+    lk_decay: float = option(1.0, "lk only: how fast w falls as the mean alpha grows; default %(default)s")
     preset: str = option("tiny", "models, lr, temperature, lengths and steps: tiny (offline pair) or paper; "
                                  "default %(default)s")
     teacher: str | None = option(None, "teacher (target p) path or hub id; default: the preset's")
@@ -221,7 +231,8 @@ def check_options(cfg: Config):
         flag = "--" + name.replace("_", "-")
         raise ValueError(f"{flag} {getattr(cfg, name)!r} is not allowed; {flag} must be {allowed}")
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)   # noqa: E731
-    for name in ("beta", "ajsd_scale", "ajsd_floor", "lmbda", "temperature", "top_p", "loss_temperature",
+    for name in ("beta", "ajsd_scale", "ajsd_floor", "lk_scale", "lk_decay", "lmbda", "temperature", "top_p",
+                 "loss_temperature",
                  "lr", "warmup", "weight_decay", "max_grad_norm", "epochs"):
         if getattr(cfg, name) is not None and not finite(getattr(cfg, name)):
             bad(name, "a finite number")
@@ -239,6 +250,9 @@ def check_options(cfg: Config):
         bad("ajsd_scale", ">= 0 (nats; 0 = beta is the floor everywhere)")
     if not 0 <= cfg.ajsd_floor <= 1:
         bad("ajsd_floor", "in [0, 1] (the beta of a very uncertain teacher)")
+    for name in ("lk_scale", "lk_decay"):
+        if getattr(cfg, name) < 0:
+            bad(name, ">= 0 (lk's KL weight w = lk_scale exp(-lk_decay mean alpha))")
     if cfg.overwrite and cfg.resume:
         raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
@@ -307,8 +321,9 @@ def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: f
                          vocab_size: int | None = None, **ajsd):
     """Sum of the per-token divergence d(p, q) over the masked completion tokens (a scalar).
     vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows).
-    return_teacher_entropy=True (in **ajsd, passed on to divergences.divergence_sum) also returns the sum of
-    H(p_T) at the loss temperature, without top-p: logged as loss_teacher_entropy."""
+    return_teacher_entropy=True / return_alpha=True (in **ajsd, passed on to divergences.divergence_sum) also
+    return the sums of H(p_T) and of alpha at the loss temperature, without top-p: logged as
+    loss_teacher_entropy and train_alpha."""
     if vocab_size is not None or student_logits.shape[-1] != teacher_logits.shape[-1]:
         student_logits, teacher_logits = divergences.shared_vocab(student_logits, teacher_logits, vocab_size)
     return divergences.divergence_sum(student_logits, teacher_logits, mask, div,
@@ -448,7 +463,7 @@ def train(cfg: Config):
         n_tokens = all_reduce_sum(sum(int(b["loss_mask"].sum()) for b in micro_batches), world, run.device)
 
         # 3) teacher forward (frozen), student forward, loss = sum of d / n_tokens, backward
-        loss_sum, ent_sum = 0.0, 0.0
+        loss_sum, ent_sum, alpha_sum = 0.0, 0.0, 0.0
         for m, batch in enumerate(micro_batches):
             mask = batch["loss_mask"][:, batch["prompt_width"]:]                   # (B, C)
             with torch.no_grad(), autocast:
@@ -457,13 +472,15 @@ def train(cfg: Config):
             with sync:
                 with autocast:
                     s_logits = completion_logits(model, batch)                    # (B, C, V)
-                div_sum, ent = batch_divergence_sum(
+                div_sum, ent, alpha = batch_divergence_sum(
                     s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, run.vocab,
-                    ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, return_teacher_entropy=True)
+                    ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, lk_scale=cfg.lk_scale,
+                    lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
                 # DDP averages gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
             loss_sum += float(div_sum.detach())
             ent_sum += float(ent)                 # H(p_T) at the loss temperature, from the loss's own sweep
+            alpha_sum += float(alpha)             # sum_x min(p_T, q_T) at the loss temperature, likewise
             del t_logits, s_logits
 
         # 4) clip, AdamW step, schedule
@@ -476,9 +493,12 @@ def train(cfg: Config):
         # 5) log: global mean loss per completion token, tokens/s of the whole step (sampling included)
         loss_sum = all_reduce_sum(loss_sum, world, run.device)
         ent_sum = all_reduce_sum(ent_sum, world, run.device)
+        train_alpha = all_reduce_sum(alpha_sum, world, run.device) / max(n_tokens, 1.0)
         dt = all_reduce_sum(time.perf_counter() - t0, world, run.device) / world
         row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=float(grad_norm),
                    completion_len=n_tokens / cfg.batch_size, loss_teacher_entropy=ent_sum / max(n_tokens, 1.0),
+                   train_alpha=train_alpha,
+                   train_accepted_length=specdec.expected_accepted_length(train_alpha, run.protocol.gamma),
                    tokens_per_s=n_tokens / dt, source=source)
         if run.master:
             run.metrics.write(json.dumps(row) + "\n")

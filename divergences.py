@@ -30,6 +30,22 @@ and s = log p_S, t = log p_T. Sums run over the vocabulary v. The divergences (`
           Caveat, as for any JSD: it is bounded. For a near-certain teacher each unit of student mass on a token
           the teacher rules out costs at most -log(1 - beta) ~ log(2 scale / H) nats, not rkl's unbounded
           log(p_S / p_T): mode-seeking like rkl, with a capped penalty; exactly rkl only at H = 0.
+    nla   negative log acceptance (LK losses, arXiv 2602.23881: "alpha"):  -log alpha,
+              alpha = sum_v min(p_T(v), p_S(v)) = 1 - TVD,
+          the probability that speculative decoding accepts a token drafted from p_S at this position. It is
+          computed in log space, log alpha = logsumexp_v min(t(v), s(v)), so a tiny alpha (disjoint-looking
+          distributions, alpha ~ e^-1000 at logit std 1000) keeps its relative precision and -log alpha is exact.
+    lk    the KL -> TV hybrid of LK losses ("lambda"):  w KL(p_T || p_S) + (1 - w) (1 - alpha),
+              w = lk_scale exp(-lk_decay mean(alpha))       (lk_scale = lk_decay = 1 by default, as SpecForge's)
+          where mean(alpha) is the mean of alpha over the positions of the call (divergence_sum's masked
+          positions, every position for token_divergence), treated as a constant (no gradient flows through
+          w). While the draft is poor (alpha ~ 0) the loss is mostly forward KL; as it improves, TV takes over.
+          w couples the positions of a call: the sweep first computes alpha at every kept position (a
+          values-only pass over the blocks: two log-softmaxes, a min and a logsumexp per entry, about half a
+          loss pass), then the loss with w fixed. (1 - alpha) is computed as tvd's 1/2 sum_v |p_T - p_S|, which
+          keeps its precision where alpha ~ 1.
+    Acceptance statistic: divergence_sum(return_alpha=True) also returns the sum of alpha over the masked
+    positions (any kind; from the log-probs of the loss's own sweep, at the loss temperature, without top-p).
 
 Gradients (with respect to the student logits). Every divergence D here depends on the student only through
 p_S = softmax(z / T), so by the softmax Jacobian
@@ -37,7 +53,15 @@ p_S = softmax(z / T), so by the softmax Jacobian
     dD/dz = (1 / T) p_S * (g - sum_v p_S g),      g = dD/dp_S, the "score" of the divergence:
         fkl  g = -p_T / p_S      rkl  g = s - t + 1      jsd  g = (1 - beta)(s - log M)
         tvd  g = sign(p_S - p_T) / 2                      ajsd g = (s - log M) / beta
+        nla  g = -c / alpha                               lk   g = w (-p_T / p_S) + (1 - w) sign(p_S - p_T) / 2
 (A constant added to g cancels in g - sum_v p_S g, so the code uses rkl's g as s - t.)
+Acceptance. d alpha / d p_S(v) = c(v): min(p_T, p_S) is p_S where p_S < p_T, so c = 1 there and 0 where
+p_S > p_T. At a tie (s(v) = t(v) exactly, in the computed log-probs) min is not differentiable; we take
+c = 1/2, the mean of the two one-sided derivatives (torch.minimum's own convention, and tvd's: sign(0) = 0).
+With it, nla's gradient is exactly tvd's divided by alpha, and lk at w = 0 is exactly tvd. nla's
+p_S g = -c exp(s - log alpha) is formed from log alpha, so it is O(1) (each entry <= 1) even where alpha is
+tiny: the gradient of -log alpha is large only in the sense that it is not damped by alpha, which is the point
+of the objective (a KL's or TV's gradient vanishes as alpha -> 0 along many directions; -log alpha's does not).
 
 The losses use these closed forms instead of autograd: one sweep over blocks of positions computes the values
 and the gradient together, so the full (N, V) tensors of log-probabilities, mixtures and per-vocabulary terms
@@ -57,16 +81,23 @@ gradient finite where TRL's formula gives NaN, a zero probability still adds (al
 tvd or the side of a KL it weights (0 log 0 = 0), and where a KL is truly infinite (student mass on a token the
 teacher rules out, for rkl) it counts ~87 nats per unit of mass instead of infinity -- less than a finite
 log-probability below -87.3 would cost, so do not read such rkl values as exact.
+alpha = 0 exactly (disjoint supports) needs -inf logits on both sides: with finite student logits every
+p_S(v) > 0 and alpha > 0, held exactly in log space. With the stand-in, min(s, t) >= zero_prob_log, so nla
+is a finite surrogate: at most -zero_prob_log - log V (87.3 - log V nats in float32), reached when every
+token has zero probability under one of the two; its gradient is finite (each entry of p_S g in [-1, 0]),
+it raises the student's stand-in log-probabilities on the teacher's support and lowers the rest (only the
+finite student logits can actually move). lk there is its finite fkl surrogate (weight w = lk_scale, since
+mean alpha ~ 0) plus (1 - w) x 1.
 The teacher entropy (teacher_log_entropy, ajsd's beta) is computed as log H, with the top token's
 log-probability rebuilt from the others' mass, so a near-certain teacher's tiny H (even below float32's
 smallest number) keeps its relative precision, and ajsd's 1 - beta ~ H is never rounded to 0.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "ajsd")
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "ajsd", "nla", "lk")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")  # generalized_jsd_loss, as TRL names them
 IGNORE_INDEX = -100  # label value that masks a position out, as in TRL and transformers
 CHUNK_ELEMENTS = 2**22  # default chunk: about 4M logits (16 MB of float32) per block of positions
@@ -74,13 +105,17 @@ CHUNK_ELEMENTS = 2**22  # default chunk: about 4M logits (16 MB of float32) per 
 
 @dataclass(frozen=True)
 class Divergence:
-    """One fully specified divergence: which kind, its beta, the temperature, and the ajsd parameters."""
+    """One fully specified divergence: which kind, its beta, the temperature, the ajsd and lk parameters.
+    lk_weight: lk's w once the call's mean alpha is known (set by the sweep; None before)."""
 
     kind: str
     beta: float = 0.5
     temperature: float = 1.0
     ajsd_scale: float = 1.0
     ajsd_floor: float = 0.5
+    lk_scale: float = 1.0
+    lk_decay: float = 1.0
+    lk_weight: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -266,6 +301,41 @@ def ajsd(s, t, scale=1.0, floor=0.5, want_grad=False, log_entropy=None):
     return value, (softmax_backward(p_s, p_b) if want_grad else None)
 
 
+def log_acceptance(s, t):
+    """log alpha = log sum_v min(p_S, p_T) = logsumexp_v min(s, t): log-probs (n, V) -> (n,). Relative
+    precision is kept for any alpha (no probability is formed before the logsumexp)."""
+    return torch.logsumexp(torch.minimum(s, t), -1)
+
+
+def acceptance_weights(s, t, log_alpha):
+    """c(v) p_S(v) / alpha, (n, V): c = d alpha / d p_S = 1 where s < t, 1/2 at a tie s = t, 0 where s > t.
+    Formed as exp(s - log alpha) (each entry <= 1 where c > 0, since there p_S = min(p_S, p_T) <= alpha)."""
+    ratio = torch.exp(s - log_alpha.unsqueeze(-1))  # (n, V); may overflow where s > t, which is not selected
+    return torch.where(s < t, ratio, torch.where(s == t, 0.5 * ratio, 0.0))
+
+
+def nla(s, t, want_grad=False):
+    """-log alpha, alpha = sum_v min(p_S, p_T); gradient with g = -c / alpha (acceptance_weights)."""
+    log_alpha = log_acceptance(s, t)  # (n,)
+    if not want_grad:
+        return -log_alpha, None
+    return -log_alpha, softmax_backward(s.exp(), -acceptance_weights(s, t, log_alpha))
+
+
+def lk(s, t, weight, want_grad=False):
+    """w KL(p_T || p_S) + (1 - w)(1 - alpha) with w = `weight` given (the call's lk_weight); (1 - alpha) as tvd's
+    1/2 sum_v |p_T - p_S| (exact near alpha = 1). Gradient: w fkl's + (1 - w) tvd's."""
+    kl, g_kl = fkl(s, t, want_grad)
+    tv, g_tv = tvd(s, t, want_grad)
+    value = weight * kl + (1 - weight) * tv
+    return value, (g_kl.mul_(weight).add_(g_tv, alpha=1 - weight) if want_grad else None)
+
+
+def lk_weight(mean_alpha: float, scale: float = 1.0, decay: float = 1.0) -> float:
+    """lk's w = scale exp(-decay mean_alpha): the weight of KL(p_T || p_S); (1 - w) weighs 1 - alpha."""
+    return scale * math.exp(-decay * mean_alpha)
+
+
 def value_and_grad(s, t, spec: Divergence, want_grad=False, log_entropy=None):
     """Dispatch on spec.kind: per-position values (n,) and, if want_grad, dD/d(student_logits) (n, V).
     log_entropy: the teacher's log H(p_T) per position (n,), if the caller computed it (ajsd uses it)."""
@@ -279,6 +349,12 @@ def value_and_grad(s, t, spec: Divergence, want_grad=False, log_entropy=None):
         value, grad = tvd(s, t, want_grad)
     elif spec.kind == "ajsd":
         value, grad = ajsd(s, t, spec.ajsd_scale, spec.ajsd_floor, want_grad, log_entropy)
+    elif spec.kind == "nla":
+        value, grad = nla(s, t, want_grad)
+    elif spec.kind == "lk":
+        if spec.lk_weight is None:
+            raise ValueError("lk needs spec.lk_weight (w from the call's mean alpha): use with_lk_weight first")
+        value, grad = lk(s, t, spec.lk_weight, want_grad)
     else:
         raise ValueError(f"kind={spec.kind!r} is not one of {DIVERGENCES}")
     if grad is not None and spec.temperature != 1.0:
@@ -328,26 +404,52 @@ def _blocks_in_mask(student, teacher, mask, size):
             yield start + keep.nonzero().squeeze(-1), s_blk[keep], t_blk[keep]
 
 
-def _sweep(student, teacher, mask, spec, chunk_size, want_grad, want_entropy=False):
-    """One pass over the blocks: per-position values (N,), dD/d(student logits) (..., V) if want_grad, and the
-    teacher entropy H(p_T) per position (N,) at the loss temperature if want_entropy (else None).
+def _acceptances(student, teacher, mask, spec, chunk_size):
+    """alpha per position (N,) at the loss temperature, 0 where mask (N,) is False: a values-only pass."""
+    alphas = torch.zeros(student.numel() // student.shape[-1], dtype=compute_dtype(student.dtype),
+                         device=student.device)  # (N,)
+    for rows, s_blk, t_blk in _blocks_in_mask(student, teacher, mask, chunk_size):
+        alphas[rows] = log_acceptance(log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)).exp()
+    return alphas
 
-    Masked positions get value 0, gradient 0 and entropy 0. Per block only a few (n, V) float32 temporaries
-    exist; the entropy reuses the block's teacher log-probs t, so it costs no second read of the logits.
+
+def with_lk_weight(student, teacher, mask, spec, chunk_size):
+    """spec with lk's w fixed from the mean alpha over the kept positions (a first, values-only pass), and the
+    alphas (N,) of that pass; other kinds (or a spec whose w is set): unchanged, alphas None."""
+    if spec.kind != "lk" or spec.lk_weight is not None:
+        return spec, None
+    alphas = _acceptances(student, teacher, mask, spec, chunk_size)
+    mean_alpha = float(alphas.sum()) / max(int(mask.sum()), 1)  # no kept position: w = lk_scale (unused)
+    return replace(spec, lk_weight=lk_weight(mean_alpha, spec.lk_scale, spec.lk_decay)), alphas
+
+
+def _sweep(student, teacher, mask, spec, chunk_size, want_grad, want_entropy=False, want_alpha=False):
+    """One pass over the blocks: per-position values (N,), dD/d(student logits) (..., V) if want_grad, the
+    teacher entropy H(p_T) per position (N,) at the loss temperature if want_entropy, and the acceptance alpha
+    per position (N,) at the loss temperature if want_alpha (else None). lk needs spec.lk_weight set
+    (with_lk_weight).
+
+    Masked positions get value 0, gradient 0, entropy 0 and alpha 0. Per block only a few (n, V) float32
+    temporaries exist; the entropy and alpha reuse the block's log-probs s, t, so they cost no second read of
+    the logits (alpha: one min and one logsumexp per entry; nla's value is -log alpha, so free there).
     """
     n_rows = student.numel() // student.shape[-1]
     values = torch.zeros(n_rows, dtype=compute_dtype(student.dtype), device=student.device)  # (N,)
     entropies = torch.zeros_like(values) if want_entropy else None  # (N,)
+    alphas = torch.zeros_like(values) if want_alpha else None  # (N,)
     grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device) if want_grad else None
     for rows, s_blk, t_blk in _blocks_in_mask(student, teacher, mask, chunk_size):
         s, t = log_probs(s_blk, spec.temperature), log_probs(t_blk, spec.temperature)  # (n, V)
         log_h = teacher_log_entropy(t) if spec.kind == "ajsd" else None  # (n,): ajsd needs H below 1e-38 too
-        values[rows], g = value_and_grad(s, t, spec, want_grad, log_h)
+        value, g = value_and_grad(s, t, spec, want_grad, log_h)
+        values[rows] = value
         if want_entropy:
             entropies[rows] = log_h.exp() if log_h is not None else teacher_entropy(t)
+        if want_alpha:
+            alphas[rows] = (-value).exp() if spec.kind == "nla" else log_acceptance(s, t).exp()
         if want_grad:
             grad.view(-1, grad.shape[-1])[rows] = g.to(grad.dtype)  # (n, V), in the logits' dtype
-    return values, grad, entropies
+    return values, grad, entropies, alphas
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -356,41 +458,49 @@ class _ChunkedDivergence(torch.autograd.Function):
     Forward computes the values and the gradient in the same sweep over blocks of positions (the log-probs are
     computed once) and keeps only that gradient, one tensor like the student logits: backward scales it by the
     incoming per-position gradient, in place, and hands it on. No (n, V) intermediates survive a block.
-    The second output is the teacher entropy per position (N,) when asked for (else an empty tensor): a
-    constant, not differentiable.
+    The spec's lk_weight is already fixed (_per_position), so a recomputed gradient uses the same w.
+    The other outputs are the teacher entropy and the acceptance alpha per position (N,) when asked for (else
+    empty tensors): constants, not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, spec, chunk_size, want_entropy):
-        values, ctx.grad, entropies = _sweep(student, teacher, mask, spec, chunk_size, True, want_entropy)
+    def forward(ctx, student, teacher, mask, spec, chunk_size, want_entropy, want_alpha):
+        values, ctx.grad, entropies, alphas = _sweep(student, teacher, mask, spec, chunk_size, True, want_entropy,
+                                                     want_alpha)
         ctx.save_for_backward(student, teacher, mask)
         ctx.spec, ctx.chunk_size = spec, chunk_size
         entropies = values.new_empty(0) if entropies is None else entropies
-        ctx.mark_non_differentiable(entropies)
-        return values, entropies
+        alphas = values.new_empty(0) if alphas is None else alphas
+        ctx.mark_non_differentiable(entropies, alphas)
+        return values, entropies, alphas
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values, _grad_entropies):  # grad_values: (N,)
+    def backward(ctx, grad_values, _grad_entropies, _grad_alphas):  # grad_values: (N,)
         student, teacher, mask = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # a second backward (retain_graph=True): the first one consumed the gradient; redo it
             grad = _sweep(student, teacher, mask, ctx.spec, ctx.chunk_size, want_grad=True)[1]
         grad_values = grad_values.masked_fill(~mask, 0)  # masked positions do not depend on the student at all
         grad.view(-1, grad.shape[-1]).mul_(grad_values.to(grad.dtype).unsqueeze(-1))  # (N, V) * (N, 1)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-def _per_position(student_logits, teacher_logits, mask, spec, chunk_size, want_entropy=False):
+def _per_position(student_logits, teacher_logits, mask, spec, chunk_size, want_entropy=False, want_alpha=False):
     """Values (N,) at every position of (..., V) logits (0 where mask (N,) is False), autograd-aware, and the
-    teacher entropies (N,) if want_entropy (else None)."""
+    teacher entropies and acceptances (N,) if want_entropy / want_alpha (else None). lk: w is fixed first
+    from the mean alpha over the kept positions (with_lk_weight), whose alphas are then reused."""
+    teacher_logits = teacher_logits.detach()
+    spec, lk_alphas = with_lk_weight(student_logits.detach(), teacher_logits, mask, spec, chunk_size)
+    sweep_alpha = want_alpha and lk_alphas is None  # lk has them already
     if torch.is_grad_enabled() and student_logits.requires_grad:
-        values, entropies = _ChunkedDivergence.apply(student_logits, teacher_logits.detach(), mask, spec,
-                                                     chunk_size, want_entropy)
-        return values, (entropies if want_entropy else None)
-    values, _, entropies = _sweep(student_logits, teacher_logits.detach(), mask, spec, chunk_size,
-                                  want_grad=False, want_entropy=want_entropy)
-    return values, entropies
+        values, entropies, alphas = _ChunkedDivergence.apply(student_logits, teacher_logits, mask, spec,
+                                                             chunk_size, want_entropy, sweep_alpha)
+    else:
+        values, _, entropies, alphas = _sweep(student_logits, teacher_logits, mask, spec, chunk_size,
+                                              want_grad=False, want_entropy=want_entropy, want_alpha=sweep_alpha)
+    alphas = (alphas if lk_alphas is None else lk_alphas) if want_alpha else None
+    return values, (entropies if want_entropy else None), alphas
 
 
 # -------------------------------------------------------------------------------------- argument checks
@@ -417,7 +527,8 @@ def _check_mask(mask, logits, name="mask"):
                          f"{tuple(logits.shape[:-1])}")
 
 
-def make_divergence(kind, beta=0.5, temperature=1.0, ajsd_scale=1.0, ajsd_floor=0.5) -> Divergence:
+def make_divergence(kind, beta=0.5, temperature=1.0, ajsd_scale=1.0, ajsd_floor=0.5, lk_scale=1.0,
+                    lk_decay=1.0) -> Divergence:
     """Check the arguments and return the Divergence; jsd at beta 0 / 1 becomes fkl / rkl, as in TRL."""
     if kind not in DIVERGENCES:
         raise ValueError(f"kind={kind!r} is not one of {DIVERGENCES}")
@@ -430,9 +541,13 @@ def make_divergence(kind, beta=0.5, temperature=1.0, ajsd_scale=1.0, ajsd_floor=
         raise ValueError(f"ajsd_scale={ajsd_scale} must be >= 0 (nats; 0 = constant beta = ajsd_floor)")
     if not 0.0 <= float(ajsd_floor) <= 1.0:
         raise ValueError(f"ajsd_floor={ajsd_floor} must lie in [0, 1]")
+    for name, x in (("lk_scale", lk_scale), ("lk_decay", lk_decay)):
+        if not (float(x) >= 0 and math.isfinite(float(x))):
+            raise ValueError(f"{name}={x} must be a finite number >= 0 (lk's w = lk_scale exp(-lk_decay mean alpha))")
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "fkl" if beta == 0.0 else "rkl"
-    return Divergence(kind, beta, temperature, float(ajsd_scale), float(ajsd_floor))
+    return Divergence(kind, beta, temperature, float(ajsd_scale), float(ajsd_floor), float(lk_scale),
+                      float(lk_decay))
 
 
 def _check_chunk(chunk_size, vocab):
@@ -445,22 +560,24 @@ def _check_chunk(chunk_size, vocab):
 
 # ------------------------------------------------------------------------------------------- public API
 def token_divergence(student_logits, teacher_logits, kind, beta=0.5, temperature=1.0, *,
-                     ajsd_scale=1.0, ajsd_floor=0.5, chunk_size=None) -> torch.Tensor:
+                     ajsd_scale=1.0, ajsd_floor=0.5, lk_scale=1.0, lk_decay=1.0, chunk_size=None) -> torch.Tensor:
     """The divergence between p_T and p_S at every position: logits (..., V) -> values (...,).
 
-    kind in DIVERGENCES; beta is used by "jsd"; ajsd_scale / ajsd_floor by "ajsd". Differentiable with
-    respect to student_logits (chunked, analytic gradient); computed in >= float32.
+    kind in DIVERGENCES; beta is used by "jsd"; ajsd_scale / ajsd_floor by "ajsd"; lk_scale / lk_decay by
+    "lk" (whose w comes from the mean alpha over all the positions given). Differentiable with respect to
+    student_logits (chunked, analytic gradient); computed in >= float32.
     """
     _check_logits(student_logits, teacher_logits)
-    spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
+    spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor, lk_scale, lk_decay)
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
     everywhere = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device).view(-1)
-    values, _ = _per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
+    values, _, _ = _per_position(student_logits, teacher_logits, everywhere, spec, chunk)  # (N,)
     return values.view(student_logits.shape[:-1])  # (...,)
 
 
 def divergence_sum(student_logits, teacher_logits, mask, kind, beta=0.5, temperature=1.0, chunk_size=None, *,
-                   ajsd_scale=1.0, ajsd_floor=0.5, return_teacher_entropy=False):
+                   ajsd_scale=1.0, ajsd_floor=0.5, lk_scale=1.0, lk_decay=1.0, return_teacher_entropy=False,
+                   return_alpha=False):
     """Sum of token_divergence over the positions where mask (...,) is True: a scalar (>= float32).
 
     Memory-lean: blocks of chunk_size positions (default: about 4M logits per block), masked positions are never
@@ -470,16 +587,22 @@ def divergence_sum(student_logits, teacher_logits, mask, kind, beta=0.5, tempera
     the teacher entropy H(p_T) at the loss temperature, without top-k / top-p (a constant tensor, no gradient),
     computed from the log-probs the loss already has (no second pass over the logits). distill.py logs its
     mean as `loss_teacher_entropy`; it is NOT the processed H(p) of speculative-decoding records.
+    return_alpha=True appends alpha_sum: the sum over the same positions of the acceptance probability
+    alpha = sum_v min(p_T, p_S) at the loss temperature, without top-p (a constant tensor; from the loss's own
+    log-probs; distill.py logs its step-wide mean as `train_alpha`).
+    Returns the sum alone, or (sum, entropy_sum), (sum, alpha_sum), (sum, entropy_sum, alpha_sum).
+    lk: w = lk_scale exp(-lk_decay mean alpha), the mean over this call's masked positions.
     """
     _check_logits(student_logits, teacher_logits)
-    spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor)
+    spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor, lk_scale, lk_decay)
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
     if mask is None:
         mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     _check_mask(mask, student_logits)
-    values, entropies = _per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec, chunk,
-                                      want_entropy=return_teacher_entropy)
-    return (values.sum(), entropies.sum()) if return_teacher_entropy else values.sum()
+    values, entropies, alphas = _per_position(student_logits, teacher_logits, mask.reshape(-1).bool(), spec,
+                                              chunk, want_entropy=return_teacher_entropy, want_alpha=return_alpha)
+    extra = (([entropies.sum()] if return_teacher_entropy else []) + ([alphas.sum()] if return_alpha else []))
+    return (values.sum(), *extra) if extra else values.sum()
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
@@ -511,7 +634,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         return terms[mask] if labels is not None else terms
 
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
-    values, _ = _per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
+    values, _, _ = _per_position(student_logits, teacher_logits, mask.reshape(-1), spec, chunk)
     total = values.sum()
     n_positions = mask.sum()
     if num_items_in_batch is not None:

@@ -99,8 +99,7 @@ def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
     """Expected walltime speedup of speculative decoding over the target alone (Leviathan et al. 2023):
     E[tokens per round] / cost of a round = ((1 - alpha^(gamma+1)) / (1 - alpha)) / (gamma c + 1), with
     c = draft step cost / target step cost. alpha = 1 is the limit gamma + 1 tokens per round."""
-    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * c + 1)
+    return specdec.expected_accepted_length(alpha, gamma) / (gamma * c + 1)
 
 
 def summarize(pp: dict, n_boot: int, seed: int) -> dict:

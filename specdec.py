@@ -556,6 +556,15 @@ def _rate(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
 
+def expected_accepted_length(alpha: float, gamma: int) -> float:
+    """E[tokens per round] = (1 - alpha^(gamma+1)) / (1 - alpha) when every drafted token is accepted with
+    probability alpha independently (Leviathan et al. 2023): the textbook estimate of mean_accepted_length
+    (bonus token included); gamma + 1 at alpha = 1, NaN for a NaN alpha."""
+    if math.isnan(alpha):
+        return math.nan
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
 # ----------------------------------------------------------------------------- speculative decoding
 
 @dataclass

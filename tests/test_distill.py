@@ -3,6 +3,7 @@
 Everything runs on the reduced offline tiny pair (models.ensure_tiny_pair(scale="test")), a few
 steps at a time, on the CPU."""
 import json
+import math
 import os
 import shutil
 import socket
@@ -236,7 +237,7 @@ def test_left_padded_rows_give_the_same_loss_as_each_row_alone(loaded):
 
 # ----------------------------------------------------------------------------- learning
 
-@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "ajsd"])
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "ajsd", "nla", "lk"])
 def test_a_few_steps_reduce_the_divergence_on_a_fixed_batch(pair, tmp_path, div):
     """The loop optimises what it claims to: with one fixed batch (4 prompts, dataset answers), the
     divergence after 5 updates is below the divergence before the first."""
@@ -244,6 +245,75 @@ def test_a_few_steps_reduce_the_divergence_on_a_fixed_batch(pair, tmp_path, div)
                                 "--lr", 3e-3, "--save-every", 100))
     losses = read_losses(out)
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- acceptance while training
+
+def step_batches(pair, out, *extra):
+    """The micro-batches of step 0 of a run with these arguments, rebuilt as the loop builds them, and the run."""
+    cfg = distill.resolve_config(distill.parse_args(run_args(pair, out, *extra)))
+    run = distill.set_up(cfg)
+    run.metrics.close()
+    return cfg, run, distill.sample_step(cfg, run, 0)[1]
+
+
+def test_train_alpha_is_the_step_wide_mean_alpha_at_the_loss_temperature(pair, tmp_path):
+    """train_alpha = the mean over ALL the step's completion tokens (both micro-batches) of
+    sum_x min(p_tau, q_tau) at the loss temperature tau, without top-p, before the update; train_accepted_length
+    = (1 - a^(gamma+1)) / (1 - a) at the protocol's gamma. Each wrong quantity is told apart: the mean of the
+    per-micro-batch means, tau = 1, the processed (top-p) distributions, another gamma."""
+    extra = ("--lmbda", 0, "--steps", 1, "--grad-accum", 2, "--max-new-tokens", 64, "--div", "rkl")
+    row = json.loads(open(distill.main(run_args(pair, tmp_path / "run", *extra)) / "metrics.jsonl").readline())
+    cfg, run, micro_batches = step_batches(pair, tmp_path / "again", *extra)
+    assert cfg.loss_temperature == 0.6 and run.protocol.top_p < 1
+
+    def alphas(tau, top_p=1.0):  # per micro-batch: alpha per completion token, float64
+        out = []
+        for b in micro_batches:
+            mask = b["loss_mask"][:, b["prompt_width"]:]
+            with torch.no_grad():
+                s, t = (distill.completion_logits(m, b)[..., :run.vocab][mask].double()
+                        for m in (run.student, run.teacher))
+            q, p = (distill.specdec.process_logits(x, tau, 0, top_p) for x in (s, t))
+            out.append(torch.minimum(p, q).sum(-1))
+        return out
+
+    per_micro = alphas(0.6)
+    assert len(per_micro) == 2 and len(per_micro[0]) != len(per_micro[1])
+    step_mean = float(torch.cat(per_micro).mean())
+    assert abs(row["train_alpha"] - step_mean) < 2e-6  # float32 sums vs float64
+    for wrong in (float(sum(a.mean() for a in per_micro) / 2), float(torch.cat(alphas(1.0)).mean()),
+                  float(torch.cat(alphas(0.6, run.protocol.top_p)).mean())):
+        assert abs(wrong - step_mean) > 2e-5  # ten times the tolerance: each wrong quantity would fail
+    gamma = run.protocol.gamma
+    a = row["train_alpha"]
+    assert row["train_accepted_length"] == pytest.approx((1 - a ** (gamma + 1)) / (1 - a), rel=1e-12)
+    assert row["train_accepted_length"] != pytest.approx((1 - a ** gamma) / (1 - a), rel=1e-3)
+
+
+@pytest.mark.parametrize("div", ["fkl", "nla", "lk"])
+def test_every_divergence_logs_train_alpha(pair, tmp_path, div):
+    """Every row of every divergence carries train_alpha in (0, 1] and its accepted-length estimate in
+    [1, gamma + 1]; nla's loss is -log of an alpha of the same step (it equals -log train_alpha when the step
+    has one token, and Jensen bounds it below by it otherwise)."""
+    out = distill.main(run_args(pair, tmp_path, "--div", div, "--steps", 2))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 < r["train_alpha"] <= 1 and 1 <= r["train_accepted_length"] <= 6
+        if div == "nla":
+            assert r["loss"] >= -math.log(r["train_alpha"]) - 1e-6
+
+
+def test_lk_options_reach_the_loss_and_bad_values_are_refused(pair, tmp_path):
+    """--lk-scale 0 makes lk exactly tvd (w = 0), so the logged losses equal a tvd run's; a negative
+    --lk-decay is refused before any work, naming the flag."""
+    lk = distill.main(run_args(pair, tmp_path / "lk", "--div", "lk", "--lk-scale", 0, "--lmbda", 0, "--steps", 2))
+    tvd = distill.main(run_args(pair, tmp_path / "tvd", "--div", "tvd", "--lmbda", 0, "--steps", 2))
+    assert read_losses(lk) == pytest.approx(read_losses(tvd), rel=1e-5)
+    with pytest.raises(ValueError, match="--lk-decay -1.0"):
+        distill.main(run_args(pair, tmp_path / "bad", "--div", "lk", "--lk-decay", -1))
+    assert not (tmp_path / "bad").exists()
 
 
 # ----------------------------------------------------------------------------- checkpoints, resume, final

@@ -167,12 +167,19 @@ def ref_divergence(student, teacher, kind, beta=0.5, temperature=1.0, scale=1.0,
         b = floor + (1 - floor) * torch.exp(-entropy / scale)
         m = b * p_t + (1 - b) * p_s
         return (kl(p_t, m) / (1 - b.squeeze(-1))) + (kl(p_s, m) / b.squeeze(-1))
+    alpha = torch.minimum(p_t, p_s).sum(-1)  # the acceptance probability
+    if kind == "nla":
+        return -alpha.log()
+    if kind == "lk":  # w from the mean alpha over all positions given, a constant
+        w = torch.exp(-alpha.detach().mean())
+        return w * kl(p_t, p_s) + (1 - w) * (1 - alpha)
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5),
-                                       ("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0)])
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5), ("nla", 0.5),
+                                       ("lk", 0.5), ("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9),
+                                       ("jsd", 1.0)])
 def test_token_divergence_equals_float64_formula(kind, beta, temperature):
     """Each kind is exactly the divergence the module docstring writes down, per position (float32 result
     against float64 formula in probabilities, rtol 1e-5)."""
@@ -183,8 +190,8 @@ def test_token_divergence_equals_float64_formula(kind, beta, temperature):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5),
-                                       ("jsd", 0.3), ("jsd", 0.9)])
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5), ("nla", 0.5),
+                                       ("lk", 0.5), ("jsd", 0.3), ("jsd", 0.9)])
 def test_analytic_gradient_equals_float64_autograd(kind, beta):
     """The closed-form gradients p_S (g - E_pS[g]) / T are the true derivatives of the formulas: in float64
     they agree with torch.autograd through the float64 reference to 1e-10."""
@@ -221,6 +228,11 @@ def ref_from_log_probs(s, t, kind, beta=0.5, scale=1.0, floor=0.5):
         return (s.exp() * (s - t)).sum(-1)
     if kind == "tvd":
         return 0.5 * (s.exp() - t.exp()).abs().sum(-1)
+    if kind == "nla":
+        return -torch.logsumexp(torch.minimum(s, t), -1)
+    if kind == "lk":  # w from the mean alpha over all positions given, detached
+        w = torch.exp(-torch.logsumexp(torch.minimum(s, t), -1).exp().detach().mean())
+        return w * (t.exp() * (t - s)).sum(-1) + (1 - w) * 0.5 * (s.exp() - t.exp()).abs().sum(-1)
     if kind == "jsd":
         m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
         return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
@@ -263,8 +275,8 @@ def test_generalized_jsd_loss_equals_trl_float64_at_every_logit_scale(std, beta,
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES_SCALE)
-@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5),
-                                       ("jsd", 0.25), ("jsd", 0.5), ("jsd", 0.75)])
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("tvd", 0.5), ("ajsd", 0.5), ("nla", 0.5),
+                                       ("lk", 0.5), ("jsd", 0.25), ("jsd", 0.5), ("jsd", 0.75)])
 @pytest.mark.parametrize("std", SCALES_VALUE)
 def test_token_divergence_equals_float64_at_every_logit_scale(std, kind, beta, temperature):
     """Every kind, per position, equals its formula in float64 to relative 1e-5 at logit standard
@@ -323,12 +335,13 @@ def test_gradients_as_close_as_trls_float32_at_every_logit_scale(std, beta, temp
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES_SCALE)
-@pytest.mark.parametrize("kind", ["fkl", "rkl", "tvd", "ajsd"])
-@pytest.mark.parametrize("std", SCALES_GRAD)
+@pytest.mark.parametrize("kind,std", [(k, s) for k in ["fkl", "rkl", "tvd", "ajsd", "nla", "lk"] for s in SCALES_GRAD]
+                         + [("nla", 1000.0), ("lk", 1000.0)])
 def test_token_divergence_gradients_equal_float64_at_every_logit_scale(std, kind, temperature):
-    """The analytic gradients of every kind (tvd and ajsd, which TRL lacks, included) equal the float64 gradient
-    of the log-space formula up to float32 rounding (float32_bar), entry by entry, at logit standard deviations
-    1 ... 100. The floored version missed the bar by orders of magnitude."""
+    """The analytic gradients of every kind (tvd, ajsd, nla and lk, which TRL lacks, included) equal the
+    float64 gradient of the log-space formula up to float32 rounding (float32_bar), entry by entry, at logit
+    standard deviations 1 ... 100 (nla and lk up to 1000). The floored version missed the bar by orders of
+    magnitude."""
     student, teacher = wide_logits(29 + int(std), std)
     weights = torch.rand(student.shape[:-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x = student.clone().requires_grad_()
@@ -336,7 +349,8 @@ def test_token_divergence_gradients_equal_float64_at_every_logit_scale(std, kind
     exact, bar, p_s, p_t = float32_bar(student, teacher, kind, 0.5, temperature, weights)
     assert torch.isfinite(x.grad).all()
     ok = (x.grad.double() - exact).abs() <= bar
-    if kind == "tvd":  # sign(p_S - p_T) jumps where p_S = p_T: leave out positions within 1e-4 of a kink
+    if kind in ("tvd", "nla", "lk"):  # sign(p_S - p_T) jumps where p_S = p_T: leave out positions within 1e-4
+        # of a kink
         kink = ((p_s - p_t).abs() < 1e-4 * (p_s + p_t)) & (p_s + p_t > torch.finfo(torch.float32).tiny)
         away = ~kink.any(-1, keepdim=True)  # (B, T, 1)
         assert away.float().mean() > 0.8
@@ -477,7 +491,8 @@ def test_divergence_sum_equals_masked_sum_of_token_divergence(kind):
         x = student.clone().requires_grad_()
         total = D.divergence_sum(x, teacher, mask, kind, beta=0.3, temperature=0.9, chunk_size=chunk)
         total.backward()
-        expected = D.token_divergence(student, teacher, kind, beta=0.3, temperature=0.9)[mask].sum()
+        # the kept positions alone (lk's w is the mean alpha over exactly these)
+        expected = D.token_divergence(student[mask], teacher[mask], kind, beta=0.3, temperature=0.9).sum()
         torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
         grads.append(x.grad)
     assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
@@ -593,7 +608,9 @@ def test_shared_vocab_refuses_real_mismatches():
 
 # ------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="kl"), r"kind='kl'.*\('fkl', 'rkl', 'jsd', 'tvd', 'ajsd'\)"),
+    (dict(kind="kl"), r"kind='kl'.*\('fkl', 'rkl', 'jsd', 'tvd', 'ajsd', 'nla', 'lk'\)"),
+    (dict(kind="lk", lk_scale=-1.0), r"lk_scale=-1.0.*>= 0"),
+    (dict(kind="lk", lk_decay=math.nan), r"lk_decay=nan.*finite"),
     (dict(kind="jsd", beta=1.5), r"beta=1.5.*\[0, 1\]"),
     (dict(kind="jsd", beta=-0.1), r"beta=-0.1.*\[0, 1\]"),
     (dict(kind="rkl", temperature=0.0), r"temperature=0.0.*> 0"),
@@ -618,3 +635,138 @@ def test_bad_shapes_and_reductions_raise_value_error():
         D.generalized_jsd_loss(student, teacher, labels=torch.zeros(3, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"beta=2.0"):
         D.generalized_jsd_loss(student, teacher, beta=2.0)
+
+
+# ------------------------------------------------------------------------ acceptance objectives (nla, lk)
+def grad_of(kind, student, teacher, **kw):
+    x = student.clone().requires_grad_()
+    D.token_divergence(x, teacher, kind, **kw).sum().backward()
+    return x.grad
+
+
+def test_nla_gradient_is_tvds_divided_by_alpha():
+    """d(-log alpha) = -d alpha / alpha and d(1 - alpha) = tvd's gradient: nla's gradient is tvd's / alpha per
+    position, ties included (both take d alpha / d p_S = 1/2 at s = t). Float64, so the identity is exact."""
+    student, teacher = logits_pair(seed=91, dtype=torch.float64)
+    student[0, 0, :5] = teacher[0, 0, :5]  # some exact ties ...
+    student[0, 0, 5:] = teacher[0, 0, 5:].flip(-1)  # ... with the same normaliser: s = t exactly there
+    alpha = torch.minimum(torch.softmax(student, -1), torch.softmax(teacher, -1)).sum(-1, keepdim=True)
+    torch.testing.assert_close(grad_of("nla", student, teacher), grad_of("tvd", student, teacher) / alpha,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_acceptance_gradient_takes_half_at_exact_ties():
+    """The tie convention: at s(v) = t(v) exactly, d alpha / d p_S(v) = 1/2. Teacher logits (0, 1, 2, 3),
+    student (0, 1, 3, 2): one normaliser, so tokens 0 and 1 tie, p_S > p_T at token 2, p_S < p_T at token 3.
+    The gradient of -log alpha w.r.t. z is -(a - p_S sum(a)) with a = c p_S / alpha, c = (1/2, 1/2, 0, 1); the
+    strict convention c = 1[p_S < p_T] (or 1[p_S <= p_T]) gives another vector, so this test tells them apart."""
+    teacher = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    student = torch.tensor([[0.0, 1.0, 3.0, 2.0]], dtype=torch.float64)
+    p_s, p_t = torch.softmax(student, -1), torch.softmax(teacher, -1)
+    assert torch.equal(D.log_probs(student, 1.0)[0, :2], D.log_probs(teacher, 1.0)[0, :2])  # real ties
+    alpha = torch.minimum(p_s, p_t).sum(-1, keepdim=True)
+
+    def expected(c):
+        a = torch.tensor([c], dtype=torch.float64) * p_s / alpha
+        return -(a - p_s * a.sum(-1, keepdim=True))
+
+    got = grad_of("nla", student, teacher)
+    torch.testing.assert_close(got, expected([0.5, 0.5, 0.0, 1.0]), rtol=1e-12, atol=1e-15)
+    for strict in ([0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]):
+        assert (got - expected(strict)).abs().max() > 1e-3
+
+
+def test_nla_keeps_relative_precision_where_alpha_is_tiny():
+    """alpha as logsumexp(min(s, t)): nearly disjoint one-hot distributions (alpha ~ e^-400, far below float32's
+    smallest number) still give -log alpha to float32 precision, where sum(min(p_S, p_T)) in float32 is 0 (inf)."""
+    student, teacher = torch.zeros(2, 9), torch.zeros(2, 9)
+    student[:, 0], teacher[:, 1] = 400.0, 400.0  # the two put their mass on different tokens
+    student[1, 2] = 395.0
+    ours = D.token_divergence(student, teacher, "nla")
+    ref = ref_divergence_log(student, teacher, "nla")
+    naive = torch.minimum(torch.softmax(student, -1), torch.softmax(teacher, -1)).sum(-1)
+    assert (naive == 0).all()  # the probability-space sum underflows
+    assert (ref > 390).all()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=0)
+    assert torch.isfinite(grad_of("nla", student, teacher)).all()
+
+
+def test_nla_with_disjoint_supports_is_the_stated_finite_surrogate():
+    """alpha = 0 exactly needs -inf logits on both sides (disjoint supports). With the zero_prob_log stand-in,
+    min(s, t) = zero_prob_log at every token, so nla = -zero_prob_log - log V (~87.3 - log V nats in float32),
+    finite; the gradient is finite, lowers the student's finite logits (positive entries: descent lowers
+    them) and pulls on the student's stand-ins where the teacher has mass (negative entries)."""
+    student = torch.randn(2, V, generator=torch.Generator().manual_seed(92))
+    teacher = torch.randn(2, V, generator=torch.Generator().manual_seed(93))
+    student[:, V // 2:] = -math.inf  # the student lives on the first half ...
+    teacher[:, : V // 2] = -math.inf  # ... the teacher on the second
+    x = student.clone().requires_grad_()
+    values = D.token_divergence(x, teacher, "nla")
+    values.sum().backward()
+    surrogate = -D.zero_prob_log(torch.float32) - math.log(V)
+    torch.testing.assert_close(values, torch.full_like(values, surrogate), rtol=1e-6, atol=0)
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[:, : V // 2] > 0).all() and (x.grad[:, V // 2:] < 0).all()
+    lk = D.token_divergence(student, teacher, "lk")  # mean alpha ~ 0: w = lk_scale = 1, lk = fkl's surrogate
+    torch.testing.assert_close(lk, D.token_divergence(student, teacher, "fkl"), rtol=1e-6, atol=0)
+
+
+def test_lk_is_the_hybrid_with_w_from_the_masked_mean_alpha():
+    """lk = w fkl + (1 - w) tvd per position, w = lk_scale exp(-lk_decay mean alpha) over the call's MASKED
+    positions: the sum equals that formula, and changing the logits at masked-out positions changes nothing
+    (it would if the mean ran over every position)."""
+    student, teacher = logits_pair(seed=94, scale=3.0)
+    mask = random_labels(7) != -100
+    kw = dict(temperature=0.8, lk_scale=1.5, lk_decay=2.0)
+    total, alpha_sum = D.divergence_sum(student, teacher, mask, "lk", return_alpha=True, **kw)
+    p_s, p_t = torch.softmax(student.double() / 0.8, -1), torch.softmax(teacher.double() / 0.8, -1)
+    alpha = torch.minimum(p_s, p_t).sum(-1)
+    w = 1.5 * torch.exp(-2.0 * alpha[mask].mean())
+    fkl = D.token_divergence(student, teacher, "fkl", temperature=0.8)
+    tvd = D.token_divergence(student, teacher, "tvd", temperature=0.8)
+    torch.testing.assert_close(total.double(), (w * fkl + (1 - w) * tvd)[mask].sum().double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(alpha_sum.double(), alpha[mask].sum(), rtol=1e-6, atol=0)
+    other = student.clone()
+    other[~mask] = 10 * torch.randn(other[~mask].shape)
+    torch.testing.assert_close(D.divergence_sum(other, teacher, mask, "lk", **kw), total, rtol=0, atol=0)
+
+
+def test_lk_weight_is_a_constant_and_its_ends_are_tvd_and_fkl():
+    """No gradient flows through w: lk's gradient is w fkl's + (1 - w) tvd's with w held fixed (a gradient
+    through the mean alpha would add a term). lk_scale = 0 makes it tvd, lk_decay = 0 (w = 1) forward KL."""
+    student, teacher = logits_pair(seed=95, scale=3.0)
+    alpha = torch.minimum(torch.softmax(student.double(), -1), torch.softmax(teacher.double(), -1)).sum(-1)
+    w = float(torch.exp(-alpha.mean()))
+    expected = w * grad_of("fkl", student, teacher) + (1 - w) * grad_of("tvd", student, teacher)
+    torch.testing.assert_close(grad_of("lk", student, teacher), expected, rtol=1e-5, atol=1e-7)
+    for kw, kind in ((dict(lk_scale=0.0), "tvd"), (dict(lk_decay=0.0), "fkl")):
+        torch.testing.assert_close(D.token_divergence(student, teacher, "lk", **kw),
+                                   D.token_divergence(student, teacher, kind), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad_of("lk", student, teacher, **kw), grad_of(kind, student, teacher),
+                                   rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", D.DIVERGENCES)
+def test_divergence_sum_returns_alpha_at_the_loss_temperature(kind):
+    """return_alpha gives the masked sum of alpha = sum_v min(p_T, p_S) at the loss temperature (what
+    distill.py logs as train_alpha), equal to the float64 formula for every kind; the loss is unchanged and the
+    order of the extra outputs is (sum, entropy_sum, alpha_sum). At temperature 1 it is another number."""
+    student, teacher = logits_pair(seed=96, scale=3.0)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.6
+    x = student.clone().requires_grad_()
+    total, h_sum, a_sum = D.divergence_sum(x, teacher, mask, kind, temperature=0.6, chunk_size=4,
+                                           return_teacher_entropy=True, return_alpha=True)
+
+    def alpha_at(tau):
+        p_s, p_t = torch.softmax(student.double() / tau, -1), torch.softmax(teacher.double() / tau, -1)
+        return torch.minimum(p_s, p_t).sum(-1)[mask].sum()
+
+    torch.testing.assert_close(a_sum.double(), alpha_at(0.6), rtol=1e-6, atol=0)
+    assert abs(float(a_sum) - float(alpha_at(1.0))) > 1e-2
+    assert not a_sum.requires_grad
+    only_alpha = D.divergence_sum(student, teacher, mask, kind, temperature=0.6, return_alpha=True)
+    torch.testing.assert_close(only_alpha[1], a_sum, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total, D.divergence_sum(student, teacher, mask, kind, temperature=0.6), rtol=1e-6,
+                               atol=0)
+    total.backward()
+    assert torch.isfinite(x.grad).all()
