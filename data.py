@@ -552,6 +552,67 @@ def load_examples(task: str, split: str, *, source: str = "standin", path=None, 
 
 
 # --------------------------------------------------------------------------------------------
+# Validation: train-split prompts that training never sees
+# --------------------------------------------------------------------------------------------
+
+VAL_SEED = 10_000                  # the stand-in stream validation prompts are drawn from
+
+
+def unused_standins(task: str, n: int, used_prompts) -> list[Example]:
+    """The first n train-split stand-ins of the stream of seed VAL_SEED whose prompt is not in used_prompts."""
+    used = set(used_prompts)
+    pool = standin_examples(task, "train", n=len(used) + n, seed=VAL_SEED)
+    val = [e for e in pool if e.prompt not in used][:n]
+    if len(val) < n:
+        raise ValueError(f"only {len(val)} {task} train prompts are unused by training, need {n}")
+    return val
+
+
+def held_out_split(task: str, n_train: int | None, n_val: int, *, source: str = "standin", path=None,
+                   seed: int = 0, tokenizer=None, verbose: bool = False) -> tuple[list[Example], list[Example]]:
+    """(training examples, n_val validation examples), both from the TRAIN split and disjoint, the validation
+    ones also disjoint from the eval split that evaluate.py scores (checked: check_held_out).
+    Stand-ins: training = load_examples(train, n_train, seed) (the same as without validation), validation =
+    unused_standins. A file or the hub: validation = the LAST n_val train rows, training = the first
+    min(n_train, rows - n_val) rows before them (said when that is fewer than asked)."""
+    if source == "standin":
+        train = load_examples(task, "train", source=source, n=n_train, seed=seed, tokenizer=tokenizer,
+                              verbose=verbose)
+        val = unused_standins(task, n_val, (e.prompt for e in train))
+    else:
+        rows = load_examples(task, "train", source=source, path=path, seed=seed, tokenizer=tokenizer,
+                             verbose=verbose)
+        if len(rows) <= n_val:
+            raise DataError(f"{task} train split: {len(rows)} rows, too few to hold out {n_val} validation "
+                            f"prompts and train on the rest; lower the number of validation prompts")
+        n = len(rows) - n_val if n_train is None else min(n_train, len(rows) - n_val)
+        if verbose or (n_train is not None and n < n_train):
+            print(f"[data] {task}: the last {n_val} train rows are the validation prompts; training on the "
+                  f"first {n}" + (f" (not {n_train})" if n_train is not None and n < n_train else ""), flush=True)
+        train, val = rows[:n], rows[-n_val:]
+    check_held_out(task, train, val, source=source, path=path, tokenizer=tokenizer)
+    return train, val
+
+
+def check_held_out(task: str, train: list[Example], val: list[Example], *, source: str = "standin", path=None,
+                   tokenizer=None):
+    """Raise DataError unless no validation prompt is a training prompt or a prompt of the eval split (the
+    stand-ins' split is the prompt hash, so membership is checked by it; files / the hub: the eval split's
+    rows are read)."""
+    train_prompts = {e.prompt for e in train}
+    if any(e.prompt in train_prompts for e in val):
+        raise DataError(f"{task}: a validation prompt is also a training prompt (the data repeats a row)")
+    if source == "standin":
+        in_eval = [e for e in val if _split_of(e.prompt) == "eval"]
+    else:
+        eval_prompts = {e.prompt for e in load_examples(task, "eval", source=source, path=path, tokenizer=tokenizer)}
+        in_eval = [e for e in val if e.prompt in eval_prompts]
+    if in_eval:
+        raise DataError(f"{task}: {len(in_eval)} validation prompt(s) are in the eval split too (the train and "
+                        f"eval files share rows), e.g. {in_eval[0].prompt[:60]!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
 

@@ -49,6 +49,16 @@ alpha = sum_x min(p_tau, q_tau), again at tau without top-p and from the loss's 
 train_accepted_length = (1 - a^(gamma+1)) / (1 - a) at a = train_alpha and the protocol's gamma: an ESTIMATE
 of the mean accepted length (it assumes i.i.d. acceptances at the training tokens' mean alpha, on the
 student's own samples, without top-p); the validation rows below measure the real thing.
+Validation (--eval-every N, off by default): after every N-th optimizer step and after the last, rank 0 runs
+exact speculative decoding (specdec.speculative_generate, the decoding protocol, one fixed sampling seed) of the
+current student against the teacher on --eval-prompts K held-out validation prompts: train-split prompts that
+training never sees and that are not in evaluate.py's eval split (data.held_out_split; checked). That step's
+row gets val_acceptance_rate (accepted / drafted), val_alpha (mean sum_x min(p, q) over drafted positions, the
+processed p and q), val_mean_accepted_length (tokens per target call), val_per_position_acceptance (the
+rate at draft positions 1..gamma), all pooled over the K prompts, and val_seconds. <out>/best/ holds the student
+of the highest val_acceptance_rate so far (the first on ties) and best.json (its step and val row), written
+atomically with checksums; a checkpoint of that step is written first, so best/ is never newer than the
+checkpoint a --resume starts from, and the resumed run keeps it.
 Sampling uses models.decoding_protocol: the same temperature, top-p, stop ids and vocabulary (len(tokenizer))
 as evaluate.py and report.py.
 
@@ -167,6 +177,11 @@ class Config:
                                        "runs); default off")
     save_every: int | None = option(None, "checkpoint every N steps (and always at the end); default: the "
                                           "preset's (50 if unset)", preset=True, fallback=50)
+    # validation by exact speculative decoding
+    eval_every: int = option(0, "validate every N steps (and after the last) by speculative decoding on "
+                                "held-out prompts, keeping <out>/best/; 0 = off (the default)")
+    eval_prompts: int = option(32, "validation prompts (train-split prompts training never sees); "
+                                   "default %(default)s")
 
 
 def parse_args(argv=None) -> Config:
@@ -253,6 +268,10 @@ def check_options(cfg: Config):
     for name in ("lk_scale", "lk_decay"):
         if getattr(cfg, name) < 0:
             bad(name, ">= 0 (lk's KL weight w = lk_scale exp(-lk_decay mean alpha))")
+    if cfg.eval_every < 0:
+        bad("eval_every", ">= 0 (0 = no validation)")
+    if cfg.eval_prompts < 1:
+        bad("eval_prompts", ">= 1")
     if cfg.overwrite and cfg.resume:
         raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
@@ -407,6 +426,79 @@ def save_final(out: Path, student, tokenizer) -> Path:
     return final
 
 
+# ----------------------------------------------------------------------------- validation and best/
+
+VAL_KEYS = ("val_acceptance_rate", "val_alpha", "val_mean_accepted_length", "val_per_position_acceptance")
+
+
+def validate(run) -> dict:
+    """The val_* keys of a row: exact speculative decoding of the current student drafting for the teacher on
+    the validation prompts, with the decoding protocol and one fixed sampling seed (the same at every
+    validation, so the rows differ by the student only); pooled over the prompts (specdec's batch stats).
+    NaN (nothing drafted) is written as null."""
+    run.student.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad(), run.autocast:
+        stats = specdec.speculative_generate(run.teacher, run.student, run.val_prompts, seed=VAL_SAMPLING_SEED,
+                                             **run.protocol.speculative_kwargs()).stats
+    run.student.train()
+    clean = lambda x: None if isinstance(x, float) and math.isnan(x) else x   # noqa: E731
+    val = {f"val_{k}": stats[k] for k in ("acceptance_rate", "alpha", "mean_accepted_length")}
+    val = {k: clean(v) for k, v in val.items()}
+    val["val_per_position_acceptance"] = [clean(x) for x in stats["per_position_acceptance"]]
+    val["val_seconds"] = time.perf_counter() - t0
+    if val["val_acceptance_rate"] is None:
+        val["val_acceptance_rate"] = math.nan   # compared below, never a best; written as NaN
+    return val
+
+
+VAL_SAMPLING_SEED = 0
+
+
+@dataclass
+class Best:
+    """The best validation so far: its step and val_acceptance_rate (-inf before the first)."""
+    step: int = 0
+    value: float = -math.inf
+
+
+def save_best(out: Path, step: int, student, tokenizer, val: dict) -> Best:
+    """<out>/best: the student (a plain Hugging Face directory), best.json {step, val_*}, checksums.json;
+    written to a temporary directory and renamed over the old best/ (a crash leaves the old or the new)."""
+    best, tmp, old = out / "best", out / ".best.tmp", out / ".best-old.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "best.json").write_text(json.dumps({"step": step, **val}, indent=1))
+    rundir.write_checksums(tmp)
+    if best.exists():
+        os.replace(best, old)                 # two renames: no moment without a whole best (old or new)
+    os.replace(tmp, best)
+    rundir.fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return Best(step, val["val_acceptance_rate"])
+
+
+def load_best(out: Path, start: int) -> Best:
+    """The best so far of a resumed run: <out>/best's step and value when it verifies and is not newer than
+    the checkpoint resumed from (it cannot be, unless the newest checkpoint was damaged); otherwise best/ is
+    removed, saying why, and the next validation makes it again."""
+    best = out / "best"
+    if not best.exists():
+        old = out / ".best-old.tmp"                # killed between best/'s two renames: the old one is whole
+        if not old.exists():
+            return Best()
+        os.replace(old, best)
+    problem = rundir.verify_checkpoint(best)
+    info = json.loads((best / "best.json").read_text()) if problem is None else {}
+    if problem is None and info["step"] <= start:
+        return Best(info["step"], info["val_acceptance_rate"])
+    why = problem or f"it is from step {info['step']}, after the checkpoint resumed from (step {start})"
+    rundir.say(f"{best} removed: {why}; the next validation writes it again")
+    shutil.rmtree(best)
+    return Best()
+
+
 # ----------------------------------------------------------------------------- distributed
 
 def init_distributed():
@@ -489,26 +581,35 @@ def train(cfg: Config):
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0             # the step's time, without validation
 
-        # 5) log: global mean loss per completion token, tokens/s of the whole step (sampling included)
+        # 5) validate the updated student (rank 0): exact speculative decoding on the held-out prompts
+        last = step + 1 == cfg.steps
+        val = validate(run) if run.master and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) else {}
+        new_best = bool(val) and val["val_acceptance_rate"] > run.best.value   # nan is never a new best
+        new_best = all_reduce_sum(float(new_best), world, run.device) > 0      # every rank checkpoints with it
+
+        # 6) log: global mean loss per completion token, tokens/s of the whole step (sampling included)
         loss_sum = all_reduce_sum(loss_sum, world, run.device)
         ent_sum = all_reduce_sum(ent_sum, world, run.device)
         train_alpha = all_reduce_sum(alpha_sum, world, run.device) / max(n_tokens, 1.0)
-        dt = all_reduce_sum(time.perf_counter() - t0, world, run.device) / world
+        dt = all_reduce_sum(dt, world, run.device) / world
         row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=float(grad_norm),
                    completion_len=n_tokens / cfg.batch_size, loss_teacher_entropy=ent_sum / max(n_tokens, 1.0),
                    train_alpha=train_alpha,
                    train_accepted_length=specdec.expected_accepted_length(train_alpha, run.protocol.gamma),
-                   tokens_per_s=n_tokens / dt, source=source)
+                   tokens_per_s=n_tokens / dt, source=source, **val)
         if run.master:
             run.metrics.write(json.dumps(row) + "\n")
             run.metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
-        # 6) checkpoint (atomic), every save_every steps and at the end
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        # 7) checkpoint (atomic), every save_every steps, at the end and at a new best; then best/
+        if (step + 1) % cfg.save_every == 0 or last or new_best:
             if run.master:
                 save_checkpoint(run.out, step + 1, student, run.tokenizer, run.optimizer, run.scheduler)
+                if new_best:
+                    run.best = save_best(run.out, step + 1, student, run.tokenizer, val)
             if world > 1:
                 dist.barrier()
     return finish(run)
@@ -565,6 +666,8 @@ class Run:
     scheduler: object
     start: int                          # the first step to run (the checkpoint's on --resume)
     metrics: object                     # <out>/metrics.jsonl, open for appending (rank 0; else None)
+    val_prompts: list[list[int]]        # held-out validation prompts ([] without --eval-every)
+    best: "Best"                        # the best validation so far (<out>/best/)
 
 
 def set_up(cfg: Config) -> Run:
@@ -572,7 +675,7 @@ def set_up(cfg: Config) -> Run:
     process and device, models and data, optimiser and schedule (restored on --resume), the run directory."""
     rank, world, device = set_up_process(cfg)
     out, master = Path(cfg.out), rank == 0
-    teacher, student, tokenizer, examples, ckpt = load_models_and_data(cfg, device, master)
+    teacher, student, tokenizer, examples, val_examples, ckpt = load_models_and_data(cfg, device, master)
     # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
     protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
                                         temperature=cfg.temperature, top_p=cfg.top_p,
@@ -590,6 +693,7 @@ def set_up(cfg: Config) -> Run:
 
     optimizer, scheduler, start = make_optimizer(cfg, student, ckpt, device)
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    best = load_best(out, start) if master and ckpt else Best()   # best/ of a resumed run, before the clean-up
     if master:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
@@ -598,9 +702,10 @@ def set_up(cfg: Config) -> Run:
     # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one
     # starts empty
     metrics = rundir.open_log(out, start if ckpt else None) if master else None
+    val_prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in val_examples]
     return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol, stop_ids,
                tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references, optimizer,
-               scheduler, start, metrics)
+               scheduler, start, metrics, val_prompts, best)
 
 
 def set_up_process(cfg: Config):
@@ -621,13 +726,21 @@ def set_up_process(cfg: Config):
 
 def load_models_and_data(cfg: Config, device, master: bool):
     """The training examples, then the frozen teacher (eval, no grad) and the trainable student (--resume:
-    from the newest verified checkpoint). -> teacher, student, tokenizer, examples, checkpoint (or None)."""
+    from the newest verified checkpoint). With --eval-every, the validation examples are held out of the train
+    split (data.held_out_split). -> teacher, student, tokenizer, examples, validation examples, checkpoint."""
     if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
     # the data before any model: rows checked, CNN/DM's length filter counted with the teacher's tokenizer
-    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
-                                  seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
+    tok = models.load_tokenizer(cfg.teacher)
+    if cfg.eval_every:
+        examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,
+                                                     path=cfg.data_path, seed=cfg.seed, tokenizer=tok,
+                                                     verbose=master)
+    else:
+        examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
+                                      seed=cfg.seed, tokenizer=tok, verbose=master)
+        val_examples = []
     ckpt = rundir.resume_checkpoint(Path(cfg.out)) if cfg.resume else None   # the newest verified checkpoint
     teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
                                                    device=device, load_in_8bit=cfg.teacher_8bit)
@@ -635,7 +748,7 @@ def load_models_and_data(cfg: Config, device, master: bool):
     student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    return teacher, student, tokenizer, examples, ckpt
+    return teacher, student, tokenizer, examples, val_examples, ckpt
 
 
 def make_optimizer(cfg: Config, student, ckpt: Path | None, device):

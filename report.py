@@ -109,7 +109,6 @@ QUICK = dict(seeds=(0, 1), steps=8, n_prompts=16, n_profile=8, runs="runs/quick"
              out="results/quick/REPORT.md", n_boot=1000, n_bins=3, ajsd_floors=(0.25, 0.75),
              ajsd_scales=(0.3, 3.0), n_val=8)
 HEADLINE = {"gsm8k": ("rkl", "jsd"), "cnndm": ("jsd", "fkl")}   # the comparisons the study must resolve
-VAL_SEED = 10_000                 # the stand-in stream the validation prompts come from
 EQUIV_MARGIN = 0.015              # "equivalent": the 95% interval of the difference lies within +/- 1.5 points
 
 
@@ -622,7 +621,7 @@ def held_out_args(cfg: ReportConfig, task: str) -> list[str]:
 def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
     """cfg.n_val examples of the TRAIN split that no training run of `used_seeds` sees: disjoint from
     the eval prompts (data.py's split) and from every training set (checked prompt by prompt).
-    Stand-ins: drawn from the stand-in's stream of seed VAL_SEED. A file/hub source: the last n_val
+    Stand-ins: drawn from the stand-in's stream of seed data.VAL_SEED. A file/hub source: the last n_val
     train rows, which held_out_args keeps out of every training run."""
     import data
     import models
@@ -636,12 +635,7 @@ def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
     # the stand-in articles are far below the length filter: no tokenizer needed to list them
     used = {e.prompt for s in used_seeds
             for e in data.load_examples(task, "train", source=source, n=n_train, seed=s, max_article_tokens=None)}
-    pool = data.load_examples(task, "train", source=source, n=len(used) + cfg.n_val, seed=VAL_SEED,
-                              max_article_tokens=None)
-    val = [e for e in pool if e.prompt not in used][:cfg.n_val]
-    if len(val) < cfg.n_val:
-        raise ValueError(f"only {len(val)} {task} train prompts are unused by training, need n_val={cfg.n_val}")
-    return val
+    return data.unused_standins(task, cfg.n_val, used)
 
 
 def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:

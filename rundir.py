@@ -5,6 +5,7 @@ A run directory holds
     metrics.jsonl           one json row per optimizer step {"step": s, ...}: append-only, flushed per step
     ckpt-<step>/            the last two checkpoints; each lists the sha256 of its files in checksums.json
     final/                  the trained student (a plain Hugging Face directory)
+    best/                   with --eval-every: the student of the best validation step, best.json, checksums
     .lock                   the pid of the one process that writes here (while it runs)
 
 Invariants (each kept by one small function below, each pinned by tests/test_rundir.py):
@@ -225,7 +226,7 @@ def run_files(out: Path) -> list[Path]:
     out = Path(out)
     if not out.is_dir():
         return []
-    names = [out / CONFIG, out / LOG, out / "final"]
+    names = [out / CONFIG, out / LOG, out / "final", out / "best"]
     return sorted([p for p in names if p.exists()] + list(out.glob("ckpt-*")) + list(out.glob("damaged-ckpt-*")))
 
 

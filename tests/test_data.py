@@ -388,3 +388,39 @@ def test_distill_refuses_bad_rows_before_loading_models(tmp_path, tokenizer):
                       "--data-path", str(empty), "--out", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="--source file needs --data-path"):
         distill.main(["--task", "gsm8k", "--source", "file", "--out", str(tmp_path / "run")])
+
+
+# ----------------------------------------------------------------------------- validation prompts (held out)
+
+def test_standin_validation_prompts_are_disjoint_from_training_and_the_eval_split():
+    """distill.py --eval-every validates on train-split prompts training never sees: none of them is a
+    training prompt, none is in the eval split evaluate.py scores (its whole first 200 prompts checked, and the
+    hash rule for all), and the training examples are exactly those of a run without validation."""
+    train, val = data.held_out_split("gsm8k", 64, 16, seed=3)
+    assert len(val) == 16 and train == data.load_examples("gsm8k", "train", n=64, seed=3)
+    assert not {e.prompt for e in val} & {e.prompt for e in train}
+    assert not {e.prompt for e in val} & {e.prompt for e in data.load_examples("gsm8k", "eval", n=200)}
+    assert all(data._split_of(e.prompt) == "train" for e in val)
+
+
+def test_file_validation_prompts_are_the_last_train_rows_and_training_stops_before_them(tmp_path):
+    """With files, the validation prompts are the last K train rows and training takes rows before them (at
+    most n_train): the two never share a row, and the eval file's rows are checked against."""
+    train, val = data.held_out_split("gsm8k", 100, 5, source="file", path=FIXTURES)
+    rows = data.load_examples("gsm8k", "train", source="file", path=FIXTURES)
+    assert val == rows[-5:] and train == rows[:-5]
+    train, _ = data.held_out_split("gsm8k", 10, 5, source="file", path=FIXTURES)
+    assert train == rows[:10]
+
+
+def test_validation_rows_shared_with_the_eval_file_are_refused(tmp_path):
+    """A train file whose last rows are also in the test file would validate on evaluation prompts: refused,
+    naming the problem, before any model loads."""
+    shutil.copy(FIXTURES / "test.jsonl", tmp_path / "test.jsonl")
+    train_rows = (FIXTURES / "train.jsonl").read_text().splitlines()
+    test_rows = (FIXTURES / "test.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(train_rows + test_rows[:2]) + "\n")
+    with pytest.raises(data.DataError, match="in the eval split too"):
+        data.held_out_split("gsm8k", None, 4, source="file", path=tmp_path)
+    with pytest.raises(data.DataError, match="too few"):
+        data.held_out_split("gsm8k", None, 40, source="file", path=FIXTURES)

@@ -316,6 +316,98 @@ def test_lk_options_reach_the_loss_and_bad_values_are_refused(pair, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+# ----------------------------------------------------------------------------- validation while training
+
+def val_rows(out):
+    return [r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "val_acceptance_rate" in r]
+
+
+def test_validation_rows_come_every_n_steps_and_do_not_change_training(pair, tmp_path):
+    """--eval-every 2 over 5 steps validates after steps 2, 4 and the last (5), each row with every val_* key
+    (per-position rates: one per draft position); the training losses and final weights are exactly those of
+    a run without validation (it draws from its own generator); without the flag no row has a val_* key."""
+    plain = distill.main(run_args(pair, tmp_path / "plain", "--steps", 5))
+    val = distill.main(run_args(pair, tmp_path / "val", "--steps", 5, "--eval-every", 2, "--eval-prompts", 4))
+    rows = val_rows(val)
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    gamma = models.preset_config("tiny", "gsm8k")["gamma"]
+    for r in rows:
+        assert all(k in r for k in distill.VAL_KEYS) and len(r["val_per_position_acceptance"]) == gamma
+        assert 0 <= r["val_acceptance_rate"] <= 1 and 0 < r["val_alpha"] <= 1
+        assert 1 <= r["val_mean_accepted_length"] <= gamma + 1 and r["val_seconds"] > 0
+    assert val_rows(plain) == [] and read_losses(plain) == read_losses(val)
+    a, b = state(plain / "final"), state(val / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_is_the_student_of_the_best_validation_step(pair, loaded, tmp_path):
+    """best/ holds the student of the step with the highest val_acceptance_rate (the first on ties):
+    best.json names that step and its row, and validating best/'s weights again gives that row's numbers."""
+    out = distill.main(run_args(pair, tmp_path, "--steps", 4, "--eval-every", 1, "--eval-prompts", 4,
+                                "--lr", 3e-3))
+    rows = val_rows(out)
+    values = [r["val_acceptance_rate"] for r in rows]
+    assert len(set(values)) > 1                           # the steps differ, so the choice is a real one
+    top = rows[values.index(max(values))]
+    info = json.loads((out / "best" / "best.json").read_text())
+    assert info["step"] == top["step"] and info["val_acceptance_rate"] == top["val_acceptance_rate"]
+    assert distill.rundir.verify_checkpoint(out / "best") is None
+    cfg = distill.resolve_config(distill.parse_args(run_args(pair, tmp_path / "re", "--eval-every", 1,
+                                                             "--eval-prompts", 4)))
+    run = distill.set_up(cfg)
+    run.metrics.close()
+    run.student = AutoModelForCausalLM.from_pretrained(out / "best")
+    again = distill.validate(run)
+    assert again["val_acceptance_rate"] == top["val_acceptance_rate"]
+    assert again["val_per_position_acceptance"] == top["val_per_position_acceptance"]
+
+
+def test_kill_and_resume_keeps_best_and_the_validation_rows(pair, tmp_path, monkeypatch):
+    """A run with validation killed mid-way and resumed logs the same rows (val_* included, val_seconds
+    aside) and ends with the same best/ (step, numbers, weights) as the uninterrupted run."""
+    extra = ("--steps", 6, "--eval-every", 2, "--eval-prompts", 4, "--save-every", 3)
+    full = distill.main(run_args(pair, tmp_path / "full", *extra))
+    calls = {"n": 0}
+    real = distill.specdec.autoregressive_generate
+
+    def dies_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(run_args(pair, tmp_path / "cut", *extra))
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", real)
+    assert (tmp_path / "cut" / "best").exists()
+    cut = distill.main(run_args(pair, tmp_path / "cut", *extra, "--resume"))
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k not in ("val_seconds", "tokens_per_s")}
+                for r in map(json.loads, open(out / "metrics.jsonl"))]
+
+    assert rows(cut) == rows(full) and len(val_rows(cut)) == 3
+    info = [json.loads((o / "best" / "best.json").read_text()) for o in (full, cut)]
+    assert [{k: v for k, v in i.items() if k != "val_seconds"} for i in info][0] == \
+        [{k: v for k, v in i.items() if k != "val_seconds"} for i in info][1]
+    a, b = state(full / "best"), state(cut / "best")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_best_is_removed_on_resume(pair, tmp_path):
+    """best/ is trusted only when its checksums match: a damaged one is removed on --resume, saying so, and
+    the next validation writes a fresh one."""
+    extra = ("--steps", 2, "--eval-every", 1, "--eval-prompts", 4, "--save-every", 1)
+    out = distill.main(run_args(pair, tmp_path, *extra))
+    step = json.loads((out / "best" / "best.json").read_text())["step"]
+    with open(out / "best" / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    assert distill.load_best(out, start=2) == distill.Best()
+    assert not (out / "best").exists() and step >= 1
+
+
 # ----------------------------------------------------------------------------- checkpoints, resume, final
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(pair, tmp_path, monkeypatch):
@@ -435,6 +527,8 @@ def test_loss_temperature_defaults_to_the_sampling_temperature(pair):
     (["--lmbda", "-0.1"], ["-0.1", "[0, 1]"]),
     (["--off-policy", "web"], ["web", "dataset", "teacher"]),
     (["--resume"], ["--resume", "checkpoint"]),
+    (["--eval-every", "-1"], ["--eval-every", ">= 0"]),
+    (["--div", "lk", "--lk-scale", "nan"], ["--lk-scale", "finite"]),
 ])
 def test_bad_input_stops_before_any_work(pair, tmp_path, extra, words):
     """A wrong value fails at once with a message naming it and the valid choices; nothing is written."""
