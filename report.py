@@ -6,7 +6,8 @@ pair):
      prompts (train-split prompts no training run sees; the eval split is disjoint by data.py's
      hash), then keep the best setting (`tune_ajsd`). The eval prompts are never touched here.
   1. train a draft with each divergence (fkl, rkl, jsd beta=0.5, tvd, ajsd with the selected
-     setting; distill.main) for several training seeds;
+     setting, and the acceptance objectives nla and lk at distill.py's defaults; distill.main) for several
+     training seeds, each validating its final student once (--eval-every, for estimates.py);
   2. evaluate the baseline (untrained) draft and every trained one with batched speculative
      decoding (evaluate.main --record: gamma 5, top-p 0.95, the task's temperature), every run on
      the same eval prompts with the same sampling seed; then:
@@ -29,6 +30,8 @@ pair):
               (entropy.quantile_edges: H = 0 its own bin, quantiles of the rest), so none is empty.
               Per bin: acceptance levels (Wilson, seeds pooled) and differences with bootstrap
               intervals (tokens of one prompt stay together), plotted per task.
+  estimates   each run's train_alpha and val_alpha (logged while training) against the eval alpha of
+              its final student (estimates.py): a plot, a table and a sentence per task.
   sentences   generated from the numbers.
 
 Data: `--source` / `--data-path` as distill.py and evaluate.py take them (data.resolve_source); a path
@@ -61,7 +64,10 @@ from pathlib import Path
 
 import numpy as np
 
-DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd", "ajsd")   # jsd: beta = 0.5 (distill's default)
+DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd", "ajsd", "nla", "lk")   # jsd: beta = 0.5 (distill's default)
+FIXED = ("fkl", "rkl", "jsd", "tvd")      # the fixed divergences; ajsd, nla and lk are compared with their best
+ACCEPTANCE_OBJECTIVES = ("nla", "lk")     # LK losses' objectives (divergences.py), distill.py's defaults
+VALIDATE_AT_END = 10**9                   # --eval-every: one validation, after the last step (estimates.py)
 METRICS = ("token_acceptance", "alpha", "mean_accepted_length")
 METRIC_NAMES = {"token_acceptance": "token acceptance", "alpha": "analytic alpha",
                 "mean_accepted_length": "mean accepted length"}
@@ -89,6 +95,7 @@ class ReportConfig:
     ajsd_scales: tuple = (0.3, 1.0, 3.0)     # nats
     grid_seeds: tuple = (0,)          # training seeds per grid point
     n_val: int = 256                  # validation prompts (train split, unused by every training run)
+    n_val_train: int = 32             # distill.py --eval-prompts: each run validates its final student once
     runs: str = "runs/report"         # trained students: <runs>/<preset>/<task>/<div>-s<seed>
     results: str = "results/report"   # eval JSON + plots
     out: str = "results/REPORT.md"
@@ -107,7 +114,7 @@ class ReportConfig:
 
 QUICK = dict(seeds=(0, 1), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
              out="results/quick/REPORT.md", n_boot=1000, n_bins=3, ajsd_floors=(0.25, 0.75),
-             ajsd_scales=(0.3, 3.0), n_val=8)
+             ajsd_scales=(0.3, 3.0), n_val=8, n_val_train=8)
 HEADLINE = {"gsm8k": ("rkl", "jsd"), "cnndm": ("jsd", "fkl")}   # the comparisons the study must resolve
 EQUIV_MARGIN = 0.015              # "equivalent": the 95% interval of the difference lies within +/- 1.5 points
 
@@ -288,10 +295,9 @@ def build_table(collected: dict, n_boot: int = 2000) -> list[Row]:
 
 
 def best_fixed(by_div: dict, metric: str = "token_acceptance") -> str | None:
-    """The trained fixed divergence (not the baseline, not ajsd) with the highest mean of `metric`.
+    """The trained fixed divergence (FIXED: not the baseline, ajsd, nla or lk) with the highest mean of `metric`.
     by_div: {div: [per-seed per-prompt metrics]} (collect_runs' value for one task)."""
-    means = {d: np.mean([np.nanmean(s[metric]) for s in seeds]) for d, seeds in by_div.items()
-             if d not in ("baseline", "ajsd")}
+    means = {d: np.mean([np.nanmean(s[metric]) for s in seeds]) for d, seeds in by_div.items() if d in FIXED}
     return max(means, key=means.get) if means else None
 
 
@@ -463,7 +469,7 @@ def findings(rows: list[Row], metric: str = "token_acceptance", paired: dict | N
             out.append(f"On {task}, {len(better)} of {len(trained)} distilled drafts beat the baseline "
                        f"({_fmt(base)}) with non-overlapping intervals" + (f" ({', '.join(better)})." if better else "."))
         if "ajsd" in trained:
-            fixed = {d: s for d, s in trained.items() if d != "ajsd"}
+            fixed = {d: s for d, s in trained.items() if d in FIXED}
             if fixed:
                 bf = max(fixed, key=lambda d: fixed[d][0])
                 a = trained["ajsd"]
@@ -473,6 +479,19 @@ def findings(rows: list[Row], metric: str = "token_acceptance", paired: dict | N
                 else:
                     out.append(f"On {task}, ajsd is NOT as good as the best fixed divergence: {_fmt(a)} vs "
                                f"{bf}'s {_fmt(fixed[bf])}, intervals do not overlap.")
+    return out
+
+
+def objective_sentences(diffs: dict) -> list[str]:
+    """nla and lk vs the best fixed divergence of each task: the paired difference with its interval and
+    what it supports (difference_statement). diffs: {task: differences(...)}."""
+    out = []
+    for task, d in diffs.items():
+        for div in ACCEPTANCE_OBJECTIVES:
+            vs_best = d["rows"].get(div, {}).get("best")
+            if vs_best is not None:
+                out.append(f"On {task}, the acceptance objective {div} vs the best fixed divergence: "
+                           + difference_statement(div, d["best"], vs_best) + ".")
     return out
 
 
@@ -544,9 +563,10 @@ def check_data(cfg: ReportConfig, log):
             log(f"data {task} {split}: {n} rows ({source}{' ' + path if path else ''}) checked")
 
 
-def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=()) -> bool:
+def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=(), validate=True) -> bool:
     """distill.main for one run into `out`; False when --reuse found it already trained (same ajsd
-    settings, read back from the run's config.json)."""
+    settings, read back from the run's config.json). validate: validate the final student once
+    (--eval-every; the study's runs, for estimates.py; not the ajsd grid's)."""
     import distill
 
     if cfg.reuse and (out / "final").exists():
@@ -558,7 +578,8 @@ def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=(
     argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out), *extra]
     if cfg.steps is not None:
         argv += ["--steps", str(cfg.steps)]
-    distill.main(argv + cfg.data_args() + held_out_args(cfg, task))
+    validation = ["--eval-every", str(VALIDATE_AT_END), "--eval-prompts", str(cfg.n_val_train)] if validate else []
+    distill.main(argv + validation + cfg.data_args() + held_out_args(cfg, task))
     return True
 
 
@@ -659,7 +680,7 @@ def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:
             i += 1
             out = grid_dir / f"f{setting[0]:g}-c{setting[1]:g}-s{seed}"
             t0 = time.time()
-            _train(cfg, task, "ajsd", seed, out, ajsd_flags(setting))
+            _train(cfg, task, "ajsd", seed, out, ajsd_flags(setting), validate=False)
             draft = models.load_model(str(out / "final"), device=teacher.device).eval()
             res = evaluate.evaluate_draft(teacher, draft, prompts, batch_size=16, seed=0, record=False,
                                          speedup_batches=1, **protocol)   # scored by acceptance only
@@ -788,8 +809,9 @@ def gain_sentences(task: str, analysis: dict) -> list[str]:
 
 
 def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grids, plots, protocols, meta,
-                 paired=None) -> Path:
+                 paired=None, estimate_summaries=None, estimates_plot=None) -> Path:
     import entropy
+    import estimates
 
     md = [f"# Report: which divergence distils the best draft? ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
     md += [f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}, "
@@ -810,6 +832,9 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
         if d is not None:
             found.append(f"On {task}, tuned ajsd vs the best fixed divergence: "
                          + difference_statement("ajsd", diffs[task]["best"], d) + ".")
+    found += objective_sentences(diffs)
+    for task, summary in (estimate_summaries or {}).items():
+        found += estimates.estimate_sentences(task, summary)
     for task, an in analysis.items():
         found += gain_sentences(task, an)
     views = sorted({v for p in profiles.values() for v in p})
@@ -835,6 +860,8 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
         md += [f"### {task}", "", differences_markdown(d), ""]
         if heads.get(task):
             md += [f"Headline: {heads[task][3]}.", ""]
+    if estimate_summaries:
+        md += estimates.estimates_markdown(estimate_summaries, estimates_plot)
     if grids:
         md += ["## Tuning ajsd (held-out validation prompts)", "",
                "beta(H) = floor + (1 - floor) exp(-H / scale). Each setting trained with seed(s) "
@@ -954,6 +981,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     import entropy
+    import estimates
 
     t0 = time.time()
     log = lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
@@ -1006,8 +1034,12 @@ def main(argv=None):
         plots[task] = {k: ({v: p.relative_to(out_dir).as_posix() for v, p in x.items()} if isinstance(x, dict)
                            else x.relative_to(out_dir).as_posix()) for k, x in plots[task].items()}
         log(f"entropy analysis {task} done")
+    points = {t: estimates.collect_estimates(evals[t]) for t in cfg.tasks}   # train/val alpha vs eval alpha
+    summaries = {t: estimates.compare(p) for t, p in points.items() if p}
+    est_plot = (estimates.plot_estimates(points, fig / "estimates.png").relative_to(out_dir).as_posix()
+                if summaries else None)
     out = write_report(cfg, rows, profiles, analysis, diffs, heads, grids, plots, protocols, _meta(t0, argv),
-                       paired)
+                       paired, summaries, est_plot)
     log(f"wrote {out}")
     return out
 

@@ -244,6 +244,19 @@ def test_differences_use_the_best_fixed_divergence_as_reference():
     assert d["rows"]["ajsd"]["best"][0] == pytest.approx(0.2) and d["rows"]["rkl"]["baseline"][0] == pytest.approx(0)
 
 
+def test_acceptance_objectives_are_compared_with_the_best_fixed_divergence_not_counted_as_one():
+    """nla and lk join the study but not the fixed set: a high nla never becomes the reference, and the
+    findings state nla - best and lk - best with their intervals, per task."""
+    by_div = R.collect_runs(_evals(seeds=(0, 1)), seeds=(0, 1))["gsm8k"]
+    by_div["tvd"] = [R.per_prompt_metrics(_entry([0.6] * 4))] * 2
+    by_div["nla"] = [R.per_prompt_metrics(_entry([0.8] * 4))] * 2
+    d = R.differences(by_div, n_boot=100)
+    assert d["best"] == "tvd" and d["rows"]["nla"]["best"][0] == pytest.approx(0.2)
+    text = R.objective_sentences({"gsm8k": d})
+    assert len(text) == 2 and "nla - tvd = +20.00 points [+20.00, +20.00]" in text[0] and "separated" in text[0]
+    assert "lk - tvd = -10.00 points" in text[1]
+
+
 def test_headline_compares_the_seed_claims():
     """gsm8k: rkl vs jsd; cnndm: jsd vs fkl; the sentence names the pair and the difference."""
     by_div = R.collect_runs(_evals(tasks=("cnndm",), seeds=(0,)), seeds=(0,))["cnndm"]
