@@ -435,7 +435,7 @@ def validate(run) -> dict:
     """The val_* keys of a row: exact speculative decoding of the current student drafting for the teacher on
     the validation prompts, with the decoding protocol and one fixed sampling seed (the same at every
     validation, so the rows differ by the student only); pooled over the prompts (specdec's batch stats).
-    NaN (nothing drafted) is written as null."""
+    NaN (nothing drafted) is written as null, and a null acceptance is never a new best."""
     run.student.eval()
     t0 = time.perf_counter()
     with torch.no_grad(), run.autocast:
@@ -447,8 +447,6 @@ def validate(run) -> dict:
     val = {k: clean(v) for k, v in val.items()}
     val["val_per_position_acceptance"] = [clean(x) for x in stats["per_position_acceptance"]]
     val["val_seconds"] = time.perf_counter() - t0
-    if val["val_acceptance_rate"] is None:
-        val["val_acceptance_rate"] = math.nan   # compared below, never a best; written as NaN
     return val
 
 
@@ -586,7 +584,7 @@ def train(cfg: Config):
         # 5) validate the updated student (rank 0): exact speculative decoding on the held-out prompts
         last = step + 1 == cfg.steps
         val = validate(run) if run.master and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) else {}
-        new_best = bool(val) and val["val_acceptance_rate"] > run.best.value   # nan is never a new best
+        new_best = val.get("val_acceptance_rate") is not None and val["val_acceptance_rate"] > run.best.value
         new_best = all_reduce_sum(float(new_best), world, run.device) > 0      # every rank checkpoints with it
 
         # 6) log: global mean loss per completion token, tokens/s of the whole step (sampling included)

@@ -81,13 +81,16 @@ gradient finite where TRL's formula gives NaN, a zero probability still adds (al
 tvd or the side of a KL it weights (0 log 0 = 0), and where a KL is truly infinite (student mass on a token the
 teacher rules out, for rkl) it counts ~87 nats per unit of mass instead of infinity -- less than a finite
 log-probability below -87.3 would cost, so do not read such rkl values as exact.
-alpha = 0 exactly (disjoint supports) needs -inf logits on both sides: with finite student logits every
-p_S(v) > 0 and alpha > 0, held exactly in log space. With the stand-in, min(s, t) >= zero_prob_log, so nla
-is a finite surrogate: at most -zero_prob_log - log V (87.3 - log V nats in float32), reached when every
-token has zero probability under one of the two; its gradient is finite (each entry of p_S g in [-1, 0]),
-it raises the student's stand-in log-probabilities on the teacher's support and lowers the rest (only the
-finite student logits can actually move). lk there is its finite fkl surrogate (weight w = lk_scale, since
-mean alpha ~ 0) plus (1 - w) x 1.
+alpha = 0 exactly needs disjoint supports, i.e. -inf logits (zero probabilities) on both sides: with finite
+logits alpha > 0, and log space holds it exactly however small (an nla of 5000 nats is computed exactly). With
+-inf logits the stand-in enters min(s, t) like any log-probability, so a token one side rules out adds at
+most tiny to alpha: nothing visible changes where the true alpha is above V x tiny (~1e-33 in float32 at
+V = 151936). For disjoint supports nla is then a finite surrogate: when every token has zero probability
+under one of the two (and the other's log-prob is above the stand-in) it is -zero_prob_log - log V
+(87.3 - log V nats in float32). Its gradient is finite (each entry of p_S g in [-1, 0]): positive on the
+student's finite logits, in proportion to p_S (descent flattens the student on its own support), negative on
+its stand-ins where the teacher has mass (those -inf logits cannot move). lk there is w = lk_scale (mean
+alpha ~ 0) times fkl's surrogate, plus (1 - w) x 1.
 The teacher entropy (teacher_log_entropy, ajsd's beta) is computed as log H, with the top token's
 log-probability rebuilt from the others' mass, so a near-certain teacher's tiny H (even below float32's
 smallest number) keeps its relative precision, and ajsd's 1 - beta ~ H is never rounded to 0.
