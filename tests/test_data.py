@@ -397,3 +397,14 @@ def test_distill_refuses_bad_rows_before_loading_models(tmp_path, tokenizer):
                       "--data-path", str(empty), "--out", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="--source file needs --data-path"):
         distill.main(["--task", "gsm8k", "--source", "file", "--out", str(tmp_path / "run")])
+
+
+def test_the_first_n_cnndm_examples_are_counted_after_the_length_filter(tmp_path, tokenizer):
+    """n asks for the first n USABLE articles: an article over MAX_ARTICLE_TOKENS tokens must be left out
+    whether or not n is given (issue 19: with n=64 the filter was skipped and a 1,800-token article came back)."""
+    rows = [{"article": "Bramley council " * 600, "highlights": "long"},
+            {"article": "Bramley council met.", "highlights": "a"},
+            {"article": "The council met again.", "highlights": "b"}]
+    f = _write_jsonl(tmp_path / "train.jsonl", rows)
+    exs = data.load_examples("cnndm", "train", source="file", path=f, n=2, tokenizer=tokenizer)
+    assert [e.reference for e in exs] == ["a", "b"]
