@@ -644,6 +644,9 @@ def set_up_process(cfg: Config):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cli.set_threads(cfg.threads)
+    if rank != 0:                             # one set of progress bars: rank 0's (the loop's, below)
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     return rank, world, device
