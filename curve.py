@@ -5,15 +5,16 @@ p = target/teacher, q = draft/student. H(p) = -sum_x p(x) log p(x) in nats, of t
 (temperature, then top-p: the p verification uses, entropy.processed_entropy).
 
 The task family ("choice-k", ``family_examples``): a fixed-structure text. The prompt (the user turn)
-lists N_ITEMS keys, each drawn from N_KEYS words; the completion writes, for each key in order, one of
-the key's K equally valid words, uniformly at random, then stops:
+holds N_NOTES distractor keys and a start key, each one of N_KEYS words; the completion walks N_ITEMS
+steps through the keys on a fixed cycle (key -> key + STRIDE mod N_KEYS) from the start key and writes
+each step as one of its key's K equally valid words, uniformly at random, then stops:
 
-    prompt      "Items: lemon river lemon ... (N_ITEMS keys)"
-    completion  "tud nab tud ..."    word j one of the first K of WORDS[key_j], each with prob. 1/K
+    prompt      "Notes: apple piano river tiger apple rocket. Start: candle"
+    completion  "bip mur mop den pug sib sal vut tos nep"    step j: one of the first K of WORDS[key_j]
 
 Every word is one token of the family's tokenizer, so a teacher that learnt the data has
 H(p) = log K at each of the N_ITEMS word positions and 0 at the stop token:
-    mean processed H(p) ~ N_ITEMS / (N_ITEMS + 1) * log K          (measured, not assumed: `measure`)
+    mean processed H(p) ~ N_ITEMS / (N_ITEMS + 1) * log K          (measured, not assumed: `measure_entropy`)
 K = 1 is a deterministic lookup (H = 0, like GSM8k's "one right answer"); K = 16 gives ~2.5 nats
 (many right answers, like CNN/DM). Everything else is fixed across settings: the prompts (the same
 prompt set for every K), the completion length, ONE tokenizer (trained on the K = K_MAX text, so every
@@ -23,8 +24,8 @@ SFT on prompt + completion, the draft smaller and trained for fewer steps), cach
 checkpoints/curve[-test]/k<K>/{teacher,student}.
 
 The rows are written in CNN/DM's columns (article = the prompt, highlights = the completion) and use
-its system prompt ("Write a very short summary ..."): the completion is a "summary" of the items with
-K equally good wordings per item. So distill.py trains the drafts unchanged (``--task cnndm --source
+its system prompt ("Write a very short summary ..."): the completion is a "summary" of the walk with
+K equally good wordings per step. So distill.py trains the drafts unchanged (``--task cnndm --source
 file --data-path <k>/train.jsonl --teacher ... --student ...``) and evaluate.evaluate_draft scores them
 with the study's protocol (gamma 5, top-p 0.95, the family's temperature).
 
@@ -38,14 +39,10 @@ Written to results/CURVE.md with figures results/figures/curve_*.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import data
 import models
 import stats
@@ -264,6 +262,7 @@ class CurveConfig:
     out: str = "results/CURVE.md"
     reuse: bool = False              # read back a draft's evaluation where it was made with these settings
     quick: bool = False
+    threads: int = cli.DEFAULT_THREADS   # CPU threads of every build, training and evaluation
 
 
 QUICK = dict(settings=(1, 4, 16), seeds=(0, 1), steps=4, n_train=32, n_prompts=16, n_boot=500, scale="test",
@@ -302,7 +301,8 @@ def distill_argv(cfg: CurveConfig, k: int, div: str, seed: int, pair: Path, trai
             "--data-path", str(train_rows), "--n-train", str(cfg.n_train),
             "--temperature", str(PROTOCOL["temperature"]), "--top-p", str(PROTOCOL["top_p"]),
             "--max-new-tokens", str(PROTOCOL["max_new_tokens"]), "--steps", str(cfg.steps),
-            "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--save-every", str(cfg.steps)]
+            "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--save-every", str(cfg.steps),
+            "--threads", str(cfg.threads)]
 
 
 def _fingerprint(cfg: CurveConfig, k: int, div: str, seed) -> dict:
@@ -618,6 +618,13 @@ def to_best_markdown(c: Curve, metric: str = "token_acceptance") -> str:
     return "\n".join(lines)
 
 
+def _direction(diff, claimed: int) -> str:
+    """What a difference's interval says about a claimed sign (+1: > 0, -1: < 0)."""
+    if not separated(diff):
+        return "not separated, the interval includes 0"
+    return "separated as claimed" if (diff[1] > 0) == (claimed > 0) else "separated AGAINST the claim"
+
+
 def answer_sentences(c: Curve) -> list[str]:
     """The plain answer: the best divergence at each entropy with what it is tied with, where the ranking
     changes (with its intervals), and the seed's claim."""
@@ -650,13 +657,10 @@ def answer_sentences(c: Curve) -> list[str]:
         verdict = ("HOLDS" if v["holds"] else "is CONTRADICTED" if v["contradicted"] else "is NOT SUPPORTED")
         out.append(
             f"The seed's claim ({a} best at low entropy, {b} at high) {verdict} in this controlled family: "
-            f"{a} - {b} = {_pts(v['low_diff'])} points at the lowest entropy (K = {v['low']}, {_h(c, v['low'])} nats) "
-            f"and {_pts(v['high_diff'])} at the highest (K = {v['high']}, {_h(c, v['high'])} nats); "
-            f"{a} is {'' if v['low_best'] else 'not '}among the best at the lowest, {b} is "
-            f"{'' if v['high_best'] else 'not '}among the best at the highest."
-            + ("" if v["holds"] or v["contradicted"] else
-               " (Not supported: neither end shows the claimed order with an interval excluding 0, or only one "
-               "does; contradicted would need the opposite order separated at an end.)"))
+            f"{a} - {b} = {_pts(v['low_diff'])} points at the lowest entropy (K = {v['low']}, {_h(c, v['low'])} nats: "
+            f"{_direction(v['low_diff'], +1)}) and {_pts(v['high_diff'])} at the highest (K = {v['high']}, "
+            f"{_h(c, v['high'])} nats: {_direction(v['high_diff'], -1)}); {a} is {'' if v['low_best'] else 'not '}"
+            f"among the best at the lowest, {b} is {'' if v['high_best'] else 'not '}among the best at the highest.")
     return out
 
 
@@ -677,11 +681,12 @@ def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dic
     if "claim" in plots:
         md += [f"![the seed's claim]({plots['claim']})", ""]
     md += ["## The task family and its entropy knob", "",
-           f"One stand-in generator (curve.py, `family_examples`): the prompt lists {N_ITEMS} keys drawn from "
-           f"{N_KEYS}; the completion writes, for each key in order, one of its first K words (each one token), "
-           f"uniformly at random, then stops. K is the only thing that changes: the prompts (the same "
-           f"{cfg.n_prompts} eval prompts at every K), the completion length, the tokenizer (one, trained on the "
-           f"K = {K_MAX} text), the architectures, the sizes and every training budget are the same at every "
+           f"One stand-in generator (curve.py, `family_examples`): the prompt holds {N_NOTES} distractor keys and a "
+           f"start key (of {N_KEYS}); the completion walks {N_ITEMS} steps through the keys on a fixed cycle from the "
+           f"start key and writes each step as one of its key's first K words (each one token), uniformly at random, "
+           f"then stops. K is the only thing that changes: the prompts (the same {cfg.n_prompts} eval prompts at "
+           f"every K), the completion length, the tokenizer (one, trained on the K = {K_MAX} text), the "
+           f"architectures, the sizes and every training budget are the same at every "
            f"setting. A teacher and a baseline draft are trained per setting (SCALES['{cfg.scale}']). Measured: the "
            f"mean processed H(p) (temperature {PROTOCOL['temperature']:g}, top-p {PROTOCOL['top_p']:g}) over every "
            f"token the teacher sampled on its own for the eval prompts, 95% bootstrap over prompts; the ideal "
@@ -726,7 +731,7 @@ def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dic
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> CurveConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="test-scale pairs, 3 settings, 2 seeds, few steps (CI)")
     p.add_argument("--settings", nargs="+", type=int, default=None, help=f"values of K in 1..{K_MAX}")
     p.add_argument("--divs", nargs="+", default=None, help="baseline and divergences of distill.py --div")
@@ -736,8 +741,9 @@ def parse_args(argv=None) -> CurveConfig:
     p.add_argument("--out", default=None)
     p.add_argument("--reuse", action="store_true", help="read back each draft's evaluation where it was made "
                    "with exactly these settings (<runs>/k<K>/<draft>/curve_eval.json)")
+    cli.add_threads_option(p)
     a = p.parse_args(argv)
-    cfg = CurveConfig(quick=a.quick, reuse=a.reuse)
+    cfg = CurveConfig(quick=a.quick, reuse=a.reuse, threads=cli.check_threads(a.threads))
     if a.quick:
         for key, v in QUICK.items():
             setattr(cfg, key, v)
@@ -776,7 +782,9 @@ def main(argv=None) -> Path:
     import report
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
+    with cli.before_the_work():
+        cfg = parse_args(argv)
+    cli.set_threads(cfg.threads)
     t0 = time.time()
     log = lambda msg: print(f"[curve {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     n_train = len([d for d in cfg.divs if d != "baseline"]) * len(cfg.seeds)
@@ -802,4 +810,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)
