@@ -83,7 +83,7 @@ WORDS = _words()
 
 def check_k(k) -> int:
     if not isinstance(k, int) or not 1 <= k <= K_MAX:
-        raise ValueError(f"setting k={k!r} is not allowed; k (equally valid words per item) must be an integer "
+        raise ValueError(f"setting k={k!r} is not allowed; k (equally valid words per step) must be an integer "
                          f"in 1..{K_MAX}")
     return k
 
@@ -247,7 +247,7 @@ SEED_CLAIM = ("rkl", "jsd")     # the seed project: rkl best at low teacher entr
 
 @dataclass
 class CurveConfig:
-    settings: tuple = (1, 2, 3, 5, 8, 12, 16)   # K: equally valid words per item (H ~ log K per word)
+    settings: tuple = (1, 2, 3, 5, 8, 12, 16)   # K: equally valid words per step (H ~ log K per word)
     divs: tuple = DIVS
     seeds: tuple = (0, 1, 2, 3)
     steps: int = 60                  # distillation steps per draft, every setting and divergence
@@ -560,7 +560,7 @@ def plot_knob(c: Curve, path, size_px=(700, 450), dpi: int = 100) -> Path:
     ax.plot(grid, ideal_entropy(grid), "k--", lw=1, label=f"ideal teacher: {N_ITEMS}/{N_ITEMS + 1} log K")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("K: equally valid words per item (the knob)")
+    ax.set_xlabel("K: equally valid words per step (the knob)")
     ax.set_ylabel("mean processed teacher entropy (nats)")
     ax.set_title("the entropy knob", fontsize=10)
     ax.grid(alpha=0.3)
