@@ -105,7 +105,8 @@ class Config:
                                        "default: the preset's")
     seed: int = option(0, "run seed: prompt order, sampling and initial RNG state; default %(default)s")
     out: str | None = option(None, "run directory (ckpt-*, final/); "
-                                   "default runs/<preset>/<task>/<div>-s<seed>")
+                                   "default runs/<preset>/<task>/<div>-s<seed> (<task>: e.g. gsm8k-file-<data "
+                                   "name> on data other than the preset's, rundir.task_group)")
     resume: bool = option(False, "continue from the newest checkpoint in --out "
                                  "(reproduces the uninterrupted run)")
     overwrite: bool = option(False, "start from scratch in an --out that already holds a run, deleting its "
@@ -197,6 +198,7 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
+    preset_source = data.resolve_source(None, None, preset.get("source"))[0]
     cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset.get("source"))
     for f in fields(Config):
         if f.metadata["preset"] and getattr(cfg, f.name) is None:
@@ -216,7 +218,8 @@ def resolve_config(cfg: Config) -> Config:
     cfg.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.out is None:
         tag = cfg.div if cfg.div != "jsd" or cfg.beta == 0.5 else f"jsd{cfg.beta:g}"
-        cfg.out = str(Path("runs") / cfg.preset / cfg.task / f"{tag}-s{cfg.seed}")
+        group = rundir.task_group(cfg.task, cfg.source, cfg.data_path, preset_source)   # the task, or e.g. gsm8k-file-x
+        cfg.out = str(Path("runs") / cfg.preset / group / f"{tag}-s{cfg.seed}")
     check_options(cfg)
     if cfg.resume:
         rundir.check_resumable(Path(cfg.out))
@@ -644,6 +647,9 @@ def set_up_process(cfg: Config):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cli.set_threads(cfg.threads)
+    if rank != 0:                             # one set of progress bars: rank 0's (the loop's, below)
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     return rank, world, device

@@ -448,6 +448,18 @@ def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=(
     return True
 
 
+def task_group(cfg: ReportConfig, task: str) -> str:
+    """The folder of the task's runs and evaluation under <runs|results>/<preset>/, as distill.py and
+    evaluate.py name it (rundir.task_group: the data in the name when it is not the preset's own)."""
+    import data
+    import models
+    import rundir
+
+    preset_source = models.preset_config(cfg.preset, task).get("source")
+    source, path = data.resolve_source(cfg.source, cfg.data_path, preset_source)
+    return rundir.task_group(task, source, path, data.resolve_source(None, None, preset_source)[0])
+
+
 def ajsd_flags(setting) -> list[str]:
     """distill.py flags of an ajsd (floor, scale) setting."""
     floor, scale = setting
@@ -456,7 +468,7 @@ def ajsd_flags(setting) -> list[str]:
 
 def train_all(cfg: ReportConfig, task: str, log, ajsd_setting=None):
     """Every (divergence, seed) of the study; ajsd with the setting tune_ajsd selected."""
-    task_dir = Path(cfg.runs) / cfg.preset / task
+    task_dir = Path(cfg.runs) / cfg.preset / task_group(cfg, task)
     if not cfg.reuse:   # evaluate.py scores every run under task_dir: leave none from an earlier report
         shutil.rmtree(task_dir, ignore_errors=True)
     jobs = [(d, s) for d in cfg.divs if d != "baseline" for s in cfg.seeds]
@@ -589,7 +601,7 @@ def reusable_eval(cfg: ReportConfig, task: str, path: Path) -> bool:
 def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     import evaluate
 
-    task_results = Path(cfg.results) / cfg.preset / task
+    task_results = Path(cfg.results) / cfg.preset / task_group(cfg, task)
     if cfg.reuse and reusable_eval(cfg, task, task_results / "eval.json"):
         return task_results / "eval.json"
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
