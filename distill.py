@@ -463,7 +463,6 @@ class Inputs:
     """What main checks before any model loads, for set_up: the data, its prompts, the checkpoint."""
     examples: list[data.Example]
     prompts: list[list[int]]            # chat-templated prompt ids, each within the models' context
-    tokenizer: object                   # the teacher's
     ckpt: Path | None                   # --resume: the newest verified checkpoint
 
 
@@ -488,7 +487,7 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
         raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
     prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
     data.check_prompt_lengths(prompts, examples, models.context_length(*folders.values()), cfg.max_new_tokens)
-    return Inputs(examples, prompts, tokenizer, ckpt)
+    return Inputs(examples, prompts, ckpt)
 
 
 def train(cfg: Config, inputs: Inputs):
