@@ -323,6 +323,14 @@ def log_acceptance(s, t):
     return torch.logsumexp(torch.minimum(s, t), -1)
 
 
+def acceptance(s, t):
+    """alpha = sum_v exp(min(s, t)) from log-probs (n, V) -> (n,): the statistic (train_alpha, lk's mean).
+    min(s, t) <= 0, so no shift is needed (three passes instead of logsumexp's six); an alpha below float32's
+    smallest normal (~1e-38) loses its relative precision, which a mean over tokens cannot see (nla's loss,
+    which needs it, uses log_acceptance)."""
+    return torch.minimum(s, t).exp_().sum(-1)
+
+
 def acceptance_weights(s, t, log_alpha):
     """c(v) p_S(v) / alpha, (n, V): c = d alpha / d p_S = 1 where s < t, 1/2 at a tie s = t, 0 where s > t.
     Formed as exp(s - log alpha) (each entry <= 1 where c > 0, since there p_S = min(p_S, p_T) <= alpha)."""
@@ -403,13 +411,13 @@ def block_terms(student_logits, teacher_logits, spec: Divergence, want_grad=Fals
     if want_entropy:
         entropy = log_h.exp() if log_h is not None else teacher_entropy(t)
     if want_alpha:  # nla's value is -log alpha already
-        alpha = (-values).exp() if spec.kind == "nla" else log_acceptance(s, t).exp()
+        alpha = (-values).exp() if spec.kind == "nla" else acceptance(s, t)
     return values, grad, entropy, alpha
 
 
 def block_alpha(student_logits, teacher_logits, temperature):
     """alpha (n,) of one block of logits (n, V) at the temperature: lk's values-only first pass."""
-    return log_acceptance(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)).exp()
+    return acceptance(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
 
 def _row_blocks(student, teacher, size, start=0):

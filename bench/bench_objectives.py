@@ -1,7 +1,8 @@
 """Benchmark: the cost of the acceptance objectives (nla, lk) and of the train_alpha statistic in the loss sweep.
 
 divergences.divergence_sum forward + backward into float32 student logits (positions, V) at Qwen's vocabulary,
-per kind, with and without return_alpha (what distill.py asks for every step) and return_teacher_entropy.
+per kind: alone, with return_teacher_entropy (what distill.py asked for before issue 21), and with
+return_alpha too (what it asks for every step now: train_alpha).
 lk makes a first, values-only pass over the blocks for its w (the call's mean alpha): its extra cost is that pass.
 Time = the best of --repeats runs, in one process (inputs allocated once; every case computes the same shape).
 
@@ -41,20 +42,21 @@ def main(argv=None):
     teacher = torch.randn(a.positions, a.vocab, generator=g) * 4
     mask = torch.ones(a.positions, dtype=torch.bool)
 
-    def step(kind, stats):
+    def step(kind, entropy=False, alpha=False):
         x = student.clone().requires_grad_()
-        out = divergences.divergence_sum(x, teacher, mask, kind, temperature=0.6, return_teacher_entropy=stats,
-                                         return_alpha=stats)
-        (out[0] if stats else out).backward()
+        out = divergences.divergence_sum(x, teacher, mask, kind, temperature=0.6, return_teacher_entropy=entropy,
+                                         return_alpha=alpha)
+        (out[0] if entropy or alpha else out).backward()
 
     print(f"{a.positions} positions x V = {a.vocab}, float32, T 0.6, {torch.get_num_threads()} threads, "
           f"{platform.machine()}, best of {a.repeats}\n")
-    print("| kind | loss + backward (s) | with train_alpha + entropy (s) | stats' extra |")
-    print("|---|---:|---:|---:|")
+    print("| kind | loss + backward (s) | + teacher entropy (s) | + entropy + train_alpha (s) | alpha's extra |")
+    print("|---|---:|---:|---:|---:|")
     for kind in a.kinds:
-        plain = best_time(lambda: step(kind, False), a.repeats)
-        stats = best_time(lambda: step(kind, True), a.repeats)
-        print(f"| {kind} | {plain:.3f} | {stats:.3f} | {100 * (stats / plain - 1):+.0f}% |", flush=True)
+        plain = best_time(lambda: step(kind), a.repeats)
+        ent = best_time(lambda: step(kind, entropy=True), a.repeats)
+        both = best_time(lambda: step(kind, entropy=True, alpha=True), a.repeats)
+        print(f"| {kind} | {plain:.3f} | {ent:.3f} | {both:.3f} | {100 * (both / ent - 1):+.0f}% |", flush=True)
 
 
 if __name__ == "__main__":
