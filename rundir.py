@@ -264,6 +264,14 @@ def check_out_dir(out: Path):
 
 # ----------------------------------------------------------------------------- resume = the same run
 
+# recorded settings that are not options of distill.py, by the name a user knows them by
+NOT_OPTIONS = {"world_size": "world_size (the number of processes, torchrun --nproc_per_node)"}
+
+
+def setting_name(key: str) -> str:
+    return NOT_OPTIONS.get(key, f"--{key.replace('_', '-')}")
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'field: saved -> current' for every setting that changes the result and differs. A field the
     saved config lacks (an older version) or the current one leaves unset (None = resolved later from
@@ -273,7 +281,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         if k in RESUME_MAY_CHANGE or k not in saved or v is None:
             continue
         if saved[k] != v:                    # json keeps floats exactly; 1 == 1.0 is no change
-            out.append(f"--{k.replace('_', '-')}: {saved[k]!r} -> {v!r}")
+            out.append(f"{setting_name(k)}: {saved[k]!r} -> {v!r}")
     return out
 
 
