@@ -30,6 +30,9 @@ import sharding
 import specdec
 from test_distill import REPO, free_port, read_losses, read_metric, run_args, state
 
+sys.path.insert(0, str(REPO / "bench"))
+import memory_plan  # noqa: E402
+
 MIX = ("--lmbda", 0.7, "--grad-accum", 2, "--save-every", 1)
 
 
@@ -246,3 +249,39 @@ def test_on_policy_samples_do_not_depend_on_micro_batching(pair, tmp_path):
     assert read_metric(one, "source") == ["student", "student"]
     assert read_metric(one, "completion_len") == read_metric(two, "completion_len")
     assert read_losses(one) == pytest.approx(read_losses(two), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the memory plan (README)
+
+def test_memory_plan_predicts_the_measured_per_rank_bytes(runs, pair):
+    """bench/memory_plan.py's formulas, from the models' config.json alone, give the bytes each rank holds in
+    the 2-process run (sharding.json, from the DTensor pieces): teacher weights 4 P_T / N (float32 on the CPU),
+    student weights + gradients + AdamW 16 P_S / N; and the parameter count is the models' own."""
+    teacher, student, _ = models.load_pair(*pair, device="cpu")
+    t, s = memory_plan.Shape.of(teacher.config), memory_plan.Shape.of(student.config)
+    assert t.params() == sum(p.numel() for p in teacher.parameters())
+    assert s.params() == sum(p.numel() for p in student.parameters())
+    for r in json.loads((runs["fsdp"] / "sharding.json").read_text())["ranks"]:
+        assert r["teacher_params_bytes"] == memory_plan.teacher_bytes(t, 2, False, dtype_bytes=4)
+        measured = r["student_params_bytes"] + r["student_grads_bytes"] + r["optimizer_state_bytes"]
+        assert measured == memory_plan.student_bytes(s, 2)
+
+
+def test_memory_plan_activation_count_is_what_autograd_saves():
+    """The per-token, per-layer count of saved activation elements in the plan equals what autograd saves in a
+    training forward of Qwen3 models of five shapes (two of them not used to find the formula)."""
+    for shape, measured, formula in memory_plan.check():
+        assert measured == formula, shape
+
+
+def test_memory_plan_counts_the_papers_models():
+    """The plan's parameter counts are the published sizes of the models it names, and its Qwen3-4B shape is
+    the one in the real config.json (tests/fixtures/qwen3)."""
+    sizes = {memory_plan.QWEN3_4B: 4.02e9, memory_plan.QWEN3_0_6B: 0.596e9, memory_plan.SMOLLM_1_7B: 1.71e9,
+             memory_plan.SMOLLM_360M: 0.362e9, memory_plan.QWEN3_32B: 32.8e9, memory_plan.LLAMA_70B: 70.6e9,
+             memory_plan.LLAMA_1B: 1.24e9}
+    for shape, size in sizes.items():
+        assert shape.params() == pytest.approx(size, rel=0.005), shape.name
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(REPO / "tests" / "fixtures" / "qwen3" / "instruct-2507")
+    assert memory_plan.Shape.of(config, memory_plan.QWEN3_4B.name) == memory_plan.QWEN3_4B
