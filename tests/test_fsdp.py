@@ -285,3 +285,9 @@ def test_memory_plan_counts_the_papers_models():
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(REPO / "tests" / "fixtures" / "qwen3" / "instruct-2507")
     assert memory_plan.Shape.of(config, memory_plan.QWEN3_4B.name) == memory_plan.QWEN3_4B
+
+
+def test_the_readme_shows_the_plan_this_code_computes():
+    """The README's memory-plan table is bench/memory_plan.py's output, character for character: a change of
+    a formula or a shape that is not carried into the README fails here."""
+    assert memory_plan.table() in (REPO / "README.md").read_text()
