@@ -666,18 +666,33 @@ def load_models_and_data(cfg: Config, device, master: bool):
     examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
                                   seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
     ckpt = rundir.resume_checkpoint(Path(cfg.out)) if cfg.resume else None   # the newest verified checkpoint
-    # --fsdp: every rank reads the models into CPU memory (in the dtype the device computes in); sharding then
-    # moves only its pieces to the device. An 8-bit teacher is quantised on the device, whole.
-    on_host = cfg.fsdp and not cfg.teacher_8bit
-    teacher_dtype = torch.bfloat16 if on_host and device.type == "cuda" else None
-    teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
-                                                   device="cpu" if on_host else device, teacher_dtype=teacher_dtype,
-                                                   load_in_8bit=cfg.teacher_8bit)
+    student_path = str(ckpt) if ckpt else cfg.student
+    if cfg.fsdp:
+        teacher, student, tokenizer = load_pair_to_shard(cfg, student_path, device, master)
+    else:
+        teacher, student, tokenizer = models.load_pair(cfg.teacher, student_path, device=device,
+                                                       load_in_8bit=cfg.teacher_8bit)
     teacher.eval().requires_grad_(False)
-    student.to(device="cpu" if cfg.fsdp else device, dtype=torch.float32).train()   # fp32 master weights
+    student.to(device=student.device if cfg.fsdp else device, dtype=torch.float32).train()   # fp32 master weights
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     return teacher, student, tokenizer, examples, ckpt
+
+
+def load_pair_to_shard(cfg: Config, student_path: str, device, master: bool):
+    """--fsdp: rank 0 reads both models into CPU memory (the teacher in the dtype the device computes in,
+    bf16 on CUDA), the other ranks build them empty (meta device); shard_models then broadcasts rank 0's
+    weights piece by piece. An 8-bit teacher is read and quantised on the device by every rank, whole."""
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if master:                                 # load_pair checks the pair (tokenizers, lm_heads) once
+        teacher, student, tokenizer = models.load_pair(
+            cfg.teacher, student_path, device=device if cfg.teacher_8bit else "cpu", teacher_dtype=teacher_dtype,
+            load_in_8bit=cfg.teacher_8bit)
+        return teacher, student.to("cpu"), tokenizer
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    teacher = (models.load_model(cfg.teacher, device=device, load_in_8bit=True) if cfg.teacher_8bit
+               else sharding.empty_model(cfg.teacher, teacher_dtype))
+    return teacher, sharding.empty_model(student_path, torch.float32), tokenizer
 
 
 def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
@@ -702,8 +717,8 @@ def shard_models(cfg: Config, teacher, student, device):
     with float32 master pieces and reduction; the teacher in the dtype it was loaded in (bf16 on CUDA). An
     8-bit teacher (bitsandbytes' Int8Params cannot be split into DTensor pieces) stays whole on every rank."""
     if not cfg.teacher_8bit:
-        sharding.shard(teacher)
-    sharding.shard(student, sharding.mixed_precision(device, cfg.bf16))
+        sharding.shard(teacher, from_rank0=True, device=device)
+    sharding.shard(student, sharding.mixed_precision(device, cfg.bf16), from_rank0=True, device=device)
 
 
 def gather_for_checkpoint(run: Run):

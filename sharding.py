@@ -23,6 +23,11 @@ How each model is used:
     mixed precision (CUDA, bf16): the units compute in bfloat16 (param_dtype), gradients are reduced in
               float32 and AdamW updates the float32 pieces (the master weights). On the CPU: float32.
 
+Loading (`empty_model`, shard(..., from_rank0=True)): only rank 0 reads the weights (into CPU memory); the
+other ranks build the same model on the meta device (no memory), every rank shards, and rank 0's whole
+weights are broadcast piece by piece (set_model_state_dict, broadcast_from_rank0): one copy in host memory
+per node, not one per rank (a 70B teacher in bf16 is 141 GB). An 8-bit teacher is loaded by every rank.
+
 Checkpoints stay plain Hugging Face folders: `full_state_dict` gathers the whole float32 student onto
 rank 0's CPU (get_model_state_dict, full_state_dict=True, cpu_offload=True) for save_pretrained, and
 `full_optimizer_state` the whole AdamW state, FQN-keyed, for trainer_state.pt (torch.save of plain tensors,
@@ -36,7 +41,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -57,14 +63,33 @@ def mixed_precision(device: torch.device, bf16: bool) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def shard(model: torch.nn.Module, mp_policy: MixedPrecisionPolicy | None = None) -> torch.nn.Module:
+def empty_model(path, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of a Hugging Face folder on the meta device: its shapes and dtypes, no memory (the ranks
+    other than 0 under shard(..., from_rank0=True))."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+
+
+def shard(model: torch.nn.Module, mp_policy: MixedPrecisionPolicy | None = None, *, from_rank0: bool = False,
+          device: torch.device | None = None) -> torch.nn.Module:
     """fully_shard every decoder layer, then the root (the rest: embeddings, final norm, lm_head), in place.
     Every unit frees its gathered weights after its forward. Parameters on the CPU move to the device of the
-    default mesh (cuda:<local rank> under torchrun with CUDA), piece by piece."""
+    default mesh (cuda:<local rank> under torchrun with CUDA), piece by piece.
+    from_rank0: rank 0 holds the loaded weights, the other ranks an empty_model; after sharding, rank 0's
+    weights and buffers are broadcast, so every rank ends with its pieces (`device`: where they live)."""
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}      # rank 0's whole weights
     kw = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": True}
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    if from_rank0:
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        for buffer in model.buffers():                 # not in the state dict (rotary inv_freq): rank 0's too
+            dist.broadcast(buffer, src=0)
     # Gather and free each unit once here, outside inference mode: the first all-gather allocates the
     # buffers of the whole weights, and buffers made under torch.inference_mode (specdec's sampling) would
     # be inference tensors that later all-gathers may not write into.
