@@ -564,7 +564,8 @@ def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
             if sampler is None:
                 completions = [run.references[r] for r in rows]
             else:
-                gens = [prompt_generator(cfg.seed, step, k, run.device) for k in positions[m * micro:(m + 1) * micro]]
+                gens = [prompt_generator(cfg.seed, step, k, run.device)
+                        for k in positions[m * micro:(m + 1) * micro]]
                 sampler.eval()
                 with torch.no_grad(), run.autocast:
                     completions = specdec.autoregressive_generate(sampler, prompt_ids, generator=gens,
@@ -673,7 +674,9 @@ def load_models_and_data(cfg: Config, device, master: bool):
         teacher, student, tokenizer = models.load_pair(cfg.teacher, student_path, device=device,
                                                        load_in_8bit=cfg.teacher_8bit)
     teacher.eval().requires_grad_(False)
-    student.to(device=student.device if cfg.fsdp else device, dtype=torch.float32).train()   # fp32 master weights
+    if not cfg.fsdp:                              # --fsdp: float32 already, placed piece by piece by shard_models
+        student.to(device=device, dtype=torch.float32)            # fp32 master weights; bf16 via autocast
+    student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     return teacher, student, tokenizer, examples, ckpt
@@ -688,7 +691,7 @@ def load_pair_to_shard(cfg: Config, student_path: str, device, master: bool):
         teacher, student, tokenizer = models.load_pair(
             cfg.teacher, student_path, device=device if cfg.teacher_8bit else "cpu", teacher_dtype=teacher_dtype,
             load_in_8bit=cfg.teacher_8bit)
-        return teacher, student.to("cpu"), tokenizer
+        return teacher, student.to("cpu", torch.float32), tokenizer
     tokenizer = models.load_tokenizer(cfg.teacher)
     teacher = (models.load_model(cfg.teacher, device=device, load_in_8bit=True) if cfg.teacher_8bit
                else sharding.empty_model(cfg.teacher, teacher_dtype))
