@@ -6,8 +6,8 @@ root (embeddings, final norm, lm_head). Before a unit runs, its pieces are all-g
 weights; after it runs (reshard_after_forward), the whole weights are freed again. So each rank holds
 
     sharded:      teacher weights / N,  student weights / N,  student gradients / N,  AdamW m and v / N
-    not sharded:  one unit's gathered weights at a time (the largest unit: the root, V x d for the lm_head),
-                  the activations and the loss's working set of the rank's own micro-batch,
+    not sharded:  gathered weights: the root's for the whole forward (V x d for the lm_head), and one decoder
+                  layer's at a time (two while the next one is prefetched); the activations and the loss's working set of the rank's own micro-batch,
                   and, while the student samples, the student's gathered weights (once per step, below).
 
 How each model is used:
@@ -26,7 +26,7 @@ How each model is used:
 Loading (`empty_model`, shard(..., from_rank0=True)): only rank 0 reads the weights (into CPU memory); the
 other ranks build the same model on the meta device (no memory), every rank shards, and rank 0's whole
 weights are broadcast piece by piece (set_model_state_dict, broadcast_from_rank0): one copy in host memory
-per node, not one per rank (a 70B teacher in bf16 is 141 GB). An 8-bit teacher is loaded by every rank.
+(rank 0's), not one per rank (a 70B teacher in bf16 is 141 GB). An 8-bit teacher is loaded by every rank.
 
 Checkpoints stay plain Hugging Face folders: `full_state_dict` gathers the whole float32 student onto
 rank 0's CPU (get_model_state_dict, full_state_dict=True, cpu_offload=True) for save_pretrained, and
