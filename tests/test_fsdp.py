@@ -140,7 +140,7 @@ def test_resume_refuses_another_world_size_or_sharding(runs, pair, monkeypatch):
     with pytest.raises(ValueError, match="--fsdp: True -> False"):
         distill.resolve_config(distill.parse_args(args))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(ValueError, match=r"world_size .*: 2 -> 1"):
+    with pytest.raises(ValueError, match=r"world size .*: 2 -> 1"):
         distill.resolve_config(distill.parse_args(args + ["--fsdp"]))
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert distill.resolve_config(distill.parse_args(args + ["--fsdp"])).fsdp
