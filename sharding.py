@@ -17,9 +17,10 @@ How each model is used:
               On-policy sampling decodes token by token: gathering per token would all-gather every unit
               once per decoded token, so `gathered` all-gathers the student once per step, decodes with
               plain whole weights (no collective, so ranks may finish decoding at different times), then
-              frees them. (Measured on the tiny pair, 2 CPU ranks, 32 new tokens: per-token gathering did
-              65 all-gathers and took 0.43 s, gathered-once 3 and 0.09-0.14 s, a separately gathered plain
-              copy 0.10-0.19 s with a second set of weights; docs/benchmarks.md.)
+              frees them. (bench/bench_fsdp_sampling.py, tiny student, 2 CPU ranks x 4 prompts, 64 new
+              tokens: per token 192 unit gathers and 0.45 s a call, gathered once 3 and 0.13 s; a plain copy
+              refreshed from the full state each call, 0.11 s, but it keeps a second set of weights;
+              docs/benchmarks.md.)
     mixed precision (CUDA, bf16): the units compute in bfloat16 (param_dtype), gradients are reduced in
               float32 and AdamW updates the float32 pieces (the master weights). On the CPU: float32.
 
