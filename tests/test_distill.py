@@ -627,3 +627,11 @@ def test_a_dropout_student_resumes_exactly(pair, tmp_path, monkeypatch):
     no_dropout = read_losses(distill.main(run_args(pair, tmp_path / "plain")))
     assert read_losses(full) != no_dropout                 # the dropout is live: it changes the losses
     assert read_losses(cut) == read_losses(full)
+
+
+def test_validation_is_refused_with_fsdp(pair, monkeypatch):
+    """Validation decodes with the whole student on rank 0, which a sharded student is not: --eval-every with
+    --fsdp is refused before any work, naming both flags, instead of hanging the other ranks."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--eval-every 5 is not supported with --fsdp"):
+        distill.resolve_config(distill.parse_args(run_args(pair, "unused", "--fsdp", "--eval-every", 5)))
