@@ -668,7 +668,7 @@ def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:
             _train(cfg, task, "ajsd", seed, out, ajsd_flags(setting))
             draft = models.load_model(str(out / "final"), device=teacher.device).eval()
             res = evaluate.evaluate_draft(teacher, draft, prompts, batch_size=16, seed=0, record=False,
-                                         speedup_batches=1, **protocol)   # scored by acceptance only
+                                         **protocol)                     # scored by acceptance only
             per_seed.append(res["per_prompt"])
             log(f"{task}: ajsd grid floor {setting[0]:g} scale {setting[1]:g} seed {seed} ({i}/{n_jobs}): "
                 f"validation acceptance {np.nanmean(np.asarray(res['per_prompt']['token_acceptance'], float)):.3f} "
@@ -708,9 +708,9 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     if cfg.reuse and reusable_eval(cfg, task, task_results / "eval.json"):
         return task_results / "eval.json"
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
-    # the report reads acceptance only: time the target alone on one batch per draft, not on all of them
+    # the report reads acceptance only: time the speedup once on one batch per draft, not at batch 1
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record",
-            "--speedup-batches", "1"]
+            "--speedup-batches", "1", "--speedup-repeats", "1", "--batch1-prompts", "0"]
     argv += cfg.data_args()
     if cfg.n_prompts is not None:
         argv += ["--n-prompts", str(cfg.n_prompts)]
