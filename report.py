@@ -956,27 +956,59 @@ def parse_args(argv=None) -> ReportConfig:
     return cfg
 
 
+def progress_log(t0: float):
+    """print(f"[report <seconds since t0>s] {msg}"): one progress line per step, from any worker."""
+    return lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def task_phase(cfg: ReportConfig, task: str, t0: float, threads: int | None = None):
+    """One task's training and evaluation: the ajsd grid, every study run, the evaluation.
+    -> (the grid's result or None, the eval.json path). threads: torch's intra-op threads for this process."""
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+    log = progress_log(t0)
+    grid = tune_ajsd(cfg, task, log) if "ajsd" in cfg.divs else None
+    train_all(cfg, task, log, grid["selected"] if grid else None)
+    path = evaluate_task(cfg, task)
+    log(f"evaluated {task} -> {path}")
+    return grid, path
+
+
+def train_and_evaluate(cfg: ReportConfig, t0: float) -> dict:
+    """Every task's task_phase -> {task: (grid, eval path)}. Several tasks run at once, one single-thread
+    worker process per task: the tiny models are bound by per-call overhead, so on 2 cores two single-thread
+    processes finish the study much sooner than one process with 2 threads (docs/benchmarks.md). A worker's
+    error is raised here, after the other workers finished."""
+    if len(cfg.tasks) == 1:
+        return {cfg.tasks[0]: task_phase(cfg, cfg.tasks[0], t0)}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with ProcessPoolExecutor(len(cfg.tasks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {task: pool.submit(task_phase, cfg, task, t0, 1) for task in cfg.tasks}
+        return {task: f.result() for task, f in futures.items()}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     import entropy
 
     t0 = time.time()
-    log = lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    log = progress_log(t0)
     n_grid = len(cfg.ajsd_floors) * len(cfg.ajsd_scales) * len(cfg.grid_seeds) if "ajsd" in cfg.divs else 0
     n_train = len([d for d in cfg.divs if d != "baseline"]) * len(cfg.seeds)
     log(f"plan: {len(cfg.tasks)} task(s) x ({n_grid} ajsd grid runs + {n_train} study runs), {cfg.steps} steps "
         f"each; {cfg.n_prompts} eval prompts per run")
     evals, protocols, profiles, analysis, plots, grids = {}, {}, {}, {}, {}, {}
     check_data(cfg, log)
-    for task in cfg.tasks:
-        if "ajsd" in cfg.divs:
-            grids[task] = tune_ajsd(cfg, task, log)
-        train_all(cfg, task, log, grids[task]["selected"] if task in grids else None)
-        path = evaluate_task(cfg, task)
+    for task, (grid, path) in train_and_evaluate(cfg, t0).items():
+        if grid is not None:
+            grids[task] = grid
         doc = read_eval(path)   # holds every run's records: parsed once
         evals[task], protocols[task] = eval_runs(doc), protocol_line(doc)
-        log(f"evaluated {task} -> {path}")
     collected = collect_runs(evals, cfg.divs, cfg.seeds)   # raises on missing runs
     rows = build_table(collected, n_boot=cfg.n_boot)
     diffs = {t: differences(collected[t], cfg.n_boot) for t in cfg.tasks}
