@@ -47,7 +47,6 @@ without training anything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -60,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+import cli
 
 DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd", "ajsd")   # jsd: beta = 0.5 (distill's default)
 METRICS = ("token_acceptance", "alpha", "mean_accepted_length")
@@ -98,6 +99,7 @@ class ReportConfig:
     quick: bool = False
     source: str | None = None         # the data (data.resolve_source): standin | file | hub; None = the preset's
     data_path: str | None = None      # a folder with train.* and test.* files of one task (README, "Data")
+    threads: int = 1                  # CPU threads of every training and evaluation (cli.DEFAULT_THREADS)
 
     def data_args(self) -> list[str]:
         """--source / --data-path as given, for distill.py and evaluate.py (one rule: data.resolve_source)."""
@@ -556,11 +558,24 @@ def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=(
         if all(saved.get(k) == v for k, v in want.items()):
             return False
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out), *extra]
+    argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out),
+            "--threads", str(cfg.threads), *extra]
     if cfg.steps is not None:
         argv += ["--steps", str(cfg.steps)]
     distill.main(argv + cfg.data_args() + held_out_args(cfg, task))
     return True
+
+
+def task_group(cfg: ReportConfig, task: str) -> str:
+    """The folder of the task's runs and evaluation under <runs|results>/<preset>/, as distill.py and
+    evaluate.py name it (rundir.task_group: the data in the name when it is not the preset's own)."""
+    import data
+    import models
+    import rundir
+
+    preset_source = models.preset_config(cfg.preset, task).get("source")
+    source, path = data.resolve_source(cfg.source, cfg.data_path, preset_source)
+    return rundir.task_group(task, source, path, data.resolve_source(None, None, preset_source)[0])
 
 
 def ajsd_flags(setting) -> list[str]:
@@ -571,7 +586,7 @@ def ajsd_flags(setting) -> list[str]:
 
 def train_all(cfg: ReportConfig, task: str, log, ajsd_setting=None):
     """Every (divergence, seed) of the study; ajsd with the setting tune_ajsd selected."""
-    task_dir = Path(cfg.runs) / cfg.preset / task
+    task_dir = Path(cfg.runs) / cfg.preset / task_group(cfg, task)
     if not cfg.reuse:   # evaluate.py scores every run under task_dir: leave none from an earlier report
         shutil.rmtree(task_dir, ignore_errors=True)
     jobs = [(d, s) for d in cfg.divs if d != "baseline" for s in cfg.seeds]
@@ -704,13 +719,13 @@ def reusable_eval(cfg: ReportConfig, task: str, path: Path) -> bool:
 def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     import evaluate
 
-    task_results = Path(cfg.results) / cfg.preset / task
+    task_results = Path(cfg.results) / cfg.preset / task_group(cfg, task)
     if cfg.reuse and reusable_eval(cfg, task, task_results / "eval.json"):
         return task_results / "eval.json"
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
     # the report reads acceptance only: time the speedup once on one batch per draft, not at batch 1
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record",
-            "--speedup-batches", "1", "--speedup-repeats", "1", "--batch1-prompts", "0"]
+            "--speedup-batches", "1", "--speedup-repeats", "1", "--batch1-prompts", "0", "--threads", str(cfg.threads)]
     argv += cfg.data_args()
     if cfg.n_prompts is not None:
         argv += ["--n-prompts", str(cfg.n_prompts)]
@@ -912,7 +927,7 @@ def _meta(t0: float, argv) -> dict:
 
 
 def parse_args(argv=None) -> ReportConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)
@@ -927,8 +942,10 @@ def parse_args(argv=None) -> ReportConfig:
                    "preset's)")
     p.add_argument("--data-path", default=None, help="a folder with one task's train.* and test.* files (README "
                    "'Data'); needs --tasks with that one task")
+    cli.add_threads_option(p)
     a = p.parse_args(argv)
-    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path)
+    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path,
+                       threads=cli.check_threads(a.threads))
     if a.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
@@ -961,12 +978,10 @@ def progress_log(t0: float):
     return lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
-def task_phase(cfg: ReportConfig, task: str, t0: float, threads: int | None = None):
-    """One task's training and evaluation: the ajsd grid, every study run, the evaluation.
-    -> (the grid's result or None, the eval.json path). threads: torch's intra-op threads for this process."""
-    if threads is not None:
-        import torch
-        torch.set_num_threads(threads)
+def task_phase(cfg: ReportConfig, task: str, t0: float):
+    """One task's training and evaluation: the ajsd grid, every study run, the evaluation (each run on
+    cfg.threads threads). -> (the grid's result or None, the eval.json path)."""
+    cli.set_threads(cfg.threads)                      # a worker process starts with torch's default
     log = progress_log(t0)
     grid = tune_ajsd(cfg, task, log) if "ajsd" in cfg.divs else None
     train_all(cfg, task, log, grid["selected"] if grid else None)
@@ -976,24 +991,25 @@ def task_phase(cfg: ReportConfig, task: str, t0: float, threads: int | None = No
 
 
 def train_and_evaluate(cfg: ReportConfig, t0: float) -> dict:
-    """Every task's task_phase -> {task: (grid, eval path)}. Several tasks run at once, one single-thread
-    worker process per task: the tiny models are bound by per-call overhead, so on 2 cores two single-thread
-    processes finish the study much sooner than one process with 2 threads (docs/benchmarks.md). A worker's
-    error is raised here, after the other workers finished."""
+    """Every task's task_phase -> {task: (grid, eval path)}. Several tasks run at once, one worker process per
+    task (each on cfg.threads threads, 1 by default): the tiny models are bound by per-call overhead, so on 2
+    cores two single-thread processes finish the study much sooner than one process after the other
+    (docs/benchmarks.md). A worker's error is raised here, once the other workers have finished."""
     if len(cfg.tasks) == 1:
         return {cfg.tasks[0]: task_phase(cfg, cfg.tasks[0], t0)}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with ProcessPoolExecutor(len(cfg.tasks), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {task: pool.submit(task_phase, cfg, task, t0, 1) for task in cfg.tasks}
+        futures = {task: pool.submit(task_phase, cfg, task, t0) for task in cfg.tasks}
         return {task: f.result() for task, f in futures.items()}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
+    with cli.before_the_work():
+        cfg = parse_args(argv)
+    cli.set_threads(cfg.threads)
     import entropy
 
     t0 = time.time()
@@ -1051,4 +1067,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)

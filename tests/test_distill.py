@@ -330,11 +330,14 @@ def free_port() -> int:
 
 def test_two_process_torchrun_equals_one_process_on_the_combined_batch(pair, tmp_path):
     """DDP with the global token normaliser: 2 ranks x 2 prompts make the same update as one process
-    with the 4 prompts (dataset answers, so the samples do not depend on the sharding)."""
+    with the 4 prompts (dataset answers, so the samples do not depend on the sharding); rank 0 shows the
+    progress bar."""
     args = run_args(pair, tmp_path / "ddp", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                    str(REPO / "distill.py"), *args], check=True, env=env, cwd=tmp_path, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(REPO / "distill.py"), *args], check=True, env=env,
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert "gsm8k/rkl: 100%" in r.stderr                   # rank 0's progress bar (issue 19: none under torchrun)
     one = distill.main(run_args(pair, tmp_path / "one", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64))
     assert read_metric(tmp_path / "ddp", "grad_norm") == pytest.approx(read_metric(one, "grad_norm"), rel=1e-5)
     assert read_losses(tmp_path / "ddp") == pytest.approx(read_losses(one), rel=1e-5)
@@ -384,3 +387,78 @@ def test_different_tokenizers_are_refused(pair, tmp_path):
     with pytest.raises(ValueError):
         distill.main(run_args((str(other), pair[1]), tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- a resume is the same run
+
+def _no_models(*a, **k):
+    raise AssertionError("a model was loaded")
+
+
+def test_config_records_the_world_size_and_the_threads(pair, tmp_path):
+    """--resume can only compare what config.json holds: the number of processes (each samples its shard)
+    and the CPU thread count (float sums round differently) both change a run's result."""
+    out = distill.main(run_args(pair, tmp_path, "--steps", 1, "--threads", 1))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["world_size"] == 1 and saved["threads"] == 1
+
+
+def test_resume_with_another_world_size_is_refused(pair, tmp_path, monkeypatch):
+    """Each rank samples its own shard of a step's prompts with its own seed, so a run resumed by another
+    number of processes is another run (issue 19: step-5 loss 3.30 vs 2.93): refused before any model loads,
+    naming the world size and the launcher that continues it."""
+    args = run_args(pair, tmp_path, "--steps", 2)
+    distill.main(args)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(models, "load_pair", _no_models)
+    with pytest.raises(ValueError, match=r"world size .*: 1 -> 2.*python distill\.py") as e:
+        distill.main(args + ["--resume"])
+    assert "Traceback" not in str(e.value)
+
+
+def test_resume_with_another_thread_count_is_refused_on_the_cpu(pair, tmp_path, monkeypatch):
+    """On the CPU the losses of 1 and 2 threads differ from step 2 on (issue 19), so --resume with another
+    --threads is refused, naming the option, before any model loads."""
+    args = run_args(pair, tmp_path, "--steps", 2, "--device", "cpu")
+    distill.main(args + ["--threads", "1"])
+    monkeypatch.setattr(models, "load_pair", _no_models)
+    with pytest.raises(ValueError, match=r"--threads: 1 -> 2"):
+        distill.main(args + ["--threads", "2", "--resume"])
+
+
+def test_resume_names_the_checkpoint_it_loads(pair, tmp_path, capsys):
+    """A user must see which checkpoint a resume continues from (the newest may have been skipped as damaged)."""
+    args = run_args(pair, tmp_path, "--steps", 2)
+    distill.main(args)
+    capsys.readouterr()
+    distill.main(args + ["--resume"])
+    assert f"resuming from {tmp_path / 'ckpt-0000002'} (step 2)" in capsys.readouterr().out
+
+
+def test_a_dropout_student_resumes_exactly(pair, tmp_path, monkeypatch):
+    """Dropout draws its masks from the global torch RNG, which the step's own seeded generators do not
+    cover: a resume must restore it from the checkpoint, or the resumed steps drop other units (issue 19:
+    step-4 loss 0.09364 vs 0.09352 when set_rng_state skipped it)."""
+    student = tmp_path / "dropout-student"
+    shutil.copytree(pair[1], student)
+    cfg = json.loads((student / "config.json").read_text())
+    cfg["attention_dropout"] = 0.3
+    (student / "config.json").write_text(json.dumps(cfg))
+    dpair = (pair[0], str(student))
+    full = distill.main(run_args(dpair, tmp_path / "full"))
+    real, calls = distill.specdec.autoregressive_generate, []
+
+    def dies_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(run_args(dpair, tmp_path / "cut"))
+    monkeypatch.setattr(distill.specdec, "autoregressive_generate", real)
+    cut = distill.main(run_args(dpair, tmp_path / "cut", "--resume"))
+    no_dropout = read_losses(distill.main(run_args(pair, tmp_path / "plain")))
+    assert read_losses(full) != no_dropout                 # the dropout is live: it changes the losses
+    assert read_losses(cut) == read_losses(full)

@@ -83,7 +83,7 @@ def test_eval_files_and_a_perfect_draft(pair, tmp_path):
 def test_no_trained_runs_and_no_task_is_an_error(tmp_path):
     """`make eval` with nothing trained says what to do instead of printing an empty table."""
     with pytest.raises(ValueError, match="no trained drafts"):
-        evaluate.main(["--runs", str(tmp_path / "none")])
+        evaluate.main(["--runs", str(tmp_path)])                   # a folder with no runs
 
 
 @pytest.mark.parametrize("argv, word", [(["--task", "mnist"], "mnist"), (["--preset", "huge"], "huge"),
@@ -138,13 +138,15 @@ def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
     questions, and the JSON's pooled acceptance, measured speedup and theoretical speedup are computed
     from the right quantities (sums over prompts; tokens/s ratio over the batches both sides ran, here
     the first of two; the formula with the measured c)."""
+    (tmp_path / "none").mkdir()
     docs = evaluate.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--runs",
                           str(tmp_path / "none"), "--results", str(tmp_path / "results"), "--n-prompts", "3",
                           "--source", "file", "--data-path", str(FIXTURE_TEST), "--n-boot", "50",
                           "--batch-size", "2", "--speedup-batches", "1"])
     out = capsys.readouterr().out
     assert "40 rows from" in out           # the whole file is checked, 3 are used
-    doc = json.loads((tmp_path / "results" / "tiny" / "gsm8k" / "eval.json").read_text())
+    results = tmp_path / "results" / "tiny" / "gsm8k-file-test"     # off the preset's data: its own folder
+    doc = json.loads((results / "eval.json").read_text())
     assert doc["protocol"]["source"] == "file" and doc["protocol"]["n_prompts"] == 3
     base = doc["runs"]["baseline"]
     pp, speed = base["per_prompt"], base["speedup"]
@@ -163,7 +165,7 @@ def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
         base["pooled_alpha"], doc["protocol"]["gamma"], b1["cost_ratio"]))
     assert base["gain"] is None and "(the reference)" in base["verdict"] and "batch 1:" in base["verdict"]
     assert "Verdict (gsm8k" in out
-    md = (tmp_path / "results" / "tiny" / "gsm8k" / "eval.md").read_text()
+    md = (results / "eval.md").read_text()
     assert "speedup measured" in md and "target alone tokens/s" in md and "## Verdict" in md
     assert set(docs["gsm8k"]["runs"]) == {"baseline"}
 
