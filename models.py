@@ -24,12 +24,15 @@ How a tiny pair is built (``ensure_tiny_pair``), reproducibly from a seed:
    prompt + reference completion (loss on the completion and its <|im_end|> only) to a low loss:
    on gsm8k the completion is a function of the prompt (low H(p)), on cnndm it is one draw among
    many equally good summaries (high H(p));
-3. the student, a smaller model of the same family, is trained the same way for fewer steps:
+3. the student, a much smaller model of the same family (one layer), is trained the same way:
    a plausible but clearly imperfect draft (as Qwen3-0.6B is for Qwen3-4B).
 The lm_head is padded to a multiple of 64 rows beyond the real vocabulary, as Qwen's is
 (151936 rows for 151669 tokens); see ``load_pair`` for lm_heads of different widths.
-A build is deterministic (same seed -> bitwise the same safetensors on the same machine) and costs
-about 130 CPU-seconds per pair (`build_cpu_s` in build.json), under 5 minutes for both on 2 cores.
+A build is deterministic (same seed -> bitwise the same safetensors on the same machine; it always runs
+on one thread) and costs about 155-170 CPU-seconds per pair (`build_cpu_s` in build.json); `make models`
+builds the two pairs at once, one single-thread process each, so both take about 3 minutes on 2 cores.
+The pair is shaped so that speculative decoding pays on a CPU (see SCALES): a 12-layer teacher of
+hidden size 48 (~0.37M parameters) and a 1-layer draft of hidden size 32 (~0.035M).
 
 Loading (``load_model``, ``load_tokenizer``, ``load_pair``): a local folder or a hub id; float32
 on CPU, bfloat16 on CUDA; ``load_in_8bit`` quantises the teacher with bitsandbytes (LLM.int8,
