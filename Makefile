@@ -10,7 +10,7 @@ DATA    ?=
 ARGS    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test models train eval report bench-loss bench-specdec bench-train bench-paper clean
+.PHONY: setup test models train eval report curve bench-loss bench-specdec bench-train bench-paper clean
 
 setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
@@ -37,6 +37,9 @@ eval:   ## acceptance and speedup of the baseline and every distilled student [T
 report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run) [SOURCE= DATA= TASK=] [ARGS=]
 	$(PY) report.py $(if $(QUICK),--quick,) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--tasks $(TASK),) \
 	    $(DATA_ARGS) $(ARGS)
+
+curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
+	$(PY) curve.py $(if $(QUICK),--quick,)
 
 bench-loss:
 	$(PY) bench/bench_loss.py

@@ -344,6 +344,14 @@ def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, *
             "draft_step_s": step["draft"]}
 
 
+def task_group(args, task: str) -> str:
+    """The task's folder under <runs>/<preset>/ and <results>/<preset>/ (rundir.task_group: the task, with
+    the data in the name when it is not the preset's own)."""
+    preset_source = models.preset_config(args.preset, task).get("source")
+    source, data_path = data.resolve_source(args.source, args.data_path, preset_source)
+    return rundir.task_group(task, source, data_path, data.resolve_source(None, None, preset_source)[0])
+
+
 def check_task_inputs(args, task: str) -> dict:
     """Everything of a task's evaluation that can be wrong, before any model loads: the pair (the preset's,
     built on first use), the eval rows (checked; CNN/DM's length filter with the teacher's tokenizer), every
@@ -355,7 +363,7 @@ def check_task_inputs(args, task: str) -> dict:
         t, s = models.resolve_pair(task, args.preset)
         teacher_id, student_id = teacher_id or t, student_id or s
     source, data_path = data.resolve_source(args.source, args.data_path, pc.get("source"))
-    group = rundir.task_group(task, source, data_path, data.resolve_source(None, None, pc.get("source"))[0])
+    group = task_group(args, task)
     tokenizer = models.load_tokenizer(teacher_id)
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     examples = data.load_examples(task, "eval", source=source, path=data_path, n=n, tokenizer=tokenizer,
@@ -370,6 +378,7 @@ def check_task_inputs(args, task: str) -> dict:
     models.check_model_files(teacher_id, "teacher")
     for name, _, path in drafts:
         models.check_model_files(path, "baseline student" if name == "baseline" else f"draft {name}")
+        models.check_tokenizers(teacher_id, path)
     max_new = args.max_new_tokens or pc.get("max_new_tokens") or 0
     data.check_prompt_lengths(prompts, examples, models.context_length(teacher_id, *(d[2] for d in drafts)),
                               max_new)
@@ -521,7 +530,7 @@ def main(argv=None) -> dict:
         if args.task is not None:
             tasks = [args.task]
         else:
-            tasks = [t for t in data.TASKS if trained_runs(Path(args.runs), args.preset, t)]
+            tasks = [t for t in data.TASKS if trained_runs(Path(args.runs), args.preset, task_group(args, t))]
             if not tasks:
                 raise ValueError(f"no trained drafts under {args.runs}/{args.preset}/<task>/*/final; train one "
                                  f"(make train TASK=gsm8k DIV=rkl) or pass --task to evaluate the baseline")

@@ -236,3 +236,12 @@ def test_make_passes_args_through():
         r = subprocess.run(["make", "-n", target, f"ARGS={flags}", "PY=python"], cwd=REPO, capture_output=True,
                            text=True, check=True)
         assert flags in r.stdout, r.stdout
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_any_model(pair, tmp_path, no_models, monkeypatch):
+    """Under torchrun each rank takes batch / world prompts: a batch that does not divide is the user's to fix,
+    said at once (it was found after the lock, once the process group was up)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--batch-size 3 must be divisible by world size 2"):
+        distill.main(train_args(pair, tmp_path / "run") + ["--batch-size", "3"])
+    assert not (tmp_path / "run").exists()
