@@ -330,7 +330,7 @@ def evaluate_setting(cfg: CurveConfig, k: int, log) -> dict:
         f"[{out['entropy'][1]:.3f}, {out['entropy'][2]:.3f}] over {out['teacher_tokens']} tokens")
     setting_dir = Path(cfg.runs) / f"k{k}"
     train_rows = write_rows(setting_dir / "train.jsonl", family_examples(k, "train", cfg.n_train))
-    kwargs = dict(batch_size=64, seed=0, record=False, speedup_batches=1, **protocol.speculative_kwargs())
+    kwargs = dict(batch_size=64, seed=0, record=False, **protocol.speculative_kwargs())   # acceptance only
     jobs = [("baseline", None)] + [(d, s) for d in cfg.divs if d != "baseline" for s in cfg.seeds]
     for i, (div, seed) in enumerate(jobs, 1):
         t0, name = time.time(), run_name(div, seed)
