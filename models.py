@@ -44,7 +44,6 @@ loading models is used by both, by specdec benchmarks and by evaluate.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import entropy   # entropy.py and specdec.py never import models: no cycle
 import specdec
@@ -658,14 +658,15 @@ def check_tokenizers(teacher, student):
     return tok_t
 
 
-def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
+def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None):
     """(teacher_model, student_model, tokenizer). The teacher's tokenizer is returned; the student's
     must map the same tokens to the same ids (ValueError otherwise). The two lm_heads may have
     different widths (padding rows beyond len(tokenizer)); both must cover the real vocabulary.
     Compare logits on the first len(tokenizer) columns only: divergences.shared_vocab(..., vocab_size=
-    len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only."""
+    len(tokenizer)) and specdec do that. load_in_8bit and teacher_dtype (default: load_model's) apply to the
+    teacher only."""
     tok_t = check_tokenizers(teacher, student)
-    t = load_model(teacher, device=device, load_in_8bit=load_in_8bit)
+    t = load_model(teacher, device=device, dtype=teacher_dtype, load_in_8bit=load_in_8bit)
     s = load_model(student, device=device)
     for name, m in (("teacher", t), ("student", s)):
         check_lm_head(m, tok_t, name)
@@ -801,7 +802,7 @@ def build_in_parallel(tasks, root="checkpoints", seed: int = 0, scale: str = "fu
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
+    ap = cli.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
     ap.add_argument("--task", default="all", choices=("all",) + data.TASKS)
     ap.add_argument("--root", default="checkpoints")
     ap.add_argument("--seed", type=int, default=0)
@@ -853,4 +854,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)                       # a bad option: one line, exit 2
