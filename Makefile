@@ -36,8 +36,8 @@ report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps;
 	$(PY) report.py $(if $(QUICK),--quick,) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--tasks $(TASK),) \
 	    $(DATA_ARGS)
 
-bench-loss:
-	$(PY) bench/bench_loss.py
+bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
+	flock /tmp/heavy.lock $(PY) bench/bench_loss.py --suite fused
 
 bench-specdec:
 	$(PY) bench/bench_specdec.py

@@ -540,19 +540,21 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False):
+def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None,
+              student_dtype=None):
     """(teacher_model, student_model, tokenizer). The teacher's tokenizer is returned; the student's
     must map the same tokens to the same ids (ValueError otherwise). The two lm_heads may have
     different widths (padding rows beyond len(tokenizer)); both must cover the real vocabulary.
     Compare logits on the first len(tokenizer) columns only: divergences.shared_vocab(..., vocab_size=
-    len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only."""
+    len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only; teacher_dtype /
+    student_dtype: the weights' dtype (default load_model's: float32 on CPU, bfloat16 on CUDA)."""
     tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
     if not same_tokenizer(tok_t, tok_s):
         raise ValueError(f"teacher {str(teacher)!r} and student {str(student)!r} have different tokenizers "
                          f"({len(tok_t)} vs {len(tok_s)} tokens or different ids); speculative decoding and "
                          f"token-level distillation need one shared vocabulary")
-    t = load_model(teacher, device=device, load_in_8bit=load_in_8bit)
-    s = load_model(student, device=device)
+    t = load_model(teacher, device=device, dtype=teacher_dtype, load_in_8bit=load_in_8bit)
+    s = load_model(student, device=device, dtype=student_dtype)
     for name, m in (("teacher", t), ("student", s)):
         check_lm_head(m, tok_t, name)
     return t, s, tok_t
