@@ -45,14 +45,15 @@ evaluation and the report alike, and the kept/dropped counts are printed.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import cli
 
 TASKS = ("gsm8k", "cnndm")
 SPLITS = ("train", "eval")
@@ -80,6 +81,7 @@ EVAL_SHARE = 5                     # 1 in EVAL_SHARE generated prompts belongs t
 class Example:
     prompt: str      # the user turn: the question / the article
     reference: str   # the dataset's answer / highlights (never used by on-policy training)
+    where: str = field(default="", compare=False)   # "<file>, line <n>" for read rows: named by later checks
 
 
 def check_task(task: str) -> str:
@@ -459,7 +461,7 @@ def row_example(task: str, row, where: str) -> Example:
         values.append(v.strip())
     if task == "gsm8k" and not _GSM8K_FINAL.search(values[1]):
         raise DataError(f"{where}: column 'answer' has no final answer line '#### <number>'")
-    return Example(prompt=values[0], reference=values[1])
+    return Example(prompt=values[0], reference=values[1], where=where)
 
 
 def file_examples(task: str, split: str, path, *, verbose: bool = False) -> list[Example]:
@@ -555,6 +557,20 @@ def load_examples(task: str, split: str, *, source: str = "standin", path=None, 
 # Prompts
 # --------------------------------------------------------------------------------------------
 
+def check_prompt_lengths(prompts: list[list[int]], examples: list[Example], context: int | None,
+                         max_new_tokens: int = 0):
+    """Every prompt (chat template included) + max_new_tokens must fit the models' context (None: no limit
+    known), or generation would fail in the middle of the work: DataError naming the row and the numbers."""
+    if context is None:
+        return
+    for i, (ids, ex) in enumerate(zip(prompts, examples)):
+        if len(ids) + max_new_tokens > context:
+            raise DataError(f"{ex.where or f'prompt {i + 1}'}: the prompt has {len(ids)} tokens (chat template "
+                            f"included); with --max-new-tokens {max_new_tokens} that exceeds the models' context "
+                            f"of {context} positions (max_position_embeddings); shorten or drop the row, or lower "
+                            f"--max-new-tokens")
+
+
 def chat_messages(task: str, example: Example) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPTS[check_task(task)]},
             {"role": "user", "content": example.prompt}]
@@ -587,26 +603,41 @@ def task_prompts(task: str, tokenizer, split: str = "eval", n: int = 64, source:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Check a task's data and print a few examples.")
+    """Check a task's data: every row, CNN/DM's length filter (with --tokenizer), and with a model folder as
+    --tokenizer (or --context) every prompt + --max-new-tokens against the model's context. Bad input is one
+    `error:` line, exit 2 (cli.py)."""
+    ap = cli.ArgumentParser(description="Check a task's data and print a few examples.")
     ap.add_argument("--task", default="gsm8k", choices=TASKS)
     ap.add_argument("--split", default="eval", choices=SPLITS)
     ap.add_argument("--source", default=None, choices=SOURCES,
                     help="default: file with --data-path, else standin")
     ap.add_argument("--data-path", default=None, help="a .jsonl/.json/.parquet file or a folder (README: Data)")
     ap.add_argument("--tokenizer", default=None,
-                    help="the teacher's tokenizer (path), for the CNN/DM length filter")
+                    help="the teacher's tokenizer (path), for the CNN/DM length filter and the prompt lengths")
+    ap.add_argument("--context", type=int, default=None, help="the models' context in tokens (default: "
+                    "max_position_embeddings of the --tokenizer folder's config.json, if it has one)")
+    ap.add_argument("--max-new-tokens", type=int, default=0,
+                    help="tokens each prompt must leave room for within the context (default %(default)s)")
     ap.add_argument("-n", type=int, default=3)
-    args = ap.parse_args(argv)
-    source, path = resolve_source(args.source, args.data_path)
-    tok = None
-    if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    exs = load_examples(args.task, args.split, source=source, path=path, tokenizer=tok, verbose=True,
-                        max_article_tokens=MAX_ARTICLE_TOKENS if tok is not None else None)
+    with cli.before_the_work():
+        args = ap.parse_args(argv)
+        source, path = resolve_source(args.source, args.data_path)
+        tok, context = None, args.context
+        if args.tokenizer is not None:
+            from transformers import AutoConfig, AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+            if context is None and (Path(args.tokenizer) / "config.json").exists():
+                context = AutoConfig.from_pretrained(args.tokenizer).max_position_embeddings
+        exs = load_examples(args.task, args.split, source=source, path=path, tokenizer=tok, verbose=True,
+                            max_article_tokens=MAX_ARTICLE_TOKENS if tok is not None else None)
+        if tok is not None and context is not None:
+            prompts = [build_prompt_ids(tok, args.task, e) for e in exs]
+            check_prompt_lengths(prompts, exs, context, args.max_new_tokens)
+            print(f"[data] {args.task} {args.split}: the longest prompt has {max(map(len, prompts))} tokens, "
+                  f"within the context of {context} (with {args.max_new_tokens} new tokens)", flush=True)
     for e in exs[:args.n]:
         print(f"--- prompt:\n{e.prompt}\n--- reference:\n{e.reference}\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)

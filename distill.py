@@ -73,6 +73,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+import cli
 import data
 import divergences
 import models
@@ -85,10 +86,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # --dtype
 
 # ----------------------------------------------------------------------------- config
 
-def option(default, help: str, *, preset: bool = False, fallback=None):
+def option(default, help: str, *, preset: bool = False, fallback=None, flag: bool = True):
     """A Config field and its --help text ("%(default)s" = the default). preset=True: None means the preset's
-    value (models.preset_config, the key named as the field), else `fallback` (resolve_config fills it)."""
-    return field(default=default, metadata={"help": help, "preset": preset, "fallback": fallback})
+    value (models.preset_config, the key named as the field), else `fallback` (resolve_config fills it).
+    flag=False: not an option but a fact of the launch (resolve_config fills it), recorded all the same."""
+    return field(default=default, metadata={"help": help, "preset": preset, "fallback": fallback, "flag": flag})
 
 
 @dataclass
@@ -169,13 +171,20 @@ class Config:
                                        "runs); default off")
     save_every: int | None = option(None, "checkpoint every N steps (and always at the end); default: the "
                                           "preset's (50 if unset)", preset=True, fallback=50)
+    threads: int = option(cli.DEFAULT_THREADS, "CPU threads of torch per process (README 'Threads'; on the CPU "
+                                               "a run is exact only at the same count); default %(default)s")
+    # the launch (not options): recorded in config.json, so that --resume can refuse another one
+    world_size: int | None = option(None, "processes of the run (torchrun --nproc_per_node; WORLD_SIZE)",
+                                    flag=False)
 
 
 def parse_args(argv=None) -> Config:
     """Every Config field is a flag: --max-new-tokens 64, --resume / --no-resume."""
-    p = argparse.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.",
-                                epilog="example: python distill.py --task gsm8k --div rkl --seed 0")
+    p = cli.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.",
+                           epilog="example: python distill.py --task gsm8k --div rkl --seed 0")
     for f in fields(Config):
+        if not f.metadata["flag"]:
+            continue
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
@@ -220,13 +229,14 @@ def resolve_config(cfg: Config) -> Config:
     for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "n_train", "save_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    cli.check_threads(cfg.threads)
+    cfg.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.out is None:
         tag = cfg.div if cfg.div != "jsd" or cfg.beta == 0.5 else f"jsd{cfg.beta:g}"
         cfg.out = str(Path("runs") / cfg.preset / cfg.task / f"{tag}-s{cfg.seed}")
     check_options(cfg)
-    if cfg.resume and latest_checkpoint(Path(cfg.out)) is None:
-        raise ValueError(f"--resume: no checkpoint (ckpt-*/trainer_state.pt) in {cfg.out}; "
-                         f"train without --resume or pass the run's --out")
+    if cfg.resume:
+        rundir.check_resumable(Path(cfg.out))
     check_run_dir(cfg)
     return cfg
 
@@ -269,7 +279,9 @@ def check_run_dir(cfg: Config):
         return
     rundir.check_unlocked(Path(cfg.out))
     if cfg.resume:
-        rundir.check_same_run(Path(cfg.out), asdict(cfg))
+        # the thread count changes floating-point sums on the CPU only (CUDA kernels do not use the pool)
+        on_cuda = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+        rundir.check_same_run(Path(cfg.out), asdict(cfg), may_change={"threads"} if on_cuda else ())
     else:
         rundir.check_fresh(Path(cfg.out), cfg.overwrite)
 
@@ -473,25 +485,62 @@ def all_reduce_sum(x: float, world: int, device) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv=None):
-    """Check everything, take the run directory's lock (rank 0), train. Ctrl-C: one line saying where
-    the run stopped and the command that resumes it (then the KeyboardInterrupt goes on)."""
-    cfg = resolve_config(parse_args(argv))
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    """Check everything before any model loads (bad input: cli.BadInput, one line from the command line),
+    take the run directory's lock (rank 0), train. A fresh run that stops before its first logged step
+    leaves nothing behind that would block a retry. Ctrl-C: one line saying where the run stopped and
+    the command that resumes it (then the KeyboardInterrupt goes on)."""
     master = int(os.environ.get("RANK", "0")) == 0
+    with cli.before_the_work():
+        cfg = resolve_config(parse_args(argv))
+        inputs = check_inputs(cfg, master)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         with rundir.RunLock(cfg.out) if master else nullcontext():
-            if master and not cfg.resume:
-                rundir.start_fresh(Path(cfg.out), cfg.overwrite)
-            return train(cfg)
+            try:
+                if master and not cfg.resume:
+                    rundir.start_fresh(Path(cfg.out), cfg.overwrite)
+                return train(cfg, inputs)
+            except BaseException:
+                if master and not cfg.resume:
+                    rundir.discard_unstarted(Path(cfg.out))
+                raise
     except KeyboardInterrupt:
         if master:
             print(rundir.interrupted_message(Path(cfg.out), argv), file=sys.stderr, flush=True)
         raise
 
 
-def train(cfg: Config):
+@dataclass
+class Inputs:
+    """What main checks before any model loads, for set_up: the data, its prompts, the checkpoint."""
+    examples: list[data.Example]
+    prompts: list[list[int]]            # chat-templated prompt ids, each within the models' context
+    tokenizer: object                   # the teacher's
+    ckpt: Path | None                   # --resume: the newest verified checkpoint
+
+
+def check_inputs(cfg: Config, master: bool) -> Inputs:
+    """The pair (the preset's, built on first use), the training rows (checked; CNN/DM's length filter
+    counted with the teacher's tokenizer), the model folders (config.json, safetensors headers), the
+    checkpoint to resume, every prompt + --max-new-tokens within both models' context. Loads no model."""
+    if cfg.teacher is None or cfg.student is None:
+        teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
+        cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
+                                  seed=cfg.seed, tokenizer=tokenizer, verbose=master)
+    ckpt = rundir.resume_checkpoint(Path(cfg.out)) if cfg.resume else None
+    folders = {"teacher": cfg.teacher, "student": str(ckpt) if ckpt else cfg.student}
+    for role, path in folders.items():
+        models.check_model_files(path, role)
+    prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
+    data.check_prompt_lengths(prompts, examples, models.context_length(*folders.values()), cfg.max_new_tokens)
+    return Inputs(examples, prompts, tokenizer, ckpt)
+
+
+def train(cfg: Config, inputs: Inputs):
     """The training loop of a checked config (main) in its locked run directory (set-up: `set_up`)."""
-    run = set_up(cfg)
+    run = set_up(cfg, inputs)
     teacher, student, model = run.teacher, run.student, run.model
     world, autocast = run.world, run.autocast
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not run.master,
@@ -608,12 +657,13 @@ class Run:
     metrics: object                     # <out>/metrics.jsonl, open for appending (rank 0; else None)
 
 
-def set_up(cfg: Config) -> Run:
+def set_up(cfg: Config, inputs: Inputs) -> Run:
     """Everything before the first step, in this order (the RNG seeds are set before any model exists):
-    process and device, models and data, optimiser and schedule (restored on --resume), the run directory."""
+    process and device, models, optimiser and schedule (restored on --resume), the run directory."""
     rank, world, device = set_up_process(cfg)
     out, master = Path(cfg.out), rank == 0
-    teacher, student, tokenizer, examples, ckpt = load_models_and_data(cfg, device, master)
+    examples, prompts, ckpt = inputs.examples, inputs.prompts, inputs.ckpt
+    teacher, student, tokenizer = load_models(cfg, device, ckpt)
     # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
     protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
                                         temperature=cfg.temperature, top_p=cfg.top_p,
@@ -624,8 +674,7 @@ def set_up(cfg: Config) -> Run:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                 else nullcontext())
 
-    # -- prompts (chat template) and, for dataset batches, the reference answers + a stop token
-    prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
+    # -- for dataset batches, the reference answers + a stop token (the prompts: check_inputs)
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
     references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]
     if cfg.steps is None:                                          # the paper preset: epochs over the prompts
@@ -657,21 +706,17 @@ def set_up_process(cfg: Config):
         raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    cli.set_threads(cfg.threads)
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     return rank, world, device
 
 
-def load_models_and_data(cfg: Config, device, master: bool):
-    """The training examples, then the frozen teacher (eval, no grad) and the trainable student (--resume:
-    from the newest verified checkpoint). -> teacher, student, tokenizer, examples, checkpoint (or None)."""
-    if cfg.teacher is None or cfg.student is None:                 # the preset's pair (tiny: built on first use)
-        teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
-        cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
-    # the data before any model: rows checked, CNN/DM's length filter counted with the teacher's tokenizer
-    examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
-                                  seed=cfg.seed, tokenizer=models.load_tokenizer(cfg.teacher), verbose=master)
-    ckpt = rundir.resume_checkpoint(Path(cfg.out)) if cfg.resume else None   # the newest verified checkpoint
+def load_models(cfg: Config, device, ckpt: Path | None):
+    """The frozen teacher (eval, no grad) and the trainable student (--resume: from the checkpoint, named
+    here). -> teacher, student, tokenizer."""
+    if ckpt is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming from {ckpt} (step {rundir.checkpoint_step(ckpt)})", flush=True)
     teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
                                                    device=device, load_in_8bit=cfg.teacher_8bit,
                                                    teacher_dtype=DTYPES[cfg.dtype], student_dtype=torch.float32)
@@ -681,7 +726,7 @@ def load_models_and_data(cfg: Config, device, master: bool):
         lm_head_weight(model, name)                                # a head the loss can project with
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    return teacher, student, tokenizer, examples, ckpt
+    return teacher, student, tokenizer
 
 
 def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
@@ -711,7 +756,4 @@ def finish(run: Run) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                   # main printed where the run stopped and how to resume it
-        sys.exit(130)
+    cli.script_main(main)                       # bad input: one line, exit 2; Ctrl-C: exit 130

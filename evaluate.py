@@ -36,7 +36,6 @@ accepted) for the entropy analysis (entropy.py / report.py).
 Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
       python evaluate.py --preset paper --task gsm8k --source file --data-path data/gsm8k
 """
-import argparse
 import json
 import math
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import data
 import models
 import specdec
@@ -260,7 +260,7 @@ def evaluate_task(args, task: str) -> dict:
     return {"preset": args.preset, "task": task, "teacher": teacher_id,
             "protocol": {**decoding.as_dict(), "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
                          "split": "eval", "source": source, "data_path": data_path,
-                         "batch_size": args.batch_size},
+                         "batch_size": args.batch_size, "threads": args.threads},
             "runs": {e["name"]: e for e in entries}}
 
 
@@ -293,7 +293,7 @@ def write_results(doc: dict, results_root: Path) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.",
+    p = cli.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.",
                                 epilog="example: python evaluate.py --preset tiny --task gsm8k --record")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(models.PRESETS)} (default %(default)s)")
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: every task with trained drafts)")
@@ -323,7 +323,9 @@ def parse_args(argv=None):
                    "target-alone generation per draft)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")
     p.add_argument("--teacher-8bit", action="store_true", help="load the teacher in 8 bits with bitsandbytes")
+    cli.add_threads_option(p)
     args = p.parse_args(argv)
+    cli.check_threads(args.threads)
     models.check_preset(args.preset)
     if args.task is not None:
         data.check_task(args.task)
@@ -339,7 +341,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    with cli.before_the_work():
+        args = parse_args(argv)
+    cli.set_threads(args.threads)
     if args.task is not None:
         tasks = [args.task]
     else:
@@ -357,4 +361,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)

@@ -465,6 +465,11 @@ def load_tokenizer(path_or_id):
     drops every EOS and the student never learns to stop, the seed's bug. Such a pad is replaced
     by the first of PAD_CANDIDATES the vocabulary has that is not a stop id."""
     from transformers import AutoTokenizer
+    d = Path(str(path_or_id))
+    if d.is_dir() and not any((d / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"{d} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), so it is not a model folder"
+                         f"{'' if (d / 'config.json').exists() else ' (no config.json either)'}; pass a Hugging "
+                         f"Face model folder (config.json, tokenizer files, model*.safetensors) or a hub id")
     tok = AutoTokenizer.from_pretrained(str(path_or_id))
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         vocab, stops = tok.get_vocab(), set(stop_ids(tok))
@@ -477,6 +482,56 @@ def load_tokenizer(path_or_id):
 
 
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_files(path_or_id, role: str = "model") -> None:
+    """Before any model loads: a local folder must be a Hugging Face model folder (config.json) whose
+    safetensors weights are readable; each weights file's header is parsed (no tensor is read), and the
+    ValueError names the file that is not. A path that does not exist is refused; a hub id is left to
+    from_pretrained (resolve_pair checked the preset's)."""
+    p = str(path_or_id)
+    d = Path(p)
+    if not d.exists():
+        if p.startswith(("/", ".", "~")) or p.count("/") != 1:        # a hub id is exactly <owner>/<name>
+            raise ValueError(f"the {role} {p}: no such folder (a model is a local folder or a hub id "
+                             f"<owner>/<name>)")
+        return
+    if not d.is_dir():
+        raise ValueError(f"the {role} {d} is a file, not a model folder (config.json, tokenizer files, "
+                         f"model*.safetensors)")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"the {role} {d} has no config.json, so it is not a Hugging Face model folder (it needs "
+                         f"config.json, the tokenizer files and model*.safetensors)")
+    check_safetensors(d)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"the {role}'s {index} is not a safetensors index ({type(e).__name__}: {e})") from None
+        missing = [f for f in shards if not (d / f).exists()]
+        if missing:
+            raise ValueError(f"the {role}'s {index} lists weights files that are missing: {', '.join(missing)}")
+    from safetensors import safe_open
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:                   # SafetensorError (a truncated or corrupted header), OSError
+            raise ValueError(f"the {role}'s weights file {f} is not readable by safetensors ({e}): a cut-off "
+                             f"copy or a damaged file; copy or save the model again") from None
+
+
+def context_length(*paths_or_ids) -> int | None:
+    """The smallest context (max_position_embeddings, from config.json; nothing else loads) of the models."""
+    from transformers import AutoConfig
+    found = []
+    for p in paths_or_ids:
+        cfg = AutoConfig.from_pretrained(str(p))
+        found += [int(v) for v in (getattr(cfg, n, None) for n in ("max_position_embeddings", "n_positions"))
+                  if v][:1]
+    return min(found) if found else None
 
 
 def check_safetensors(path_or_id) -> None:

@@ -47,7 +47,6 @@ without training anything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -60,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+import cli
 
 DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd", "ajsd")   # jsd: beta = 0.5 (distill's default)
 METRICS = ("token_acceptance", "alpha", "mean_accepted_length")
@@ -98,6 +99,7 @@ class ReportConfig:
     quick: bool = False
     source: str | None = None         # the data (data.resolve_source): standin | file | hub; None = the preset's
     data_path: str | None = None      # a folder with train.* and test.* files of one task (README, "Data")
+    threads: int = 1                  # CPU threads of every training and evaluation (cli.DEFAULT_THREADS)
 
     def data_args(self) -> list[str]:
         """--source / --data-path as given, for distill.py and evaluate.py (one rule: data.resolve_source)."""
@@ -556,7 +558,8 @@ def _train(cfg: ReportConfig, task: str, div: str, seed: int, out: Path, extra=(
         if all(saved.get(k) == v for k, v in want.items()):
             return False
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out), *extra]
+    argv = ["--task", task, "--div", div, "--preset", cfg.preset, "--seed", str(seed), "--out", str(out),
+            "--threads", str(cfg.threads), *extra]
     if cfg.steps is not None:
         argv += ["--steps", str(cfg.steps)]
     distill.main(argv + cfg.data_args() + held_out_args(cfg, task))
@@ -710,7 +713,7 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
     # the report reads acceptance only: time the target alone on one batch per draft, not on all of them
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record",
-            "--speedup-batches", "1"]
+            "--speedup-batches", "1", "--threads", str(cfg.threads)]
     argv += cfg.data_args()
     if cfg.n_prompts is not None:
         argv += ["--n-prompts", str(cfg.n_prompts)]
@@ -912,7 +915,7 @@ def _meta(t0: float, argv) -> dict:
 
 
 def parse_args(argv=None) -> ReportConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)
@@ -927,8 +930,10 @@ def parse_args(argv=None) -> ReportConfig:
                    "preset's)")
     p.add_argument("--data-path", default=None, help="a folder with one task's train.* and test.* files (README "
                    "'Data'); needs --tasks with that one task")
+    cli.add_threads_option(p)
     a = p.parse_args(argv)
-    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path)
+    cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path,
+                       threads=cli.check_threads(a.threads))
     if a.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
@@ -958,7 +963,9 @@ def parse_args(argv=None) -> ReportConfig:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_args(argv)
+    with cli.before_the_work():
+        cfg = parse_args(argv)
+    cli.set_threads(cfg.threads)
     import entropy
 
     t0 = time.time()
@@ -1019,4 +1026,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)

@@ -33,6 +33,8 @@ LOG, CONFIG, LOCK, CHECKSUMS = "metrics.jsonl", "config.json", ".lock", "checksu
 KEEP_CHECKPOINTS = 2
 # settings a resumed run may change: where/how often it writes and on which device; nothing it computes
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "save_every", "device", "gradient_checkpointing"})
+# recorded facts of the launch that are not options: how a difference is named
+LAUNCH_FIELDS = {"world_size": "the world size (processes: torchrun --nproc_per_node)"}
 
 
 class RunDirError(ValueError):
@@ -230,12 +232,46 @@ def run_files(out: Path) -> list[Path]:
 
 
 def check_fresh(out: Path, overwrite: bool):
-    """A run started without --resume may not replace a run silently."""
+    """A run started without --resume may not replace a run silently. The advice agrees with
+    check_resumable's: --resume only where there is a checkpoint to resume from."""
     found = run_files(out)
     if found and not overwrite:
-        raise RunDirError(f"--out {out} already holds a run ({', '.join(p.name for p in found[:4])}); "
-                          f"continue it with --resume, or start again from scratch with --overwrite "
-                          f"(deletes its checkpoints, log and final model)")
+        held = ', '.join(p.name for p in found[:4])
+        if checkpoints(out):
+            raise RunDirError(f"--out {out} already holds a run ({held}); continue it with --resume, or start "
+                              f"again from scratch with --overwrite (deletes its checkpoints, log and final model)")
+        raise RunDirError(f"--out {out} already holds a run ({held}) that stopped before its first checkpoint, so "
+                          f"there is nothing to --resume; start it again with --overwrite (deletes its log), or "
+                          f"pass another --out")
+
+
+def check_resumable(out: Path):
+    """--resume needs a checkpoint in `out`; the advice agrees with check_fresh's."""
+    if checkpoints(out):
+        return
+    if run_files(out):
+        raise RunDirError(f"--resume: the run in {out} stopped before its first checkpoint (ckpt-*), so there is "
+                          f"nothing to resume; start it again with --overwrite (deletes its log), or pass another "
+                          f"--out")
+    raise RunDirError(f"--resume: no run in {out} (no checkpoint ckpt-*); train without --resume to start it, or "
+                      f"pass the --out of the run to continue")
+
+
+def discard_unstarted(out: Path):
+    """A fresh run that failed or was stopped before logging its first step leaves nothing that would make
+    the retry need --overwrite: its config.json and empty metrics.jsonl are removed (a run with a logged
+    step, a checkpoint or a final model is left as it is)."""
+    out = Path(out)
+    if checkpoints(out) or (out / "final").exists() or not (out / CONFIG).exists():
+        return
+    try:
+        rows, _ = read_log(out / LOG)
+    except RunDirError:
+        return
+    if rows:
+        return
+    for p in (out / LOG, out / CONFIG):
+        p.unlink(missing_ok=True)
 
 
 def start_fresh(out: Path, overwrite: bool):
@@ -264,21 +300,22 @@ def check_out_dir(out: Path):
 
 # ----------------------------------------------------------------------------- resume = the same run
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, may_change=()) -> list[str]:
     """'field: saved -> current' for every setting that changes the result and differs. A field the
     saved config lacks (an older version) or the current one leaves unset (None = resolved later from
-    the same preset, e.g. the preset's teacher) is not compared."""
+    the same preset, e.g. the preset's teacher) is not compared; nor are RESUME_MAY_CHANGE and `may_change`."""
     out = []
     for k, v in current.items():
-        if k in RESUME_MAY_CHANGE or k not in saved or v is None:
+        if k in RESUME_MAY_CHANGE or k in may_change or k not in saved or v is None:
             continue
         if saved[k] != v:                    # json keeps floats exactly; 1 == 1.0 is no change
-            out.append(f"--{k.replace('_', '-')}: {saved[k]!r} -> {v!r}")
+            out.append(f"{LAUNCH_FIELDS.get(k, '--' + k.replace('_', '-'))}: {saved[k]!r} -> {v!r}")
     return out
 
 
-def check_same_run(out: Path, current: dict):
-    """--resume continues the run in `out`: refuse when a result-changing setting differs."""
+def check_same_run(out: Path, current: dict, may_change=()):
+    """--resume continues the run in `out`: refuse when a result-changing setting differs (`may_change`:
+    settings that do not change this run's result, e.g. the CPU thread count on CUDA)."""
     path = Path(out) / CONFIG
     if not path.exists():
         raise RunDirError(f"--resume: {path} is missing, so the run's settings are unknown; "
@@ -287,12 +324,16 @@ def check_same_run(out: Path, current: dict):
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunDirError(f"--resume: {path} is not valid json ({e})") from None
-    diff = config_differences(saved, current)
+    diff = config_differences(saved, current, may_change)
     if diff:
         free = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_MAY_CHANGE - {"resume", "out"}))
+        launch, n = "", saved.get("world_size")
+        if n is not None and current.get("world_size") not in (None, n):
+            launch = (f" and runs on as many processes as it started with "
+                      f"({'python distill.py' if n == 1 else f'torchrun --nproc_per_node={n}'})")
         raise RunDirError(f"--resume would change the run in {out}: {'; '.join(diff)}. A resumed run keeps its "
-                          f"saved settings (only {free} may change); drop these options, or start a new run "
-                          f"with another --out")
+                          f"saved settings (only {free} may change){launch}; drop these options, or start a new "
+                          f"run with another --out")
 
 
 def write_config(out: Path, config: dict):
@@ -424,7 +465,8 @@ def interrupted_message(out: Path, argv: list[str]) -> str:
         step = "?"
     done = checkpoints(out)
     if not done:
+        again = resume_command(argv, out).removesuffix(" --resume")
         return (f"interrupted at step {step}; no checkpoint written yet in {out}, start again with: "
-                f"{resume_command(argv, out).removesuffix(' --resume')} --overwrite")
+                f"{again}{' --overwrite' if run_files(out) else ''}")
     return (f"interrupted at step {step}; last checkpoint {done[-1]} (step {checkpoint_step(done[-1])}); "
             f"resume with: {resume_command(argv, out)}")

@@ -53,7 +53,7 @@ def run_ours(a, teacher, student, out) -> dict:
     distill.main(["--task", a.task, "--div", "rkl", "--teacher", teacher, "--student", student, "--out", out,
                   "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens),
                   "--temperature", str(a.temperature), "--lr", "1e-4", "--warmup", "0", "--save-every", "100000",
-                  "--n-train", str(a.steps * a.batch_size)])
+                  "--n-train", str(a.steps * a.batch_size), "--threads", str(torch.get_num_threads())])
     rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")][1:]       # drop the warm-up step
     tokens = sum(r["completion_len"] * a.batch_size for r in rows)
     seconds = sum(r["completion_len"] * a.batch_size / r["tokens_per_s"] for r in rows)

@@ -343,6 +343,16 @@ class _ModelsLoaded(Exception):
     """Raised instead of loading models: everything before it ran on the data alone."""
 
 
+def _model_folder(folder, tokenizer):
+    """A one-layer model folder (config.json, safetensors) with `tokenizer`: passes the scripts' folder checks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=4096)
+                     ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monkeypatch, capsys):
     """WHY: the length filter once counted words in training and tokens in evaluation; both scripts must
     keep the same articles of the same file with the same (teacher's) tokenizer, print the counts, and do
@@ -351,8 +361,7 @@ def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monk
     import evaluate
     import models
 
-    tok_dir = tmp_path / "teacher"
-    tokenizer.save_pretrained(tok_dir)
+    tok_dir = _model_folder(tmp_path / "teacher", tokenizer)
     n_tok = len(tokenizer("Bramley council", add_special_tokens=False)["input_ids"])
     rows = [{"article": " ".join(["Bramley council"] * (k * 512 // n_tok // 4)), "highlights": f"h{k}"}
             for k in range(1, 9)]                                       # ~128 .. ~1024 tokens
@@ -388,3 +397,14 @@ def test_distill_refuses_bad_rows_before_loading_models(tmp_path, tokenizer):
                       "--data-path", str(empty), "--out", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="--source file needs --data-path"):
         distill.main(["--task", "gsm8k", "--source", "file", "--out", str(tmp_path / "run")])
+
+
+def test_the_first_n_cnndm_examples_are_counted_after_the_length_filter(tmp_path, tokenizer):
+    """n asks for the first n USABLE articles: an article over MAX_ARTICLE_TOKENS tokens must be left out
+    whether or not n is given (issue 19: with n=64 the filter was skipped and a 1,800-token article came back)."""
+    rows = [{"article": "Bramley council " * 600, "highlights": "long"},
+            {"article": "Bramley council met.", "highlights": "a"},
+            {"article": "The council met again.", "highlights": "b"}]
+    f = _write_jsonl(tmp_path / "train.jsonl", rows)
+    exs = data.load_examples("cnndm", "train", source="file", path=f, n=2, tokenizer=tokenizer)
+    assert [e.reference for e in exs] == ["a", "b"]

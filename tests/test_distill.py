@@ -483,3 +483,50 @@ def test_different_tokenizers_are_refused(pair, tmp_path):
     with pytest.raises(ValueError):
         distill.main(run_args((str(other), pair[1]), tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- a resume is the same run
+
+def _no_models(*a, **k):
+    raise AssertionError("a model was loaded")
+
+
+def test_config_records_the_world_size_and_the_threads(pair, tmp_path):
+    """--resume can only compare what config.json holds: the number of processes (each samples its shard)
+    and the CPU thread count (float sums round differently) both change a run's result."""
+    out = distill.main(run_args(pair, tmp_path, "--steps", 1, "--threads", 1))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["world_size"] == 1 and saved["threads"] == 1
+
+
+def test_resume_with_another_world_size_is_refused(pair, tmp_path, monkeypatch):
+    """Each rank samples its own shard of a step's prompts with its own seed, so a run resumed by another
+    number of processes is another run (issue 19: step-5 loss 3.30 vs 2.93): refused before any model loads,
+    naming the world size and the launcher that continues it."""
+    args = run_args(pair, tmp_path, "--steps", 2)
+    distill.main(args)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(models, "load_pair", _no_models)
+    with pytest.raises(ValueError, match=r"world size .*: 1 -> 2.*python distill\.py") as e:
+        distill.main(args + ["--resume"])
+    assert "Traceback" not in str(e.value)
+
+
+def test_resume_with_another_thread_count_is_refused_on_the_cpu(pair, tmp_path, monkeypatch):
+    """On the CPU the losses of 1 and 2 threads differ from step 2 on (issue 19), so --resume with another
+    --threads is refused, naming the option, before any model loads."""
+    args = run_args(pair, tmp_path, "--steps", 2, "--device", "cpu")
+    distill.main(args + ["--threads", "1"])
+    monkeypatch.setattr(models, "load_pair", _no_models)
+    with pytest.raises(ValueError, match=r"--threads: 1 -> 2"):
+        distill.main(args + ["--threads", "2", "--resume"])
+
+
+def test_resume_names_the_checkpoint_it_loads(pair, tmp_path, capsys):
+    """A user must see which checkpoint a resume continues from (the newest may have been skipped as damaged)."""
+    args = run_args(pair, tmp_path, "--steps", 2)
+    distill.main(args)
+    capsys.readouterr()
+    distill.main(args + ["--resume"])
+    assert f"resuming from {tmp_path / 'ckpt-0000002'} (step 2)" in capsys.readouterr().out

@@ -334,3 +334,13 @@ def test_teacher_sample_entropy_views_are_processed_and_tempered(tiny_lm):
     assert views["tempered"].shape == views["processed"].shape
     zero = views["processed"] == 0
     assert zero.any() and (views["tempered"][zero] > 0).all()
+
+
+def test_per_prompt_bin_counts_leave_out_the_drafts_after_a_blocks_first_rejection():
+    """A block of 3 drafts accepted, rejected, rejected: the verifier tested only the first two (the third
+    was drafted after a token the target rejected and never judged). Counting it would bias every bin's
+    acceptance down (1/3 instead of 1/2, issue 19's surviving mutant)."""
+    r = _records([0.5, 0.5, 0.5], [True, False, False])
+    r["position"] = np.array([1, 2, 3])                    # one block of gamma = 3
+    n, k = E.per_prompt_bin_counts(r, np.array([0.0, 1.0, np.inf]), n_prompts=1)
+    assert n.tolist() == [[2.0, 0.0]] and k.tolist() == [[1.0, 0.0]]

@@ -421,3 +421,13 @@ def test_reuse_reads_an_eval_only_when_it_holds_exactly_this_studys_drafts(tmp_p
                                  "protocol": {"n_prompts": 4, "data_path": None}}))
     assert not R.reusable_eval(cfg, "gsm8k", path)
     assert not R.reusable_eval(cfg, "gsm8k", tmp_path / "missing.json")
+
+
+def test_beating_the_baseline_needs_the_lower_bound_above_the_baselines_upper_bound():
+    """'beat the baseline with non-overlapping intervals' is a claim about the intervals: a draft whose
+    mean clears the baseline's interval but whose own interval reaches into it (fkl here) has not beaten
+    it; only rkl, whose lower bound lies above the baseline's upper bound, counts."""
+    rows = [_row("gsm8k", "baseline", 0.40, 0.38, 0.42), _row("gsm8k", "fkl", 0.45, 0.41, 0.49),
+            _row("gsm8k", "rkl", 0.60, 0.58, 0.62)]
+    text = " ".join(R.findings(rows))
+    assert "1 of 2 distilled drafts beat the baseline" in text and "(rkl)." in text

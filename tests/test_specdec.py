@@ -882,3 +882,15 @@ def test_freed_buffers_are_kept_for_reuse_on_glibc():
     specdec.reuse_freed_memory.cache_clear()
     applied = specdec.reuse_freed_memory()
     assert applied is sys.platform.startswith("linux")
+
+
+@pytest.mark.parametrize("full_sort", [True, False])
+def test_top_p_at_an_exact_threshold_tie_keeps_hfs_count_and_the_lowest_ids(full_sort):
+    """A uniform 4-token row at top_p 0.5: the mass ahead of rank 3 is exactly 0.5, not < 0.5, so HF keeps
+    exactly 2 tokens (TopPLogitsWarper drops cumulative mass <= 1 - top_p); among the equal tokens the lowest
+    ids, on the sort path as on the sort-free one (issue 19: the sort path's tie was tested only elsewhere)."""
+    probs = torch.full((1, 4), 0.25)
+    expected = TopPLogitsWarper(0.5)(None, probs.log()).softmax(-1) > 0
+    keep = top_p_keep(probs, 0.5, full_sort=full_sort)
+    assert keep.sum().item() == expected.sum().item() == 2
+    assert keep.tolist() == [[True, True, False, False]]

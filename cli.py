@@ -1,0 +1,87 @@
+"""What every script (distill.py, evaluate.py, report.py, data.py, models.py) does with its command line.
+
+Bad input is one line on stderr, `error: <what is wrong and what is allowed>`, exit status 2, and it comes
+before the work: each script runs its checks (options, paths, data rows, model folders, prompt lengths)
+inside `before_the_work()`, which marks the ValueError / OSError / RuntimeError of a failed check as bad
+input; `script_main` prints that as the one line (no traceback). Errors after the checks, inside the
+work, keep their traceback: they are bugs or the machine's doing, not the user's input. Called from Python
+(tests, report.py), the scripts' main() raise the check's own exception (data.DataError, ...), as before.
+
+Threads (--threads, README "Threads"): the CPU thread count of torch's intra-op pool. Default 1, measured
+(bench/bench_threads.py, docs/benchmarks.md): on a machine shared with another busy process, 2 OpenMP
+threads that spin-wait for each other lose to 1 thread, and floating-point sums split over a different
+number of threads round differently, so a run reproduces exactly only at the same count (distill.py
+records it in config.json and --resume refuses a different one on the CPU).
+"""
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+
+DEFAULT_THREADS = 1
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(ValueError):
+    """Input the user must fix (raised by the checks here): one `error: ...` line, exit status 2."""
+
+
+BAD_INPUT = (ValueError, OSError, RuntimeError)     # what a failed check raises (DataError, RunDirError, ...)
+
+
+@contextmanager
+def before_the_work():
+    """The checks of a script: a ValueError / OSError / RuntimeError raised inside (a bad option, a missing
+    file, a model folder that is not one, data rows) is bad input. It is marked as such and goes on as it
+    is (Python callers still catch data.DataError, rundir.RunDirError, ...); script_main prints it."""
+    try:
+        yield
+    except BAD_INPUT as e:
+        e.bad_input = True
+        raise
+
+
+def is_bad_input(e: BaseException) -> bool:
+    return isinstance(e, BadInput) or (isinstance(e, BAD_INPUT) and getattr(e, "bad_input", False))
+
+
+def script_main(main, argv=None):
+    """The `if __name__ == "__main__"` of every script: run main; bad input -> one line, exit 2 (anything
+    else keeps its traceback); Ctrl-C -> exit 130 (the script printed where it stopped)."""
+    try:
+        main(argv)
+    except BAD_INPUT as e:
+        if not is_bad_input(e):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, a value of the wrong type) are one line too, exit 2."""
+
+    def error(self, message):
+        raise BadInput(f"{message} (see {self.prog} --help)")
+
+
+def add_threads_option(parser: argparse.ArgumentParser, default=DEFAULT_THREADS):
+    parser.add_argument("--threads", type=int, default=default,
+                        help="CPU threads of torch (README 'Threads': more than 1 is slower, not faster, when "
+                             "another process keeps the cores busy, and results are exact only at the same "
+                             "count); default %(default)s")
+
+
+def check_threads(threads: int) -> int:
+    if not isinstance(threads, int) or threads < 1:
+        raise BadInput(f"--threads {threads!r} is not allowed; --threads must be an integer >= 1 "
+                       f"(this machine has {os.cpu_count()} CPUs)")
+    return threads
+
+
+def set_threads(threads: int):
+    """torch's intra-op thread count (the OpenMP pool every CPU kernel uses)."""
+    import torch
+
+    torch.set_num_threads(check_threads(threads))
