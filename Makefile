@@ -7,9 +7,10 @@ SEED    ?= 0
 QUICK   ?=
 SOURCE  ?=
 DATA    ?=
+ARGS    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test models train eval report bench-loss bench-specdec bench-train bench-paper clean
+.PHONY: setup test models train eval report curve bench-loss bench-specdec bench-train bench-paper clean
 
 setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
@@ -23,18 +24,22 @@ models: ## build (or reuse) the offline tiny teacher/student pairs and print the
 	$(PY) models.py --task all
 
 # the data (README, "Data"): SOURCE=standin|file|hub, DATA=PATH (a path alone means SOURCE=file)
+# ARGS="...": any further options, passed on as they are (make train ARGS="--out runs/x --overwrite")
 DATA_ARGS = $(if $(SOURCE),--source $(SOURCE),) $(if $(DATA),--data-path $(DATA),)
 
-train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|paper] [SEED=0] [SOURCE= DATA=]
-	$(PY) distill.py --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED) $(DATA_ARGS)
+train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|paper] [SEED=0] [SOURCE= DATA=] [ARGS=]
+	$(PY) distill.py --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED) $(DATA_ARGS) $(ARGS)
 
-eval:   ## acceptance and speedup of the baseline and every distilled student [TASK=...] [SOURCE= DATA=]
+eval:   ## acceptance and speedup of the baseline and every distilled student [TASK=...] [SOURCE= DATA=] [ARGS=]
 	$(PY) evaluate.py --preset $(PRESET) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--task $(TASK),) \
-	    $(DATA_ARGS)
+	    $(DATA_ARGS) $(ARGS)
 
-report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run) [SOURCE= DATA= TASK=]
+report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run) [SOURCE= DATA= TASK=] [ARGS=]
 	$(PY) report.py $(if $(QUICK),--quick,) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--tasks $(TASK),) \
-	    $(DATA_ARGS)
+	    $(DATA_ARGS) $(ARGS)
+
+curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
+	$(PY) curve.py $(if $(QUICK),--quick,)
 
 bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
 	flock /tmp/heavy.lock $(PY) bench/bench_loss.py --suite fused

@@ -114,7 +114,8 @@ class Config:
                                        "default: the preset's")
     seed: int = option(0, "run seed: prompt order, sampling and initial RNG state; default %(default)s")
     out: str | None = option(None, "run directory (ckpt-*, final/); "
-                                   "default runs/<preset>/<task>/<div>-s<seed>")
+                                   "default runs/<preset>/<task>/<div>-s<seed> (<task>: e.g. gsm8k-file-<data "
+                                   "name> on data other than the preset's, rundir.task_group)")
     resume: bool = option(False, "continue from the newest checkpoint in --out "
                                  "(reproduces the uninterrupted run)")
     overwrite: bool = option(False, "start from scratch in an --out that already holds a run, deleting its "
@@ -214,6 +215,7 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
+    preset_source = data.resolve_source(None, None, preset.get("source"))[0]
     cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset.get("source"))
     for f in fields(Config):
         if f.metadata["preset"] and getattr(cfg, f.name) is None:
@@ -231,9 +233,13 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     cli.check_threads(cfg.threads)
     cfg.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % (cfg.world_size * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {cfg.world_size} "
+                         f"x --grad-accum {cfg.grad_accum}")
     if cfg.out is None:
         tag = cfg.div if cfg.div != "jsd" or cfg.beta == 0.5 else f"jsd{cfg.beta:g}"
-        cfg.out = str(Path("runs") / cfg.preset / cfg.task / f"{tag}-s{cfg.seed}")
+        group = rundir.task_group(cfg.task, cfg.source, cfg.data_path, preset_source)   # the task, or e.g. gsm8k-file-x
+        cfg.out = str(Path("runs") / cfg.preset / group / f"{tag}-s{cfg.seed}")
     check_options(cfg)
     if cfg.resume:
         rundir.check_resumable(Path(cfg.out))
@@ -515,14 +521,14 @@ class Inputs:
     """What main checks before any model loads, for set_up: the data, its prompts, the checkpoint."""
     examples: list[data.Example]
     prompts: list[list[int]]            # chat-templated prompt ids, each within the models' context
-    tokenizer: object                   # the teacher's
     ckpt: Path | None                   # --resume: the newest verified checkpoint
 
 
 def check_inputs(cfg: Config, master: bool) -> Inputs:
     """The pair (the preset's, built on first use), the training rows (checked; CNN/DM's length filter
-    counted with the teacher's tokenizer), the model folders (config.json, safetensors headers), the
-    checkpoint to resume, every prompt + --max-new-tokens within both models' context. Loads no model."""
+    counted with the teacher's tokenizer), the model folders (config.json, safetensors headers, one
+    tokenizer), the checkpoint to resume, --teacher-8bit on the device, every prompt + --max-new-tokens
+    within both models' context. Loads no model."""
     if cfg.teacher is None or cfg.student is None:
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
@@ -533,9 +539,13 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     folders = {"teacher": cfg.teacher, "student": str(ckpt) if ckpt else cfg.student}
     for role, path in folders.items():
         models.check_model_files(path, role)
+    models.check_tokenizers(*folders.values())
+    device = run_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
+        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
     prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
     data.check_prompt_lengths(prompts, examples, models.context_length(*folders.values()), cfg.max_new_tokens)
-    return Inputs(examples, prompts, tokenizer, ckpt)
+    return Inputs(examples, prompts, ckpt)
 
 
 def train(cfg: Config, inputs: Inputs):
@@ -695,18 +705,20 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
                scheduler, start, metrics)
 
 
+def run_device(cfg: Config, local_rank: int) -> torch.device:
+    return torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+
+
 def set_up_process(cfg: Config):
     """(rank, world size, device) of this process; checks what depends on them; seeds the RNGs."""
     rank, world, local_rank = init_distributed()
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} "
-                         f"x --grad-accum {cfg.grad_accum}")
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
-        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
+    device = run_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cli.set_threads(cfg.threads)
+    if rank != 0:                             # one set of progress bars: rank 0's (the loop's, below)
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     return rank, world, device

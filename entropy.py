@@ -349,9 +349,12 @@ def completion_step_logits(model, prompts, completions, *, batch_size: int = 16,
 @torch.no_grad()
 def teacher_sample_entropies(teacher, prompts, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
                              max_new_tokens: int = 128, eos_token_id=None, seed: int = 0,
-                             batch_size: int = 16, vocab_size: int | None = None, views: bool = False):
+                             batch_size: int = 16, vocab_size: int | None = None, views: bool = False,
+                             per_row: bool = False):
     """H(p) at every token the teacher samples on its own: the task's entropy profile.
     views=True returns {"processed": H(p), "tempered": H before top-k / top-p} (see VIEWS) instead.
+    per_row=True keeps the prompts apart: one array per prompt (empty where nothing was sampled),
+    in prompt order, instead of one concatenated array (curve.py bootstraps over prompts).
 
     Sample with specdec.autoregressive_generate, then one teacher forward over prompt + completion
     (`completion_step_logits`) and take the processed distribution at each position that predicted a
@@ -364,14 +367,15 @@ def teacher_sample_entropies(teacher, prompts, *, temperature: float, top_p: flo
     result = autoregressive_generate(teacher, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, seed=seed,
                                      vocab_size=vocab_size)
-    out = {"processed": [], "tempered": []}
-    for _, step_logits in completion_step_logits(teacher, prompts, result.tokens, batch_size=batch_size,
-                                                 vocab_size=vocab_size):
-        out["processed"].append(processed_entropy(step_logits, temperature, top_k, top_p).cpu().numpy())
-        out["tempered"].append(processed_entropy(step_logits, temperature).cpu().numpy())
-    if not out["processed"]:
+    out = {v: [np.zeros(0, np.float32)] * len(prompts) for v in VIEWS}         # one array per prompt
+    for row, step_logits in completion_step_logits(teacher, prompts, result.tokens, batch_size=batch_size,
+                                                   vocab_size=vocab_size):
+        out["processed"][row] = processed_entropy(step_logits, temperature, top_k, top_p).cpu().numpy()
+        out["tempered"][row] = processed_entropy(step_logits, temperature).cpu().numpy()
+    if not any(x.size for x in out["processed"]):
         raise ValueError("the teacher generated no tokens for any prompt")
-    out = {v: np.concatenate(x) for v, x in out.items()}
+    if not per_row:
+        out = {v: np.concatenate(x) for v, x in out.items()}
     return out if views else out["processed"]
 
 

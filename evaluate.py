@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import cli
 import data
 import models
+import rundir
 import specdec
 
 METRICS = ("token_acceptance", "alpha", "mean_accepted_length")
@@ -222,27 +223,59 @@ def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, *
             "draft_step_s": step["draft"]}
 
 
-def evaluate_task(args, task: str) -> dict:
+def task_group(args, task: str) -> str:
+    """The task's folder under <runs>/<preset>/ and <results>/<preset>/ (rundir.task_group: the task, with
+    the data in the name when it is not the preset's own)."""
+    preset_source = models.preset_config(args.preset, task).get("source")
+    source, data_path = data.resolve_source(args.source, args.data_path, preset_source)
+    return rundir.task_group(task, source, data_path, data.resolve_source(None, None, preset_source)[0])
+
+
+def check_task_inputs(args, task: str) -> dict:
+    """Everything of a task's evaluation that can be wrong, before any model loads: the pair (the preset's,
+    built on first use), the eval rows (checked; CNN/DM's length filter with the teacher's tokenizer), every
+    model folder (teacher, baseline, each run's final: config.json, safetensors headers), and every prompt
+    + max_new_tokens within the models' context. -> the ids, the prompts, the drafts, the data."""
     pc = models.preset_config(args.preset, task)
     teacher_id, student_id = args.teacher, args.student
     if teacher_id is None or student_id is None:                    # the preset's pair (tiny: built on first use)
         t, s = models.resolve_pair(task, args.preset)
         teacher_id, student_id = teacher_id or t, student_id or s
-    # the data first: every row checked (and CNN/DM's length filter counted with the teacher's tokenizer)
-    # before any model loads
     source, data_path = data.resolve_source(args.source, args.data_path, pc.get("source"))
+    group = task_group(args, task)
+    tokenizer = models.load_tokenizer(teacher_id)
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
-    prompts = data.task_prompts(task, models.load_tokenizer(teacher_id), split="eval", n=n, source=source,
-                                path=data_path, verbose=True)
+    examples = data.load_examples(task, "eval", source=source, path=data_path, n=n, tokenizer=tokenizer,
+                                  verbose=True)
+    prompts = [data.build_prompt_ids(tokenizer, task, e) for e in examples]
+    drafts = [("baseline", "baseline (no distillation)", student_id)]
+    drafts += [(final.parent.name, divergence_label(final.parent), str(final))
+               for final in trained_runs(Path(args.runs), args.preset, group)]
+    if args.runs_given and len(drafts) == 1:
+        print(f"[evaluate] --runs {args.runs} holds no trained draft of {args.preset}/{group} "
+              f"({Path(args.runs) / args.preset / group}/*/final): the baseline alone", flush=True)
+    models.check_model_files(teacher_id, "teacher")
+    for name, _, path in drafts:
+        models.check_model_files(path, "baseline student" if name == "baseline" else f"draft {name}")
+        models.check_tokenizers(teacher_id, path)
+    max_new = args.max_new_tokens or pc.get("max_new_tokens") or 0
+    data.check_prompt_lengths(prompts, examples, models.context_length(teacher_id, *(d[2] for d in drafts)),
+                              max_new)
+    return {"teacher": teacher_id, "student": student_id, "prompts": prompts, "drafts": drafts,
+            "source": source, "data_path": data_path, "group": group}
+
+
+def evaluate_task(args, task: str, inputs: dict) -> dict:
+    """Every draft of the task (check_task_inputs: checked) on its prompts -> the results document."""
+    pc = models.preset_config(args.preset, task)
+    teacher_id, student_id, prompts = inputs["teacher"], inputs["student"], inputs["prompts"]
+    source, data_path, drafts = inputs["source"], inputs["data_path"], inputs["drafts"]
     teacher, baseline, tok = models.load_pair(teacher_id, student_id, load_in_8bit=args.teacher_8bit)
     # -- the decoding protocol (the same for every draft and for the target alone; as distill.py's)
     decoding = models.decoding_protocol(pc, tok, teacher, gamma=args.gamma, top_p=args.top_p,
                                         max_new_tokens=args.max_new_tokens)
     protocol = decoding.speculative_kwargs()                        # vocab_size: q is never put on lm_head padding
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
-    drafts = [("baseline", "baseline (no distillation)", student_id)]
-    drafts += [(final.parent.name, divergence_label(final.parent), str(final))
-               for final in trained_runs(Path(args.runs), args.preset, task)]
     entries = []
     for name, label, path in drafts:
         draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
@@ -257,7 +290,7 @@ def evaluate_task(args, task: str) -> dict:
         print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}, "
               f"speedup {res['speedup_measured']:.2f}x measured ({res['target_alone']['tokens_per_s']:.0f} "
               f"tokens/s alone), {speed['speedup_theoretical']:.2f}x theory (c = {cost['cost_ratio']:.3f})")
-    return {"preset": args.preset, "task": task, "teacher": teacher_id,
+    return {"preset": args.preset, "task": task, "group": inputs["group"], "teacher": teacher_id,
             "protocol": {**decoding.as_dict(), "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
                          "split": "eval", "source": source, "data_path": data_path,
                          "batch_size": args.batch_size, "threads": args.threads},
@@ -265,7 +298,7 @@ def evaluate_task(args, task: str) -> dict:
 
 
 def write_results(doc: dict, results_root: Path) -> Path:
-    out = results_root / doc["preset"] / doc["task"]
+    out = results_root / doc["preset"] / doc.get("group", doc["task"])    # rundir.task_group: data in the name
     out.mkdir(parents=True, exist_ok=True)
     p = doc["protocol"]
     md = [f"# {doc['task']} ({doc['preset']} preset): speculative decoding with each draft", "",
@@ -299,8 +332,9 @@ def parse_args(argv=None):
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: every task with trained drafts)")
     p.add_argument("--teacher", default=None, help="override the preset's teacher (path or hub id)")
     p.add_argument("--student", default=None, help="override the preset's baseline student")
-    p.add_argument("--runs", default="runs", help="root of distill.py's runs: <runs>/<preset>/<task>/<run>/final "
-                   "(default %(default)s)")
+    p.add_argument("--runs", default=None, help="root of distill.py's runs: <runs>/<preset>/<task>/<run>/final, "
+                   "<task> with the data in its name off the preset's data (rundir.task_group); given, it must "
+                   "hold the task's runs (default runs, which may hold none: the baseline alone)")
     p.add_argument("--results", default="results", help="writes <results>/<preset>/<task>/eval.{md,json} "
                    "(default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
@@ -326,6 +360,13 @@ def parse_args(argv=None):
     cli.add_threads_option(p)
     args = p.parse_args(argv)
     cli.check_threads(args.threads)
+    args.runs_given, args.runs = args.runs is not None, args.runs or "runs"
+    if args.runs_given and not Path(args.runs).is_dir():
+        raise ValueError(f"--runs {args.runs}: no such folder; pass the root distill.py wrote its runs to (runs/, "
+                         f"holding <preset>/<task>/<run>/final)")
+    rundir.check_out_dir(Path(args.results), flag="--results")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ValueError(f"--top-p {args.top_p} is not allowed; --top-p must be in (0, 1] (1 = no nucleus)")
     models.check_preset(args.preset)
     if args.task is not None:
         data.check_task(args.task)
@@ -333,7 +374,7 @@ def parse_args(argv=None):
     if args.data_path is not None and args.task is None:
         raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task "
                          f"({', '.join(data.TASKS)})")
-    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches", "max_new_tokens"):
+    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches", "max_new_tokens", "n_boot"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -341,19 +382,21 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    """Check every task's inputs (bad input: one line, before any model loads), then evaluate each task."""
     with cli.before_the_work():
         args = parse_args(argv)
+        if args.task is not None:
+            tasks = [args.task]
+        else:
+            tasks = [t for t in data.TASKS if trained_runs(Path(args.runs), args.preset, task_group(args, t))]
+            if not tasks:
+                raise ValueError(f"no trained drafts under {args.runs}/{args.preset}/<task>/*/final; train one "
+                                 f"(make train TASK=gsm8k DIV=rkl) or pass --task to evaluate the baseline")
+        inputs = {task: check_task_inputs(args, task) for task in tasks}
     cli.set_threads(args.threads)
-    if args.task is not None:
-        tasks = [args.task]
-    else:
-        tasks = [t for t in data.TASKS if trained_runs(Path(args.runs), args.preset, t)]
-        if not tasks:
-            raise ValueError(f"no trained drafts under {args.runs}/{args.preset}/<task>/*/final; "
-                             f"train one (make train TASK=gsm8k DIV=rkl) or pass --task to evaluate the baseline")
     docs = {}
     for task in tasks:
-        doc = evaluate_task(args, task)
+        doc = evaluate_task(args, task, inputs[task])
         out = write_results(doc, Path(args.results))
         print(f"\n{task} ({args.preset}):\n{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
         docs[task] = doc

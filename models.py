@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -561,11 +562,40 @@ def load_model(path_or_id, *, device=None, dtype=None, load_in_8bit: bool = Fals
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if load_in_8bit:
         from transformers import BitsAndBytesConfig
+        bitsandbytes_warnings_once()
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": str(device)})
     model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
     if not load_in_8bit:
         model.to(device)
     return model.eval()
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct message of a logger through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record) -> bool:
+        key = record.getMessage()
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+BNB_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
+
+
+def bitsandbytes_warnings_once():
+    """bitsandbytes logs the same CPU notice at every 8-bit matmul ('MatMul8bitLt: inputs will be cast from
+    torch.float32 to float16', 112 lines for 4 steps of the tiny pair): show each message once per process.
+    A logger's filter sees only the records created on that logger, so it goes on the modules' own loggers."""
+    for name in BNB_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _OncePerMessage) for f in log.filters):
+            log.addFilter(_OncePerMessage())
 
 
 def int8_unsupported(device) -> str | None:
@@ -576,6 +606,7 @@ def int8_unsupported(device) -> str | None:
         import bitsandbytes as bnb
     except ImportError as e:
         return f"bitsandbytes is not installed ({e}); pip install bitsandbytes"
+    bitsandbytes_warnings_once()
     try:
         layer = bnb.nn.Linear8bitLt(16, 16, bias=False, has_fp16_weights=False, threshold=6.0).to(device)
         if layer.weight.dtype != torch.int8:
@@ -595,6 +626,17 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
+def check_tokenizers(teacher, student):
+    """The teacher's tokenizer, after checking that the student's maps the same tokens to the same ids
+    (ValueError otherwise); loads no model, so the scripts run it before any model loads too."""
+    tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
+    if not same_tokenizer(tok_t, tok_s):
+        raise ValueError(f"teacher {str(teacher)!r} and student {str(student)!r} have different tokenizers "
+                         f"({len(tok_t)} vs {len(tok_s)} tokens or different ids); speculative decoding and "
+                         f"token-level distillation need one shared vocabulary")
+    return tok_t
+
+
 def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None,
               student_dtype=None):
     """(teacher_model, student_model, tokenizer). The teacher's tokenizer is returned; the student's
@@ -603,11 +645,7 @@ def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teac
     Compare logits on the first len(tokenizer) columns only: divergences.shared_vocab(..., vocab_size=
     len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only; teacher_dtype /
     student_dtype: the weights' dtype (default load_model's: float32 on CPU, bfloat16 on CUDA)."""
-    tok_t, tok_s = load_tokenizer(teacher), load_tokenizer(student)
-    if not same_tokenizer(tok_t, tok_s):
-        raise ValueError(f"teacher {str(teacher)!r} and student {str(student)!r} have different tokenizers "
-                         f"({len(tok_t)} vs {len(tok_s)} tokens or different ids); speculative decoding and "
-                         f"token-level distillation need one shared vocabulary")
+    tok_t = check_tokenizers(teacher, student)
     t = load_model(teacher, device=device, dtype=teacher_dtype, load_in_8bit=load_in_8bit)
     s = load_model(student, device=device, dtype=student_dtype)
     for name, m in (("teacher", t), ("student", s)):

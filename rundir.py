@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -282,20 +283,34 @@ def start_fresh(out: Path, overwrite: bool):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def check_out_dir(out: Path):
+def check_out_dir(out: Path, flag: str = "--out"):
     """`out` must be a directory we can write, or creatable: its nearest existing ancestor is a writable
-    directory."""
+    directory. `flag`: the option the message names (evaluate.py checks its --results the same way)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a directory; pass a directory (it is created if missing)")
+        raise RunDirError(f"{flag} {out} is a file, not a directory; pass a directory (it is created if missing)")
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise RunDirError(f"--out {out} cannot be created: {probe} is a file, not a directory")
+        raise RunDirError(f"{flag} {out} cannot be created: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == out else f"cannot be created: {probe} is not writable"
-        raise RunDirError(f"--out {out} {what}; pass a directory you can write")
+        raise RunDirError(f"{flag} {out} {what}; pass a directory you can write")
+
+
+def task_group(task: str, source: str, data_path, preset_source: str) -> str:
+    """The folder of a task's runs and evaluations under <root>/<preset>/ (distill.py's default --out,
+    evaluate.py's runs and results, report.py): the task's name on the preset's own data, else the task,
+    the source and, for local files, the data's name (gsm8k-file-gsm8k, gsm8k-hub), so that runs and results
+    on other data neither replace the preset's nor are refused because of them."""
+    if source == preset_source:
+        return task
+    tag = f"{task}-{source}"
+    if source == "file" and data_path:
+        name = Path(str(data_path).rstrip("/")).stem or "data"
+        tag += "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return tag
 
 
 # ----------------------------------------------------------------------------- resume = the same run

@@ -11,7 +11,11 @@ Competitors:      none | one single-threaded busy loop | one 2-thread torch matm
 Every configuration is measured once per round, in turns, for `--rounds` rounds, so all see the same
 machine load; the table gives the median over rounds of each run's median.
 
-Run:  flock /tmp/heavy.lock python bench/bench_threads.py [--rounds 3] [--reps 60]
+With --train the unit is instead a few steps of `distill.py` on the offline tiny gsm8k pair (rkl, the
+preset's batch and lengths, --steps 6): completion tokens/s of steps 2-6 from its metrics.jsonl, i.e.
+what `make train` gets (sampling, both forwards, backward, optimizer).
+
+Run:  flock /tmp/heavy.lock python bench/bench_threads.py [--rounds 3] [--reps 60] [--train]
 """
 import argparse
 import json
@@ -19,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,13 +68,29 @@ def measure(threads: int, env_extra: dict, reps: int) -> dict:
     env.update(env_extra)
     code = WORKER.format(repo=str(REPO), threads=threads, reps=reps)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"value": r["median_ms"], "aux": r["p90_ms"]}          # median ms, p90 ms
+
+
+def measure_train(threads: int, env_extra: dict, steps: int = 6) -> dict:
+    """tokens/s of distill.py's steps 2..steps (the first is warm-up) on the tiny gsm8k pair."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env.update(env_extra, HF_HUB_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, str(REPO / "distill.py"), "--task", "gsm8k", "--div", "rkl", "--steps",
+                        str(steps), "--out", out + "/run", "--threads", str(threads), "--save-every", "1000"],
+                       env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        rows = [json.loads(line) for line in open(out + "/run/metrics.jsonl")][1:]
+    tokens = sum(r["completion_len"] for r in rows)                 # per prompt: * batch size both sides
+    seconds = sum(r["completion_len"] / r["tokens_per_s"] for r in rows)
+    return {"value": tokens / seconds, "aux": tokens / seconds}       # completion tokens/s of the steps
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=60)
+    p.add_argument("--train", action="store_true", help="time distill.py steps instead of the sampler")
     a = p.parse_args(argv)
     results = {(c, k): [] for c in COMPETITORS for k in CONFIGS}
     for comp, code in COMPETITORS.items():
@@ -78,23 +99,26 @@ def main(argv=None):
             time.sleep(1.0 if rival else 0)                 # let the competitor start spinning
             for _ in range(a.rounds):
                 for name, (threads, env) in CONFIGS.items():
-                    results[comp, name].append(measure(threads, env, a.reps))
+                    results[comp, name].append(measure_train(threads, env) if a.train
+                                               else measure(threads, env, a.reps))
         finally:
             if rival is not None:
                 rival.kill()
                 rival.wait()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    print(f"# bench-threads: process + sample one token, 4 rows, V = 151936; commit {commit}, "
-          f"{os.cpu_count()} CPUs, {a.rounds} rounds x {a.reps} calls, load average {os.getloadavg()[0]:.2f}")
+    what = ("distill.py steps 2-6, tiny gsm8k pair, rkl: completion tokens/s" if a.train else
+            f"process + sample one token, 4 rows, V = 151936, {a.reps} calls: median ms (p90)")
+    print(f"# bench-threads: {what}; commit {commit}, {os.cpu_count()} CPUs, {a.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("| competitor | " + " | ".join(CONFIGS) + " |")
     print("|---|" + "---|" * len(CONFIGS))
     for comp in COMPETITORS:
         cells = []
         for name in CONFIGS:
-            med = statistics.median(r["median_ms"] for r in results[comp, name])
-            p90 = statistics.median(r["p90_ms"] for r in results[comp, name])
-            cells.append(f"{med:.1f} ms (p90 {p90:.1f})")
+            med = statistics.median(r["value"] for r in results[comp, name])
+            p90 = statistics.median(r["aux"] for r in results[comp, name])
+            cells.append(f"{med:.0f} tokens/s" if a.train else f"{med:.1f} ms (p90 {p90:.1f})")
         print(f"| {comp} | " + " | ".join(cells) + " |")
 
 

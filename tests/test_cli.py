@@ -160,3 +160,88 @@ def test_resume_and_overwrite_advice_agree_on_a_run_without_checkpoint(pair, tmp
         msg = str(e.value)
         assert "before its first checkpoint" in msg and "--overwrite" in msg, msg
     assert "with --resume" not in str(fresh.value) and "without --resume" not in str(resume.value)
+
+
+# ----------------------------------------------------------------------------- evaluate.py: before any model
+
+def eval_args(pair, tmp_path, *extra):
+    return ["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--results", str(tmp_path / "res"),
+            "--n-prompts", "2", *map(str, extra)]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--results", "/etc/passwd/x"], ["--results /etc/passwd/x cannot be created", "/etc/passwd is a file"]),
+    (["--runs", "/tmp/typo-of-runs"], ["--runs /tmp/typo-of-runs: no such folder"]),
+    (["--top-p", "1.5"], ["--top-p 1.5", "(0, 1]"]),
+    (["--top-p", "nan"], ["--top-p nan", "(0, 1]"]),
+    (["--gamma", "0"], ["--gamma must be >= 1"]),
+    (["--threads", "0"], ["--threads 0", ">= 1"]),
+])
+def test_evaluate_refuses_bad_options_before_any_model(pair, tmp_path, no_models, extra, words):
+    """Issue 19: --results /etc/passwd/x ran the whole evaluation and failed on the write; --runs /tmp/typo
+    exited 0 having evaluated the baseline alone; --top-p 1.5 was caught after the models loaded."""
+    with pytest.raises(ValueError) as e:
+        evaluate.main(eval_args(pair, tmp_path) + extra)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert not (tmp_path / "res").exists()
+
+
+def test_evaluate_checks_every_drafts_folder_before_any_model(pair, tmp_path, no_models):
+    """A damaged final/ of one run would fail after the baseline's whole evaluation; it is named first."""
+    import shutil
+    final = tmp_path / "runs" / "tiny" / "gsm8k" / "rkl-s0" / "final"
+    shutil.copytree(pair[1], final)
+    (final / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match=r"the draft rkl-s0's weights file .*model\.safetensors is not readable"):
+        evaluate.main(eval_args(pair, tmp_path, "--runs", tmp_path / "runs"))
+
+
+def test_evaluate_checks_prompt_lengths_before_any_model(pair, tmp_path, no_models):
+    """The context check of training holds for evaluation too: the eval file's row is named."""
+    f = long_prompt_file(tmp_path)
+    test = f.with_name("test.jsonl")
+    f.rename(test)
+    with pytest.raises(ValueError, match=r"test\.jsonl, line 2: the prompt has \d+ tokens.*context of 1024"):
+        evaluate.main(eval_args(pair, tmp_path, "--data-path", test))
+
+
+def test_data_py_checks_prompt_lengths_against_the_models_context(pair, tmp_path):
+    """`python data.py` with a model folder as --tokenizer checks the prompts against its context."""
+    f = long_prompt_file(tmp_path)
+    code, err = cli_run("data.py", "--task", "gsm8k", "--split", "train", "--data-path", f, "--tokenizer", pair[0],
+                        cwd=tmp_path)
+    assert code == 2 and len(err) == 1 and "train.jsonl, line 2" in err[0] and "context of 1024" in err[0], err
+
+
+# ----------------------------------------------------------------------------- paths that fit the user
+
+def test_runs_on_other_data_get_their_own_default_folder(pair, tmp_path, monkeypatch):
+    """Issue 19: `make train SOURCE=file DATA=...` after a stand-in run was refused (the same default --out),
+    and an evaluation on local files overwrote the stand-in one. The data is in the default paths when it is
+    not the preset's own."""
+    monkeypatch.chdir(tmp_path)                              # the default runs/ is relative
+    data_file = tmp_path / "gsm8k" / "train.jsonl"
+    data_file.parent.mkdir()
+    data_file.write_text(json.dumps({"question": "How many?", "answer": "Two.\n#### 2"}) + "\n")
+    common = ["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1]]
+    standin = distill.resolve_config(distill.parse_args(common))
+    local = distill.resolve_config(distill.parse_args(common + ["--data-path", str(data_file.parent)]))
+    assert Path(standin.out) == Path("runs/tiny/gsm8k/rkl-s0")
+    assert Path(local.out) == Path("runs/tiny/gsm8k-file-gsm8k/rkl-s0")
+
+
+def test_make_passes_args_through():
+    """`make train|eval ARGS="..."` hands the options on (Make had no way to pass --out or --overwrite)."""
+    for target, flags in (("train", "--out runs/x --overwrite"), ("eval", "--results /tmp/r --n-prompts 8")):
+        r = subprocess.run(["make", "-n", target, f"ARGS={flags}", "PY=python"], cwd=REPO, capture_output=True,
+                           text=True, check=True)
+        assert flags in r.stdout, r.stdout
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_any_model(pair, tmp_path, no_models, monkeypatch):
+    """Under torchrun each rank takes batch / world prompts: a batch that does not divide is the user's to fix,
+    said at once (it was found after the lock, once the process group was up)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--batch-size 3 must be divisible by world size 2"):
+        distill.main(train_args(pair, tmp_path / "run") + ["--batch-size", "3"])
+    assert not (tmp_path / "run").exists()

@@ -377,7 +377,7 @@ def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monk
     with pytest.raises(_ModelsLoaded):
         distill.main(common + ["--out", str(tmp_path / "run")])
     with pytest.raises(_ModelsLoaded):
-        evaluate.main(common + ["--runs", str(tmp_path / "none"), "--results", str(tmp_path / "res")])
+        evaluate.main(common + ["--results", str(tmp_path / "res")])
     (train_kept, train_dropped), (eval_kept, eval_dropped) = kept
     assert train_kept == eval_kept and 0 < len(train_kept) < len(rows) and train_dropped == eval_dropped
     out = capsys.readouterr().out

@@ -77,7 +77,7 @@ def test_eval_files_and_a_perfect_draft(pair, tmp_path):
 def test_no_trained_runs_and_no_task_is_an_error(tmp_path):
     """`make eval` with nothing trained says what to do instead of printing an empty table."""
     with pytest.raises(ValueError, match="no trained drafts"):
-        evaluate.main(["--runs", str(tmp_path / "none")])
+        evaluate.main(["--runs", str(tmp_path)])                   # a folder with no runs
 
 
 @pytest.mark.parametrize("argv, word", [(["--task", "mnist"], "mnist"), (["--preset", "huge"], "huge"),
@@ -132,13 +132,15 @@ def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
     questions, and the JSON's pooled acceptance, measured speedup and theoretical speedup are computed
     from the right quantities (sums over prompts; tokens/s ratio over the batches both sides ran, here
     the first of two; the formula with the measured c)."""
+    (tmp_path / "none").mkdir()
     docs = evaluate.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--runs",
                           str(tmp_path / "none"), "--results", str(tmp_path / "results"), "--n-prompts", "3",
                           "--source", "file", "--data-path", str(FIXTURE_TEST), "--n-boot", "50",
                           "--batch-size", "2", "--speedup-batches", "1"])
     out = capsys.readouterr().out
     assert "40 rows from" in out           # the whole file is checked, 3 are used
-    doc = json.loads((tmp_path / "results" / "tiny" / "gsm8k" / "eval.json").read_text())
+    results = tmp_path / "results" / "tiny" / "gsm8k-file-test"     # off the preset's data: its own folder
+    doc = json.loads((results / "eval.json").read_text())
     assert doc["protocol"]["source"] == "file" and doc["protocol"]["n_prompts"] == 3
     base = doc["runs"]["baseline"]
     pp, alone = base["per_prompt"], base["target_alone"]
@@ -148,7 +150,7 @@ def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
     assert base["speedup_theoretical"] == pytest.approx(evaluate.theoretical_speedup(
         base["pooled_alpha"], doc["protocol"]["gamma"], base["cost_ratio"]))
     assert base["cost_ratio"] == pytest.approx(base["draft_step_s"] / base["target_step_s"])
-    md = (tmp_path / "results" / "tiny" / "gsm8k" / "eval.md").read_text()
+    md = (results / "eval.md").read_text()
     assert "speedup measured" in md and "target alone tokens/s" in md
     assert set(docs["gsm8k"]["runs"]) == {"baseline"}
 

@@ -18,6 +18,7 @@ import data
 import distill
 import evaluate
 import models
+import rundir
 import specdec
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -145,7 +146,8 @@ def test_paper_preset_end_to_end(pair, tmp_path, monkeypatch):
         return res
 
     monkeypatch.setattr(specdec, "autoregressive_generate", spy)
-    out = tmp_path / "runs" / "paper" / "gsm8k" / "rkl-s0"           # where evaluate.py looks for drafts
+    group = rundir.task_group("gsm8k", "file", GSM8K, "hub")          # the paper preset's own data: the hub
+    out = tmp_path / "runs" / "paper" / group / "rkl-s0"             # where evaluate.py looks for drafts
     distill.main(["--preset", "paper", "--task", "gsm8k", "--teacher", str(teacher_dir), "--student",
                   str(student_dir), "--source", "file", "--data-path", str(GSM8K), "--steps", "2",
                   "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"])

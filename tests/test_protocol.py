@@ -122,6 +122,7 @@ def test_training_evaluation_summary_and_report_decode_alike(which, tiny, wide, 
 
     distill.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(tmp_path / "run"),
                   "--steps", "1", "--batch-size", "2", "--n-train", "2", "--save-every", "1"])
+    (tmp_path / "none").mkdir()
     evaluate.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--runs", str(tmp_path / "none"),
                    "--results", str(tmp_path / "res"), "--n-prompts", "2"])
     teacher, student, tok = models.load_pair(*pair)

@@ -21,37 +21,6 @@ def _row(task, div, mean, lo, hi):
     return R.Row(task, div, 3, 10, {m: (mean, lo, hi) for m in R.METRICS})
 
 
-# ----------------------------------------------------------------------------- bootstrap
-
-def test_bootstrap_of_constant_data_is_a_point():
-    """No variation anywhere -> every resample has the same mean: the interval is the value."""
-    assert R.hierarchical_bootstrap([np.full(5, 0.4), np.full(7, 0.4)], n_boot=200) == pytest.approx((0.4, 0.4, 0.4))
-
-
-def test_bootstrap_point_weighs_seeds_equally():
-    """The estimate is the mean over seeds of per-seed prompt means, so a seed evaluated on more
-    prompts does not count more: (0.2 + 0.8) / 2 = 0.5, not the pooled 0.65."""
-    mean, _, _ = R.hierarchical_bootstrap([np.full(2, 0.2), np.full(6, 0.8)], n_boot=100)
-    assert mean == pytest.approx(0.5)
-
-
-def test_bootstrap_interval_includes_seed_to_seed_variation():
-    """Seeds whose students differ (0.3 vs 0.7) with no prompt noise: resampling seeds must widen
-    the interval to cover both (a prompts-only bootstrap would give a zero-width interval)."""
-    _, lo, hi = R.hierarchical_bootstrap([np.full(50, 0.3), np.full(50, 0.7)], n_boot=2000)
-    assert lo <= 0.31 and hi >= 0.69
-
-
-def test_bootstrap_interval_narrows_with_more_prompts():
-    """With one seed it is an ordinary bootstrap over prompts: 16x the prompts -> ~1/4 the width."""
-    rng = np.random.default_rng(0)
-    widths = []
-    for n in (50, 800):
-        _, lo, hi = R.hierarchical_bootstrap([rng.random(n)], n_boot=2000)
-        widths.append(hi - lo)
-    assert 0.15 < widths[1] / widths[0] < 0.4
-
-
 # ----------------------------------------------------------------------------- table from eval JSON
 
 def test_collect_runs_raises_naming_every_missing_run():
@@ -161,67 +130,6 @@ def test_report_reads_the_json_evaluate_writes(tmp_path):
     evals = {"gsm8k": R.load_eval(tmp_path / "tiny" / "gsm8k" / "eval.json")}
     rows = R.build_table(R.collect_runs(evals, seeds=(0,)), n_boot=100)
     assert rows[0].stats["token_acceptance"][0] == pytest.approx(0.6)
-
-
-# ----------------------------------------------------------------------------- crossed bootstrap, differences
-
-def _ones(n, seeds=1):
-    return [np.ones(n)] * seeds
-
-
-def test_crossed_bootstrap_of_constant_data_is_a_point():
-    """No variation in prompts or seeds: every replicate gives the value."""
-    assert R.crossed_bootstrap(_ones(6, 2), _ones(6, 2)) == pytest.approx((1.0, 1.0, 1.0))
-
-
-def test_crossed_bootstrap_point_is_the_mean_of_per_seed_ratios():
-    """Per seed sum(num) / sum(den) over prompts (e.g. accepted / tested tokens of a bin), then the
-    mean over seeds: (1/4 + 3/4) / 2 = 0.5 here, not a mean of per-prompt ratios."""
-    mean, _, _ = R.crossed_bootstrap([np.array([1.0, 0.0]), np.array([3.0, 0.0])],
-                                     [np.array([2.0, 2.0]), np.array([2.0, 2.0])], n_boot=100)
-    assert mean == pytest.approx(0.5)
-
-
-def test_paired_difference_cancels_the_shared_prompt_difficulty():
-    """Both drafts decode the same prompts: B = A + 0.02 on every prompt, A varying widely from
-    prompt to prompt. Paired by prompt the interval is (almost) the point 0.02; an unpaired
-    comparison would be as wide as the prompt spread."""
-    rng = np.random.default_rng(0)
-    a = rng.random(64)
-    m, lo, hi = R.crossed_bootstrap([a + 0.02], _ones(64), [a], _ones(64), n_boot=500)
-    assert m == pytest.approx(0.02) and hi - lo < 1e-9
-
-
-def test_crossed_bootstrap_difference_includes_seed_to_seed_variation():
-    """Seeds of A at 0.3 and 0.7 (no prompt noise), B flat at 0.5: resampling A's seeds must make
-    the interval of A - B reach both -0.2 and +0.2."""
-    m, lo, hi = R.crossed_bootstrap([np.full(20, 0.3), np.full(20, 0.7)], _ones(20, 2),
-                                    [np.full(20, 0.5)], _ones(20), n_boot=2000)
-    assert m == pytest.approx(0.0, abs=1e-12) and lo <= -0.19 and hi >= 0.19
-
-
-def test_crossed_bootstrap_rejects_runs_on_different_prompts():
-    """A paired comparison needs the same prompts on both sides."""
-    with pytest.raises(ValueError, match="same prompts"):
-        R.crossed_bootstrap(_ones(5), _ones(5), _ones(6), _ones(6))
-
-
-def test_per_prompt_ratio_leaves_out_prompts_with_nothing_drafted():
-    """A NaN prompt (nothing drafted) counts neither as 0 nor at all: the ratio is the mean of the rest."""
-    num, den = R.per_prompt_ratio([0.5, np.nan, 1.0])
-    assert R.crossed_bootstrap([num], [den], n_boot=50)[0] == pytest.approx(0.75)
-
-
-@pytest.mark.parametrize("diff, words", [((0.03, 0.01, 0.05), "separated, rkl is better than jsd"),
-                                         ((-0.03, -0.05, -0.01), "separated, jsd is better than rkl"),
-                                         ((0.002, -0.01, 0.012), "equivalent within +/- 1.5 points"),
-                                         ((0.002, -0.03, 0.02), "bound the difference to +/- 3.00 points")])
-def test_difference_statement_says_what_the_interval_supports(diff, words):
-    """Separated only when the interval excludes 0; equivalent only when it lies within the margin;
-    otherwise the bound the data do give."""
-    text = R.difference_statement("rkl", "jsd", diff)
-    assert words in text
-    assert ("equivalent" in text) == (words.startswith("equivalent"))
 
 
 def test_bin_differences_are_per_bin_rate_differences():

@@ -55,6 +55,19 @@ def test_8bit_teacher_refused_with_the_reason_where_bitsandbytes_cannot_run(pair
         run(pair, tmp_path / "x", "--teacher-8bit")
 
 
+def test_bitsandbytes_cpu_notices_are_shown_once(pair, tmp_path, caplog):
+    """bitsandbytes logs 'MatMul8bitLt: inputs will be cast ...' at every 8-bit matmul on the CPU (112 identical
+    lines for 4 steps, issue 19), burying the progress bar: each message must reach the user once."""
+    import logging
+    for name in models.BNB_LOGGERS:                     # a fresh process: no message seen yet
+        log = logging.getLogger(name)
+        log.filters = [f for f in log.filters if not isinstance(f, models._OncePerMessage)]
+    with caplog.at_level(logging.WARNING):
+        run(pair, tmp_path / "run", "--teacher-8bit")
+    casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(casts) == 1
+
+
 def test_8bit_teacher_keeps_a_float_lm_head_the_loss_projects_with(pair):
     """bitsandbytes quantises the teacher's linear layers but leaves the lm_head out: the loss projects the
     decoder's last hidden states with that float head, which must give the 8-bit model's own logits."""
