@@ -9,9 +9,9 @@ work, keep their traceback: they are bugs or the machine's doing, not the user's
 
 Threads (--threads, README "Threads"): the CPU thread count of torch's intra-op pool. Default 1, measured
 (bench/bench_threads.py, docs/benchmarks.md): on a machine shared with another busy process, 2 OpenMP
-threads that spin-wait for each other lose to 1 thread, and floating-point sums split over a different
-number of threads round differently, so a run reproduces exactly only at the same count (distill.py
-records it in config.json and --resume refuses a different one on the CPU).
+threads that spin-wait for each other lose to 1 thread; and torch promises bit-equal results only at the
+same count (a sum split over another number of threads may round differently), so distill.py records it
+in config.json and --resume refuses a different one on the CPU.
 """
 import argparse
 import os

@@ -802,7 +802,7 @@ def main(argv=None) -> Path:
         plots["claim"] = plot_claim(c, fig / "curve_seed_claim.png")
     plots = {key: p.relative_to(out_dir).as_posix() for key, p in plots.items()}
     meta = report._meta(t0, argv)
-    meta["command"] = "python curve.py " + " ".join(argv)
+    meta["command"] = " ".join(["python curve.py", *argv])
     builds = {k: {**r["build"], "teacher_tokens": r["teacher_tokens"]} for k, r in results.items()}
     out = write_curve(cfg, c, builds, plots, meta)
     log(f"wrote {out}")

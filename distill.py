@@ -44,9 +44,11 @@ passes, sampling included, under bf16 autocast on any device, with the student's
 and the teacher's weights in bf16; the loss, the processing of the sampling logits (specdec) and AdamW's
 state stay float32. config.json records the resolved value and --resume refuses another. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
 optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
-atomically with checksums, the last two kept (the run directory's rules: rundir.py); every step's batch
-and sampling seed are pure functions of (seed, step, rank), so --resume reproduces the uninterrupted run
-exactly on the CPU. <out>/final is a plain Hugging Face model directory.
+atomically with checksums, the last two kept (the run directory's rules: rundir.py). Every step's batch is
+a pure function of (seed, step), and each prompt's sample of (seed, step, the prompt's position in the
+step's batch): its own generator, whichever rank or micro-batch it lands in. So --resume reproduces the
+uninterrupted run exactly on the CPU, and 1, 2 or N processes (DDP or --fsdp) sample the same completions
+and train the same way (up to float rounding). <out>/final is a plain Hugging Face model directory.
 <out>/metrics.jsonl, one row per step: loss, lr, grad_norm, completion_len, tokens_per_s, source and
 loss_teacher_entropy = the mean over completion tokens of H(p_T) at the loss temperature tau WITHOUT top-p
 (computed inside the loss sweep) -- not the processed H(p) (temperature + top-p) of evaluate.py's records.
@@ -55,6 +57,8 @@ as evaluate.py and report.py.
 
 Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
       torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)
+      torchrun --nproc_per_node=2 distill.py --fsdp --task gsm8k --div rkl   (FSDP2: both models sharded,
+                                                                     sharding.py; README "Several devices")
 """
 import argparse
 import json
@@ -78,6 +82,7 @@ import data
 import divergences
 import models
 import rundir
+import sharding
 import specdec
 
 OFF_POLICY = ("dataset", "teacher")
@@ -170,6 +175,9 @@ class Config:
                                                  "memory; default off")
     teacher_8bit: bool = option(False, "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU where it "
                                        "runs); default off")
+    fsdp: bool = option(False, "under torchrun: shard the teacher and the student over the ranks with FSDP2, "
+                               "per decoder layer (sharding.py); an 8-bit teacher stays whole on every rank; "
+                               "default off (DDP: every rank holds both models whole)")
     save_every: int | None = option(None, "checkpoint every N steps (and always at the end); default: the "
                                           "preset's (50 if unset)", preset=True, fallback=50)
     threads: int = option(cli.DEFAULT_THREADS, "CPU threads of torch per process (README 'Threads'; on the CPU "
@@ -274,6 +282,13 @@ def check_options(cfg: Config):
         bad("ajsd_floor", "in [0, 1] (the beta of a very uncertain teacher)")
     if cfg.overwrite and cfg.resume:
         raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--fsdp shards the models over torchrun's processes: launch with "
+                         "torchrun --nproc_per_node=N distill.py --fsdp ...")
+    if cfg.fsdp and cfg.lmbda < 1 and cfg.off_policy == "teacher":
+        raise ValueError("--off-policy teacher is not allowed with --fsdp: sampling from the sharded teacher "
+                         "would all-gather it once per decoded token, in lock-step over the ranks; use "
+                         "--off-policy dataset (or --lmbda 1)")
 
 
 def check_run_dir(cfg: Config):
@@ -403,9 +418,10 @@ def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -
     return out
 
 
-def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    """The sampling RNG of (run seed, step, rank): reproducible across --resume without replaying."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1009 + rank) % 2**63)
+def prompt_generator(seed: int, step: int, position: int, device) -> torch.Generator:
+    """The sampling RNG of one prompt: (run seed, step, the prompt's position in the step's global batch).
+    Reproducible across --resume without replaying, and the same whichever rank and micro-batch sample it."""
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1009 + position) % 2**63)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -430,18 +446,21 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler):
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler, *, model_state=None,
+                    optimizer_state=None):
     """Write ckpt-<step> atomically: everything, and the checksums of its files, into a temporary
     directory, then one rename; then keep the newest two (rundir.KEEP_CHECKPOINTS), so that a damaged
-    newest one has a predecessor. A crash at any point leaves the previous checkpoints intact."""
+    newest one has a predecessor. A crash at any point leaves the previous checkpoints intact.
+    Under --fsdp, model_state / optimizer_state are the gathered full states (sharding.full_state_dict,
+    sharding.full_optimizer_state): the folder is the same plain Hugging Face one."""
     final = out / f"ckpt-{step:07d}"
     tmp = out / f".ckpt-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        student.save_pretrained(tmp)                              # safetensors
+        save_model(student, tmp, model_state)                     # safetensors
         tokenizer.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state()}
+        state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                 "scheduler": scheduler.state_dict(), "rng": rng_state()}
         torch.save(state, tmp / "trainer_state.pt")               # plain tensors / dicts only
         rundir.write_checksums(tmp)                               # verified by --resume
     except (OSError, RuntimeError) as e:
@@ -457,11 +476,27 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, schedul
     return final
 
 
-def save_final(out: Path, student, tokenizer) -> Path:
+def save_model(student, path: Path, state_dict=None):
+    """save_pretrained (safetensors) of the student, or of a gathered full state under --fsdp (the config
+    then names the model's own class, not FSDP's wrapper class)."""
+    if state_dict is None:
+        student.save_pretrained(path)
+        return
+    # the gathered copies of tied weights (lm_head = embed_tokens) are separate tensors: keep the first name,
+    # as save_pretrained does for the model's own (shared) parameters
+    aliases = ({n for n, _ in student.named_parameters(remove_duplicate=False)}
+               - {n for n, _ in student.named_parameters()})
+    student.save_pretrained(path, state_dict={k: v for k, v in state_dict.items() if k not in aliases})
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []]
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_final(out: Path, student, tokenizer, state_dict=None) -> Path:
     """<out>/final: a plain Hugging Face model directory (from_pretrained, assistant_model)."""
     final, tmp = out / "final", out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    save_model(student, tmp, state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -470,10 +505,11 @@ def save_final(out: Path, student, tokenizer) -> Path:
 
 # ----------------------------------------------------------------------------- distributed
 
-def init_distributed():
-    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+def init_distributed(fsdp: bool = False):
+    """(rank, world_size, local_rank); initialises the process group under torchrun (for --fsdp also with
+    one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not fsdp:
         return 0, 1, 0
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
@@ -571,33 +607,46 @@ def train(cfg: Config, inputs: Inputs):
         for m, batch in enumerate(micro_batches):
             mask = batch["loss_mask"][:, batch["prompt_width"]:]                   # (B, C)
             with torch.no_grad(), autocast:
-                t_hidden = teacher_hidden(teacher, batch)                         # (B, C, H_t)
-            sync = nullcontext() if world == 1 or m == cfg.grad_accum - 1 else model.no_sync()
+                t_hidden = None if run.fsdp else teacher_hidden(teacher, batch)    # (B, C, H_t)
+                t_logits = completion_logits(teacher, batch) if run.fsdp else None  # (B, C, V), --fsdp only
+            # DDP: all-reduce the gradients once, after the last micro-batch. FSDP reduce-scatters after
+            # every micro-batch, so that no rank ever holds the whole gradient.
+            last = m == cfg.grad_accum - 1
+            sync = nullcontext() if world == 1 or last or run.fsdp else model.no_sync()
             with sync:
-                with autocast:
-                    s_hidden = completion_hidden(model, batch)                    # (B, C, H_s)
-                div_sum, ent = divergences.hidden_divergence_sum(
-                    s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div,
-                    cfg.beta, cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale,
-                    ajsd_floor=cfg.ajsd_floor, return_teacher_entropy=True)
-                # DDP averages gradients over ranks; * world turns that average into the global sum
+                if run.fsdp:   # the lm_heads are sharded outside their root's forward: the loss reads logits
+                    with autocast:
+                        s_logits = completion_logits(model, batch)                # (B, C, V)
+                    div_sum, ent = batch_divergence_sum(
+                        s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, run.vocab,
+                        ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, return_teacher_entropy=True)
+                else:
+                    with autocast:
+                        s_hidden = completion_hidden(model, batch)                # (B, C, H_s)
+                    div_sum, ent = divergences.hidden_divergence_sum(
+                        s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div,
+                        cfg.beta, cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale,
+                        ajsd_floor=cfg.ajsd_floor, return_teacher_entropy=True)
+                # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
             loss_sum += float(div_sum.detach())
             ent_sum += float(ent)                 # H(p_T) at the loss temperature, from the loss's own sweep
-            del t_hidden, s_hidden
+            del t_hidden, t_logits
 
-        # 4) clip, AdamW step, schedule
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        # 4) clip, AdamW step, schedule (under FSDP each rank clips and updates its own pieces)
+        grad_norm = sharding.to_float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
         lr = run.scheduler.get_last_lr()[0]
         run.optimizer.step()
         run.scheduler.step()
+        if run.fsdp and step == run.start:           # what each rank holds, once the AdamW state exists
+            write_sharding_record(run)
         run.optimizer.zero_grad(set_to_none=True)
 
         # 5) log: global mean loss per completion token, tokens/s of the whole step (sampling included)
         loss_sum = all_reduce_sum(loss_sum, world, run.device)
         ent_sum = all_reduce_sum(ent_sum, world, run.device)
         dt = all_reduce_sum(time.perf_counter() - t0, world, run.device) / world
-        row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=float(grad_norm),
+        row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=grad_norm,
                    completion_len=n_tokens / cfg.batch_size, loss_teacher_entropy=ent_sum / max(n_tokens, 1.0),
                    tokens_per_s=n_tokens / dt, source=source)
         if run.master:
@@ -607,8 +656,10 @@ def train(cfg: Config, inputs: Inputs):
 
         # 6) checkpoint (atomic), every save_every steps and at the end
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            model_state, optimizer_state = gather_for_checkpoint(run)          # FSDP: a collective
             if run.master:
-                save_checkpoint(run.out, step + 1, student, run.tokenizer, run.optimizer, run.scheduler)
+                save_checkpoint(run.out, step + 1, student, run.tokenizer, run.optimizer, run.scheduler,
+                                model_state=model_state, optimizer_state=optimizer_state)
             if world > 1:
                 dist.barrier()
     return finish(run)
@@ -617,28 +668,34 @@ def train(cfg: Config, inputs: Inputs):
 def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
     """The step's source ("student", "dataset" or "teacher": one seeded coin per step, the same on every
     rank) and this rank's grad_accum micro-batches (build_batch dicts on the device) of its shard of the
-    step's prompts. Every choice is a pure function of (seed, step, rank), so --resume reproduces it."""
+    step's prompts. Every choice is a pure function of (seed, step) and of each prompt's position in the
+    step's batch (its sampling generator), so --resume reproduces it and the split over ranks and micro-batches
+    does not change it."""
     shard = step_prompt_indices(step, cfg.batch_size, len(run.prompts), cfg.seed)[run.rank::run.world]
     coin = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).item()
     source = "student" if coin < cfg.lmbda else cfg.off_policy
-    gen = step_generator(cfg.seed, step, run.rank, run.device)
+    positions = list(range(cfg.batch_size))[run.rank::run.world]     # this shard's places in the step's batch
     micro = cfg.batch_size // run.world // cfg.grad_accum             # prompts per micro-batch
+    sampler = {"student": run.student, "teacher": run.teacher}.get(source)
     micro_batches = []
-    for m in range(cfg.grad_accum):
-        rows = shard[m * micro:(m + 1) * micro]                         # indices into run.prompts
-        prompt_ids = [run.prompts[r] for r in rows]
-        if source == "dataset":
-            completions = [run.references[r] for r in rows]
-        else:
-            sampler = run.student if source == "student" else run.teacher
-            sampler.eval()
-            with torch.no_grad(), run.autocast:
-                completions = specdec.autoregressive_generate(sampler, prompt_ids, generator=gen,
-                                                              **run.protocol.generate_kwargs()).tokens
-            run.student.train()
-        completions = [cut_at_stop(c, run.stop_ids, cfg.max_new_tokens) for c in completions]
-        micro_batches.append({k: (v.to(run.device) if torch.is_tensor(v) else v)
-                              for k, v in build_batch(prompt_ids, completions, run.pad_id).items()})
+    # a sharded student is gathered once for all of the step's sampling (sharding.gathered), not per token
+    with sharding.gathered(sampler) if sampler is run.student else nullcontext():
+        for m in range(cfg.grad_accum):
+            rows = shard[m * micro:(m + 1) * micro]                     # indices into run.prompts
+            prompt_ids = [run.prompts[r] for r in rows]
+            if sampler is None:
+                completions = [run.references[r] for r in rows]
+            else:
+                gens = [prompt_generator(cfg.seed, step, k, run.device)
+                        for k in positions[m * micro:(m + 1) * micro]]
+                sampler.eval()
+                with torch.no_grad(), run.autocast:
+                    completions = specdec.autoregressive_generate(sampler, prompt_ids, generator=gens,
+                                                                  **run.protocol.generate_kwargs()).tokens
+                run.student.train()
+            completions = [cut_at_stop(c, run.stop_ids, cfg.max_new_tokens) for c in completions]
+            micro_batches.append({k: (v.to(run.device) if torch.is_tensor(v) else v)
+                                  for k, v in build_batch(prompt_ids, completions, run.pad_id).items()})
     return source, micro_batches
 
 
@@ -650,9 +707,9 @@ class Run:
     device: torch.device
     out: Path
     master: bool
-    teacher: torch.nn.Module            # frozen target p
-    student: torch.nn.Module            # trainable draft q (fp32 master weights)
-    model: torch.nn.Module              # the student, wrapped in DDP when world > 1
+    teacher: torch.nn.Module            # frozen target p (--fsdp: sharded, sharding.py)
+    student: torch.nn.Module            # trainable draft q (fp32 master weights; --fsdp: sharded)
+    model: torch.nn.Module              # the student, wrapped in DDP when world > 1 without --fsdp
     tokenizer: object
     protocol: models.DecodingProtocol   # sampling settings shared with evaluate.py / report.py
     stop_ids: list[int]
@@ -665,6 +722,7 @@ class Run:
     scheduler: object
     start: int                          # the first step to run (the checkpoint's on --resume)
     metrics: object                     # <out>/metrics.jsonl, open for appending (rank 0; else None)
+    fsdp: bool = False                  # teacher and student sharded over the ranks (FSDP2)
 
 
 def set_up(cfg: Config, inputs: Inputs) -> Run:
@@ -674,6 +732,8 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
     out, master = Path(cfg.out), rank == 0
     examples, prompts, ckpt = inputs.examples, inputs.prompts, inputs.ckpt
     teacher, student, tokenizer = load_models(cfg, device, ckpt)
+    if cfg.fsdp:                             # before the optimizer: AdamW then holds each rank's pieces only
+        shard_models(cfg, teacher, student, device)
     # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
     protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
                                         temperature=cfg.temperature, top_p=cfg.top_p,
@@ -691,7 +751,7 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
         cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
 
     optimizer, scheduler, start = make_optimizer(cfg, student, ckpt, device)
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 and not cfg.fsdp else student
     if master:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
@@ -702,7 +762,7 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
     metrics = rundir.open_log(out, start if ckpt else None) if master else None
     return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol, stop_ids,
                tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references, optimizer,
-               scheduler, start, metrics)
+               scheduler, start, metrics, cfg.fsdp)
 
 
 def run_device(cfg: Config, local_rank: int) -> torch.device:
@@ -711,7 +771,7 @@ def run_device(cfg: Config, local_rank: int) -> torch.device:
 
 def set_up_process(cfg: Config):
     """(rank, world size, device) of this process; checks what depends on them; seeds the RNGs."""
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(cfg.fsdp)
     device = run_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -729,16 +789,39 @@ def load_models(cfg: Config, device, ckpt: Path | None):
     here). -> teacher, student, tokenizer."""
     if ckpt is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming from {ckpt} (step {rundir.checkpoint_step(ckpt)})", flush=True)
-    teacher, student, tokenizer = models.load_pair(cfg.teacher, str(ckpt) if ckpt else cfg.student,
-                                                   device=device, load_in_8bit=cfg.teacher_8bit,
-                                                   teacher_dtype=DTYPES[cfg.dtype], student_dtype=torch.float32)
+    student_path = str(ckpt) if ckpt else cfg.student
+    if cfg.fsdp:
+        teacher, student, tokenizer = load_pair_to_shard(cfg, student_path, device,
+                                                         int(os.environ.get("RANK", "0")) == 0)
+    else:
+        teacher, student, tokenizer = models.load_pair(cfg.teacher, student_path, device=device,
+                                                       load_in_8bit=cfg.teacher_8bit, teacher_dtype=DTYPES[cfg.dtype],
+                                                       student_dtype=torch.float32)
     teacher.eval().requires_grad_(False)
-    student.to(device=device, dtype=torch.float32).train()        # fp32 master weights; bf16 via autocast
-    for name, model in (("teacher", teacher), ("student", student)):
-        lm_head_weight(model, name)                                # a head the loss can project with
+    if not cfg.fsdp:                              # --fsdp: float32 already, placed piece by piece by shard_models
+        student.to(device=device, dtype=torch.float32)            # fp32 master weights; bf16 via autocast
+        for name, model in (("teacher", teacher), ("student", student)):
+            lm_head_weight(model, name)                            # a head the loss can project with
+    student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     return teacher, student, tokenizer
+
+
+def load_pair_to_shard(cfg: Config, student_path: str, device, master: bool):
+    """--fsdp: rank 0 reads both models into CPU memory (the teacher in the dtype the device computes in,
+    bf16 on CUDA), the other ranks build them empty (meta device); shard_models then broadcasts rank 0's
+    weights piece by piece. An 8-bit teacher is read and quantised on the device by every rank, whole."""
+    teacher_dtype = DTYPES[cfg.dtype]
+    if master:                                 # load_pair checks the pair (tokenizers, lm_heads) once
+        teacher, student, tokenizer = models.load_pair(
+            cfg.teacher, student_path, device=device if cfg.teacher_8bit else "cpu", teacher_dtype=teacher_dtype,
+            load_in_8bit=cfg.teacher_8bit)
+        return teacher, student.to("cpu", torch.float32), tokenizer
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    teacher = (models.load_model(cfg.teacher, device=device, load_in_8bit=True) if cfg.teacher_8bit
+               else sharding.empty_model(cfg.teacher, teacher_dtype))
+    return teacher, sharding.empty_model(student_path, torch.float32), tokenizer
 
 
 def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
@@ -748,20 +831,50 @@ def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
     if ckpt is None:
         return optimizer, scheduler, 0
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=device)
-    optimizer.load_state_dict(state["optimizer"])
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu" if cfg.fsdp else device)
+    if cfg.fsdp:                               # the full, name-keyed state: each rank keeps its pieces
+        sharding.load_optimizer_state(student, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return optimizer, scheduler, state["step"]
 
 
+def shard_models(cfg: Config, teacher, student, device):
+    """--fsdp: both models sharded per decoder layer (sharding.shard). The student computes in bf16 on CUDA
+    with float32 master pieces and reduction; the teacher in the dtype it was loaded in (bf16 on CUDA). An
+    8-bit teacher (bitsandbytes' Int8Params cannot be split into DTensor pieces) stays whole on every rank."""
+    if not cfg.teacher_8bit:
+        sharding.shard(teacher, from_rank0=True, device=device)
+    sharding.shard(student, sharding.mixed_precision(device, cfg.dtype == "bfloat16"), from_rank0=True, device=device)
+
+
+def gather_for_checkpoint(run: Run):
+    """(model state, optimizer state) gathered whole on rank 0 under --fsdp (every rank must call), else
+    (None, None): save_checkpoint then reads the plain student and optimizer."""
+    if not run.fsdp:
+        return None, None
+    return sharding.full_state_dict(run.student), sharding.full_optimizer_state(run.student, run.optimizer)
+
+
+def write_sharding_record(run: Run):
+    """<out>/sharding.json: every rank's bytes of teacher weights, student weights, gradients and AdamW
+    state (local pieces, sharding.memory_record), measured after the first optimizer step of the process."""
+    records = sharding.gather_records(sharding.memory_record(run.teacher, run.student, run.optimizer), run.world)
+    if run.master:
+        rundir.write_atomic(run.out / "sharding.json", json.dumps({"world_size": run.world, "ranks": records},
+                                                                  indent=1))
+
+
 def finish(run: Run) -> Path:
     """After the last step: close the log, write <out>/final (rank 0), end the process group."""
+    state_dict = sharding.full_state_dict(run.student) if run.fsdp else None     # FSDP: a collective
     if run.master:
         run.metrics.close()
-        final = save_final(run.out, run.student, run.tokenizer)
+        final = save_final(run.out, run.student, run.tokenizer, state_dict)
         print(f"final student: {final}")
-    if run.world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return run.out

@@ -41,7 +41,6 @@ loading models is used by both, by specdec benchmarks and by evaluate.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import entropy   # entropy.py and specdec.py never import models: no cycle
 import specdec
@@ -763,7 +763,7 @@ def specdec_summary(teacher, student, tokenizer, task: str, protocol: DecodingPr
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
+    ap = cli.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
     ap.add_argument("--task", default="all", choices=("all",) + data.TASKS)
     ap.add_argument("--root", default="checkpoints")
     ap.add_argument("--seed", type=int, default=0)
@@ -809,4 +809,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.script_main(main)                       # a bad option: one line, exit 2

@@ -291,8 +291,14 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """One token per row from probs (B, V) -> (B,), exactly: the inverse CDF of a float64 cumulative sum at
     one float64 uniform per row (torch.multinomial does the same search, with checks and copies that cost
     more than the search at V = 151936). The token is the first i with C_i > u * C_V: tokens of probability 0
-    add nothing to C and can never be drawn. u * C_V is kept below C_V, so the search never runs off the end."""
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)  # (B, 1)
+    add nothing to C and can never be drawn. u * C_V is kept below C_V, so the search never runs off the end.
+    generator: one for all rows, or a list with one per row (row i's uniform from generator[i]: a row's draw
+    then does not depend on which other rows share the batch; distill.py's per-prompt sampling)."""
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, 1, dtype=torch.float64, device=probs.device, generator=g)
+                       for g in generator])  # (B, 1)
+    else:
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)  # (B, 1)
     return by_rows(_inverse_cdf, probs, u)
 
 
@@ -833,8 +839,14 @@ def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, t
 def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
                             eos_token_id=None, seed=None, generator=None, vocab_size=None) -> GenerationResult:
     """Sample continuations of `prompts` token by token from `model` (same sampling rules, left padding,
-    KV cache, several stop ids, finished rows evicted). Pass a torch.Generator for reproducibility."""
+    KV cache, several stop ids, finished rows evicted). Pass a torch.Generator for reproducibility, or a list
+    of one per prompt: each row then samples from its own generator, exactly as it would alone, whichever
+    prompts share its batch."""
     _check_args([model], prompts, max_new_tokens, temperature, top_k, top_p, vocab_size=vocab_size)
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != len(prompts):
+        raise ValueError(f"generator: a list needs one torch.Generator per prompt, got {len(generator)} for "
+                         f"{len(prompts)} prompts")
     reuse_freed_memory()
     t0 = time.perf_counter()
     device = model.device
@@ -858,7 +870,8 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
                                temperature, top_k, top_p)  # (b, V)
         batched_calls += 1
         calls.index_add_(0, rows, torch.ones_like(rows))
-        t = probs.argmax(-1) if temperature == 0 else sample(probs, gen)  # (b,)
+        t = probs.argmax(-1) if temperature == 0 else sample(probs, [gen[r] for r in rows.tolist()] if per_row
+                                                             else gen)  # (b,)
         out[rows, n_gen[rows]] = t
         n_gen.index_add_(0, rows, torch.ones_like(rows))
         done = torch.isin(t, stop_ids) | (n_gen[rows] >= max_new_tokens)

@@ -496,7 +496,7 @@ def _no_models(*a, **k):
 
 def test_config_records_the_world_size_and_the_threads(pair, tmp_path):
     """--resume can only compare what config.json holds: the number of processes (each samples its shard)
-    and the CPU thread count (float sums round differently) both change a run's result."""
+    and the CPU thread count (float sums may round differently) can both change a run's result."""
     out = distill.main(run_args(pair, tmp_path, "--steps", 1, "--threads", 1))
     saved = json.loads((out / "config.json").read_text())
     assert saved["world_size"] == 1 and saved["threads"] == 1
@@ -517,8 +517,9 @@ def test_resume_with_another_world_size_is_refused(pair, tmp_path, monkeypatch):
 
 
 def test_resume_with_another_thread_count_is_refused_on_the_cpu(pair, tmp_path, monkeypatch):
-    """On the CPU the losses of 1 and 2 threads differ from step 2 on (issue 19), so --resume with another
-    --threads is refused, naming the option, before any model loads."""
+    """On the CPU torch promises equal results only at the same thread count (issue 19 saw the losses of 1
+    and 2 threads differ from step 2 on), so --resume with another --threads is refused, naming the option,
+    before any model loads."""
     args = run_args(pair, tmp_path, "--steps", 2, "--device", "cpu")
     distill.main(args + ["--threads", "1"])
     monkeypatch.setattr(models, "load_pair", _no_models)

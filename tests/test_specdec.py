@@ -153,6 +153,30 @@ def test_autoregressive_greedy_equals_generate(pairs):
     assert result.tokens == reference
 
 
+def test_per_row_generators_sample_each_row_as_it_would_alone(pairs):
+    """With a list of generators (one per prompt), row i of a jagged batch is exactly what prompt i samples
+    alone with generator i, whichever rows share its batch and whenever they stop (rows are evicted at stop
+    ids): distill.py relies on it to sample the same completions on 1 or N ranks. One shared generator does
+    not have this property (the rows' draws interleave), so the comparison can fail."""
+    target, _, prompts, _ = pairs["qwen3"]
+    kw = dict(max_new_tokens=12, temperature=1.0, eos_token_id=[5, 9, 17])
+
+    def gens(seeds):
+        return [torch.Generator(DEVICE).manual_seed(s) for s in seeds]
+
+    batched = autoregressive_generate(target, prompts, generator=gens(range(len(prompts))), **kw).tokens
+    alone = [autoregressive_generate(target, [p], generator=gens([i]), **kw).tokens[0] for i, p in enumerate(prompts)]
+    assert batched == alone
+    assert len({len(t) for t in batched}) > 1                      # rows stopped at different times
+    reversed_batch = autoregressive_generate(target, prompts[::-1], generator=gens(range(len(prompts)))[::-1],
+                                             **kw).tokens
+    assert reversed_batch[::-1] == batched
+    shared = autoregressive_generate(target, prompts, generator=torch.Generator(DEVICE).manual_seed(0), **kw).tokens
+    assert shared != batched
+    with pytest.raises(ValueError, match="one torch.Generator per prompt"):
+        autoregressive_generate(target, prompts, generator=gens([0]), **kw)
+
+
 def test_lm_heads_of_different_widths_use_the_shared_vocabulary():
     """A draft whose lm_head has padding columns (wider vocabulary, same tokenizer), with vocab_size saying so,
     is compared on the shared vocabulary: the output is still exactly the target's greedy decoding."""
