@@ -658,16 +658,17 @@ def check_tokenizers(teacher, student):
     return tok_t
 
 
-def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None):
+def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None,
+              student_dtype=None):
     """(teacher_model, student_model, tokenizer). The teacher's tokenizer is returned; the student's
     must map the same tokens to the same ids (ValueError otherwise). The two lm_heads may have
     different widths (padding rows beyond len(tokenizer)); both must cover the real vocabulary.
     Compare logits on the first len(tokenizer) columns only: divergences.shared_vocab(..., vocab_size=
-    len(tokenizer)) and specdec do that. load_in_8bit and teacher_dtype (default: load_model's) apply to the
-    teacher only."""
+    len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only; teacher_dtype /
+    student_dtype: the weights' dtype (default load_model's: float32 on CPU, bfloat16 on CUDA)."""
     tok_t = check_tokenizers(teacher, student)
     t = load_model(teacher, device=device, dtype=teacher_dtype, load_in_8bit=load_in_8bit)
-    s = load_model(student, device=device)
+    s = load_model(student, device=device, dtype=student_dtype)
     for name, m in (("teacher", t), ("student", s)):
         check_lm_head(m, tok_t, name)
     return t, s, tok_t
