@@ -41,8 +41,8 @@ report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps;
 curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
 	$(PY) curve.py $(if $(QUICK),--quick,)
 
-bench-loss:
-	$(PY) bench/bench_loss.py
+bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
+	flock /tmp/heavy.lock $(PY) bench/bench_loss.py --suite fused
 
 bench-specdec:
 	$(PY) bench/bench_specdec.py

@@ -54,6 +54,7 @@ import torch
 
 import cli
 import data
+import divergences
 import models
 import stats
 
@@ -240,7 +241,9 @@ def ensure_family_pair(k: int, root="checkpoints", scale: str = "full") -> Path:
 
 # ----------------------------------------------------------------------------- config
 
-DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd")       # jsd: beta = 0.5 (distill's default)
+CURVE_DIVS = ("fkl", "rkl", "jsd", "tvd", "nla", "lk")   # the issue's list; jsd: beta = 0.5 (distill's default)
+# the baseline and those of them distill.py offers (nla and lk arrive with issue 21's divergences)
+DIVS = ("baseline",) + tuple(d for d in CURVE_DIVS if d in divergences.DIVERGENCES)
 METRICS = ("token_acceptance", "mean_accepted_length")
 SEED_CLAIM = ("rkl", "jsd")     # the seed project: rkl best at low teacher entropy, jsd at high
 
@@ -330,7 +333,7 @@ def evaluate_setting(cfg: CurveConfig, k: int, log) -> dict:
         f"[{out['entropy'][1]:.3f}, {out['entropy'][2]:.3f}] over {out['teacher_tokens']} tokens")
     setting_dir = Path(cfg.runs) / f"k{k}"
     train_rows = write_rows(setting_dir / "train.jsonl", family_examples(k, "train", cfg.n_train))
-    kwargs = dict(batch_size=64, seed=0, record=False, speedup_batches=1, **protocol.speculative_kwargs())
+    kwargs = dict(batch_size=64, seed=0, record=False, **protocol.speculative_kwargs())   # acceptance only
     jobs = [("baseline", None)] + [(d, s) for d in cfg.divs if d != "baseline" for s in cfg.seeds]
     for i, (div, seed) in enumerate(jobs, 1):
         t0, name = time.time(), run_name(div, seed)
@@ -759,8 +762,6 @@ def parse_args(argv=None) -> CurveConfig:
 
 def check_config(cfg: CurveConfig):
     """Every value checked before anything is built (ValueError naming it and what is allowed)."""
-    import divergences
-
     for k in cfg.settings:
         check_k(k)
     if len(set(cfg.settings)) != len(cfg.settings) or len(cfg.settings) < 2:

@@ -36,7 +36,15 @@ Under DDP each rank samples its own shard of the step's prompts; the token count
 
 Each step: sample -> build the batch (left-padded prompt | completion, loss only on the completion, its
 first stop token included) -> teacher forward (frozen, no grad) -> student forward -> loss -> backward ->
-clip -> AdamW -> warm-up + cosine schedule. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
+clip -> AdamW -> warm-up + cosine schedule. Both forwards stop at the last hidden state; the loss
+(divergences.hidden_divergence_sum) projects it through each lm_head itself, in float32, a block of
+positions at a time, so neither model's (B, C, V) logits exist and a bf16 model's loss is not read from
+bf16-rounded logits (divergences.py, "bf16 logits").
+
+Precision (--dtype): float32 runs everything in float32. bfloat16 (the default on CUDA) runs the forward
+passes, sampling included, under bf16 autocast on any device, with the student's float32 master weights
+and the teacher's weights in bf16; the loss, the processing of the sampling logits (specdec) and AdamW's
+state stay float32. config.json records the resolved value and --resume refuses another. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
 optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
 atomically with checksums, the last two kept (the run directory's rules: rundir.py). Every step's batch is
 a pure function of (seed, step), and each prompt's sample of (seed, step, the prompt's position in the
@@ -95,6 +103,7 @@ import sharding
 import specdec
 
 OFF_POLICY = ("dataset", "teacher")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # --dtype
 
 
 # ----------------------------------------------------------------------------- config
@@ -178,7 +187,10 @@ class Config:
     # system
     device: str | None = option(None, "torch device; default cuda:<local rank> if CUDA is available, "
                                       "else cpu")
-    bf16: bool = option(True, "bfloat16 autocast for the forward passes (CUDA only); default on")
+    dtype: str | None = option(None, "precision of the forward passes: float32, or bfloat16 (bf16 autocast "
+                                     "over float32 master weights, the teacher's weights in bf16; the loss, "
+                                     "sampling and optimizer state stay float32); default bfloat16 on CUDA, "
+                                     "float32 on the CPU")
     gradient_checkpointing: bool = option(False, "recompute the student's activations in backward to save "
                                                  "memory; default off")
     teacher_8bit: bool = option(False, "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU where it "
@@ -228,6 +240,11 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name} {v} is outside [0, 1]")
     if cfg.off_policy not in OFF_POLICY:
         raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
+    if cfg.dtype is None:                     # the device's natural precision, recorded as resolved
+        cuda = torch.device(cfg.device).type == "cuda" if cfg.device else torch.cuda.is_available()
+        cfg.dtype = "bfloat16" if cuda else "float32"
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
@@ -362,8 +379,49 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: 
                 loss_mask=loss_mask, prompt_width=P)
 
 
+def completion_hidden(model, batch: dict):
+    """The last hidden states (after the final norm) at the columns that predict the completion tokens:
+    (B, C, H). Column P - 1 + j predicts completion token j.
+
+    The model's own forward -- through a DDP wrapper, which must see it to all-reduce the gradients -- with
+    no logits column kept (logits_to_keep = an empty index): the lm_head projects nothing, the loss does it
+    (divergences.hidden_divergence_sum). output_hidden_states returns every layer's output, which autograd
+    keeps for the student's backward anyway; the frozen teacher runs its decoder alone (teacher_hidden)."""
+    P = batch["prompt_width"]
+    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=none, output_hidden_states=True,
+                use_cache=False)
+    return out.hidden_states[-1][:, P - 1:-1]                      # (B, C, H)
+
+
+def teacher_hidden(teacher, batch: dict):
+    """completion_hidden of the frozen teacher, from its decoder (get_decoder()) alone: under no_grad no
+    layer's output is kept, so none is collected either. (B, C, H_t)"""
+    P = batch["prompt_width"]
+    out = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state[:, P - 1:-1]                      # (B, C, H_t)
+
+
+def lm_head_weight(model, name: str = "model") -> torch.Tensor:
+    """The lm_head weight (V, H) that hidden_divergence_sum projects with (tied: the embedding matrix itself,
+    so its gradient lands on that one parameter). Refused, naming why, where a plain projection of the last
+    hidden state is not the model's logits: a bias, a logit scale or a final soft-capping."""
+    head = model.get_output_embeddings()
+    cfg = getattr(model, "config", None)
+    extra = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(cfg, k, None) not in (None, 1.0)]
+    if getattr(head, "bias", None) is not None:
+        extra.append("an lm_head bias")
+    if not isinstance(getattr(head, "weight", None), torch.Tensor) or not head.weight.is_floating_point() or extra:
+        raise ValueError(f"the {name}'s lm_head is not a plain float projection ({', '.join(extra) or type(head)}): "
+                         "the loss computes logits as hidden @ weight^T")
+    return head.weight
+
+
 def completion_logits(model, batch: dict):
-    """Logits that predict the completion tokens: (B, C, V).
+    """Logits that predict the completion tokens: (B, C, V) -- the reference path the tests compare the loop's
+    (completion_hidden + hidden_divergence_sum) against.
 
     Column P - 1 + j predicts completion token j, so only the last C + 1 columns are kept
     (logits_to_keep: no (B, P, V) logits for the prompt) and the very last one is dropped."""
@@ -662,29 +720,41 @@ def train(cfg: Config, inputs: Inputs):
         # 2) the normaliser: completion tokens in the whole step (all micro-batches, all ranks)
         n_tokens = all_reduce_sum(sum(int(b["loss_mask"].sum()) for b in micro_batches), world, run.device)
 
-        # 3) teacher forward (frozen), student forward, loss = sum of d / n_tokens, backward
+        # 3) teacher forward (frozen) and student forward to the last hidden states; the loss projects them
+        #    through both lm_heads itself, in float32, a block of positions at a time (no (B, C, V) logits);
+        #    loss = sum of d / n_tokens, backward
         loss_sum, ent_sum, alpha_sum = 0.0, 0.0, 0.0
         for m, batch in enumerate(micro_batches):
             mask = batch["loss_mask"][:, batch["prompt_width"]:]                   # (B, C)
             with torch.no_grad(), autocast:
-                t_logits = completion_logits(teacher, batch)                      # (B, C, V)
+                t_hidden = None if run.fsdp else teacher_hidden(teacher, batch)    # (B, C, H_t)
+                t_logits = completion_logits(teacher, batch) if run.fsdp else None  # (B, C, V), --fsdp only
             # DDP: all-reduce the gradients once, after the last micro-batch. FSDP reduce-scatters after
             # every micro-batch, so that no rank ever holds the whole gradient.
             last = m == cfg.grad_accum - 1
             sync = nullcontext() if world == 1 or last or run.fsdp else model.no_sync()
             with sync:
-                with autocast:
-                    s_logits = completion_logits(model, batch)                    # (B, C, V)
-                div_sum, ent, alpha = batch_divergence_sum(
-                    s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, run.vocab,
-                    ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, lk_scale=cfg.lk_scale,
-                    lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
+                if run.fsdp:   # the lm_heads are sharded outside their root's forward: the loss reads logits
+                    with autocast:
+                        s_logits = completion_logits(model, batch)                # (B, C, V)
+                    div_sum, ent, alpha = batch_divergence_sum(
+                        s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, run.vocab,
+                        ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, lk_scale=cfg.lk_scale,
+                        lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
+                else:
+                    with autocast:
+                        s_hidden = completion_hidden(model, batch)                # (B, C, H_s)
+                    div_sum, ent, alpha = divergences.hidden_divergence_sum(
+                        s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div,
+                        cfg.beta, cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale,
+                        ajsd_floor=cfg.ajsd_floor, lk_scale=cfg.lk_scale, lk_decay=cfg.lk_decay,
+                        return_teacher_entropy=True, return_alpha=True)
                 # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
                 (div_sum * world / max(n_tokens, 1.0)).backward()
             loss_sum += float(div_sum.detach())
             ent_sum += float(ent)                 # H(p_T) at the loss temperature, from the loss's own sweep
             alpha_sum += float(alpha)             # sum_x min(p_T, q_T) at the loss temperature, likewise
-            del t_logits, s_logits
+            del t_hidden, t_logits
 
         # 4) clip, AdamW step, schedule (under FSDP each rank clips and updates its own pieces)
         grad_norm = sharding.to_float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
@@ -697,8 +767,9 @@ def train(cfg: Config, inputs: Inputs):
         dt = time.perf_counter() - t0             # the step's time, without validation
 
         # 5) validate the updated student (rank 0): exact speculative decoding on the held-out prompts
-        last = step + 1 == cfg.steps
-        val = validate(run) if run.master and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) else {}
+        final_step = step + 1 == cfg.steps
+        due = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or final_step)
+        val = validate(run) if run.master and due else {}
         new_best = val.get("val_acceptance_rate") is not None and val["val_acceptance_rate"] > run.best.value
         new_best = all_reduce_sum(float(new_best), world, run.device) > 0      # every rank checkpoints with it
 
@@ -718,7 +789,7 @@ def train(cfg: Config, inputs: Inputs):
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
         # 7) checkpoint (atomic), every save_every steps, at the end and at a new best; then best/
-        if (step + 1) % cfg.save_every == 0 or last or new_best:
+        if (step + 1) % cfg.save_every == 0 or final_step or new_best:
             model_state, optimizer_state = gather_for_checkpoint(run)          # FSDP: a collective
             if run.master:
                 save_checkpoint(run.out, step + 1, student, run.tokenizer, run.optimizer, run.scheduler,
@@ -780,7 +851,7 @@ class Run:
     stop_ids: list[int]
     pad_id: int
     vocab: int                          # len(tokenizer): no lm_head padding rows
-    autocast: object                    # bf16 autocast on CUDA, else a no-op context
+    autocast: object                    # bf16 autocast (--dtype bfloat16, any device), else a no-op
     prompts: list[list[int]]            # chat-templated prompt ids
     references: list[list[int]]         # dataset answers + a stop token (off-policy dataset batches)
     optimizer: torch.optim.Optimizer
@@ -806,7 +877,9 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
                                         temperature=cfg.temperature, top_p=cfg.top_p,
                                         max_new_tokens=cfg.max_new_tokens)
     stop_ids = list(protocol.stop_ids)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
+    # --dtype bfloat16: the forwards (sampling included) under bf16 autocast on every device; the loss
+    # projects in float32 itself, sampling processes the logits in float32, AdamW's state is float32
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                 else nullcontext())
 
     # -- for dataset batches, the reference answers + a stop token (the prompts: check_inputs)
@@ -861,10 +934,13 @@ def load_models(cfg: Config, device, ckpt: Path | None):
                                                          int(os.environ.get("RANK", "0")) == 0)
     else:
         teacher, student, tokenizer = models.load_pair(cfg.teacher, student_path, device=device,
-                                                       load_in_8bit=cfg.teacher_8bit)
+                                                       load_in_8bit=cfg.teacher_8bit, teacher_dtype=DTYPES[cfg.dtype],
+                                                       student_dtype=torch.float32)
     teacher.eval().requires_grad_(False)
     if not cfg.fsdp:                              # --fsdp: float32 already, placed piece by piece by shard_models
         student.to(device=device, dtype=torch.float32)            # fp32 master weights; bf16 via autocast
+        for name, model in (("teacher", teacher), ("student", student)):
+            lm_head_weight(model, name)                            # a head the loss can project with
     student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
@@ -875,7 +951,7 @@ def load_pair_to_shard(cfg: Config, student_path: str, device, master: bool):
     """--fsdp: rank 0 reads both models into CPU memory (the teacher in the dtype the device computes in,
     bf16 on CUDA), the other ranks build them empty (meta device); shard_models then broadcasts rank 0's
     weights piece by piece. An 8-bit teacher is read and quantised on the device by every rank, whole."""
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher_dtype = DTYPES[cfg.dtype]
     if master:                                 # load_pair checks the pair (tokenizers, lm_heads) once
         teacher, student, tokenizer = models.load_pair(
             cfg.teacher, student_path, device=device if cfg.teacher_8bit else "cpu", teacher_dtype=teacher_dtype,
@@ -910,7 +986,7 @@ def shard_models(cfg: Config, teacher, student, device):
     8-bit teacher (bitsandbytes' Int8Params cannot be split into DTensor pieces) stays whole on every rank."""
     if not cfg.teacher_8bit:
         sharding.shard(teacher, from_rank0=True, device=device)
-    sharding.shard(student, sharding.mixed_precision(device, cfg.bf16), from_rank0=True, device=device)
+    sharding.shard(student, sharding.mixed_precision(device, cfg.dtype == "bfloat16"), from_rank0=True, device=device)
 
 
 def gather_for_checkpoint(run: Run):

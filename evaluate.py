@@ -17,18 +17,24 @@ has no acceptance and is left out, not counted as 0) with a 95% percentile boots
 prompts, and the drafts' generation speed (generated tokens / wall time, tokens/s). The JSON also keeps
 the pooled token acceptance sum(A) / sum(D) over all prompts.
 
-The speedup a user gets, per draft:
+The speedup a user gets, per draft, at the evaluation's batch size and at batch 1:
     measured speedup       (tokens/s of speculative decoding) / (tokens/s of the target alone), the target
                            alone sampled by specdec.autoregressive_generate on the same prompts, with the same
-                           sampling settings, seeds and batches, timed right before each batch the draft runs
-                           (so both see the same machine load; --speedup-batches K times only the first K
-                           batches). Tokens per second, since sampled outputs differ in length.
+                           sampling settings, seeds and batches (--speedup-batches K: the first K batches;
+                           --batch1-prompts N: the first N prompts one at a time). Tokens per second, since
+                           sampled outputs differ in length. Timed --speedup-repeats R times, the two sides in
+                           turns batch by batch (the order alternating between repeats), so load from other jobs
+                           hits both; the speedup is the median of the R per-repeat ratios, and repeats whose
+                           spread (max - min) / median exceeds SPEEDUP_TOLERANCE are flagged as noise.
     theoretical speedup    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))  (Leviathan et al. 2023), with
                            alpha the pooled analytic alpha (mean beta_i over every drafted position), gamma the
-                           protocol's and c = draft step cost / target step cost, measured here (cost_ratio):
-                           seconds per decoding step of each model alone on the first batch of prompts, no stop
-                           ids, (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns,
-                           best of 3.
+                           protocol's and c = draft step cost / target step cost, measured here (cost_ratio) at
+                           the same batch size: seconds per decoding step of each model alone, no stop ids,
+                           (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns, best of 3.
+The verdict (printed last, and in eval.md): per distilled draft, its token acceptance minus the baseline's
+with a paired bootstrap interval over the prompts (every draft sees the same prompts, so each resample keeps
+a prompt's two values together), then the measured and predicted speedups at both batch sizes, and, where
+the speedup is below 1, why (the cost ratio c, or the batch's verification cost the formula leaves out).
 Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
 accepted) for the entropy analysis (entropy.py / report.py).
@@ -100,7 +106,96 @@ def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
     """Expected walltime speedup of speculative decoding over the target alone (Leviathan et al. 2023):
     E[tokens per round] / cost of a round = ((1 - alpha^(gamma+1)) / (1 - alpha)) / (gamma c + 1), with
     c = draft step cost / target step cost. alpha = 1 is the limit gamma + 1 tokens per round."""
-    return specdec.expected_accepted_length(alpha, gamma) / (gamma * c + 1)
+    return expected_tokens(alpha, gamma) / (gamma * c + 1)
+
+
+SPEEDUP_TOLERANCE = 0.10   # repeats of a measured speedup that spread more than this (relative) are flagged
+
+
+def repeat_summary(speedups, tolerance: float = SPEEDUP_TOLERANCE) -> dict:
+    """The per-repeat measured speedups -> their median (the reported speedup), min, max, the relative spread
+    (max - min) / median, and whether they agree (spread <= tolerance; one repeat cannot show its noise)."""
+    x = np.asarray(speedups, dtype=np.float64)
+    median = float(np.median(x))
+    spread = float((x.max() - x.min()) / median) if median > 0 else math.inf
+    return {"speedup_measured": median, "speedup_repeats": x.tolist(), "speedup_min": float(x.min()),
+            "speedup_max": float(x.max()), "speedup_spread": spread,
+            "speedup_agree": bool(x.size > 1 and spread <= tolerance), "tolerance": tolerance}
+
+
+def paired_gain(draft_values, baseline_values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """draft - baseline on the same prompts: the mean of the per-prompt differences and its percentile bootstrap
+    interval, prompts resampled with both their values (paired: the prompt-to-prompt spread, shared by the two
+    drafts, cancels). A prompt where either value is missing (None/NaN: nothing drafted) is left out."""
+    if len(draft_values) != len(baseline_values):
+        raise ValueError(f"a paired difference needs the same prompts: {len(draft_values)} vs "
+                         f"{len(baseline_values)} values")
+    a = np.asarray([math.nan if v is None else v for v in draft_values], dtype=np.float64)
+    b = np.asarray([math.nan if v is None else v for v in baseline_values], dtype=np.float64)
+    both = ~(np.isnan(a) | np.isnan(b))
+    mean, lo, hi = bootstrap_ci(a[both] - b[both], n_boot=n_boot, seed=seed, level=level)
+    return {"mean": mean, "lo": lo, "hi": hi, "n_prompts": int(both.sum())}
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens a round of gamma drafts yields on average: (1 - alpha^(gamma+1)) / (1 - alpha)."""
+    return specdec.expected_accepted_length(alpha, gamma)
+
+
+def why_slower(alpha: float, gamma: int, c: float, theory: float, batch_size: int) -> str:
+    """One sentence: why speculative decoding is slower than the target alone here. Theory below 1: the
+    draft is too dear (c above the break-even (E - 1) / gamma, E the tokens a round yields). Theory above 1
+    but measured below: what the formula leaves out (the batch's gamma + 1-token verification, bookkeeping)."""
+    tokens = expected_tokens(alpha, gamma)
+    if theory < 1:
+        return (f"the draft costs c = {c:.2f} of a target step, so a round of gamma = {gamma} draft steps and one "
+                f"verification costs {gamma * c + 1:.1f} target steps for {tokens:.1f} tokens (alpha {alpha:.2f}): "
+                f"it pays only for c < {(tokens - 1) / gamma:.2f}, a cheaper draft or a higher alpha")
+    return (f"theory predicts {theory:.2f}x from alpha {alpha:.2f} and c = {c:.2f}, but at batch {batch_size} a round "
+            f"costs more than the formula counts: verifying gamma + 1 = {gamma + 1} tokens per row costs more than "
+            f"one target step once the batch makes the target compute-bound, and the acceptance bookkeeping is "
+            f"paid every round")
+
+
+def speedup_phrase(timing: dict, alpha: float, gamma: int) -> str:
+    """'1.45x measured (3 repeats 1.41-1.49, within 10%), 1.80x predicted (c = 0.16)' and, below 1, why."""
+    m, th = timing["speedup_measured"], timing["speedup_theoretical"]
+    n = len(timing["speedup_repeats"])
+    if n == 1:
+        noise = "1 repeat: its noise is unknown"
+    elif timing["speedup_agree"]:
+        noise = (f"{n} repeats {timing['speedup_min']:.2f}-{timing['speedup_max']:.2f}, within "
+                 f"{timing['tolerance']:.0%}")
+    else:
+        noise = (f"NOISY: {n} repeats {timing['speedup_min']:.2f}-{timing['speedup_max']:.2f} differ by "
+                 f"{timing['speedup_spread']:.0%}, beyond {timing['tolerance']:.0%}: the machine was busy, rerun it "
+                 f"when it is quiet before trusting this number")
+    out = (f"batch {timing['batch_size']}: {m:.2f}x measured ({noise}), {th:.2f}x predicted "
+           f"(c = {timing['cost_ratio']:.2f})")
+    if m < 1:
+        out += f"; slower than the target alone because {why_slower(alpha, gamma, timing['cost_ratio'], th, timing['batch_size'])}"
+    return out
+
+
+def verdict_lines(entries: list[dict], gamma: int) -> list[str]:
+    """The verdict a user acts on, one line per draft (entries[0] is the baseline): the acceptance gain over
+    the baseline with its paired 95% interval, and the speedup over the target alone at the evaluation's
+    batch and at batch 1, measured and predicted, with why where it is below 1."""
+    lines = []
+    for e in entries:
+        ta = e["summary"]["token_acceptance"]["mean"] * 100
+        if e.get("gain") is None:
+            head = f"{e['name']}: token acceptance {ta:.1f}% (the reference)"
+        else:
+            g = e["gain"]
+            word = ("above the baseline" if g["lo"] > 0 else "below the baseline" if g["hi"] < 0
+                    else "not distinguishable from the baseline")
+            head = (f"{e['name']} ({e['divergence']}): token acceptance {ta:.1f}%, {g['mean'] * 100:+.1f} points "
+                    f"[{g['lo'] * 100:+.1f}, {g['hi'] * 100:+.1f}] over the baseline (paired bootstrap over "
+                    f"{g['n_prompts']} prompts): {word}")
+        speed = [speedup_phrase(t, e["pooled_alpha"], gamma) for t in (e["speedup"], e.get("batch1")) if t]
+        lines.append(head + ". Speedup over the target alone, " + "; ".join(speed) + ".")
+    return lines
 
 
 def summarize(pp: dict, n_boot: int, seed: int) -> dict:
@@ -118,18 +213,33 @@ def fmt(s: dict, pct: bool) -> str:
     return f"{s['mean'] * k:.2f} [{s['lo'] * k:.2f}, {s['hi'] * k:.2f}]"
 
 
+def measured_cell(t: dict | None) -> str:
+    """'1.45x (1.41-1.49)', 'noisy' appended when the repeats disagree beyond the tolerance; '-' if not timed."""
+    if not t:
+        return "-"
+    if len(t["speedup_repeats"]) == 1:
+        return f"{t['speedup_measured']:.2f}x"
+    return (f"{t['speedup_measured']:.2f}x ({t['speedup_min']:.2f}-{t['speedup_max']:.2f})"
+            + ("" if t["speedup_agree"] else " noisy"))
+
+
 def table_markdown(entries: list[dict]) -> str:
-    """One row per draft: divergence, the three metrics (mean [95% CI]), tokens/s, the cost ratio c and
-    the measured and theoretical speedups over the target alone."""
-    lines = ["| draft | divergence | token acceptance (%) | analytic alpha (%) | mean accepted length | tokens/s "
-             "| target alone tokens/s | c | speedup measured | speedup theory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per draft: divergence, the three metrics (mean [95% CI]), the paired gain over the baseline,
+    tokens/s, and at the evaluation's batch and at batch 1: the cost ratio c and the measured (median of the
+    repeats, their range) and theoretical speedups over the target alone."""
+    lines = ["| draft | divergence | token acceptance (%) | gain over baseline (points) | analytic alpha (%) "
+             "| mean accepted length | tokens/s | target alone tokens/s | c | speedup measured | speedup theory "
+             "| batch 1: c | batch 1: measured | batch 1: theory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        s = e["summary"]
-        lines.append(f"| {e['name']} | {e['divergence']} | {fmt(s['token_acceptance'], True)} | "
+        s, t, t1, g = e["summary"], e["speedup"], e.get("batch1"), e.get("gain")
+        gain = "-" if g is None else f"{g['mean'] * 100:+.2f} [{g['lo'] * 100:+.2f}, {g['hi'] * 100:+.2f}]"
+        b1 = ("- | - | -" if not t1 else
+              f"{t1['cost_ratio']:.3f} | {measured_cell(t1)} | {t1['speedup_theoretical']:.2f}x")
+        lines.append(f"| {e['name']} | {e['divergence']} | {fmt(s['token_acceptance'], True)} | {gain} | "
                      f"{fmt(s['alpha'], True)} | {fmt(s['mean_accepted_length'], False)} | {e['tokens_per_s']:.0f} "
-                     f"| {e['target_alone']['tokens_per_s']:.0f} | {e['cost_ratio']:.3f} | {e['speedup_measured']:.2f}x "
-                     f"| {e['speedup_theoretical']:.2f}x |")
+                     f"| {t['target_tokens_per_s']:.0f} | {t['cost_ratio']:.3f} | {measured_cell(t)} "
+                     f"| {t['speedup_theoretical']:.2f}x | {b1} |")
     return "\n".join(lines)
 
 
@@ -156,50 +266,62 @@ def _bar(total: int, desc: str):
 
 
 @torch.no_grad()
-def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="draft", speedup_batches=None,
-                   **protocol) -> dict:
-    """speculative_generate over the prompts in batches; per-prompt metrics, speed and records. For the
-    speedup, the target alone (autoregressive_generate: same batch, seed and sampling settings, no draft)
-    is timed right before each of the first `speedup_batches` batches (None: all), so both sides of the
-    ratio see the same machine load; the measured speedup compares the two over those batches."""
-    sampling = {k: v for k, v in protocol.items() if k != "gamma"}  # the target alone: all but gamma
+def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="draft", **protocol) -> dict:
+    """speculative_generate over the prompts in batches (batch b starting at prompt `start` is seeded
+    seed + start): per-prompt metrics, speed and, with record, the per-drafted-position records.
+    The speedup over the target alone is timed apart, by time_speedup."""
     per_row, records, tokens, seconds = [], [], 0, 0.0
-    timed = {"spec_tokens": 0, "spec_s": 0.0, "alone_tokens": 0, "alone_s": 0.0}
-    n_batches = math.ceil(len(prompts) / batch_size)
-    timed_batches = n_batches if speedup_batches is None else min(speedup_batches, n_batches)
     with _bar(len(prompts), desc) as bar:
-        for b, start in enumerate(range(0, len(prompts), batch_size)):
+        for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            if b < timed_batches:
-                alone = specdec.autoregressive_generate(teacher, chunk, seed=seed + start, **sampling)
-                timed["alone_tokens"] += sum(len(t) for t in alone.tokens)
-                timed["alone_s"] += alone.stats["wall_time_s"]
             res = specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, record=record,
                                                **protocol)
             per_row += res.stats["per_row"]
-            n_tokens = sum(len(t) for t in res.tokens)
-            tokens += n_tokens
+            tokens += sum(len(t) for t in res.tokens)
             seconds += res.stats["wall_time_s"]
-            if b < timed_batches:
-                timed["spec_tokens"] += n_tokens
-                timed["spec_s"] += res.stats["wall_time_s"]
             if record:
                 rec = {k: v.tolist() for k, v in res.records.items()}
                 rec["row"] = [r + start for r in rec["row"]]
                 records.append(rec)
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
-    alone_tps = timed["alone_tokens"] / max(timed["alone_s"], 1e-9)
     out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
            "generated_tokens": tokens, "wall_time_s": seconds, "pooled_acceptance": pooled_acceptance(per_row),
-           "pooled_alpha": pooled_alpha(per_row),
-           "target_alone": {"batches": timed_batches, "prompts": min(len(prompts), timed_batches * batch_size),
-                            "generated_tokens": timed["alone_tokens"], "wall_time_s": timed["alone_s"],
-                            "tokens_per_s": alone_tps,
-                            "draft_tokens_per_s": timed["spec_tokens"] / max(timed["spec_s"], 1e-9)}}
-    out["speedup_measured"] = out["target_alone"]["draft_tokens_per_s"] / alone_tps
+           "pooled_alpha": pooled_alpha(per_row)}
     if record:
         out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
+    return out
+
+
+@torch.no_grad()
+def time_speedup(teacher, draft, prompts, *, batch_size: int, seed: int, repeats: int,
+                 tolerance: float = SPEEDUP_TOLERANCE, **protocol) -> dict:
+    """The measured speedup over the target alone on these prompts in batches of batch_size, repeated.
+
+    Each repeat runs, batch by batch, the target alone (autoregressive_generate: the same sampling settings,
+    no draft) and speculative decoding in turns, the order alternating between repeats, so that load from
+    other jobs hits both sides; each side of a batch starting at prompt `start` is seeded seed + start, as in
+    evaluate_draft, so every repeat generates the same tokens. A repeat's speedup = (draft tokens / draft
+    seconds) / (target tokens / target seconds) over all the batches; the result is their median, with the
+    spread and whether the repeats agree within `tolerance` (repeat_summary)."""
+    sampling = {k: v for k, v in protocol.items() if k != "gamma"}        # the target alone: all but gamma
+    runs = []
+    for r in range(repeats):
+        t = {"target_s": 0.0, "target_tokens": 0, "draft_s": 0.0, "draft_tokens": 0}
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            for side in (("target", "draft") if r % 2 == 0 else ("draft", "target")):
+                res = (specdec.autoregressive_generate(teacher, chunk, seed=seed + start, **sampling)
+                       if side == "target" else
+                       specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, **protocol))
+                t[f"{side}_s"] += res.stats["wall_time_s"]
+                t[f"{side}_tokens"] += sum(len(x) for x in res.tokens)
+        t["speedup"] = (t["draft_tokens"] / max(t["draft_s"], 1e-9)) / (t["target_tokens"] / max(t["target_s"], 1e-9))
+        runs.append(t)
+    out = {"batch_size": batch_size, "prompts": len(prompts), "timings": runs,
+           **repeat_summary([t["speedup"] for t in runs], tolerance)}
+    out["target_tokens_per_s"] = float(np.median([t["target_tokens"] / max(t["target_s"], 1e-9) for t in runs]))
+    out["draft_tokens_per_s"] = float(np.median([t["draft_tokens"] / max(t["draft_s"], 1e-9) for t in runs]))
     return out
 
 
@@ -277,22 +399,33 @@ def evaluate_task(args, task: str, inputs: dict) -> dict:
     # one distilled draft in memory at a time: with the paper preset each is a 0.6B model
     entries = []
     for name, label, path in drafts:
-        draft = baseline if name == "baseline" else models.load_model(path, device=teacher.device)
-        res = evaluate_draft(teacher, draft.eval(), prompts, batch_size=args.batch_size, seed=args.seed,
-                             record=args.record, desc=f"{task}/{name}", speedup_batches=args.speedup_batches,
+        draft = (baseline if name == "baseline" else models.load_model(path, device=teacher.device)).eval()
+        res = evaluate_draft(teacher, draft, prompts, batch_size=args.batch_size, seed=args.seed,
+                             record=args.record, desc=f"{task}/{name}", **protocol)
+        entry = {"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
+                 "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res}
+        # -- the speedup over the target alone: at the evaluation's batch size, then at batch 1
+        for key, batch, timed in (("speedup", args.batch_size, prompts[:args.speedup_batches * args.batch_size]),
+                                  ("batch1", 1, prompts[:args.batch1_prompts])):
+            if not timed:
+                entry[key] = None
+                continue
+            t = time_speedup(teacher, draft, timed, batch_size=batch, seed=args.seed, repeats=args.speedup_repeats,
                              **protocol)
-        cost = cost_ratio(draft, teacher, prompts[:args.batch_size], **protocol)
-        speed = {**cost, "speedup_theoretical": theoretical_speedup(res["pooled_alpha"], protocol["gamma"],
-                                                                    cost["cost_ratio"])}
-        entries.append({"name": name, "divergence": label, "path": path, "n_prompts": len(prompts),
-                        "summary": summarize(res["per_prompt"], args.n_boot, args.seed), **res, **speed})
-        print(f"  {task}/{name}: token acceptance {fmt(entries[-1]['summary']['token_acceptance'], True)}, "
-              f"speedup {res['speedup_measured']:.2f}x measured ({res['target_alone']['tokens_per_s']:.0f} "
-              f"tokens/s alone), {speed['speedup_theoretical']:.2f}x theory (c = {cost['cost_ratio']:.3f})")
+            t.update(cost_ratio(draft, teacher, timed[:batch], **protocol))
+            t["speedup_theoretical"] = theoretical_speedup(res["pooled_alpha"], protocol["gamma"], t["cost_ratio"])
+            entry[key] = t
+        base = entries[0]["per_prompt"]["token_acceptance"] if entries else None
+        entry["gain"] = (None if base is None else
+                         paired_gain(res["per_prompt"]["token_acceptance"], base, args.n_boot, args.seed))
+        entry["verdict"] = verdict_lines([entry], protocol["gamma"])[0]
+        entries.append(entry)
+        print("  " + entry["verdict"])
     return {"preset": args.preset, "task": task, "group": inputs["group"], "teacher": teacher_id,
             "protocol": {**decoding.as_dict(), "n_prompts": len(prompts), "seed": args.seed, "n_boot": args.n_boot,
                          "split": "eval", "source": source, "data_path": data_path,
-                         "batch_size": args.batch_size, "threads": args.threads},
+                         "batch_size": args.batch_size, "speedup_repeats": args.speedup_repeats,
+                         "speedup_tolerance": SPEEDUP_TOLERANCE, "threads": args.threads},
             "runs": {e["name"]: e for e in entries}}
 
 
@@ -306,10 +439,13 @@ def write_results(doc: dict, results_root: Path) -> Path:
           f"Mean over prompts [95% bootstrap interval over prompts, {p['n_boot']} resamples]. Data: "
           f"{p['source']}{' ' + str(p['data_path']) if p.get('data_path') else ''}.", "",
           "Speedup measured = tokens/s with the draft / tokens/s of the target alone (autoregressive_generate "
-          f"on the same prompts, sampling settings, seeds and batches of {p['batch_size']}, timed in turns batch by "
-          "batch); c = draft / target seconds per decoding step; speedup theory = "
-          "(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) with the pooled analytic alpha.", "",
-          table_markdown(list(doc["runs"].values())), ""]
+          f"on the same prompts, sampling settings and seeds), at batch {p['batch_size']} and at batch 1, the median "
+          f"of {p['speedup_repeats']} repeats timed in turns (their range in brackets; 'noisy': they spread more than "
+          f"{SPEEDUP_TOLERANCE:.0%}); c = draft / target seconds per decoding step at that batch; speedup theory = "
+          "(1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) with the pooled analytic alpha; gain = token "
+          "acceptance minus the baseline's, mean over prompts [95% paired bootstrap interval].", "",
+          table_markdown(list(doc["runs"].values())), "", "## Verdict", "",
+          *[f"- {e['verdict']}" for e in doc["runs"].values()], ""]
     (out / "eval.md").write_text("\n".join(md))
 
     def clean(x):                                                  # NaN -> null: strict JSON
@@ -351,9 +487,14 @@ def parse_args(argv=None):
                    help="prompts per speculative_generate call (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every draft; also the bootstrap's "
                    "(default %(default)s)")
-    p.add_argument("--speedup-batches", type=int, default=None, help="time the target alone on the first K "
-                   "batches only, for the measured speedup (default: every batch; each timed batch costs one "
-                   "target-alone generation per draft)")
+    p.add_argument("--speedup-batches", type=int, default=2, help="time the speedup over the target alone on the "
+                   "first K batches (default %(default)s; each costs a target-alone and a speculative generation per "
+                   "draft and repeat)")
+    p.add_argument("--speedup-repeats", type=int, default=3, help="time each speedup this many times, the target "
+                   f"alone and the draft in turns; repeats spreading more than {SPEEDUP_TOLERANCE:.0%} are flagged "
+                   "(default %(default)s)")
+    p.add_argument("--batch1-prompts", type=int, default=4, help="also time the speedup at batch 1 on the first N "
+                   "prompts, one at a time (default %(default)s; 0: not at batch 1)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")
     p.add_argument("--teacher-8bit", action="store_true", help="load the teacher in 8 bits with bitsandbytes")
     cli.add_threads_option(p)
@@ -373,7 +514,9 @@ def parse_args(argv=None):
     if args.data_path is not None and args.task is None:
         raise ValueError(f"--data-path {args.data_path!r} holds one task's data: pass --task "
                          f"({', '.join(data.TASKS)})")
-    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches", "max_new_tokens", "n_boot"):
+    if args.batch1_prompts < 0:
+        raise ValueError(f"--batch1-prompts must be >= 0, got {args.batch1_prompts}")
+    for name in ("n_prompts", "gamma", "batch_size", "speedup_batches", "speedup_repeats", "max_new_tokens", "n_boot"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -398,6 +541,9 @@ def main(argv=None) -> dict:
         doc = evaluate_task(args, task, inputs[task])
         out = write_results(doc, Path(args.results))
         print(f"\n{task} ({args.preset}):\n{table_markdown(list(doc['runs'].values()))}\n-> {out}/eval.{{md,json}}")
+        print(f"\nVerdict ({task}, {doc['protocol']['n_prompts']} prompts, gamma {doc['protocol']['gamma']}):")
+        for e in doc["runs"].values():
+            print(f"- {e['verdict']}")
         docs[task] = doc
     return docs
 

@@ -24,12 +24,15 @@ How a tiny pair is built (``ensure_tiny_pair``), reproducibly from a seed:
    prompt + reference completion (loss on the completion and its <|im_end|> only) to a low loss:
    on gsm8k the completion is a function of the prompt (low H(p)), on cnndm it is one draw among
    many equally good summaries (high H(p));
-3. the student, a smaller model of the same family, is trained the same way for fewer steps:
+3. the student, a much smaller model of the same family (one layer), is trained the same way:
    a plausible but clearly imperfect draft (as Qwen3-0.6B is for Qwen3-4B).
 The lm_head is padded to a multiple of 64 rows beyond the real vocabulary, as Qwen's is
 (151936 rows for 151669 tokens); see ``load_pair`` for lm_heads of different widths.
-A build is deterministic (same seed -> bitwise the same safetensors on the same machine) and costs
-about 130 CPU-seconds per pair (`build_cpu_s` in build.json), under 5 minutes for both on 2 cores.
+A build is deterministic (same seed -> bitwise the same safetensors on the same machine; it always runs
+on one thread) and costs about 155-170 CPU-seconds per pair (`build_cpu_s` in build.json); `make models`
+builds the two pairs at once, one single-thread process each, so both take about 3 minutes on 2 cores.
+The pair is shaped so that speculative decoding pays on a CPU (see SCALES): a 12-layer teacher of
+hidden size 48 (~0.37M parameters) and a 1-layer draft of hidden size 32 (~0.035M).
 
 Loading (``load_model``, ``load_tokenizer``, ``load_pair``): a local folder or a hub id; float32
 on CPU, bfloat16 on CUDA; ``load_in_8bit`` quantises the teacher with bitsandbytes (LLM.int8,
@@ -201,13 +204,17 @@ CHAT_TEMPLATE = (   # ChatML, as Qwen3 and SmolLM-Instruct use
 ARCH = {"gsm8k": "qwen3", "cnndm": "llama"}   # the paper pairs' families
 
 # Model shapes and training budgets. "full": `make models`; "test": a reduced pair in seconds.
+# The full pair is shaped for speculative decoding on a CPU, where models this small cost mostly per-call
+# overhead, which grows with depth: a deep, narrow teacher (12 layers) and a one-layer draft make a draft
+# step cost c ~ 0.15-0.2 of a target step (the old 4-layer / 2-layer pair: c ~ 0.6, slower than the target
+# alone). Narrow keeps the teacher's training and its forward in every distillation step cheap.
 SCALES = {
     "full": {
         "vocab_size": 1024, "n_train": 3000,
-        "teacher": {"hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 192,
+        "teacher": {"hidden": 48, "layers": 12, "heads": 4, "kv_heads": 2, "ffn": 144,
                     "steps": 500, "batch_size": 16, "lr": 3e-3},
-        "student": {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "ffn": 96,
-                    "steps": 200, "batch_size": 16, "lr": 3e-3},
+        "student": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "ffn": 96,
+                    "steps": 500, "batch_size": 16, "lr": 3e-3},
     },
     "test": {
         "vocab_size": 400, "n_train": 200,
@@ -309,7 +316,10 @@ def tiny_dir(task: str, root="checkpoints", seed: int = 0, scale: str = "full") 
 
 
 def _stamp(task: str, seed: int, scale: str) -> dict:
-    return {"task": task, "seed": seed, "scale": scale, "version": BUILD_VERSION}
+    """What a built pair must match to be reused: the recipe's version and the scale's shapes and budgets
+    (SCALES[scale]), so that a checkpoints/ folder built with other sizes is rebuilt, never reused."""
+    return {"task": task, "seed": seed, "scale": scale, "version": BUILD_VERSION,
+            "sizes": json.loads(json.dumps(SCALES[scale]))}
 
 
 def _is_built(d: Path, task: str, seed: int, scale: str) -> bool:
@@ -321,7 +331,18 @@ def _is_built(d: Path, task: str, seed: int, scale: str) -> bool:
 
 
 def build_tiny_pair(task: str, out: Path, seed: int = 0, scale: str = "full") -> dict:
-    """Train tokenizer, teacher and student for the task; save both into out/{teacher,student}."""
+    """Train tokenizer, teacher and student for the task; save both into out/{teacher,student}. Always on
+    one thread (restored after): float sums depend on the thread count, and a pair must come out the same
+    whether `make models` builds it in a worker or `make train` in its own process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_tiny_pair(task, out, seed, scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_tiny_pair(task: str, out: Path, seed: int, scale: str) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     sc = SCALES[scale]
@@ -637,16 +658,17 @@ def check_tokenizers(teacher, student):
     return tok_t
 
 
-def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None):
+def load_pair(teacher, student, *, device=None, load_in_8bit: bool = False, teacher_dtype=None,
+              student_dtype=None):
     """(teacher_model, student_model, tokenizer). The teacher's tokenizer is returned; the student's
     must map the same tokens to the same ids (ValueError otherwise). The two lm_heads may have
     different widths (padding rows beyond len(tokenizer)); both must cover the real vocabulary.
     Compare logits on the first len(tokenizer) columns only: divergences.shared_vocab(..., vocab_size=
-    len(tokenizer)) and specdec do that. load_in_8bit and teacher_dtype (default: load_model's) apply to the
-    teacher only."""
+    len(tokenizer)) and specdec do that. load_in_8bit applies to the teacher only; teacher_dtype /
+    student_dtype: the weights' dtype (default load_model's: float32 on CPU, bfloat16 on CUDA)."""
     tok_t = check_tokenizers(teacher, student)
     t = load_model(teacher, device=device, dtype=teacher_dtype, load_in_8bit=load_in_8bit)
-    s = load_model(student, device=device)
+    s = load_model(student, device=device, dtype=student_dtype)
     for name, m in (("teacher", t), ("student", s)):
         check_lm_head(m, tok_t, name)
     return t, s, tok_t
@@ -761,6 +783,25 @@ def specdec_summary(teacher, student, tokenizer, task: str, protocol: DecodingPr
     return {k: res.stats[k] for k in ("acceptance_rate", "alpha", "mean_accepted_length") if k in res.stats}
 
 
+def build_in_parallel(tasks, root="checkpoints", seed: int = 0, scale: str = "full") -> list[str]:
+    """Build the tasks' missing tiny pairs at once, one single-thread process per pair: the small models are
+    bound by per-call overhead, so two single-thread builds use 2 cores better than one 2-thread build.
+    Each process goes through ensure_tiny_pair (its lock, its atomic rename). -> the tasks built."""
+    import subprocess
+    import sys
+
+    todo = [t for t in tasks if not _is_built(tiny_dir(t, root, seed, scale), t, seed, scale)]
+    if len(todo) < 2:
+        return []                                      # nothing to share the cores with: build in-process
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "models.py"), "--task", t, "--root", str(root), "--seed",
+                               str(seed), "--scale", scale, "--build-only"], env=env) for t in todo]
+    failed = [t for t, proc in zip(todo, procs) if proc.wait() != 0]
+    if failed:
+        raise RuntimeError(f"building the tiny {', '.join(failed)} pair failed (its error is printed above)")
+    return todo
+
+
 def main(argv=None):
     ap = cli.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
     ap.add_argument("--task", default="all", choices=("all",) + data.TASKS)
@@ -769,9 +810,15 @@ def main(argv=None):
     ap.add_argument("--scale", default="full", choices=tuple(SCALES))
     ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--no-specdec", action="store_true", help="skip the specdec.py acceptance")
+    ap.add_argument("--build-only", action="store_true", help="build the pair(s) if missing, print no summary")
     args = ap.parse_args(argv)
     tasks = data.TASKS if args.task == "all" else (args.task,)
     t0 = time.time()
+    if args.build_only:
+        for task in tasks:
+            ensure_tiny_pair(task, root=args.root, seed=args.seed, scale=args.scale)
+        return
+    build_in_parallel(tasks, root=args.root, seed=args.seed, scale=args.scale)
     rows = []
     for task in tasks:
         d = ensure_tiny_pair(task, root=args.root, seed=args.seed, scale=args.scale)

@@ -580,7 +580,7 @@ def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:
             _train(cfg, task, "ajsd", seed, out, ajsd_flags(setting), validate=False)
             draft = models.load_model(str(out / "final"), device=teacher.device).eval()
             res = evaluate.evaluate_draft(teacher, draft, prompts, batch_size=16, seed=0, record=False,
-                                         speedup_batches=1, **protocol)   # scored by acceptance only
+                                         **protocol)                     # scored by acceptance only
             per_seed.append(res["per_prompt"])
             log(f"{task}: ajsd grid floor {setting[0]:g} scale {setting[1]:g} seed {seed} ({i}/{n_jobs}): "
                 f"validation acceptance {np.nanmean(np.asarray(res['per_prompt']['token_acceptance'], float)):.3f} "
@@ -620,9 +620,9 @@ def evaluate_task(cfg: ReportConfig, task: str) -> Path:
     if cfg.reuse and reusable_eval(cfg, task, task_results / "eval.json"):
         return task_results / "eval.json"
     shutil.rmtree(task_results, ignore_errors=True)   # only this invocation's evaluation can be read
-    # the report reads acceptance only: time the target alone on one batch per draft, not on all of them
+    # the report reads acceptance only: time the speedup once on one batch per draft, not at batch 1
     argv = ["--preset", cfg.preset, "--task", task, "--runs", cfg.runs, "--results", cfg.results, "--record",
-            "--speedup-batches", "1", "--threads", str(cfg.threads)]
+            "--speedup-batches", "1", "--speedup-repeats", "1", "--batch1-prompts", "0", "--threads", str(cfg.threads)]
     argv += cfg.data_args()
     if cfg.n_prompts is not None:
         argv += ["--n-prompts", str(cfg.n_prompts)]
@@ -878,6 +878,38 @@ def parse_args(argv=None) -> ReportConfig:
     return cfg
 
 
+def progress_log(t0: float):
+    """print(f"[report <seconds since t0>s] {msg}"): one progress line per step, from any worker."""
+    return lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def task_phase(cfg: ReportConfig, task: str, t0: float):
+    """One task's training and evaluation: the ajsd grid, every study run, the evaluation (each run on
+    cfg.threads threads). -> (the grid's result or None, the eval.json path)."""
+    cli.set_threads(cfg.threads)                      # a worker process starts with torch's default
+    log = progress_log(t0)
+    grid = tune_ajsd(cfg, task, log) if "ajsd" in cfg.divs else None
+    train_all(cfg, task, log, grid["selected"] if grid else None)
+    path = evaluate_task(cfg, task)
+    log(f"evaluated {task} -> {path}")
+    return grid, path
+
+
+def train_and_evaluate(cfg: ReportConfig, t0: float) -> dict:
+    """Every task's task_phase -> {task: (grid, eval path)}. Several tasks run at once, one worker process per
+    task (each on cfg.threads threads, 1 by default): the tiny models are bound by per-call overhead, so on 2
+    cores two single-thread processes finish the study much sooner than one process after the other
+    (docs/benchmarks.md). A worker's error is raised here, once the other workers have finished."""
+    if len(cfg.tasks) == 1:
+        return {cfg.tasks[0]: task_phase(cfg, cfg.tasks[0], t0)}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(cfg.tasks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {task: pool.submit(task_phase, cfg, task, t0) for task in cfg.tasks}
+        return {task: f.result() for task, f in futures.items()}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     with cli.before_the_work():
@@ -887,21 +919,18 @@ def main(argv=None):
     import estimates
 
     t0 = time.time()
-    log = lambda msg: print(f"[report {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    log = progress_log(t0)
     n_grid = len(cfg.ajsd_floors) * len(cfg.ajsd_scales) * len(cfg.grid_seeds) if "ajsd" in cfg.divs else 0
     n_train = len([d for d in cfg.divs if d != "baseline"]) * len(cfg.seeds)
     log(f"plan: {len(cfg.tasks)} task(s) x ({n_grid} ajsd grid runs + {n_train} study runs), {cfg.steps} steps "
         f"each; {cfg.n_prompts} eval prompts per run")
     evals, protocols, profiles, analysis, plots, grids = {}, {}, {}, {}, {}, {}
     check_data(cfg, log)
-    for task in cfg.tasks:
-        if "ajsd" in cfg.divs:
-            grids[task] = tune_ajsd(cfg, task, log)
-        train_all(cfg, task, log, grids[task]["selected"] if task in grids else None)
-        path = evaluate_task(cfg, task)
+    for task, (grid, path) in train_and_evaluate(cfg, t0).items():
+        if grid is not None:
+            grids[task] = grid
         doc = read_eval(path)   # holds every run's records: parsed once
         evals[task], protocols[task] = eval_runs(doc), protocol_line(doc)
-        log(f"evaluated {task} -> {path}")
     collected = collect_runs(evals, cfg.divs, cfg.seeds)   # raises on missing runs
     rows = build_table(collected, n_boot=cfg.n_boot)
     diffs = {t: differences(collected[t], cfg.n_boot) for t in cfg.tasks}

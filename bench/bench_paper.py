@@ -108,12 +108,13 @@ def bench_phases(teacher_dir, student_dir, batch, new_tokens, repeats):
         mask = b["loss_mask"][:, b["prompt_width"]:]
         t0 = lap("sampling", t0)
         with torch.no_grad():
-            t_logits = distill.completion_logits(teacher, b)
+            t_hidden = distill.teacher_hidden(teacher, b)                # (B, C, H_t): no logits
         t0 = lap("teacher forward", t0)
-        s_logits = distill.completion_logits(student, b)
+        s_hidden = distill.completion_hidden(student, b)                 # (B, C, H_s)
         t0 = lap("student forward", t0)
-        div_sum, _ = distill.batch_divergence_sum(s_logits, t_logits, mask, "rkl", 0.5, 0.6, vocab,
-                                                  return_teacher_entropy=True)   # as distill.train: one sweep
+        div_sum, _ = divergences.hidden_divergence_sum(                  # as distill.train: lm_heads fused in
+            s_hidden, distill.lm_head_weight(student), t_hidden, distill.lm_head_weight(teacher), mask, "rkl", 0.5,
+            0.6, vocab_size=vocab, return_teacher_entropy=True)
         loss = div_sum / mask.sum()
         t0 = lap("loss + logged teacher entropy", t0)
         loss.backward()
@@ -123,8 +124,7 @@ def bench_phases(teacher_dir, student_dir, batch, new_tokens, repeats):
         opt.zero_grad(set_to_none=True)
         lap("optimizer", t0)
         tokens = int(mask.sum())
-        del t_logits, s_logits, loss, div_sum
-    del divergences
+        del t_hidden, s_hidden, loss, div_sum
     mean = {k: sum(v) / len(v) for k, v in phases.items()}
     total = sum(mean.values())
     print(f"\n## 2. one distill.py step by phase: batch {batch} x {new_tokens} new tokens, rkl, T 0.6, top-p 0.95 "

@@ -56,6 +56,14 @@ def test_one_tokenizer_every_word_one_token():
     assert lengths == {C.N_ITEMS}
 
 
+def test_the_default_divergences_are_the_issues_list_as_far_as_distill_offers_them():
+    """fkl, rkl, jsd, tvd always; nla and lk as soon as divergences.py has them; never one it lacks."""
+    import divergences
+
+    assert C.DIVS[0] == "baseline" and {"fkl", "rkl", "jsd", "tvd"} <= set(C.DIVS)
+    assert set(C.DIVS[1:]) == {d for d in C.CURVE_DIVS if d in divergences.DIVERGENCES}
+
+
 def test_bad_settings_are_refused_naming_the_value():
     with pytest.raises(ValueError, match="k=0"):
         C.family_examples(0, "train", 1)

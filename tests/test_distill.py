@@ -176,6 +176,56 @@ def test_grad_accumulation_run_equals_one_big_batch(pair, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("div", ["fkl", "jsd", "ajsd"])
+def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, div):
+    """The loop runs the decoders to their last hidden states and projects inside the loss
+    (completion_hidden, teacher_hidden, hidden_divergence_sum); the old path (completion_logits +
+    batch_divergence_sum) is the reference: same loss, same teacher entropy, same gradient for every student
+    parameter -- the tied lm_head / embedding included, whose gradient sums the lookup's and the loss's."""
+    teacher, _, tok = loaded
+    prompts = prompts_of(tok, 3)
+    batch = distill.build_batch([prompts[0][:15], prompts[1], prompts[2][:30]], [[9, 10, 11, 2], [12], [13, 14]],
+                                tok.pad_token_id)
+    mask = batch["loss_mask"][:, batch["prompt_width"]:]
+    vocab = len(tok)
+
+    def run(path):
+        student = fresh_student(pair)
+        assert student.get_output_embeddings().weight is student.get_input_embeddings().weight   # tied
+        if path == "logits":
+            with torch.no_grad():
+                t = distill.completion_logits(teacher, batch)
+            total, ent = distill.batch_divergence_sum(distill.completion_logits(student, batch), t, mask, div, 0.5,
+                                                      0.6, vocab, return_teacher_entropy=True)
+        else:
+            with torch.no_grad():
+                t = distill.teacher_hidden(teacher, batch)
+            total, ent = divergences.hidden_divergence_sum(
+                distill.completion_hidden(student, batch), distill.lm_head_weight(student), t,
+                distill.lm_head_weight(teacher), mask, div, 0.5, 0.6, vocab_size=vocab, return_teacher_entropy=True)
+        total.backward()
+        return total.detach(), ent, [p.grad for p in student.parameters()]
+
+    ref, ours = run("logits"), run("hidden")
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_gradient_checkpointing_makes_the_same_update(pair, tmp_path):
+    """--gradient-checkpointing recomputes the student's layers in backward: the loss's gradient for the hidden
+    states must flow through the recomputation unchanged (same loss, grad norm and weights after a step)."""
+    args = ("--lmbda", 0, "--steps", 1, "--max-new-tokens", 64)
+    plain = distill.main(run_args(pair, tmp_path / "plain", *args))
+    ckpt = distill.main(run_args(pair, tmp_path / "ckpt", *args, "--gradient-checkpointing"))
+    assert read_losses(ckpt) == pytest.approx(read_losses(plain), rel=1e-6)
+    assert read_metric(ckpt, "grad_norm") == pytest.approx(read_metric(plain, "grad_norm"), rel=1e-5)
+    a, b = state(plain / "final"), state(ckpt / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- masking
 
 def test_cut_at_stop_keeps_the_first_stop_and_drops_the_rest():
@@ -506,6 +556,54 @@ def test_two_process_torchrun_equals_one_process_on_the_combined_batch(pair, tmp
     a, b = state(tmp_path / "ddp" / "final"), state(one / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- precision
+
+def test_dtype_bfloat16_trains_on_the_cpu_and_resumes(pair, tmp_path, monkeypatch):
+    """--dtype bfloat16 is honoured on the CPU (bf16 autocast, bf16 teacher weights, float32 master weights):
+    2 steps give finite losses that are not the float32 run's (bf16 really ran) yet close to them,
+    config.json says bfloat16, the checkpoint resumes to the uninterrupted run's losses, and resuming with
+    another --dtype is refused naming it."""
+    loaded = []
+    real_load_pair = models.load_pair
+
+    def spy(*a, **kw):
+        t, s, tok = real_load_pair(*a, **kw)
+        loaded.append((t.get_input_embeddings().weight.dtype, s.get_input_embeddings().weight.dtype))
+        return t, s, tok
+
+    monkeypatch.setattr(models, "load_pair", spy)
+    args = ("--steps", 2, "--save-every", 1, "--max-new-tokens", 8)
+    bf16 = distill.main(run_args(pair, tmp_path / "bf16", *args, "--dtype", "bfloat16"))
+    f32 = distill.main(run_args(pair, tmp_path / "f32", *args, "--dtype", "float32"))
+    assert loaded == [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]   # teacher, student
+    losses = read_losses(bf16)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses + read_metric(bf16, "grad_norm"))
+    assert losses[0] != read_losses(f32)[0] and losses[0] == pytest.approx(read_losses(f32)[0], rel=0.1)
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert state(bf16 / "final")["model.embed_tokens.weight"].dtype == torch.float32   # master weights
+
+    monkeypatch.setattr(models, "load_pair", real_load_pair)
+    shutil.rmtree(bf16 / "ckpt-0000002")                                      # as if killed in step 2
+    rows = (bf16 / "metrics.jsonl").read_text().splitlines()
+    (bf16 / "metrics.jsonl").write_text(rows[0] + "\n")
+    with pytest.raises(ValueError, match=r"--dtype: 'bfloat16' -> 'float32'"):
+        distill.main(run_args(pair, bf16, *args, "--resume", "--dtype", "float32"))
+    distill.main(run_args(pair, bf16, *args, "--resume", "--dtype", "bfloat16"))
+    assert read_losses(bf16) == losses
+
+
+def test_dtype_defaults_to_the_devices_and_bad_values_are_named(pair):
+    """No --dtype: float32 on the CPU, bfloat16 on CUDA (resolved, so config.json records what ran);
+    anything else is refused with the valid choices."""
+    def resolved(*extra):
+        return distill.resolve_config(distill.parse_args(run_args(pair, "unused", *extra))).dtype
+    assert resolved("--device", "cpu") == "float32"
+    assert resolved("--device", "cuda:0") == "bfloat16"
+    assert resolved("--device", "cpu", "--dtype", "bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match=r"--dtype 'float16'.*float32, bfloat16"):
+        resolved("--dtype", "float16")
 
 
 # ----------------------------------------------------------------------------- config

@@ -58,7 +58,7 @@ def test_eval_files_and_a_perfect_draft(pair, tmp_path):
     make_run(runs, "self-s0", pair[0])
     docs = evaluate.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--runs", str(runs),
                           "--results", str(tmp_path / "results"), "--n-prompts", "6", "--record",
-                          "--n-boot", "200", "--batch-size", "4"])
+                          "--n-boot", "200", "--batch-size", "4", "--speedup-repeats", "1", "--batch1-prompts", "0"])
     doc = json.loads((tmp_path / "results" / "tiny" / "gsm8k" / "eval.json").read_text())
     assert set(doc["runs"]) == {"baseline", "self-s0"} == set(docs["gsm8k"]["runs"])
     perfect = doc["runs"]["self-s0"]["summary"]
@@ -70,6 +70,12 @@ def test_eval_files_and_a_perfect_draft(pair, tmp_path):
         rec = entry["records"]
         assert len(rec["accepted"]) == sum(entry["per_prompt"]["drafted"]) > 0
         assert set(rec["row"]) <= set(range(6)) and max(rec["row"]) >= 4   # rows of later batches offset
+    gain = doc["runs"]["self-s0"]["gain"]   # paired on the same prompts: the per-prompt differences' mean
+    base_acc = doc["runs"]["baseline"]["per_prompt"]["token_acceptance"]
+    self_acc = doc["runs"]["self-s0"]["per_prompt"]["token_acceptance"]
+    pairs = [(a, b) for a, b in zip(self_acc, base_acc) if a is not None and b is not None]
+    assert gain["n_prompts"] == len(pairs) and gain["mean"] == pytest.approx(np.mean([a - b for a, b in pairs]))
+    assert doc["runs"]["self-s0"]["batch1"] is None                    # --batch1-prompts 0
     md = (tmp_path / "results" / "tiny" / "gsm8k" / "eval.md").read_text()
     assert "| baseline |" in md and "| self-s0 | rkl |" in md
 
@@ -143,15 +149,24 @@ def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
     doc = json.loads((results / "eval.json").read_text())
     assert doc["protocol"]["source"] == "file" and doc["protocol"]["n_prompts"] == 3
     base = doc["runs"]["baseline"]
-    pp, alone = base["per_prompt"], base["target_alone"]
+    pp, speed = base["per_prompt"], base["speedup"]
     assert base["pooled_acceptance"] == pytest.approx(sum(pp["accepted"]) / sum(pp["drafted"]))
-    assert (alone["batches"], alone["prompts"]) == (1, 2) and alone["generated_tokens"] > 0
-    assert base["speedup_measured"] == pytest.approx(alone["draft_tokens_per_s"] / alone["tokens_per_s"])
-    assert base["speedup_theoretical"] == pytest.approx(evaluate.theoretical_speedup(
-        base["pooled_alpha"], doc["protocol"]["gamma"], base["cost_ratio"]))
-    assert base["cost_ratio"] == pytest.approx(base["draft_step_s"] / base["target_step_s"])
+    assert (speed["batch_size"], speed["prompts"], len(speed["timings"])) == (2, 2, 3)   # 1 batch of 2, 3 repeats
+    for t in speed["timings"]:          # each repeat: tokens/s with the draft over tokens/s of the target alone
+        assert t["target_tokens"] > 0 and t["speedup"] == pytest.approx(
+            (t["draft_tokens"] / t["draft_s"]) / (t["target_tokens"] / t["target_s"]))
+    assert speed["speedup_measured"] == pytest.approx(np.median([t["speedup"] for t in speed["timings"]]))
+    assert speed["speedup_theoretical"] == pytest.approx(evaluate.theoretical_speedup(
+        base["pooled_alpha"], doc["protocol"]["gamma"], speed["cost_ratio"]))
+    assert speed["cost_ratio"] == pytest.approx(speed["draft_step_s"] / speed["target_step_s"])
+    b1 = base["batch1"]                 # --batch1-prompts 4 of the 3 prompts: all three, one at a time
+    assert (b1["batch_size"], b1["prompts"]) == (1, 3)
+    assert b1["speedup_theoretical"] == pytest.approx(evaluate.theoretical_speedup(
+        base["pooled_alpha"], doc["protocol"]["gamma"], b1["cost_ratio"]))
+    assert base["gain"] is None and "(the reference)" in base["verdict"] and "batch 1:" in base["verdict"]
+    assert "Verdict (gsm8k" in out
     md = (results / "eval.md").read_text()
-    assert "speedup measured" in md and "target alone tokens/s" in md
+    assert "speedup measured" in md and "target alone tokens/s" in md and "## Verdict" in md
     assert set(docs["gsm8k"]["runs"]) == {"baseline"}
 
 
@@ -183,3 +198,108 @@ def test_make_eval_passes_source_and_data():
     cmd = subprocess.run(["make", "-n", "eval", "SOURCE=file", "DATA=some/test.jsonl"], cwd=root,
                          capture_output=True, text=True, check=True).stdout
     assert "--source file" in cmd and "--data-path some/test.jsonl" in cmd and "--task gsm8k" in cmd
+
+
+# ---- the verdict: gain over the baseline, repeated timings, why a speedup is below 1 -----------------
+
+def test_repeat_summary_reports_the_median_and_flags_a_spread_beyond_the_tolerance():
+    """The reported speedup is the median of the repeats (1.0 here, not the mean 1.2, so one disturbed
+    repeat does not move it) and repeats spreading (1.6 - 1.0) / 1.0 = 60% > 10% are flagged; repeats
+    within 5% agree; a single repeat never claims agreement (its noise is unknown)."""
+    noisy = evaluate.repeat_summary([1.0, 1.6, 1.0], tolerance=0.1)
+    assert noisy["speedup_measured"] == 1.0 and noisy["speedup_spread"] == pytest.approx(0.6)
+    assert not noisy["speedup_agree"]
+    calm = evaluate.repeat_summary([1.40, 1.45, 1.47], tolerance=0.1)
+    assert calm["speedup_measured"] == 1.45 and calm["speedup_spread"] == pytest.approx(0.07 / 1.45)
+    assert calm["speedup_agree"] and (calm["speedup_min"], calm["speedup_max"]) == (1.40, 1.47)
+    assert not evaluate.repeat_summary([1.5])["speedup_agree"]
+
+
+def test_paired_gain_is_the_mean_of_per_prompt_differences_over_prompts_both_have():
+    """The gain over the baseline pairs each prompt's two values: prompts where either drafted nothing are
+    left out (here only prompt 0 remains: 0.5 - 0.4 = 0.1, not the difference of the means 0.7 - 0.25)."""
+    g = evaluate.paired_gain([0.5, 0.9, None], [0.4, None, 0.1], n_boot=100)
+    assert (g["mean"], g["lo"], g["hi"], g["n_prompts"]) == pytest.approx((0.1, 0.1, 0.1, 1))
+
+
+def test_paired_gain_cancels_the_spread_between_prompts():
+    """Two drafts on the same prompts share the prompts' difficulty: a constant +0.05 on prompts whose values
+    range from 0 to 0.9 has a paired interval of width 0 around 0.05, where an unpaired comparison of the
+    two means could not tell them apart (each mean's interval is several points wide)."""
+    base = list(np.random.default_rng(0).uniform(0.0, 0.9, size=64))
+    g = evaluate.paired_gain([b + 0.05 for b in base], base, n_boot=500)
+    assert (g["lo"], g["hi"]) == pytest.approx((0.05, 0.05))
+    _, lo, hi = evaluate.bootstrap_ci(base, n_boot=500)
+    assert hi - lo > 0.1
+    with pytest.raises(ValueError, match="same prompts"):
+        evaluate.paired_gain([0.1, 0.2], [0.1])
+
+
+def _fake_generators(monkeypatch, seconds: dict, tokens: dict):
+    """specdec's two generators replaced by fakes that return `tokens[side]` tokens per row and report
+    `seconds[side]` per call; every call is logged as (side, seed, rows)."""
+    import specdec
+    calls = []
+
+    def fake(side):
+        def gen(*args, seed, **kw):
+            prompts = args[-1]
+            calls.append((side, seed, len(prompts)))
+            return specdec.GenerationResult(tokens=[[1] * tokens[side]] * len(prompts),
+                                            stats={"wall_time_s": seconds[side]})
+        return gen
+    monkeypatch.setattr(specdec, "autoregressive_generate", fake("target"))
+    monkeypatch.setattr(specdec, "speculative_generate", fake("draft"))
+    return calls
+
+
+def test_time_speedup_alternates_the_two_sides_and_divides_tokens_per_second(monkeypatch):
+    """Each repeat times the target alone and speculative decoding on every batch in turns (target first in
+    even repeats, draft first in odd ones, so a drift in machine load hits both), both seeded seed + the
+    batch's first prompt, as the acceptance pass is; a repeat's speedup is draft tokens/s over target
+    tokens/s: (2 rows x 8 tokens / 0.5 s) / (2 x 6 / 1.0 s) = 32 / 12 (not seconds alone: 2.0)."""
+    calls = _fake_generators(monkeypatch, {"target": 1.0, "draft": 0.5}, {"target": 6, "draft": 8})
+    t = evaluate.time_speedup("T", "D", [[1], [2], [3], [4]], batch_size=2, seed=10, repeats=2, gamma=5)
+    assert calls == [("target", 10, 2), ("draft", 10, 2), ("target", 12, 2), ("draft", 12, 2),
+                     ("draft", 10, 2), ("target", 10, 2), ("draft", 12, 2), ("target", 12, 2)]
+    assert t["timings"][0] == {"target_s": 2.0, "target_tokens": 24, "draft_s": 1.0, "draft_tokens": 32,
+                               "speedup": pytest.approx(32 / 24 * 2.0 / 1.0)}
+    assert t["speedup_measured"] == pytest.approx((32 / 1.0) / (24 / 2.0))
+    assert (t["target_tokens_per_s"], t["draft_tokens_per_s"]) == pytest.approx((12.0, 32.0))
+    assert t["speedup_agree"] and (t["batch_size"], t["prompts"]) == (2, 4)
+
+
+def test_why_slower_names_the_break_even_cost_ratio_or_the_batch():
+    """Theory below 1: the draft is too dear. With alpha 0.8 and gamma 5 a round yields E = 3.69 tokens and
+    costs gamma c + 1 = 4.2 target steps at c = 0.64, so it pays only for c < (E - 1) / gamma = 0.54. Theory
+    above 1 but measured below: the sentence blames what the formula leaves out at that batch size."""
+    dear = evaluate.why_slower(0.8, 5, 0.64, evaluate.theoretical_speedup(0.8, 5, 0.64), 16)
+    assert "c = 0.64" in dear and "4.2 target steps for 3.7 tokens" in dear and "c < 0.54" in dear
+    batch = evaluate.why_slower(0.8, 5, 0.1, evaluate.theoretical_speedup(0.8, 5, 0.1), 32)
+    assert "theory predicts 2.46x" in batch and "at batch 32" in batch
+
+
+def _timing(measured, repeats, c, theory, batch):
+    return {"batch_size": batch, **evaluate.repeat_summary(repeats), "speedup_measured": measured,
+            "cost_ratio": c, "speedup_theoretical": theory}
+
+
+def test_verdict_states_gain_interval_speedups_and_flags_noise():
+    """A verdict line per draft: the baseline is the reference; a draft whose paired interval excludes 0 is
+    'above the baseline', with the points and interval; each speedup is given measured and predicted at
+    both batch sizes; repeats that disagree are flagged NOISY instead of standing as a lone number; a
+    speedup below 1 says why."""
+    summary = lambda m: {"token_acceptance": {"mean": m}}                      # noqa: E731
+    base = {"name": "baseline", "summary": summary(0.52), "pooled_alpha": 0.79, "gain": None,
+            "speedup": _timing(0.55, [0.5, 0.55, 0.6], 0.64, 0.86, 16), "batch1": None}
+    draft = {"name": "rkl-s0", "divergence": "rkl", "summary": summary(0.61), "pooled_alpha": 0.84,
+             "gain": {"mean": 0.085, "lo": 0.07, "hi": 0.10, "n_prompts": 128},
+             "speedup": _timing(1.45, [1.44, 1.45, 1.47], 0.15, 2.2, 16),
+             "batch1": _timing(1.6, [1.0, 1.6, 1.9], 0.14, 2.3, 1)}
+    b, d = evaluate.verdict_lines([base, draft], gamma=5)
+    assert "(the reference)" in b and "batch 16: 0.55x measured" in b and "0.86x predicted" in b
+    assert "NOISY" in b and "slower than the target alone because" in b and "c < 0.52" in b   # alpha 0.79
+    assert "+8.5 points [+7.0, +10.0] over the baseline (paired bootstrap over 128 prompts): above" in d
+    assert "batch 16: 1.45x measured (3 repeats 1.44-1.47, within 10%), 2.20x predicted (c = 0.15)" in d
+    assert "batch 1: 1.60x measured (NOISY: 3 repeats 1.00-1.90 differ by 56%" in d
+    assert "slower" not in d

@@ -113,6 +113,25 @@ def test_tiny_pair_is_cached(pairs, root):
     assert (pairs["gsm8k"] / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_pair_built_with_other_sizes_is_not_reused(pairs, root, monkeypatch):
+    """WHY: a checkpoints/ folder from before a change of the pair's shapes or budgets must be rebuilt, not
+    silently evaluated as the new pair: the build stamp holds SCALES[scale], so a different depth (or step
+    count) no longer matches, while the unchanged sizes still do."""
+    d = pairs["gsm8k"]
+    assert models._is_built(d, "gsm8k", 0, "test")
+    bigger = {**models.SCALES["test"], "teacher": {**models.SCALES["test"]["teacher"], "layers": 3}}
+    monkeypatch.setitem(models.SCALES, "test", bigger)
+    assert not models._is_built(d, "gsm8k", 0, "test")
+
+
+def test_the_full_pair_is_shaped_for_speculative_decoding():
+    """WHY: on a CPU these small models cost mostly per-call overhead, which grows with depth: speculative
+    decoding pays only if the draft's step is far cheaper than the target's, so the draft has a single layer
+    and the teacher many (issue 19: the old 4-layer / 2-layer pair had c = 0.6 and ran at 0.5-0.6x)."""
+    full = models.SCALES["full"]
+    assert full["student"]["layers"] == 1 and full["teacher"]["layers"] >= 8 * full["student"]["layers"]
+
+
 def test_tiny_pair_is_reproducible(pairs, tmp_path):
     """WHY: a result must be reproducible from the seed: a rebuild gives the same weights."""
     from safetensors.torch import load_file

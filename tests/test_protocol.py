@@ -115,10 +115,10 @@ def test_training_evaluation_summary_and_report_decode_alike(which, tiny, wide, 
 
     monkeypatch.setattr(specdec, "autoregressive_generate", spy("sample", specdec.autoregressive_generate))
     monkeypatch.setattr(specdec, "speculative_generate", spy("verify", specdec.speculative_generate))
-    loss_widths = []
-    sum_fn = distill.divergences.divergence_sum
-    monkeypatch.setattr(distill.divergences, "divergence_sum",
-                        lambda s, t, *a, **k: loss_widths.append((s.shape[-1], t.shape[-1])) or sum_fn(s, t, *a, **k))
+    loss_vocab = []                       # the loop projects inside the loss: the vocabulary it is told to keep
+    sum_fn = distill.divergences.hidden_divergence_sum
+    monkeypatch.setattr(distill.divergences, "hidden_divergence_sum",
+                        lambda *a, **k: loss_vocab.append(k["vocab_size"]) or sum_fn(*a, **k))
 
     distill.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(tmp_path / "run"),
                   "--steps", "1", "--batch-size", "2", "--n-train", "2", "--save-every", "1"])
@@ -142,4 +142,4 @@ def test_training_evaluation_summary_and_report_decode_alike(which, tiny, wide, 
     for name, calls in seen.items():
         for call in calls:
             assert {k: (sorted(v) if k == "eos_token_id" else v) for k, v in call.items()} == expected, name
-    assert loss_widths and all(w == (len(tok), len(tok)) for w in loss_widths)
+    assert loss_vocab and all(v == len(tok) for v in loss_vocab)

@@ -120,13 +120,15 @@ def test_report_reads_the_json_evaluate_writes(tmp_path):
                 "alpha": 0.5, "mean_accepted_length": 2.0, "generated": 4, "wall_time_s": 0.1}
 
     pp = evaluate.per_prompt([stats(10, 4), stats(0, 0), stats(10, 8)])
-    speed = {"cost_ratio": 0.1, "speedup_measured": 1.5, "speedup_theoretical": 1.7, "target_alone": {"tokens_per_s": 2.0}}
+    timing = {"batch_size": 16, **evaluate.repeat_summary([1.5, 1.5]), "cost_ratio": 0.1, "speedup_theoretical": 1.7,
+              "target_tokens_per_s": 2.0}
+    speed = {"speedup": timing, "batch1": None, "gain": None, "verdict": "v"}
     runs = {R.run_name(d, 0): {"name": R.run_name(d, 0), "divergence": d, "per_prompt": pp, "tokens_per_s": 1.0,
                                "summary": evaluate.summarize(pp, 10, 0), **speed} for d in R.DIVS}
     evaluate.write_results({"preset": "tiny", "task": "gsm8k", "teacher": "t", "runs": runs,
                             "protocol": {"gamma": 5, "top_p": 0.95, "temperature": 0.6, "max_new_tokens": 8,
                                          "n_prompts": 3, "seed": 0, "n_boot": 10, "source": "standin",
-                                         "data_path": None, "batch_size": 16}}, tmp_path)
+                                         "data_path": None, "batch_size": 16, "speedup_repeats": 2}}, tmp_path)
     evals = {"gsm8k": R.load_eval(tmp_path / "tiny" / "gsm8k" / "eval.json")}
     rows = R.build_table(R.collect_runs(evals, seeds=(0,)), n_boot=100)
     assert rows[0].stats["token_acceptance"][0] == pytest.approx(0.6)

@@ -66,3 +66,18 @@ def test_bitsandbytes_cpu_notices_are_shown_once(pair, tmp_path, caplog):
         run(pair, tmp_path / "run", "--teacher-8bit")
     casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
     assert len(casts) == 1
+
+
+def test_8bit_teacher_keeps_a_float_lm_head_the_loss_projects_with(pair):
+    """bitsandbytes quantises the teacher's linear layers but leaves the lm_head out: the loss projects the
+    decoder's last hidden states with that float head, which must give the 8-bit model's own logits."""
+    import torch
+    teacher, _, tok = models.load_pair(*pair, device="cpu", load_in_8bit=True)
+    assert any("8bit" in type(m).__name__ for m in teacher.modules())
+    head = distill.lm_head_weight(teacher, "teacher")
+    assert head.is_floating_point()
+    batch = distill.build_batch([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], tok.pad_token_id)
+    with torch.no_grad():
+        hidden = distill.teacher_hidden(teacher, batch)                # (B, C, H)
+        logits = distill.completion_logits(teacher, batch)             # (B, C, V)
+    torch.testing.assert_close(hidden.float() @ head.float().t(), logits.float(), rtol=1e-4, atol=1e-4)
