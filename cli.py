@@ -85,3 +85,19 @@ def set_threads(threads: int):
     import torch
 
     torch.set_num_threads(check_threads(threads))
+
+
+def apply_overrides(cfg, args, preset: dict | None, sequences=(), values=()):
+    """A study's config: the QUICK preset (when given) first, then the options the user passed (not None).
+
+    `sequences` name list options (stored as tuples), `values` scalar ones; both are attributes of cfg and args.
+    """
+    for key, v in (preset or {}).items():
+        setattr(cfg, key, v)
+    for key in sequences:
+        if getattr(args, key) is not None:
+            setattr(cfg, key, tuple(getattr(args, key)))
+    for key in values:
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    return cfg

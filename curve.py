@@ -747,15 +747,8 @@ def parse_args(argv=None) -> CurveConfig:
     cli.add_threads_option(p)
     a = p.parse_args(argv)
     cfg = CurveConfig(quick=a.quick, reuse=a.reuse, threads=cli.check_threads(a.threads))
-    if a.quick:
-        for key, v in QUICK.items():
-            setattr(cfg, key, v)
-    for key in ("settings", "divs", "seeds"):
-        if getattr(a, key) is not None:
-            setattr(cfg, key, tuple(getattr(a, key)))
-    for key in ("steps", "n_prompts", "out"):
-        if getattr(a, key) is not None:
-            setattr(cfg, key, getattr(a, key))
+    cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "seeds"),
+                        values=("steps", "n_prompts", "out"))
     check_config(cfg)
     return cfg
 

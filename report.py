@@ -851,15 +851,8 @@ def parse_args(argv=None) -> ReportConfig:
     a = p.parse_args(argv)
     cfg = ReportConfig(preset=a.preset, quick=a.quick, reuse=a.reuse, source=a.source, data_path=a.data_path,
                        threads=cli.check_threads(a.threads))
-    if a.quick:
-        for k, v in QUICK.items():
-            setattr(cfg, k, v)
-    for k in ("tasks", "divs", "seeds"):
-        if getattr(a, k) is not None:
-            setattr(cfg, k, tuple(getattr(a, k)))
-    for k in ("steps", "n_prompts", "out"):
-        if getattr(a, k) is not None:
-            setattr(cfg, k, getattr(a, k))
+    cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("tasks", "divs", "seeds"),
+                        values=("steps", "n_prompts", "out"))
     import data
 
     for t in cfg.tasks:
