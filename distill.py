@@ -397,11 +397,22 @@ def completion_hidden(model, batch: dict):
 
 def teacher_hidden(teacher, batch: dict):
     """completion_hidden of the frozen teacher, from its decoder (get_decoder()) alone: under no_grad no
-    layer's output is kept, so none is collected either. (B, C, H_t)"""
+    layer's output is kept, so none is collected either. (B, C, H_t)
+    Under --fsdp the root's own forward must run (it gathers the embeddings and the final norm): the whole
+    model with no logits column kept, the decoder's last hidden state read as it leaves the decoder."""
     P = batch["prompt_width"]
-    out = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"], use_cache=False)
-    return out.last_hidden_state[:, P - 1:-1]                      # (B, C, H_t)
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch["position_ids"], use_cache=False)
+    decoder = teacher.get_decoder()
+    if not sharding.is_sharded(teacher):
+        return decoder(**kw).last_hidden_state[:, P - 1:-1]       # (B, C, H_t)
+    seen = {}
+    hook = decoder.register_forward_hook(lambda module, args, out: seen.update(hidden=out.last_hidden_state))
+    try:
+        teacher(**kw, logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device))
+    finally:
+        hook.remove()
+    return seen["hidden"][:, P - 1:-1]                              # (B, C, H_t)
 
 
 def lm_head_weight(model, name: str = "model") -> torch.Tensor:
@@ -429,6 +440,29 @@ def completion_logits(model, batch: dict):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
     return out.logits[:, :-1]                                      # (B, C, V)
+
+
+def loss_and_backward(cfg: "Config", run: "Run", batch: dict, scale: float):
+    """One micro-batch's loss: the frozen teacher and the student run to their last hidden states, the loss
+    projects them through both lm_heads itself, in float32, a block of positions at a time (no (B, C, V)
+    logits), and (sum of d) * scale is backpropagated. -> (sum of d, sum of H(p_T), sum of alpha), detached.
+    Under --fsdp each root unit stays whole until the loss has read its lm_head (sharding.head_kept): the
+    teacher's until the loss's forward sweep is done, the student's through the backward."""
+    mask = batch["loss_mask"][:, batch["prompt_width"]:]                        # (B, C)
+    student, teacher = run.student, run.teacher
+    with sharding.head_kept(student):
+        with sharding.head_kept(teacher):
+            with torch.no_grad(), run.autocast:
+                t_hidden = teacher_hidden(teacher, batch)                        # (B, C, H_t)
+            with run.autocast:
+                s_hidden = completion_hidden(run.model, batch)                   # (B, C, H_s)
+            div_sum, ent, alpha = divergences.hidden_divergence_sum(
+                s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div, cfg.beta,
+                cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor,
+                lk_scale=cfg.lk_scale, lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
+            del t_hidden
+        (div_sum * scale).backward()
+    return div_sum.detach(), ent, alpha
 
 
 def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: float, temperature: float,
@@ -707,8 +741,7 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
 def train(cfg: Config, inputs: Inputs):
     """The training loop of a checked config (main) in its locked run directory (set-up: `set_up`)."""
     run = set_up(cfg, inputs)
-    teacher, student, model = run.teacher, run.student, run.model
-    world, autocast = run.world, run.autocast
+    student, model, world = run.student, run.model, run.world
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not run.master,
                desc=f"{cfg.task}/{cfg.div}")
     for step in bar:
@@ -721,40 +754,20 @@ def train(cfg: Config, inputs: Inputs):
         n_tokens = all_reduce_sum(sum(int(b["loss_mask"].sum()) for b in micro_batches), world, run.device)
 
         # 3) teacher forward (frozen) and student forward to the last hidden states; the loss projects them
-        #    through both lm_heads itself, in float32, a block of positions at a time (no (B, C, V) logits);
-        #    loss = sum of d / n_tokens, backward
+        #    through both lm_heads itself, in float32, a block of positions at a time (no (B, C, V) logits,
+        #    under --fsdp too); loss = sum of d / n_tokens, backward
         loss_sum, ent_sum, alpha_sum = 0.0, 0.0, 0.0
         for m, batch in enumerate(micro_batches):
-            mask = batch["loss_mask"][:, batch["prompt_width"]:]                   # (B, C)
-            with torch.no_grad(), autocast:
-                t_hidden = None if run.fsdp else teacher_hidden(teacher, batch)    # (B, C, H_t)
-                t_logits = completion_logits(teacher, batch) if run.fsdp else None  # (B, C, V), --fsdp only
             # DDP: all-reduce the gradients once, after the last micro-batch. FSDP reduce-scatters after
             # every micro-batch, so that no rank ever holds the whole gradient.
             last = m == cfg.grad_accum - 1
             sync = nullcontext() if world == 1 or last or run.fsdp else model.no_sync()
+            # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
             with sync:
-                if run.fsdp:   # the lm_heads are sharded outside their root's forward: the loss reads logits
-                    with autocast:
-                        s_logits = completion_logits(model, batch)                # (B, C, V)
-                    div_sum, ent, alpha = batch_divergence_sum(
-                        s_logits, t_logits, mask, cfg.div, cfg.beta, cfg.loss_temperature, run.vocab,
-                        ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor, lk_scale=cfg.lk_scale,
-                        lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
-                else:
-                    with autocast:
-                        s_hidden = completion_hidden(model, batch)                # (B, C, H_s)
-                    div_sum, ent, alpha = divergences.hidden_divergence_sum(
-                        s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div,
-                        cfg.beta, cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale,
-                        ajsd_floor=cfg.ajsd_floor, lk_scale=cfg.lk_scale, lk_decay=cfg.lk_decay,
-                        return_teacher_entropy=True, return_alpha=True)
-                # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
-                (div_sum * world / max(n_tokens, 1.0)).backward()
-            loss_sum += float(div_sum.detach())
+                div_sum, ent, alpha = loss_and_backward(cfg, run, batch, scale=world / max(n_tokens, 1.0))
+            loss_sum += float(div_sum)
             ent_sum += float(ent)                 # H(p_T) at the loss temperature, from the loss's own sweep
             alpha_sum += float(alpha)             # sum_x min(p_T, q_T) at the loss temperature, likewise
-            del t_hidden, t_logits
 
         # 4) clip, AdamW step, schedule (under FSDP each rank clips and updates its own pieces)
         grad_norm = sharding.to_float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))

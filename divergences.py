@@ -115,7 +115,7 @@ DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "ajsd", "nla", "lk")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")  # generalized_jsd_loss, as TRL names them
 IGNORE_INDEX = -100  # label value that masks a position out, as in TRL and transformers
 CHUNK_ELEMENTS = 2**22  # default chunk: about 4M logits (16 MB of float32) per block of positions
-HIDDEN_CHUNK_ELEMENTS = 2**23  # hidden_divergence_sum's default block: about 8M logits (32 MB) per model
+HIDDEN_CHUNK_ELEMENTS = 2**22  # hidden_divergence_sum's default block: about 4M logits (16 MB) per model
 HEAD_TILE_ROWS = 8192  # lm_head rows upcast at a time when a head is not stored in the compute dtype
 
 
@@ -783,7 +783,7 @@ def hidden_divergence_sum(student_hidden, student_head, teacher_hidden, teacher_
     return_alpha: as divergence_sum (lk's w from the mean alpha over the masked positions: one values-only
     pass first, which projects both heads once more).
     vocab_size: the shared vocabulary (len(tokenizer)); the heads' rows beyond it (padding) are cut, as
-    shared_vocab does, and get a zero gradient. chunk_size: positions per block (default: about 8M logits).
+    shared_vocab does, and get a zero gradient. chunk_size: positions per block (default: about 4M logits).
 
     One block of kept positions at a time is projected in float32 (whatever the dtype of the hidden states
     and weights; float64 stays float64; autocast is off inside), block_terms computes its values and the

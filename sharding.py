@@ -37,6 +37,7 @@ checksummed with the checkpoint, loaded with weights_only=True). Why gathered ra
 float32), and one self-contained folder keeps rundir.py's rules (atomic rename, checksums, last two kept)
 as they are. `load_optimizer_state` gives each rank its piece back.
 """
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -127,6 +128,30 @@ def gathered(model: torch.nn.Module):
         for unit in all_units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
+
+
+# The fused loss asks the models for no logits column (logits_to_keep = an empty index): HF returns an empty
+# view, which FSDP2 warns about once per process in case of an in-place op on it. No code writes into it.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+@contextmanager
+def head_kept(model: torch.nn.Module):
+    """Inside the block the root unit (embeddings, final norm, lm_head) stays whole after its forward, so that
+    the fused loss (divergences.hidden_divergence_sum) can read lm_head.weight: FSDP would otherwise free it
+    at the end of the forward, and the loss projects the hidden states itself. For the student the backward
+    runs inside the block: FSDP's end-of-backward reduce-scatters the head's gradient (the loss's included)
+    into the pieces and frees the whole weights; for the frozen teacher, the block's end frees them (reshard).
+    One root gather per micro-batch, as the forward makes anyway. A model that is not sharded: no-op."""
+    if not is_sharded(model):
+        yield model
+        return
+    model.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        model.reshard()                          # a no-op after the student's backward (FSDP freed it)
+        model.set_reshard_after_forward(True, recurse=False)
 
 
 def to_float(x) -> float:

@@ -5,7 +5,8 @@ q = draft (the small model that proposes tokens). Both next-token distributions 
 way (`process_logits`): float32 logits / temperature, then top-k, then top-p (Hugging Face's order and
 rules). At Qwen's vocabulary (V = 151936) a sort per row would cost more than small models' forwards, so
 top-p reads a peaked row's nucleus off its 256 most likely tokens and finds a flat row's boundary by a
-radix select over the float bits (`top_p_keep`, O(V), no sort on the CPU), and tokens are drawn by an
+radix select over the float bits (`top_p_keep`, O(V), no sort on the CPU; at a small vocabulary 64
+candidates, and the rows they cannot settle sort), and tokens are drawn by an
 inverse CDF over a float64 cumulative sum (`sample`); both are exact. Every O(V) pass on the CPU runs a
 few rows at a time (`by_rows`): a round's (b, k+1, V) block at once would be page-faulted in afresh.
 
@@ -92,9 +93,10 @@ class GenerationResult:
 
 # ----------------------------------------------------------------------------- small pure helpers
 
-TOP_P_SORT_BELOW = 16384  # vocabularies up to this size sort (see top_p_keep)
+TOP_P_SORT_BELOW = 16384  # CPU: vocabularies up to this size sort the rows the candidates cannot settle
 PASS_ELEMENTS = 1 << 20  # CPU: elements per pass of the O(V) work, about 7 rows of 151936 (see by_rows)
 TOP_P_CANDIDATES = 256  # top-p first looks for the nucleus among this many most likely tokens
+TOP_P_CANDIDATES_SMALL = 64  # ... at a vocabulary of at most TOP_P_SORT_BELOW tokens
 
 
 def by_rows(fn, *tensors):
@@ -148,13 +150,16 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     descending rank r is kept iff the mass of the r - 1 tokens ahead of it, M_{r-1}, is < top_p (as
     1 - M_{r-1} > 1 - top_p); M_0 = 0, so the most likely token is always kept. The kept ranks are a prefix.
 
-    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, so it is avoided. A trained model's row
-    is peaked: its nucleus lies within its TOP_P_CANDIDATES most likely tokens, and a partial topk finds it
-    (`_top_p_from_candidates`). A flat row (random weights, or a very uncertain position) falls back to a
-    radix select over the float bits, whose cost does not depend on the row (`_top_p_radix`).
-    On CUDA, and for vocabularies of at most TOP_P_SORT_BELOW tokens, the full sort is cheap, so it sorts
-    (full_sort=None: that choice; True / False force either way, both give the same set). The CPU path runs
-    a few rows at a time (by_rows), so its bucket tables stay small whatever the batch.
+    On the CPU a full sort of V = 151936 floats costs ~10 ms a row, and even at V = 640 a sort costs
+    ~20 us a row (a round's 96 verified rows: ~3 ms, as much as a tiny draft's forward), so it is avoided. A
+    trained model's row is peaked: its nucleus lies within its few most likely tokens, and a partial topk
+    finds it (`_top_p_from_candidates`; TOP_P_CANDIDATES of them, TOP_P_CANDIDATES_SMALL at a vocabulary of
+    at most TOP_P_SORT_BELOW tokens, where a topk's cost is mostly its k). The rows it cannot settle (a flat
+    row: random weights, or a very uncertain position) are sorted at a small vocabulary; at a large one they
+    go to a radix select over the float bits, whose cost does not depend on the row (`_top_p_radix`).
+    On CUDA the full sort is cheap, so it sorts. full_sort=None: that choice; True forces the full sort,
+    False the candidates with the radix select behind them, at any vocabulary; every path gives the same
+    set. The CPU path runs a few rows at a time (by_rows), so its bucket tables stay small whatever the batch.
     Masses are float64 sums relative to the total, i.e. the rule in exact arithmetic up to float64 rounding
     (~1e-16 of the mass: a top_p within that of a partial sum may go either way); HF's float32 rule can
     differ from it on tokens at the boundary of a flat distribution (by ~1e-6 of mass). Among tokens of
@@ -162,16 +167,21 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     stable); here the lowest ids, on every path."""
     if probs.dim() != 2:
         raise ValueError(f"top_p_keep takes probabilities of shape (N, V), got {tuple(probs.shape)}")
-    V = probs.shape[-1]
-    if full_sort is None:  # a small vocabulary sorts in microseconds, and its buckets would outnumber its tokens
-        full_sort = probs.device.type == "cuda" or V <= TOP_P_SORT_BELOW
-    if full_sort:
-        top, idx = probs.sort(stable=True, dim=-1, descending=True)  # (N, V); equal p: lowest id first
-        top = top.double()
-        keep = (top.cumsum(-1) - top) < _top_p_threshold(probs, top_p)  # M_{r-1} < top_p of the total
-        keep[:, 0] = True  # the most likely token, whatever the rounding
-        return torch.zeros_like(keep).scatter_(-1, idx, keep)
-    return by_rows(lambda rows: _top_p_unsorted(rows, top_p), probs)  # bucket tables: 0.75 MiB a row
+    if full_sort or (full_sort is None and probs.device.type == "cuda"):
+        return _top_p_sorted(probs, _top_p_threshold(probs, top_p))
+    if full_sort is None and probs.shape[-1] <= TOP_P_SORT_BELOW:      # a small vocabulary on the CPU
+        return by_rows(lambda rows: _top_p_unsorted(rows, top_p, TOP_P_CANDIDATES_SMALL, _top_p_sorted), probs)
+    return by_rows(lambda rows: _top_p_unsorted(rows, top_p, TOP_P_CANDIDATES, _top_p_radix), probs)
+
+
+def _top_p_sorted(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The top-p set of probs (N, V) (the ranks r with M_{r-1} < threshold (N, 1)) by a full stable sort
+    -> keep (N, V) bool; equal p: the lowest id first."""
+    top, idx = probs.sort(stable=True, dim=-1, descending=True)  # (N, V)
+    top = top.double()
+    keep = (top.cumsum(-1) - top) < threshold  # M_{r-1} < top_p of the total
+    keep[:, 0] = True  # the most likely token, whatever the rounding
+    return torch.zeros_like(keep).scatter_(-1, idx, keep)
 
 
 def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -181,16 +191,17 @@ def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return top_p * probs.sum(-1, keepdim=True, dtype=torch.float64)
 
 
-def _top_p_unsorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """top_p_keep's CPU path on rows (N, V): from the candidates, and the rows they cannot settle by radix."""
+def _top_p_unsorted(probs: torch.Tensor, top_p: float, n: int, fallback) -> torch.Tensor:
+    """top_p_keep's CPU path on rows (N, V): from the n most likely tokens, and the rows they cannot settle
+    by fallback(probs, threshold) (_top_p_sorted or _top_p_radix)."""
     threshold = _top_p_threshold(probs, top_p)  # (N, 1)
-    v, settled = _top_p_from_candidates(probs, threshold)  # (N, 1), (N,)
+    v, settled = _top_p_from_candidates(probs, threshold, n)  # (N, 1), (N,)
     if not bool(settled.any()):  # all flat (random weights): no row copies
-        return _top_p_radix(probs, threshold)
+        return fallback(probs, threshold)
     keep = probs >= v  # (N, V)
     if not bool(settled.all()):
         rest = (~settled).nonzero().squeeze(1)  # (n_rest,)
-        keep[rest] = _top_p_radix(probs[rest], threshold[rest])
+        keep[rest] = fallback(probs[rest], threshold[rest])
     return keep
 
 

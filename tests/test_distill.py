@@ -9,7 +9,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,9 +181,10 @@ def test_grad_accumulation_run_equals_one_big_batch(pair, tmp_path):
 @pytest.mark.parametrize("div", ["fkl", "jsd", "ajsd"])
 def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, div):
     """The loop runs the decoders to their last hidden states and projects inside the loss
-    (completion_hidden, teacher_hidden, hidden_divergence_sum); the old path (completion_logits +
-    batch_divergence_sum) is the reference: same loss, same teacher entropy, same gradient for every student
-    parameter -- the tied lm_head / embedding included, whose gradient sums the lookup's and the loss's."""
+    (distill.loss_and_backward: completion_hidden, teacher_hidden, hidden_divergence_sum); the old path
+    (completion_logits + batch_divergence_sum) is the reference: same loss, same teacher entropy, same
+    gradient for every student parameter -- the tied lm_head / embedding included, whose gradient sums the
+    lookup's and the loss's."""
     teacher, _, tok = loaded
     prompts = prompts_of(tok, 3)
     batch = distill.build_batch([prompts[0][:15], prompts[1], prompts[2][:30]], [[9, 10, 11, 2], [12], [13, 14]],
@@ -197,13 +200,12 @@ def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, 
                 t = distill.completion_logits(teacher, batch)
             total, ent = distill.batch_divergence_sum(distill.completion_logits(student, batch), t, mask, div, 0.5,
                                                       0.6, vocab, return_teacher_entropy=True)
+            total.backward()
         else:
-            with torch.no_grad():
-                t = distill.teacher_hidden(teacher, batch)
-            total, ent = divergences.hidden_divergence_sum(
-                distill.completion_hidden(student, batch), distill.lm_head_weight(student), t,
-                distill.lm_head_weight(teacher), mask, div, 0.5, 0.6, vocab_size=vocab, return_teacher_entropy=True)
-        total.backward()
+            cfg = distill.Config(div=div, beta=0.5, loss_temperature=0.6)
+            run_ = SimpleNamespace(student=student, teacher=teacher, model=student, autocast=nullcontext(),
+                                   vocab=vocab)
+            total, ent, _ = distill.loss_and_backward(cfg, run_, batch, scale=1.0)
         return total.detach(), ent, [p.grad for p in student.parameters()]
 
     ref, ours = run("logits"), run("hidden")

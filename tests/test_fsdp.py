@@ -18,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -222,6 +224,33 @@ def test_sampling_gathers_the_student_once_not_per_token(pair, one_rank_group, m
     calls.clear()
     assert specdec.autoregressive_generate(student, prompts, generator=gens(), **kw).tokens == plain
     assert len(calls) >= 10 * len(student.model.layers)                # without: every layer, every token
+
+
+def test_the_fused_loss_under_fsdp_reads_whole_heads_and_builds_no_logits(pair, one_rank_group, monkeypatch):
+    """Under --fsdp the loop's loss is the fused one too (distill.loss_and_backward): each root unit is kept
+    whole until the loss has read its lm_head (sharding.head_kept), no (B, C, V) logits are built, and loss and
+    gradients equal the unsharded models' (with one rank FSDP's collectives are copies; the 2-rank runs above
+    go through the same code). Afterwards the roots are sharded again: nothing stays gathered."""
+    from torch.distributed.tensor import DTensor
+    teacher, student, tok = models.load_pair(*pair, device="cpu")
+    _, plain, _ = models.load_pair(*pair, device="cpu")
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    batch = distill.build_batch(prompts, [[13, 14, 2], [15]], tok.pad_token_id)
+    cfg = distill.Config(div="jsd", beta=0.5, loss_temperature=0.6)
+    ref = distill.loss_and_backward(cfg, SimpleNamespace(student=plain, teacher=teacher, model=plain,
+                                                         autocast=nullcontext(), vocab=len(tok)), batch, scale=1.0)
+    sharding.shard(teacher)
+    sharding.shard(student)
+    monkeypatch.setattr(distill, "completion_logits", lambda *a, **k: pytest.fail("logits built under --fsdp"))
+    got = distill.loss_and_backward(cfg, SimpleNamespace(student=student, teacher=teacher, model=student,
+                                                         autocast=nullcontext(), vocab=len(tok)), batch, scale=1.0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-7)
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in student.named_parameters():
+        assert isinstance(p, DTensor) and isinstance(p.grad, DTensor), name      # sharded again, grads too
+        torch.testing.assert_close(p.grad.full_tensor(), grads[name], rtol=1e-4, atol=1e-7)
+    assert all(isinstance(p, DTensor) for p in teacher.parameters())
 
 
 @pytest.mark.parametrize("extra, env, words", [

@@ -386,6 +386,23 @@ def test_top_p_from_candidates_declines_a_nucleus_past_the_candidates():
     assert torch.equal(top_p_keep(probs, 0.95), top_p_keep(probs, 0.95, full_sort=True))
 
 
+def test_small_vocabulary_top_p_sorts_only_the_rows_the_candidates_cannot_settle(monkeypatch):
+    """At a small vocabulary (the tiny pairs' V = 640) the CPU path reads the nucleus off 64 candidates, as a
+    sort of every row costs as much as a tiny draft's forward; only a row whose nucleus runs past them (a flat
+    row) may be sorted, and the set must be the full sort's on every row, peaked or flat."""
+    gen = torch.Generator().manual_seed(21)
+    peaked = (torch.randn(5, 640, generator=gen) * 4).softmax(-1)
+    flat = (torch.randn(1, 640, generator=gen) * 0.1).softmax(-1)
+    probs = torch.cat([peaked[:2], flat, peaked[2:]])             # (6, 640); row 2's nucleus > 64 tokens
+    expected = top_p_keep(probs, 0.95, full_sort=True)
+    assert int(expected[2].sum()) > specdec.TOP_P_CANDIDATES_SMALL > int(expected[[0, 1, 3, 4, 5]].sum(-1).max())
+    sorted_rows = []
+    real_sort = specdec._top_p_sorted
+    monkeypatch.setattr(specdec, "_top_p_sorted", lambda p, th: sorted_rows.append(p.shape[0]) or real_sort(p, th))
+    assert torch.equal(top_p_keep(probs, 0.95), expected)
+    assert sorted_rows == [1]                                     # the flat row alone
+
+
 def test_top_p_from_candidates_declines_a_boundary_inside_a_tie():
     """When the nucleus ends inside a group of equal probabilities, which of them are kept is decided by id
     (the radix select keeps the lowest ids), which a topk (no order among ties) cannot say: the fast path must
