@@ -42,7 +42,7 @@ curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> 
 	$(PY) curve.py $(if $(QUICK),--quick,)
 
 bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
-	flock /tmp/heavy.lock $(PY) bench/bench_loss.py --suite fused
+	$(PY) bench/bench_loss.py --suite fused
 
 bench-specdec:
 	$(PY) bench/bench_specdec.py
@@ -51,7 +51,7 @@ bench-train:
 	$(PY) bench/bench_train.py
 
 bench-paper:  ## paper-shaped pairs (real Qwen3 tokenizer, V = 151936): sampler, step phases, vs TRL, specdec
-	flock /tmp/heavy.lock $(PY) bench/bench_paper.py $(if $(QUICK),--quick,)
+	$(PY) bench/bench_paper.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf runs results/report results/quick results/tiny .pytest_cache

@@ -242,8 +242,7 @@ def ensure_family_pair(k: int, root="checkpoints", scale: str = "full") -> Path:
 # ----------------------------------------------------------------------------- config
 
 CURVE_DIVS = ("fkl", "rkl", "jsd", "tvd", "nla", "lk")   # the issue's list; jsd: beta = 0.5 (distill's default)
-# the baseline and those of them distill.py offers (nla and lk arrive with issue 21's divergences)
-DIVS = ("baseline",) + tuple(d for d in CURVE_DIVS if d in divergences.DIVERGENCES)
+DIVS = ("baseline",) + CURVE_DIVS
 METRICS = ("token_acceptance", "mean_accepted_length")
 SEED_CLAIM = ("rkl", "jsd")     # the seed project: rkl best at low teacher entropy, jsd at high
 

@@ -379,6 +379,11 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: 
                 loss_mask=loss_mask, prompt_width=P)
 
 
+def no_logits_column(batch: dict) -> torch.Tensor:
+    """logits_to_keep = an empty index: the model's lm_head projects no position (the loss does it)."""
+    return torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+
+
 def completion_hidden(model, batch: dict):
     """The last hidden states (after the final norm) at the columns that predict the completion tokens:
     (B, C, H). Column P - 1 + j predicts completion token j.
@@ -388,9 +393,8 @@ def completion_hidden(model, batch: dict):
     (divergences.hidden_divergence_sum). output_hidden_states returns every layer's output, which autograd
     keeps for the student's backward anyway; the frozen teacher runs its decoder alone (teacher_hidden)."""
     P = batch["prompt_width"]
-    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=none, output_hidden_states=True,
+                position_ids=batch["position_ids"], logits_to_keep=no_logits_column(batch), output_hidden_states=True,
                 use_cache=False)
     return out.hidden_states[-1][:, P - 1:-1]                      # (B, C, H)
 
@@ -409,7 +413,7 @@ def teacher_hidden(teacher, batch: dict):
     seen = {}
     hook = decoder.register_forward_hook(lambda module, args, out: seen.update(hidden=out.last_hidden_state))
     try:
-        teacher(**kw, logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device))
+        teacher(**kw, logits_to_keep=no_logits_column(batch))
     finally:
         hook.remove()
     return seen["hidden"][:, P - 1:-1]                              # (B, C, H_t)
@@ -460,7 +464,7 @@ def loss_and_backward(cfg: "Config", run: "Run", batch: dict, scale: float):
                 s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div, cfg.beta,
                 cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor,
                 lk_scale=cfg.lk_scale, lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
-            del t_hidden
+            del t_hidden                                   # not needed by the backward: freed before it
         (div_sum * scale).backward()
     return div_sum.detach(), ent, alpha
 

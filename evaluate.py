@@ -106,7 +106,7 @@ def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
     """Expected walltime speedup of speculative decoding over the target alone (Leviathan et al. 2023):
     E[tokens per round] / cost of a round = ((1 - alpha^(gamma+1)) / (1 - alpha)) / (gamma c + 1), with
     c = draft step cost / target step cost. alpha = 1 is the limit gamma + 1 tokens per round."""
-    return expected_tokens(alpha, gamma) / (gamma * c + 1)
+    return specdec.expected_accepted_length(alpha, gamma) / (gamma * c + 1)
 
 
 SPEEDUP_TOLERANCE = 0.10   # repeats of a measured speedup that spread more than this (relative) are flagged
@@ -137,16 +137,11 @@ def paired_gain(draft_values, baseline_values, n_boot: int = 2000, seed: int = 0
     return {"mean": mean, "lo": lo, "hi": hi, "n_prompts": int(both.sum())}
 
 
-def expected_tokens(alpha: float, gamma: int) -> float:
-    """Tokens a round of gamma drafts yields on average: (1 - alpha^(gamma+1)) / (1 - alpha)."""
-    return specdec.expected_accepted_length(alpha, gamma)
-
-
 def why_slower(alpha: float, gamma: int, c: float, theory: float, batch_size: int) -> str:
     """One sentence: why speculative decoding is slower than the target alone here. Theory below 1: the
     draft is too dear (c above the break-even (E - 1) / gamma, E the tokens a round yields). Theory above 1
     but measured below: what the formula leaves out (the batch's gamma + 1-token verification, bookkeeping)."""
-    tokens = expected_tokens(alpha, gamma)
+    tokens = specdec.expected_accepted_length(alpha, gamma)
     if theory < 1:
         return (f"the draft costs c = {c:.2f} of a target step, so a round of gamma = {gamma} draft steps and one "
                 f"verification costs {gamma * c + 1:.1f} target steps for {tokens:.1f} tokens (alpha {alpha:.2f}): "

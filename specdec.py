@@ -170,8 +170,8 @@ def top_p_keep(probs: torch.Tensor, top_p: float, full_sort: bool | None = None)
     if full_sort or (full_sort is None and probs.device.type == "cuda"):
         return _top_p_sorted(probs, _top_p_threshold(probs, top_p))
     if full_sort is None and probs.shape[-1] <= TOP_P_SORT_BELOW:      # a small vocabulary on the CPU
-        return by_rows(lambda rows: _top_p_unsorted(rows, top_p, TOP_P_CANDIDATES_SMALL, _top_p_sorted), probs)
-    return by_rows(lambda rows: _top_p_unsorted(rows, top_p, TOP_P_CANDIDATES, _top_p_radix), probs)
+        return by_rows(lambda rows: _top_p_by_candidates(rows, top_p, TOP_P_CANDIDATES_SMALL, _top_p_sorted), probs)
+    return by_rows(lambda rows: _top_p_by_candidates(rows, top_p, TOP_P_CANDIDATES, _top_p_radix), probs)
 
 
 def _top_p_sorted(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,7 @@ def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return top_p * probs.sum(-1, keepdim=True, dtype=torch.float64)
 
 
-def _top_p_unsorted(probs: torch.Tensor, top_p: float, n: int, fallback) -> torch.Tensor:
+def _top_p_by_candidates(probs: torch.Tensor, top_p: float, n: int, fallback) -> torch.Tensor:
     """top_p_keep's CPU path on rows (N, V): from the n most likely tokens, and the rows they cannot settle
     by fallback(probs, threshold) (_top_p_sorted or _top_p_radix)."""
     threshold = _top_p_threshold(probs, top_p)  # (N, 1)
