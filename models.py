@@ -31,8 +31,8 @@ The lm_head is padded to a multiple of 64 rows beyond the real vocabulary, as Qw
 A build is deterministic (same seed -> bitwise the same safetensors on the same machine; it always runs
 on one thread) and costs about 155-170 CPU-seconds per pair (`build_cpu_s` in build.json); `make models`
 builds the two pairs at once, one single-thread process each, so both take about 3 minutes on 2 cores.
-The pair is shaped so that speculative decoding pays on a CPU (see SCALES): a 12-layer teacher of
-hidden size 48 (~0.37M parameters) and a 1-layer draft of hidden size 32 (~0.035M).
+The pair is shaped so that speculative decoding pays on a CPU (see SCALES): a 24-layer teacher of
+hidden size 32 (~0.32M parameters) and a 1-layer draft of hidden size 32 (~0.035M).
 
 Loading (``load_model``, ``load_tokenizer``, ``load_pair``): a local folder or a hub id; float32
 on CPU, bfloat16 on CUDA; ``load_in_8bit`` quantises the teacher with bitsandbytes (LLM.int8,
@@ -204,14 +204,18 @@ CHAT_TEMPLATE = (   # ChatML, as Qwen3 and SmolLM-Instruct use
 ARCH = {"gsm8k": "qwen3", "cnndm": "llama"}   # the paper pairs' families
 
 # Model shapes and training budgets. "full": `make models`; "test": a reduced pair in seconds.
-# The full pair is shaped for speculative decoding on a CPU, where models this small cost mostly per-call
-# overhead, which grows with depth: a deep, narrow teacher (12 layers) and a one-layer draft make a draft
-# step cost c ~ 0.15-0.2 of a target step (the old 4-layer / 2-layer pair: c ~ 0.6, slower than the target
-# alone). Narrow keeps the teacher's training and its forward in every distillation step cheap.
+# The full pair is shaped for speculative decoding on a CPU, where a decoding step of models this small
+# costs mostly per-layer call overhead (it grows with depth), while the prompt's prefill, which both the
+# target alone and speculative decoding pay, is compute (it grows with depth x width^2). A deep, narrow
+# teacher (24 x 32) makes decoding steps dear and the prefill cheap: at batch 16 its step costs ~1.7x
+# that of the earlier 12 x 48 teacher for the same prefill, so the draft's rounds win more of the total
+# (cnndm's 108-token prompts made 12 x 48's prefill ~30% of the target's time). The one-layer draft costs
+# c ~ 0.1 of a target step. Narrow also keeps the teacher's training and its forward in every
+# distillation step cheap (those are compute too).
 SCALES = {
     "full": {
         "vocab_size": 1024, "n_train": 3000,
-        "teacher": {"hidden": 48, "layers": 12, "heads": 4, "kv_heads": 2, "ffn": 144,
+        "teacher": {"hidden": 32, "layers": 24, "heads": 2, "kv_heads": 1, "ffn": 96,
                     "steps": 500, "batch_size": 16, "lr": 3e-3},
         "student": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "ffn": 96,
                     "steps": 500, "batch_size": 16, "lr": 3e-3},
