@@ -29,8 +29,8 @@ How a tiny pair is built (``ensure_tiny_pair``), reproducibly from a seed:
 The lm_head is padded to a multiple of 64 rows beyond the real vocabulary, as Qwen's is
 (151936 rows for 151669 tokens); see ``load_pair`` for lm_heads of different widths.
 A build is deterministic (same seed -> bitwise the same safetensors on the same machine; it always runs
-on one thread) and costs about 155-170 CPU-seconds per pair (`build_cpu_s` in build.json); `make models`
-builds the two pairs at once, one single-thread process each, so both take about 3 minutes on 2 cores.
+on one thread) and costs about 180-190 CPU-seconds per pair (`build_cpu_s` in build.json); `make models`
+builds the two pairs at once, one single-thread process each, so both take about 3.5 minutes on 2 cores.
 The pair is shaped so that speculative decoding pays on a CPU (see SCALES): a 24-layer teacher of
 hidden size 32 (~0.32M parameters) and a 1-layer draft of hidden size 32 (~0.035M).
 
