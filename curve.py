@@ -778,7 +778,7 @@ def main(argv=None) -> Path:
     with cli.before_the_work():
         cfg = parse_args(argv)
     cli.set_threads(cfg.threads)
-    t0 = time.time()
+    t0, commit = time.time(), report.source_commit()
     log = lambda msg: print(f"[curve {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     n_train = len([d for d in cfg.divs if d != "baseline"]) * len(cfg.seeds)
     log(f"plan: {len(cfg.settings)} settings K = {', '.join(map(str, cfg.settings))} x {n_train} drafts "
@@ -794,7 +794,7 @@ def main(argv=None) -> Path:
     if c.claim:
         plots["claim"] = plot_claim(c, fig / "curve_seed_claim.png")
     plots = {key: p.relative_to(out_dir).as_posix() for key, p in plots.items()}
-    meta = report._meta(t0, argv)
+    meta = report._meta(t0, argv, commit)
     meta["command"] = " ".join(["python curve.py", *argv])
     builds = {k: {**r["build"], "teacher_tokens": r["teacher_tokens"]} for k, r in results.items()}
     out = write_curve(cfg, c, builds, plots, meta)

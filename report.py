@@ -817,7 +817,9 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
     return out
 
 
-def _meta(t0: float, argv) -> dict:
+def source_commit() -> str:
+    """The commit the run starts from, + " + uncommitted changes" if tracked files differ from it. Read before
+    the work: the run itself rewrites tracked outputs (REPORT.md, CURVE.md, their figures)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -826,7 +828,11 @@ def _meta(t0: float, argv) -> dict:
             commit += " + uncommitted changes"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return dict(command="python report.py " + " ".join(argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    return commit
+
+
+def _meta(t0: float, argv, commit: str) -> dict:
+    return dict(command=" ".join(["python report.py", *argv]), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                 commit=commit, minutes=(time.time() - t0) / 60)
 
@@ -911,7 +917,7 @@ def main(argv=None):
     import entropy
     import estimates
 
-    t0 = time.time()
+    t0, commit = time.time(), source_commit()
     log = progress_log(t0)
     n_grid = len(cfg.ajsd_floors) * len(cfg.ajsd_scales) * len(cfg.grid_seeds) if "ajsd" in cfg.divs else 0
     n_train = len([d for d in cfg.divs if d != "baseline"]) * len(cfg.seeds)
@@ -963,7 +969,7 @@ def main(argv=None):
     summaries = {t: estimates.compare(p) for t, p in points.items() if p}
     est_plot = (estimates.plot_estimates(points, fig / "estimates.png").relative_to(out_dir).as_posix()
                 if summaries else None)
-    out = write_report(cfg, rows, profiles, analysis, diffs, heads, grids, plots, protocols, _meta(t0, argv),
+    out = write_report(cfg, rows, profiles, analysis, diffs, heads, grids, plots, protocols, _meta(t0, argv, commit),
                        paired, summaries, est_plot)
     log(f"wrote {out}")
     return out

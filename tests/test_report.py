@@ -354,3 +354,21 @@ def test_beating_the_baseline_needs_the_lower_bound_above_the_baselines_upper_bo
             _row("gsm8k", "rkl", 0.60, 0.58, 0.62)]
     text = " ".join(R.findings(rows))
     assert "1 of 2 distilled drafts beat the baseline" in text and "(rkl)." in text
+
+
+def test_source_commit_names_the_start_and_flags_edits_to_tracked_files(tmp_path, monkeypatch):
+    """The report's header names the commit it ran from. source_commit is read before the work, because the
+    run rewrites tracked outputs (REPORT.md, figures): read at the end, every clean run said "+ uncommitted
+    changes". Here: a clean checkout gives the bare commit, an edited tracked file the flag."""
+    import subprocess
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "REPORT.md").write_text("old\n")
+    git("add", "REPORT.md")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    head = git("rev-parse", "--short", "HEAD").stdout.strip()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "untracked.txt").write_text("ignored: not tracked\n")
+    assert R.source_commit() == head
+    (tmp_path / "REPORT.md").write_text("new\n")
+    assert R.source_commit() == head + " + uncommitted changes"
