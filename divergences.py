@@ -116,6 +116,9 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")  # generalized_jsd_loss, as TR
 IGNORE_INDEX = -100  # label value that masks a position out, as in TRL and transformers
 CHUNK_ELEMENTS = 2**22  # default chunk: about 4M logits (16 MB of float32) per block of positions
 HIDDEN_CHUNK_ELEMENTS = 2**22  # hidden_divergence_sum's default block: about 4M logits (16 MB) per model
+HIDDEN_CHUNK_ELEMENTS_UPCAST = 2**23  # its block when a head must be upcast: every block upcasts the heads tile by
+                                     # tile, so a bigger block upcasts them fewer times (bf16, V = 151936: 41 vs
+                                     # 100 s per 1024 positions at 55 vs 27 positions a block; docs/benchmarks.md)
 HEAD_TILE_ROWS = 8192  # lm_head rows upcast at a time when a head is not stored in the compute dtype
 
 
@@ -783,7 +786,8 @@ def hidden_divergence_sum(student_hidden, student_head, teacher_hidden, teacher_
     return_alpha: as divergence_sum (lk's w from the mean alpha over the masked positions: one values-only
     pass first, which projects both heads once more).
     vocab_size: the shared vocabulary (len(tokenizer)); the heads' rows beyond it (padding) are cut, as
-    shared_vocab does, and get a zero gradient. chunk_size: positions per block (default: about 4M logits).
+    shared_vocab does, and get a zero gradient. chunk_size: positions per block (default: about 4M logits, 8M
+    when a head is stored in a lower precision than the computation and must be upcast in every block).
 
     One block of kept positions at a time is projected in float32 (whatever the dtype of the hidden states
     and weights; float64 stays float64; autocast is off inside), block_terms computes its values and the
@@ -806,7 +810,10 @@ def hidden_divergence_sum(student_hidden, student_head, teacher_hidden, teacher_
                              f"its hidden states, got {got}")
     spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor, lk_scale, lk_decay)
     vocab = shared_width(student_head.shape[0], teacher_head.shape[0], vocab_size)
-    chunk = _check_chunk(chunk_size, vocab, HIDDEN_CHUNK_ELEMENTS)
+    dtype = compute_dtype(torch.promote_types(torch.promote_types(student_hidden.dtype, student_head.dtype),
+                                              torch.promote_types(teacher_hidden.dtype, teacher_head.dtype)))
+    upcast = student_head.dtype != dtype or teacher_head.dtype != dtype
+    chunk = _check_chunk(chunk_size, vocab, HIDDEN_CHUNK_ELEMENTS_UPCAST if upcast else HIDDEN_CHUNK_ELEMENTS)
     if mask is None:
         mask = torch.ones(student_hidden.shape[:-1], dtype=torch.bool, device=student_hidden.device)
     _check_mask(mask, student_hidden)

@@ -240,3 +240,25 @@ def test_bf16_hidden_states_and_weights_reach_the_float32_floor(eps, kl, rtol):
         rounded = D.divergence_sum((s_hidden.float() @ head.float().t()).bfloat16(),
                                    (t_hidden.float() @ head.float().t()).bfloat16(), None, "fkl", temperature=0.6)
         assert float(rounded) / float(exact[0]) > 2
+
+
+@pytest.mark.parametrize("dtype, elements", [(torch.float32, D.HIDDEN_CHUNK_ELEMENTS),
+                                             (torch.bfloat16, D.HIDDEN_CHUNK_ELEMENTS_UPCAST)])
+def test_the_default_block_is_larger_when_the_heads_must_be_upcast(monkeypatch, dtype, elements):
+    """A head stored below the compute dtype (bf16 -> float32) is upcast tile by tile in every block, so its
+    default block holds HIDDEN_CHUNK_ELEMENTS_UPCAST logits (fewer upcasts), a float32 head's
+    HIDDEN_CHUNK_ELEMENTS (less memory): the block the sweep gets must follow the heads' dtype."""
+    seen = []
+    sweep = D._hidden_sweep
+
+    def spy(*args, **kwargs):
+        seen.append(args[7])                                  # chunk_size, positional after vocab
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(D, "_hidden_sweep", spy)
+    V, H = 64, 8
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(5, H, generator=g).to(dtype), torch.randn(V, H, generator=g).to(dtype)
+    with torch.no_grad():
+        D.hidden_divergence_sum(hidden, head, hidden, head, None, "fkl")
+    assert seen == [elements // V]
