@@ -580,6 +580,14 @@ def project_back(grad_logits, head, dtype):
     return out
 
 
+def hidden_compute_dtype(*tensors) -> torch.dtype:
+    """The dtype the fused loss computes in: the widest of the hidden states and heads, at least float32."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return compute_dtype(dtype)
+
+
 def _hidden_sweep(s_hidden, s_head, t_hidden, t_head, rows, spec, vocab, chunk_size, want_hidden, want_head,
                   want_entropy, want_alpha=False):
     """One pass over blocks of the kept positions `rows` (index tensor into the N rows of s_hidden (N, H_s) and
@@ -591,8 +599,7 @@ def _hidden_sweep(s_hidden, s_head, t_hidden, t_head, rows, spec, vocab, chunk_s
        dD/d(s_head) (V_s, H_s) or None (its padding rows beyond vocab stay 0), alphas (len(rows),) or None,
        all in the compute dtype. lk needs spec.lk_weight set (hidden_lk_spec).
     """
-    dtype = compute_dtype(torch.promote_types(torch.promote_types(s_hidden.dtype, s_head.dtype),
-                                              torch.promote_types(t_hidden.dtype, t_head.dtype)))
+    dtype = hidden_compute_dtype(s_hidden, s_head, t_hidden, t_head)
     device = s_hidden.device
     values = torch.zeros(rows.numel(), dtype=dtype, device=device)  # (n_kept,)
     entropies = torch.zeros_like(values) if want_entropy else None  # (n_kept,)
@@ -810,8 +817,7 @@ def hidden_divergence_sum(student_hidden, student_head, teacher_hidden, teacher_
                              f"its hidden states, got {got}")
     spec = make_divergence(kind, beta, temperature, ajsd_scale, ajsd_floor, lk_scale, lk_decay)
     vocab = shared_width(student_head.shape[0], teacher_head.shape[0], vocab_size)
-    dtype = compute_dtype(torch.promote_types(torch.promote_types(student_hidden.dtype, student_head.dtype),
-                                              torch.promote_types(teacher_hidden.dtype, teacher_head.dtype)))
+    dtype = hidden_compute_dtype(student_hidden, student_head, teacher_hidden, teacher_head)
     upcast = student_head.dtype != dtype or teacher_head.dtype != dtype
     chunk = _check_chunk(chunk_size, vocab, HIDDEN_CHUNK_ELEMENTS_UPCAST if upcast else HIDDEN_CHUNK_ELEMENTS)
     if mask is None:
