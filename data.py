@@ -273,11 +273,16 @@ class DataError(ValueError):
 
 
 def resolve_source(source: str | None, data_path: str | None,
-                   default: str | None = None) -> tuple[str, str | None]:
+                   default: str | tuple | None = None) -> tuple[str, str | None]:
     """The one rule behind --source / --data-path (and Make's SOURCE= / DATA=) in every script:
     a path alone means source 'file'; source 'file' needs a path; a path with another source is an
-    error (it would be ignored); neither -> the preset's default source ('standin' if it has none).
+    error (it would be ignored); neither -> the preset's default: a source ('standin' if it has none) or
+    a (source, path) pair (models.preset_data: the smollm2 preset reads its vendored files).
     -> (source, path)."""
+    if isinstance(default, tuple):
+        if source is None and data_path is None:
+            return default[0], default[1]
+        default = default[0]
     if source is not None and source not in SOURCES:
         raise ValueError(f"unknown --source {source!r}; valid sources: {', '.join(SOURCES)}")
     if data_path is not None and str(data_path).strip() == "":

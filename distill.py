@@ -132,10 +132,11 @@ class Config:
     lk_scale: float = option(1.0, "lk only: w = lk_scale exp(-lk_decay mean alpha), the KL weight; "
                                   "default %(default)s")
     lk_decay: float = option(1.0, "lk only: how fast w falls as the mean alpha grows; default %(default)s")
-    preset: str = option("tiny", "models, lr, temperature, lengths and steps: tiny (offline pair) or paper; "
+    preset: str = option("tiny", "models, lr, temperature, lengths and steps: tiny (offline pair), smollm2 "
+                                 "(the real SmolLM2-135M-Instruct, offline) or paper (hub models); "
                                  "default %(default)s")
-    teacher: str | None = option(None, "teacher (target p) path or hub id; default: the preset's")
-    student: str | None = option(None, "student (draft q) to start from, path or hub id; "
+    teacher: str | None = option(None, "teacher (target p) path, .gguf file or hub id; default: the preset's")
+    student: str | None = option(None, "student (draft q) to start from, path, .gguf file or hub id; "
                                        "default: the preset's")
     seed: int = option(0, "run seed: prompt order, sampling and initial RNG state; default %(default)s")
     out: str | None = option(None, "run directory (ckpt-*, final/); "
@@ -146,10 +147,11 @@ class Config:
     overwrite: bool = option(False, "start from scratch in an --out that already holds a run, deleting its "
                                     "checkpoints and log")
     # data: the GKD mixture
-    lmbda: float = option(1.0, "share of steps whose batch the student samples (1 = purely on-policy); "
-                               "default %(default)s")
-    off_policy: str = option("dataset", "the other (1 - lmbda) batches: dataset answers or teacher samples "
-                                        "(seq-KD); default %(default)s")
+    lmbda: float | None = option(None, "share of steps whose batch the student samples (1 = purely on-policy); "
+                                       "default: the preset's (1 if unset)", preset=True, fallback=1.0)
+    off_policy: str | None = option(None, "the other (1 - lmbda) batches: dataset answers or teacher samples "
+                                          "(seq-KD); default: the preset's (dataset if unset)",
+                                    preset=True, fallback="dataset")
     source: str | None = option(None, "training prompts: standin, file or hub; default: file with "
                                       "--data-path, else the preset's (standin if it has none: "
                                       "data.resolve_source)")
@@ -236,9 +238,9 @@ def resolve_config(cfg: Config) -> Config:
         raise ValueError(f"unknown --div {cfg.div!r}; valid: {', '.join(divergences.DIVERGENCES)}")
     for name in ("beta", "lmbda"):
         v = getattr(cfg, name)
-        if not 0.0 <= v <= 1.0:
+        if v is not None and not 0.0 <= v <= 1.0:
             raise ValueError(f"--{name} {v} is outside [0, 1]")
-    if cfg.off_policy not in OFF_POLICY:
+    if cfg.off_policy is not None and cfg.off_policy not in OFF_POLICY:
         raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
     if cfg.dtype is None:                     # the device's natural precision, recorded as resolved
         cuda = torch.device(cfg.device).type == "cuda" if cfg.device else torch.cuda.is_available()
@@ -248,8 +250,8 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
-    preset_source = data.resolve_source(None, None, preset.get("source"))[0]
-    cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset.get("source"))
+    preset_source = models.preset_data(cfg.preset, cfg.task)
+    cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset_source)
     for f in fields(Config):
         if f.metadata["preset"] and getattr(cfg, f.name) is None:
             value = preset.get(f.name)
@@ -717,6 +719,8 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     if cfg.teacher is None or cfg.student is None:
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
+    models.check_gguf_paths(teacher=cfg.teacher, student=cfg.student)       # a .gguf: one line if it is not one
+    cfg.teacher, cfg.student = models.model_folder(cfg.teacher), models.model_folder(cfg.student)
     tokenizer = models.load_tokenizer(cfg.teacher)
     if cfg.eval_every:
         examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,

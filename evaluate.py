@@ -342,9 +342,9 @@ def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, *
 def task_group(args, task: str) -> str:
     """The task's folder under <runs>/<preset>/ and <results>/<preset>/ (rundir.task_group: the task, with
     the data in the name when it is not the preset's own)."""
-    preset_source = models.preset_config(args.preset, task).get("source")
+    preset_source = models.preset_data(args.preset, task)
     source, data_path = data.resolve_source(args.source, args.data_path, preset_source)
-    return rundir.task_group(task, source, data_path, data.resolve_source(None, None, preset_source)[0])
+    return rundir.task_group(task, source, data_path, preset_source)
 
 
 def check_task_inputs(args, task: str) -> dict:
@@ -357,7 +357,9 @@ def check_task_inputs(args, task: str) -> dict:
     if teacher_id is None or student_id is None:                    # the preset's pair (tiny: built on first use)
         t, s = models.resolve_pair(task, args.preset)
         teacher_id, student_id = teacher_id or t, student_id or s
-    source, data_path = data.resolve_source(args.source, args.data_path, pc.get("source"))
+    models.check_gguf_paths(teacher=teacher_id, student=student_id)          # a .gguf: one line if it is not one
+    teacher_id, student_id = models.model_folder(teacher_id), models.model_folder(student_id)
+    source, data_path = data.resolve_source(args.source, args.data_path, models.preset_data(args.preset, task))
     group = task_group(args, task)
     tokenizer = models.load_tokenizer(teacher_id)
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
@@ -525,7 +527,8 @@ def main(argv=None) -> dict:
         if args.task is not None:
             tasks = [args.task]
         else:
-            tasks = [t for t in data.TASKS if trained_runs(Path(args.runs), args.preset, task_group(args, t))]
+            tasks = [t for t in models.preset_tasks(args.preset)
+                     if trained_runs(Path(args.runs), args.preset, task_group(args, t))]
             if not tasks:
                 raise ValueError(f"no trained drafts under {args.runs}/{args.preset}/<task>/*/final; train one "
                                  f"(make train TASK=gsm8k DIV=rkl) or pass --task to evaluate the baseline")

