@@ -386,8 +386,8 @@ def discard_unstarted(out: Path):
     the retry need --overwrite: its config.json and empty metrics.jsonl are removed (a run with a logged
     step, a checkpoint or a final model is left as it is)."""
     out = Path(out)
-    if checkpoints(out) or (out / "final").exists() or not (out / CONFIG).exists():
-        return
+    if checkpoints(out) or (out / "final").exists() or not is_run_config(out / CONFIG):
+        return                               # is_run_config: never another folder's config.json
     try:
         rows, _ = read_log(out / LOG)
     except RunDirError:
@@ -468,7 +468,7 @@ def check_same_run(out: Path, current: dict, may_change=()):
         launch, n = "", saved.get("world_size")
         if n is not None and current.get("world_size") not in (None, n):
             launch = (f" and runs on as many processes as it started with "
-                      f"({'python distill.py' if n == 1 else f'torchrun --nproc_per_node={n}'})")
+                      f"({venv_command('python') + ' distill.py' if n == 1 else venv_command('torchrun') + f' --nproc_per_node={n}'})")
         raise RunDirError(f"--resume would change the run in {out}: {'; '.join(diff)}. A resumed run keeps its "
                           f"saved settings (only {free} may change){launch}; drop these options, or start a new "
                           f"run with another --out")
