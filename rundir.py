@@ -310,6 +310,20 @@ def is_run_config(path: Path) -> bool:
     return isinstance(saved, dict) and RUN_CONFIG_KEYS <= saved.keys()
 
 
+def is_run_dir(out: Path) -> bool:
+    """`out` was written by a run of ours: its config.json is a run's, or its metrics.jsonl starts with a row
+    (a model folder has neither)."""
+    out = Path(out)
+    if is_run_config(out / CONFIG):
+        return True
+    try:
+        with open(out / LOG) as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "step" in first
+
+
 def foreign_entries(out: Path) -> list[Path]:
     """The entries of `out` that no run of ours wrote: other names, and a config.json that is not a run's
     (a model folder's). A run never writes over them, and --overwrite never deletes them."""
@@ -336,7 +350,7 @@ def check_not_foreign(out: Path):
     a folder holding anything else (a model folder: its config.json would be replaced) it is refused, with
     or without --overwrite, naming what is there."""
     foreign = foreign_entries(out)
-    if not foreign or is_run_config(Path(out) / CONFIG):
+    if not foreign or is_run_dir(out):
         return
     model = " (a model folder?)" if (Path(out) / CONFIG).exists() else ""
     raise RunDirError(f"--out {out} is not a run directory of distill.py: it holds {describe_entries(foreign)}"
@@ -349,7 +363,7 @@ def run_files(out: Path) -> list[Path]:
     out = Path(out)
     if not out.is_dir():
         return []
-    names = [out / LOG, out / "final", out / "best"] + ([out / CONFIG] if is_run_config(out / CONFIG) else [])
+    names = [out / LOG, out / "final", out / "best"] + ([out / CONFIG] if is_run_dir(out) else [])
     return sorted([p for p in names if p.exists()] + list(out.glob("ckpt-*")) + list(out.glob("damaged-ckpt-*")))
 
 
@@ -386,8 +400,8 @@ def discard_unstarted(out: Path):
     the retry need --overwrite: its config.json and empty metrics.jsonl are removed (a run with a logged
     step, a checkpoint or a final model is left as it is)."""
     out = Path(out)
-    if checkpoints(out) or (out / "final").exists() or not is_run_config(out / CONFIG):
-        return                               # is_run_config: never another folder's config.json
+    if checkpoints(out) or (out / "final").exists() or not (out / CONFIG).exists() or not is_run_dir(out):
+        return                               # is_run_dir: never another folder's config.json
     try:
         rows, _ = read_log(out / LOG)
     except RunDirError:
