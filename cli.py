@@ -15,6 +15,7 @@ in config.json and --resume refuses a different one on the CPU.
 """
 import argparse
 import os
+import signal
 import sys
 from contextlib import contextmanager
 
@@ -45,9 +46,25 @@ def is_bad_input(e: BaseException) -> bool:
     return isinstance(e, BadInput) or (isinstance(e, BAD_INPUT) and getattr(e, "bad_input", False))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, job schedulers and torchrun send to stop a process), raised like Ctrl-C's
+    KeyboardInterrupt so that the same clean-up runs (temporary folders removed, distill.py's one line with
+    the command that resumes); the exit status is then 128 + 15."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def exit_status_of(interrupt: KeyboardInterrupt) -> int:
+    return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
+
+
 def script_main(main, argv=None):
     """The `if __name__ == "__main__"` of every script: run main; bad input -> one line, exit 2 (anything
-    else keeps its traceback); Ctrl-C -> exit 130 (the script printed where it stopped)."""
+    else keeps its traceback); Ctrl-C -> exit 130 and SIGTERM -> exit 143, both after the script printed
+    where it stopped (SIGTERM is raised as Terminated, a KeyboardInterrupt, so the script handles both alike)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
     except BAD_INPUT as e:
@@ -55,8 +72,8 @@ def script_main(main, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(exit_status_of(e))
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -78,6 +78,7 @@ Run:  python distill.py --task gsm8k --div rkl            (one process; the offl
                                                                      sharding.py; README "Several devices")
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,8 @@ class Config:
     # the launch (not options): recorded in config.json, so that --resume can refuse another one
     world_size: int | None = option(None, "processes of the run (torchrun --nproc_per_node; WORLD_SIZE)",
                                     flag=False)
+    data_sha256: str | None = option(None, "sha256 of the rows the run trains and validates on (data_fingerprint): "
+                                           "--resume refuses other data", flag=False)
 
 
 def parse_args(argv=None) -> Config:
@@ -576,6 +579,7 @@ def save_final(out: Path, student, tokenizer, state_dict=None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(student, tmp, state_dict)
     tokenizer.save_pretrained(tmp)
+    rundir.write_checksums(tmp)               # verified wherever final/ is loaded (models.check_model_files)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -685,20 +689,39 @@ def main(argv=None):
         cfg = resolve_config(parse_args(argv))
         inputs = check_inputs(cfg, master)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    out = Path(cfg.out)
+    lock = rundir.RunLock(out) if master else None
+    with cli.before_the_work():              # a run that started on this --out since the check: one line
+        if lock is not None:
+            lock.acquire()
     try:
-        with rundir.RunLock(cfg.out) if master else nullcontext():
-            try:
-                if master and not cfg.resume:
-                    rundir.start_fresh(Path(cfg.out), cfg.overwrite)
-                return train(cfg, inputs)
-            except BaseException:
-                if master and not cfg.resume:
-                    rundir.discard_unstarted(Path(cfg.out))
-                raise
-    except KeyboardInterrupt:
+        with cli.before_the_work():          # checked again under the lock (another run may have written)
+            if master and not cfg.resume:
+                rundir.start_fresh(out, cfg.overwrite)
+        try:
+            return train(cfg, inputs)
+        except BaseException:
+            if master and not cfg.resume:
+                try:
+                    rundir.discard_unstarted(out)
+                except OSError:              # an unwritable directory: what is there stays, said below
+                    pass
+            raise
+    except KeyboardInterrupt as e:
         if master:
-            print(rundir.interrupted_message(Path(cfg.out), argv), file=sys.stderr, flush=True)
+            how = "terminated (SIGTERM)" if isinstance(e, cli.Terminated) else "interrupted"
+            print(rundir.interrupted_message(out, argv, how), file=sys.stderr, flush=True)
         raise
+    except OSError as e:
+        message = rundir.write_failure(e, out, argv) if master else None
+        if message is None:
+            raise
+        failure = rundir.RunDirError(message)
+        failure.bad_input = True             # not a bug: one line (cli.script_main), exit 2
+        raise failure from e
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -730,6 +753,9 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
         examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
                                       seed=cfg.seed, tokenizer=tokenizer, verbose=master)
         val_examples = []
+    cfg.data_sha256 = data_fingerprint(examples, val_examples)
+    if cfg.resume and master:
+        rundir.check_same_data(Path(cfg.out), cfg.data_sha256, data_origin(cfg), len(examples))
     ckpt = rundir.resume_checkpoint(Path(cfg.out)) if cfg.resume else None
     folders = {"teacher": cfg.teacher, "student": str(ckpt) if ckpt else cfg.student}
     for role, path in folders.items():
@@ -744,6 +770,23 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     data.check_prompt_lengths(prompts, examples, context, cfg.max_new_tokens)
     data.check_prompt_lengths(val_prompts, val_examples, context, cfg.max_new_tokens)
     return Inputs(examples, prompts, ckpt, val_prompts)
+
+
+def data_fingerprint(examples: list[data.Example], val_examples: list[data.Example]) -> str:
+    """sha256 of the rows a run uses, in order: the training rows and the held-out validation rows (prompt and
+    reference each). The same data file, --n-train and --seed give the same rows; an edited file does not."""
+    h = hashlib.sha256()
+    for part, rows in (("train", examples), ("val", val_examples)):
+        for ex in rows:
+            h.update(json.dumps([part, ex.prompt, ex.reference]).encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+def data_origin(cfg: Config) -> str:
+    """Where the training rows come from, in words (for messages)."""
+    if cfg.source == "file":
+        return f"--data-path {cfg.data_path}"
+    return f"the {cfg.source} data of {cfg.task}"
 
 
 def train(cfg: Config, inputs: Inputs):

@@ -60,6 +60,7 @@ import torch
 import cli
 import data
 import entropy   # entropy.py and specdec.py never import models: no cycle
+import rundir
 import specdec
 
 REPO = Path(__file__).resolve().parent
@@ -427,6 +428,36 @@ class _BuildLock:
         self.f.close()                                 # closing releases the lock
 
 
+def _leftover_builds(d: Path) -> list[Path]:
+    """The temporary folders (.<name>-XXXXXXXX, tempfile.mkdtemp) of builds of `d` that never finished: a
+    build killed with SIGKILL (or interrupted before its clean-up) cannot remove its own."""
+    if not d.parent.is_dir():
+        return []
+    return [p for p in d.parent.glob(f".{d.name}-*") if p.is_dir() and len(p.name) == len(d.name) + 10]
+
+
+def _remove_leftover_builds(d: Path, locked: bool = False):
+    """Remove the leftover build folders of `d`. Only under the build lock: a folder is a leftover only if
+    no build of `d` is running, and a running build holds the lock. locked=False: take it if it is free
+    (never wait), else leave them to the build that holds it."""
+    leftovers = _leftover_builds(d)
+    if not leftovers:
+        return
+    if not locked:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        with open(d.parent / f".{d.name}.lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return                                 # a build is running: its folder is not a leftover
+            return _remove_leftover_builds(d, locked=True)
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def ensure_tiny_pair(task: str, root="checkpoints", seed: int = 0, scale: str = "full") -> Path:
     """The folder holding teacher/ and student/ of the tiny pair, built on first use (a few minutes
     at scale "full", seconds at "test"). Built in a temporary folder under a lock and renamed into
@@ -436,9 +467,11 @@ def ensure_tiny_pair(task: str, root="checkpoints", seed: int = 0, scale: str = 
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     d = tiny_dir(task, root, seed, scale)
     if _is_built(d, task, seed, scale):
+        _remove_leftover_builds(d)
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
     with _BuildLock(d.parent / f".{d.name}.lock"):
+        _remove_leftover_builds(d, locked=True)
         if _is_built(d, task, seed, scale):            # built by another process while we waited
             return d
         if scale == "full":
@@ -578,6 +611,10 @@ def check_model_files(path_or_id, role: str = "model") -> None:
         except Exception as e:                   # SafetensorError (a truncated or corrupted header), OSError
             raise ValueError(f"the {role}'s weights file {f} is not readable by safetensors ({e}): a cut-off "
                              f"copy or a damaged file; copy or save the model again") from None
+    if (d / rundir.CHECKSUMS).exists():         # a run's final/, best/ or checkpoint: its bytes as written
+        problem = rundir.verify_checkpoint(d)
+        if problem is not None:
+            raise ValueError(f"the {role} {d} is damaged: {problem}; copy it again, or use the run's checkpoint")
 
 
 def context_length(*paths_or_ids) -> int | None:
@@ -1014,7 +1051,9 @@ def main(argv=None):
     ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--no-specdec", action="store_true", help="skip the specdec.py acceptance")
     ap.add_argument("--build-only", action="store_true", help="build the pair(s) if missing, print no summary")
+    cli.add_threads_option(ap)
     args = ap.parse_args(argv)
+    cli.set_threads(args.threads)          # the summary's forwards; builds run on one thread (build_tiny_pair)
     tasks = data.TASKS if args.task == "all" else (args.task,)
     t0 = time.time()
     if args.build_only:

@@ -29,6 +29,7 @@ import re
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 LOG, CONFIG, LOCK, CHECKSUMS = "metrics.jsonl", "config.json", ".lock", "checksums.json"
@@ -102,13 +103,78 @@ def read_log(path: Path) -> tuple[list[dict], str | None]:
     return rows, torn
 
 
+def _steps_text(steps: list[int]) -> str:
+    """[5, 6, 9] -> '5-6, 9'."""
+    runs, start = [], None
+    for i, s in enumerate(steps):
+        start = s if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            runs.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(runs)
+
+
+@dataclass
+class LogScan:
+    """metrics.jsonl read leniently: `rows` = the rows of steps 1..n in order with none missing (the part a
+    resume can keep), `dropped` = the steps of the rows after the first damage, `problem` = that damage in
+    words (None when the log is whole; a torn last line, the one thing a crash leaves, is `torn`)."""
+    rows: list[dict]
+    dropped: list[int]
+    problem: str | None
+    torn: str | None
+
+
+def scan_log(path: Path) -> LogScan:
+    """The rows of steps 1, 2, ... up to the first damage: a line that is not a row (torn in the middle,
+    NUL bytes left by a lost write), or a missing or repeated step (a gap: lines lost in the middle). Never
+    raises for the content; the rows after the damage are counted in `dropped`."""
+    path = Path(path)
+    if not path.exists():
+        return LogScan([], [], None, None)
+    lines = path.read_text(errors="replace").split("\n")     # the last piece is "" after a final newline
+    rows, later, problem, torn = [], [], None, None
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and line == "":
+            break
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not last
+        except json.JSONDecodeError:
+            row, ok = None, False
+        if problem is not None:
+            if ok:
+                later.append(row["step"])
+            continue
+        if not ok:
+            if last or (i == len(lines) - 2 and lines[-1] == ""):
+                torn = line
+            else:
+                problem = f"line {i + 1} is not a json row with a 'step' ({line[:60]!r})"
+        elif row["step"] != len(rows) + 1:
+            problem = (f"line {i + 1} holds step {row['step']} where step {len(rows) + 1} belongs (rows "
+                       f"missing or repeated: lines lost in the middle of the file)")
+            later.append(row["step"])
+        else:
+            rows.append(row)
+    return LogScan(rows, later, problem, torn)
+
+
 def truncate_log(path: Path, step: int) -> list[dict]:
     """Keep the rows with step <= `step` (those the checkpoint of that step accounts for): written to a
-    new file that replaces the old one atomically. A torn last line is reported and dropped."""
+    new file that replaces the old one atomically. A torn last line is reported and dropped; so are the
+    rows after a damaged line or a gap (resume_checkpoint chose a step the rows before it reach, so the
+    log keeps one row per step), naming their steps."""
     path = Path(path)
-    rows, torn = read_log(path)
-    if torn is not None:
-        say(f"{path}: dropped a torn last line ({torn[:60]!r}...), left by a crash or a full disk")
+    scan = scan_log(path)
+    if scan.torn is not None:
+        say(f"{path}: dropped a torn last line ({scan.torn[:60]!r}...), left by a crash or a full disk")
+    if scan.problem is not None:
+        say(f"{path}: {scan.problem}; dropped the rows after it"
+            + (f" (steps {_steps_text(scan.dropped)})" if scan.dropped else "")
+            + f", kept steps 1-{len(scan.rows)}")
+    rows = scan.rows
     kept = [r for r in rows if r["step"] <= step]
     if path.exists() or kept:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -190,12 +256,15 @@ class RunLock:
         if self.fd is not None:
             try:
                 self.path.unlink()          # still ours: we hold the flock, nobody else can have replaced it
-            except FileNotFoundError:
+            except OSError:                 # gone, or the directory turned unwritable: the flock goes anyway
                 pass
             os.close(self.fd)                # closing drops the flock
             self.fd = None
-            if self.created and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()     # a run that failed before writing anything leaves no trace
+            try:
+                if self.created and not any(self.path.parent.iterdir()):
+                    self.path.parent.rmdir()     # a run that failed before writing anything leaves no trace
+            except OSError:
+                pass
 
     def __enter__(self):
         return self.acquire()
@@ -224,18 +293,85 @@ def check_unlocked(out: Path):
 
 # ----------------------------------------------------------------------------- fresh run, overwrite
 
+# what a run writes into <out> (anything else there is not ours): names, and the patterns of checkpoints and
+# of interrupted writes (.ckpt-*.tmp, .final.tmp, .best.tmp, .config.json.tmp, ...)
+RUN_NAMES = frozenset({CONFIG, LOG, LOCK, "final", "best", "sharding.json"})
+RUN_PATTERNS = ("ckpt-*", "damaged-ckpt-*", ".*.tmp")
+# the keys every config.json of distill.py has had (a model's config.json has none of them together)
+RUN_CONFIG_KEYS = frozenset({"task", "div", "seed", "lmbda", "preset"})
+
+
+def is_run_config(path: Path) -> bool:
+    """True when `path` is the config.json of a run of ours (distill.Config's fields), not, e.g., a model's."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and RUN_CONFIG_KEYS <= saved.keys()
+
+
+def is_run_dir(out: Path) -> bool:
+    """`out` was written by a run of ours: its config.json is a run's, or its metrics.jsonl starts with a row
+    (a model folder has neither)."""
+    out = Path(out)
+    if is_run_config(out / CONFIG):
+        return True
+    try:
+        with open(out / LOG) as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "step" in first
+
+
+def foreign_entries(out: Path) -> list[Path]:
+    """The entries of `out` that no run of ours wrote: other names, and a config.json that is not a run's
+    (a model folder's). A run never writes over them, and --overwrite never deletes them."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in sorted(out.iterdir()):
+        if p.name == CONFIG:
+            if not is_run_config(p):
+                found.append(p)
+        elif p.name not in RUN_NAMES and not any(p.match(pat) for pat in RUN_PATTERNS):
+            found.append(p)
+    return found
+
+
+def describe_entries(paths: list[Path], most: int = 4) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_not_foreign(out: Path):
+    """A run writes only into a new or empty folder, or a run directory of ours (config.json of a run): in
+    a folder holding anything else (a model folder: its config.json would be replaced) it is refused, with
+    or without --overwrite, naming what is there."""
+    foreign = foreign_entries(out)
+    if not foreign or is_run_dir(out):
+        return
+    model = " (a model folder?)" if (Path(out) / CONFIG).exists() else ""
+    raise RunDirError(f"--out {out} is not a run directory of distill.py: it holds {describe_entries(foreign)}"
+                      f"{model}, which no run wrote. A run writes only into a new or empty folder or its own "
+                      f"run directory, and --overwrite deletes only a run's own files; pass another --out")
+
+
 def run_files(out: Path) -> list[Path]:
     """The files and directories of a run in `out` (anything else there is the user's and is left alone)."""
     out = Path(out)
     if not out.is_dir():
         return []
-    names = [out / CONFIG, out / LOG, out / "final", out / "best"]
+    names = [out / LOG, out / "final", out / "best"] + ([out / CONFIG] if is_run_dir(out) else [])
     return sorted([p for p in names if p.exists()] + list(out.glob("ckpt-*")) + list(out.glob("damaged-ckpt-*")))
 
 
 def check_fresh(out: Path, overwrite: bool):
     """A run started without --resume may not replace a run silently. The advice agrees with
-    check_resumable's: --resume only where there is a checkpoint to resume from."""
+    check_resumable's: --resume only where there is a checkpoint to resume from. A folder that is not a run
+    directory (check_not_foreign) is refused even with --overwrite."""
+    check_not_foreign(out)
     found = run_files(out)
     if found and not overwrite:
         held = ', '.join(p.name for p in found[:4])
@@ -264,8 +400,8 @@ def discard_unstarted(out: Path):
     the retry need --overwrite: its config.json and empty metrics.jsonl are removed (a run with a logged
     step, a checkpoint or a final model is left as it is)."""
     out = Path(out)
-    if checkpoints(out) or (out / "final").exists() or not (out / CONFIG).exists():
-        return
+    if checkpoints(out) or (out / "final").exists() or not (out / CONFIG).exists() or not is_run_dir(out):
+        return                               # is_run_dir: never another folder's config.json
     try:
         rows, _ = read_log(out / LOG)
     except RunDirError:
@@ -347,10 +483,25 @@ def check_same_run(out: Path, current: dict, may_change=()):
         launch, n = "", saved.get("world_size")
         if n is not None and current.get("world_size") not in (None, n):
             launch = (f" and runs on as many processes as it started with "
-                      f"({'python distill.py' if n == 1 else f'torchrun --nproc_per_node={n}'})")
+                      f"({venv_command('python') + ' distill.py' if n == 1 else venv_command('torchrun') + f' --nproc_per_node={n}'})")
         raise RunDirError(f"--resume would change the run in {out}: {'; '.join(diff)}. A resumed run keeps its "
                           f"saved settings (only {free} may change){launch}; drop these options, or start a new "
                           f"run with another --out")
+
+
+def check_same_data(out: Path, sha: str, origin: str, n_rows: int):
+    """--resume continues on the rows the run started with: refuse when their fingerprint (sha256, recorded
+    in config.json as data_sha256) differs, naming where the rows come from. A config.json of an older
+    version, without the fingerprint, is not compared."""
+    try:
+        saved = json.loads((Path(out) / CONFIG).read_text()).get("data_sha256")
+    except (OSError, ValueError, AttributeError):
+        return                                # check_same_run has refused an unreadable config.json
+    if saved is not None and saved != sha:
+        raise RunDirError(f"--resume: the training data changed since the run in {out} started: {origin} now "
+                          f"gives other rows ({n_rows} rows, sha256 {sha[:12]}; the run trained on sha256 "
+                          f"{saved[:12]}). Resume with the data the run started with, or start a new run with "
+                          f"another --out")
 
 
 def write_config(out: Path, config: dict):
@@ -400,22 +551,85 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in Path(out).glob("ckpt-*") if p.is_dir())
 
 
+def check_loadable(ckpt: Path) -> str | None:
+    """For a checkpoint without checksums.json (nothing to compare its bytes with): None when it loads and
+    every weight is finite, else what is wrong, naming the file. Reads config.json, every safetensors
+    tensor and trainer_state.pt (weights_only) once on the CPU."""
+    import torch
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    try:
+        json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{ckpt / 'config.json'} is not readable json ({type(e).__name__})"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return f"{ckpt} has no model*.safetensors"
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    t = st.get_tensor(name)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        return f"{f} holds non-finite values (NaN or inf) in {name} (damaged: flipped bytes)"
+        except Exception as e:                       # SafetensorError: a cut-off or corrupted file
+            return f"{f} is not readable ({type(e).__name__}: {e})"
+    try:
+        torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+    except Exception as e:                           # EOFError, a zip error, a missing file
+        return f"{ckpt / 'trainer_state.pt'} is not loadable ({type(e).__name__}: {e})"
+    return None
+
+
 def resume_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint whose files match their checksums; a damaged newer one is reported. One
-    without checksums.json was written before checksums existed (every write here adds it before the
-    checkpoint's rename): used, with a warning that it is unverified."""
+    """The newest checkpoint that is whole and whose steps all have their row in metrics.jsonl.
+
+    Whole: its files match checksums.json; one without checksums.json (written before checksums existed,
+    or lost) is loaded instead (check_loadable: readable, every weight finite) and used with a warning.
+    A damaged one is reported and the previous one tried.
+    Logged: a resume keeps the rows up to its checkpoint and logs the later steps again, so the log has one
+    row per step only if rows 1..<checkpoint step> are all there. A log damaged in the middle (a gap, a bad
+    line: scan_log) keeps the rows before the damage; a checkpoint beyond them is passed over for one they
+    reach, saying which steps are logged again, and when none is left the resume is refused."""
+    log = Path(out) / LOG
+    scan = scan_log(log)
+    logged = len(scan.rows)
+    # rows are flushed, not fsynced: a power loss may also lose the last rows of a checkpointed step
+    damage = scan.problem or (f"its rows end at step {logged}" if log.exists() else "it is missing")
+    passed_over = []
     for ckpt in reversed(checkpoints(out)):
+        if checkpoint_step(ckpt) > logged:
+            passed_over.append(ckpt)
+            continue
         if not (ckpt / CHECKSUMS).exists():
-            say(f"checkpoint {ckpt} has no {CHECKSUMS} (an older version wrote it): resuming without verifying it")
-            return ckpt
+            problem = check_loadable(ckpt)
+            if problem is None:
+                say(f"checkpoint {ckpt} has no {CHECKSUMS} (an older version wrote it, or it was lost): it loads "
+                    f"and its weights are finite; resuming without verifying its bytes")
+                return _after_passing_over(ckpt, passed_over, damage, logged, log)
+            say(f"checkpoint {ckpt} has no {CHECKSUMS} and is damaged: {problem}; trying the previous one")
+            continue
         problem = verify_checkpoint(ckpt)
         if problem is None:
-            return ckpt
+            return _after_passing_over(ckpt, passed_over, damage, logged, log)
         say(f"checkpoint {ckpt} is damaged: {problem}; trying the previous one")
+    if passed_over:
+        raise RunDirError(f"--resume: {log} is damaged ({damage}): it has the rows of steps 1-{logged} only, and no whole checkpoint of step {logged} or earlier is left, so the "
+                          f"resumed log would miss steps {logged + 1}-{checkpoint_step(passed_over[0])}. "
+                          f"Restore {LOG} from a copy, or start again with --overwrite")
     if checkpoints(out):
         raise RunDirError(f"--resume: no checkpoint in {out} passes its checksums (see above); "
                           f"start again with --overwrite")
     return None
+
+
+def _after_passing_over(ckpt: Path, passed_over: list[Path], damage: str, logged: int, log: Path) -> Path:
+    if passed_over:
+        step = checkpoint_step(ckpt)
+        say(f"{log} is damaged ({damage}); its rows after step {logged} are dropped, so resuming from {ckpt} (step {step}) instead of {passed_over[0].name}: steps "
+            f"{step + 1}-{checkpoint_step(passed_over[0])} are trained and logged again")
+    return ckpt
 
 
 def checkpoint_step(ckpt: Path) -> int:
@@ -430,7 +644,7 @@ def set_aside(ckpt: Path) -> Path | None:
     aside = ckpt.with_name(f"damaged-{ckpt.name}")
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(ckpt, aside)
-    say(f"moved the damaged {ckpt} to {aside}")
+    say(f"moved the earlier {ckpt} (damaged, or passed over by --resume) to {aside}")
     return aside
 
 
@@ -455,7 +669,28 @@ def disk_full(exc: BaseException, path: Path) -> OSError | None:
                                  f"(the previous checkpoint is intact)")
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_failure(exc: BaseException, out: Path, argv: list[str]) -> str | None:
+    """The one line for a run whose directory cannot be written any more (permissions taken away, a
+    file system remounted read-only, a full disk), or None for any other error. The checkpoints written
+    before are whole (each is written aside and renamed), so the line ends with the command that resumes."""
+    if not isinstance(exc, OSError) or exc.errno not in (*UNWRITABLE, errno.ENOSPC, errno.EDQUOT):
+        return None
+    done = checkpoints(out)
+    if exc.errno in UNWRITABLE:
+        what = f"the run directory {out} is no longer writable ({exc.strerror}: {exc.filename or out})"
+    else:
+        what = f"the disk holding {out} is full ({exc.strerror or exc})"
+    if not done:
+        return f"{what}; no checkpoint was written yet. Fix it, then start again with: " + \
+            resume_command(argv, out).removesuffix(" --resume") + " --overwrite"
+    return (f"{what}; the checkpoints written so far are intact (last {done[-1]}). Fix it, then continue "
+            f"with: {resume_command(argv, out)}")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, SIGTERM
 
 def resume_command(argv: list[str], out) -> str:
     """The command line that continues this run: the same options, --resume, an explicit --out."""
@@ -470,12 +705,31 @@ def resume_command(argv: list[str], out) -> str:
         elif not a.startswith("--out="):
             args.append(a)
     world = int(os.environ.get("WORLD_SIZE", "1"))        # the sharding is part of the run: same launcher
-    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-    return shlex.join([*launcher, "distill.py", *args, "--out", str(out), "--resume"])
+    launcher = [venv_command("torchrun"), f"--nproc_per_node={world}"] if world > 1 else [venv_command("python")]
+    script = Path(__file__).resolve().with_name("distill.py")
+    return shlex.join([*launcher, shown_path(script), *args, "--out", str(out), "--resume"])
 
 
-def interrupted_message(out: Path, argv: list[str]) -> str:
-    """The one line printed on Ctrl-C: step reached, last checkpoint, and the command that resumes."""
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (.venv/bin/python), else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def venv_command(name: str) -> str:
+    """The program `name` (python, torchrun) as a fresh shell can run it: the one beside this interpreter
+    (.venv/bin/python after `make setup`; a new shell has no torch on its PATH's python), not a bare name.
+    sys.executable is the venv's own path (not resolved through its symlink), so the venv stays named."""
+    exe = Path(sys.executable)
+    return shown_path(exe if name == "python" else exe.with_name(name))
+
+
+def interrupted_message(out: Path, argv: list[str], how: str = "interrupted") -> str:
+    """The one line printed on Ctrl-C (how="interrupted") or SIGTERM ("terminated (SIGTERM)"): step reached,
+    last checkpoint, and the command that resumes."""
     try:
         step = last_logged_step(out)
     except RunDirError:
@@ -483,7 +737,7 @@ def interrupted_message(out: Path, argv: list[str]) -> str:
     done = checkpoints(out)
     if not done:
         again = resume_command(argv, out).removesuffix(" --resume")
-        return (f"interrupted at step {step}; no checkpoint written yet in {out}, start again with: "
+        return (f"{how} at step {step}; no checkpoint written yet in {out}, start again with: "
                 f"{again}{' --overwrite' if run_files(out) else ''}")
-    return (f"interrupted at step {step}; last checkpoint {done[-1]} (step {checkpoint_step(done[-1])}); "
+    return (f"{how} at step {step}; last checkpoint {done[-1]} (step {checkpoint_step(done[-1])}); "
             f"resume with: {resume_command(argv, out)}")

@@ -298,6 +298,26 @@ def _process_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return probs
 
 
+class NonFiniteLogits(ValueError):
+    """A model's logits hold NaN or +inf (or a row is all -inf): its weights are not finite (a damaged file, a
+    diverged run). Raised where sampling starts, naming the model, instead of a failure deep in top-p."""
+
+    bad_input = True                            # a damaged model folder, not a bug: one line (cli.script_main)
+
+
+def check_logits(logits: torch.Tensor, model, role: str) -> None:
+    """Refuse logits (..., V) that no sampling rule can use, naming the model: a row whose max is NaN (NaN
+    propagates through amax), +inf or -inf (every token masked). One reduction; called on the first call of
+    each model of a generation (where sampling starts: damaged weights give non-finite logits at once), so
+    decoding adds no device synchronisation per token."""
+    if bool(torch.isfinite(logits.float().amax(-1)).all()):
+        return
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    raise NonFiniteLogits(f"the {role} model {name} gives non-finite logits (NaN or inf): its weights hold NaN "
+                          f"or inf (a damaged file, e.g. flipped bytes, or a run that diverged); load an intact "
+                          f"copy (a run's checkpoints and final/ carry checksums.json)")
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from probs (B, V) -> (B,), exactly: the inverse CDF of a float64 cumulative sum at
     one float64 uniform per row (torch.multinomial does the same search, with checks and copies that cost
@@ -649,9 +669,9 @@ class RunningBatch:
         self.unfed_valid = torch.cat([self.unfed_valid, torch.zeros(len(new), dtype=torch.bool,
                                                                     device=self.device)])
 
-    def draft(self, model, k: int, rule: Sampling):
+    def draft(self, model, k: int, rule: Sampling, check: bool = False):
         """Draft x_1..x_k from q, one call each (the first also feeds last round's x_k, or a hole).
-        Returns drafts (b, k) and q (b, k, V)."""
+        check: refuse non-finite logits of the first call (check_logits). Returns drafts (b, k) and q (b, k, V)."""
         b, n_seq = len(self), self.n_seq
         one = torch.ones(b, 1, dtype=torch.long, device=self.device)  # (b, 1) the mask entry of a real token
         x = torch.stack([self.unfed, self.pending], 1)  # (b, 2)
@@ -660,7 +680,10 @@ class RunningBatch:
         drafts, qs = [], []
         for i in range(k):
             self.dmask = torch.cat([self.dmask, valid], 1)  # (b, L + x's width): covers the slots x fills
-            q_i = rule.probs(_forward(model, x, self.dmask, positions, self.dcache, logits_to_keep=1)[:, -1])
+            logits = _forward(model, x, self.dmask, positions, self.dcache, logits_to_keep=1)[:, -1]
+            if check and i == 0:
+                check_logits(logits[..., :rule.vocab_size], model, "draft")
+            q_i = rule.probs(logits)
             x_i = rule.pick(q_i)  # (b,)
             drafts.append(x_i)
             qs.append(q_i)  # (b, V)
@@ -791,6 +814,7 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     slots = B if batch_size is None else batch_size
     refill_at = max(1, slots // 4)  # admitting costs a prefill call per model: wait for a quarter of the slots
     admitted = 0 if max_new_tokens > 0 else B  # prompts[:admitted] have entered the batch
+    first_round = True  # where sampling starts: both models' logits are checked once (check_logits)
 
     while admitted < B or len(batch) > 0:
         # 0. admit prompts into free slots
@@ -804,8 +828,11 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
         k = min(gamma, int(budget.max()))
 
         # 1. draft k tokens from q; 2. verify [pending, x_1..x_k] in one target call -> p_1..p_{k+1}
-        drafts, q = batch.draft(draft, k, rule)  # (b, k), (b, k, V)
+        drafts, q = batch.draft(draft, k, rule, check=first_round)  # (b, k), (b, k, V)
         t_logits = batch.verify(target, drafts)[..., :rule.vocab_size]  # (b, k+1, V)
+        if first_round:
+            check_logits(t_logits, target, "target")
+            first_round = False
         p = rule.probs(t_logits)  # (b, k+1, V)
 
         # 3./4. accept a prefix of the drafts, then the correction or bonus token t
@@ -886,8 +913,10 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
     n_seq = mask.sum(1)  # (B,) real tokens so far
     rows = torch.arange(B, device=device)
     while max_new_tokens > 0 and rows.numel() > 0:
-        probs = process_logits(_forward(model, x, mask, positions, cache, logits_to_keep=1)[:, -1, :V],
-                               temperature, top_k, top_p)  # (b, V)
+        logits = _forward(model, x, mask, positions, cache, logits_to_keep=1)[:, -1, :V]  # (b, V)
+        if batched_calls == 0:  # where sampling starts (check_logits)
+            check_logits(logits, model, "sampling")
+        probs = process_logits(logits, temperature, top_k, top_p)  # (b, V)
         batched_calls += 1
         calls.index_add_(0, rows, torch.ones_like(rows))
         t = probs.argmax(-1) if temperature == 0 else sample(probs, [gen[r] for r in rows.tolist()] if per_row

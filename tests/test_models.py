@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import cli
 import data
 import models
 import specdec
@@ -223,3 +224,28 @@ def test_pad_equal_to_eos_is_replaced(pairs, tmp_path):
     again = models.load_tokenizer(tmp_path)
     assert again.pad_token_id != again.eos_token_id
     assert again.pad_token_id not in models.stop_ids(again)
+
+
+# ---- interrupted builds, --threads ----------------------------------------------------------
+
+def test_leftover_build_folders_are_removed_unless_a_build_runs(pairs, root):
+    """An interrupted `make report` (a build killed before its clean-up) left empty .cnndm-XXXXXXXX folders
+    in checkpoints/tiny/ forever. The next use of the pair removes them; while a build holds the lock, its
+    folder is not a leftover and stays."""
+    d = models.tiny_dir("cnndm", root, scale="test")
+    leftover = d.parent / ".cnndm-k1l2m3n4"
+    leftover.mkdir()
+    with models._BuildLock(d.parent / f".{d.name}.lock"):        # a build of cnndm is running
+        assert models.ensure_tiny_pair("cnndm", root=root, scale="test") == d
+        assert leftover.exists()
+    assert models.ensure_tiny_pair("cnndm", root=root, scale="test") == d
+    assert not leftover.exists() and (d / "teacher").is_dir()
+
+
+def test_models_py_takes_threads_like_every_script(capsys):
+    """The README says every script takes --threads; models.py refused it as an unknown option. It takes it,
+    and a bad count is the one-line error naming what is allowed."""
+    with pytest.raises(SystemExit) as e:
+        cli.script_main(models.main, ["--threads", "0", "--build-only"])
+    assert e.value.code == 2
+    assert "--threads 0 is not allowed; --threads must be an integer >= 1" in capsys.readouterr().err

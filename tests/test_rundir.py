@@ -10,15 +10,19 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import cli
+import data
 import distill
 import models
 import rundir
+import specdec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +61,7 @@ def same_run(a, b) -> bool:
             and all(torch.equal(wa[k], wb[k]) for k in wa))
 
 
-def killed_at_step_3(pair, out, monkeypatch):
+def killed_at_step_3(pair, out, monkeypatch, *extra):
     """A run interrupted in step 3 (after its step-2 checkpoint), like Ctrl-C."""
     real, calls = distill.specdec.autoregressive_generate, []
 
@@ -70,7 +74,7 @@ def killed_at_step_3(pair, out, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(distill.specdec, "autoregressive_generate", dies)
         with pytest.raises(KeyboardInterrupt):
-            distill.main(run_args(pair, out))
+            distill.main(run_args(pair, out, *extra))
     return Path(out)
 
 
@@ -324,18 +328,51 @@ def test_a_full_disk_during_a_checkpoint_says_so(pair, full, tmp_path, monkeypat
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
+def fresh_shell_env():
+    """The environment of a new shell after `make setup`: no virtual environment on PATH, so a bare `python`
+    is the system's (without torch), or none at all."""
+    keep = {k: os.environ[k] for k in ("HOME", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    return {**keep, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
 def test_ctrl_c_prints_one_line_with_the_command_that_resumes(pair, full, tmp_path, monkeypatch, capsys):
-    """Ctrl-C ends with one line: the step reached, the last checkpoint, and a command that, run as
-    printed, continues the run to exactly the uninterrupted result."""
+    """Ctrl-C ends with one line: the step reached, the last checkpoint, and a command that, run as printed
+    in a new shell (no activated venv: `python` there has no torch), continues the run to exactly the
+    uninterrupted result. So it names the venv's interpreter (.venv/bin/python), not a bare `python`."""
     out = killed_at_step_3(pair, tmp_path / "run", monkeypatch)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("interrupted")]
     assert len(lines) == 1
     assert lines[0].startswith(f"interrupted at step 2; last checkpoint {out / 'ckpt-0000002'} (step 2); "
-                               f"resume with: python distill.py ")
+                               f"resume with: ")
     command = shlex.split(lines[0].split("resume with: ")[1])
-    assert command[:2] == ["python", "distill.py"] and "--resume" in command
-    distill.main(command[2:])
+    assert Path(command[0]).absolute() == Path(sys.executable).absolute() and command[0] != "python"
+    assert Path(command[1]).resolve() == REPO / "distill.py" and "--resume" in command
+    proc = subprocess.run(command, env=fresh_shell_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert same_run(out, full)
+
+
+def test_sigterm_stops_like_ctrl_c_with_the_command_that_resumes(pair, tmp_path):
+    """SIGTERM is what `timeout` and job schedulers send: the run must end as on Ctrl-C, with the one line
+    naming the last checkpoint and the resume command (it used to die silently), exit status 128 + 15."""
+    out = tmp_path / "run"
+    args = run_args(pair, out, "--steps", 200, "--save-every", 1)
+    proc = subprocess.Popen([sys.executable, str(REPO / "distill.py"), *args], cwd=REPO, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not rundir.checkpoints(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("terminated (SIGTERM) at step ")]
+    assert len(lines) == 1 and "last checkpoint" in lines[0] and lines[0].endswith(" --resume"), err[-2000:]
+    assert not (out / rundir.LOCK).exists()                     # released on the way out
 
 
 # ----------------------------------------------------------------------------- safetensors only
@@ -350,3 +387,194 @@ def test_a_pickle_checkpoint_is_refused(pair, tmp_path):
     (d / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="only pickle weights \\(pytorch_model.bin\\).*safetensors only"):
         models.load_model(d)
+
+
+# ----------------------------------------------------------------------------- only a run's own files
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_model_folder_as_out_is_refused_and_left_whole(pair, tmp_path, no_models, overwrite):
+    """--out pointing at a model folder (a copy of a student, checkpoints/tiny/gsm8k/teacher) used to be
+    refused with advice to pass --overwrite, which then deleted the model's config.json. A folder that is
+    not a run directory is refused with or without --overwrite, naming what is there, and nothing changes."""
+    import shutil
+    folder = Path(shutil.copytree(pair[1], tmp_path / "model"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="not a run directory.*config.json") as e:
+        distill.main(run_args(pair, folder, *overwrite))
+    assert "model.safetensors" in str(e.value)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_overwrite_deletes_only_the_runs_own_files(pair, full, tmp_path, monkeypatch):
+    """--overwrite of a run directory removes what the run wrote and leaves the user's notes beside it."""
+    import shutil
+    out = Path(shutil.copytree(full, tmp_path / "run"))
+    (out / "notes.txt").write_text("mine")
+    distill.main(run_args(pair, out, "--steps", 1, "--overwrite"))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in rundir.checkpoints(out)] == ["ckpt-0000001"]
+
+
+# ----------------------------------------------------------------------------- the same data on --resume
+
+def write_gsm8k_file(path, n=16, edit=None):
+    """n stand-in rows as a GSM8k jsonl file; edit: the index of a row whose question is changed."""
+    rows = []
+    for i, ex in enumerate(data.load_examples("gsm8k", "train", n=n, max_article_tokens=None)):
+        question = ex.prompt + (" (edited)" if i == edit else "")
+        rows.append({"question": question, "answer": f"{ex.reference}\n#### {data.gsm8k_final_answer(ex.reference)}"})
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_resume_on_changed_data_is_refused_naming_the_file(pair, tmp_path, monkeypatch):
+    """--resume after the data file changed used to continue on other prompts (other losses, exit 0).
+    config.json records a sha256 of the rows used; a resume whose rows differ is refused before any model
+    loads, naming the file; the same rows resume as before."""
+    rows = write_gsm8k_file(tmp_path / "train.jsonl")
+    args = lambda *extra: run_args(pair, tmp_path / "run", "--data-path", rows, *extra)   # noqa: E731
+    killed_at_step_3(pair, tmp_path / "run", monkeypatch, "--data-path", rows)
+    saved = json.loads((tmp_path / "run" / rundir.CONFIG).read_text())["data_sha256"]
+    assert len(saved) == 64
+    write_gsm8k_file(rows, edit=5)
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_pair", lambda *a, **k: pytest.fail("loaded a model"))
+        with pytest.raises(ValueError, match=f"training data changed.*--data-path {rows}"):
+            distill.main(args("--resume"))
+    write_gsm8k_file(rows)
+    distill.main(args("--resume"))
+    assert [r["step"] for r in log_rows(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- a log damaged in the middle
+
+def test_scan_log_keeps_the_rows_before_a_gap_or_a_bad_line(tmp_path):
+    """Rows lost in the middle (a gap) or a line torn in the middle end the part a resume may keep; the
+    rows after the damage are named, so they can be said to be dropped."""
+    log = tmp_path / rundir.LOG
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4, 7, 8)))
+    scan = rundir.scan_log(log)
+    assert [r["step"] for r in scan.rows] == [1, 2, 3, 4] and scan.dropped == [7, 8] and "step 7" in scan.problem
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    scan = rundir.scan_log(log)
+    assert [r["step"] for r in scan.rows] == [1] and scan.dropped == [3] and "line 2" in scan.problem
+
+
+def drop_log_rows(out, steps):
+    rows = [r for r in log_rows(out) if r["step"] not in steps]
+    (Path(out) / rundir.LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_gap_in_the_log_resumes_from_a_checkpoint_its_rows_reach(pair, full, tmp_path, capsys):
+    """A log missing step 3's row used to resume from ckpt-4 into a log with a gap, silently. The resume now
+    starts from ckpt-2 (the rows reach it), says which rows are dropped, and the log has one row per step:
+    the same as the uninterrupted run."""
+    import shutil
+    out = Path(shutil.copytree(full, tmp_path / "run"))
+    drop_log_rows(out, {3})
+    distill.main(run_args(pair, out, "--resume"))
+    err = capsys.readouterr().err
+    assert "steps 3-4 are trained and logged again" in err and "dropped the rows after it (steps 4)" in err
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4]
+    assert same_run(out, full)
+
+
+def test_a_gap_before_every_checkpoint_is_refused_before_loading_models(pair, full, tmp_path, no_models):
+    """When no checkpoint is left that the log's rows reach, resuming would leave a gap: refused in one
+    message naming the missing steps, before any model loads, and the log is untouched."""
+    import shutil
+    out = Path(shutil.copytree(full, tmp_path / "run"))
+    drop_log_rows(out, {2})
+    before = (out / rundir.LOG).read_text()
+    with pytest.raises(ValueError, match="rows of steps 1-1 only.*miss steps 2-4"):
+        distill.main(run_args(pair, out, "--resume"))
+    assert (out / rundir.LOG).read_text() == before
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+def flip_exponent(weights_file: Path, name: str):
+    """Set the exponent bits of the first value of tensor `name` (a float32 in a safetensors file): NaN/inf."""
+    raw = bytearray(weights_file.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    start = 8 + n + header[name]["data_offsets"][0]
+    raw[start + 3] |= 0x7F
+    raw[start + 2] |= 0x80
+    weights_file.write_bytes(raw)
+
+
+def test_a_checkpoint_without_checksums_with_nan_weights_falls_back(full, tmp_path, capsys):
+    """The newest checkpoint lacking checksums.json with flipped exponent bits used to be resumed from and
+    crash in top-p. It is loaded first (every weight finite?), reported, and the previous one used."""
+    import shutil
+    out = Path(shutil.copytree(full, tmp_path / "run"))
+    ckpt = out / "ckpt-0000004"
+    (ckpt / rundir.CHECKSUMS).unlink()
+    flip_exponent(ckpt / "model.safetensors", "model.embed_tokens.weight")
+    assert rundir.resume_checkpoint(out).name == "ckpt-0000002"
+    assert "non-finite values (NaN or inf) in model.embed_tokens.weight" in capsys.readouterr().err
+
+
+def test_final_carries_checksums_and_a_damaged_copy_is_refused(full, tmp_path):
+    """final/ is checksummed like the checkpoints, and a model folder with checksums.json is verified before
+    it loads (evaluate.py, --student), naming the damaged file."""
+    import shutil
+    assert rundir.verify_checkpoint(Path(full) / "final") is None
+    final = Path(shutil.copytree(Path(full) / "final", tmp_path / "final"))
+    flip_exponent(final / "model.safetensors", "model.embed_tokens.weight")
+    with pytest.raises(ValueError, match="damaged: .*model.safetensors does not match its checksum"):
+        models.check_model_files(final, "draft")
+
+
+def test_nan_weights_are_named_where_sampling_starts(pair):
+    """Non-finite weights used to end in 'index -1 is out of bounds' inside top-p. Sampling checks the
+    logits where it starts and names the model that produced them (the draft, the target, or the sampler)."""
+    teacher, student, tok = models.load_pair(*pair)
+    with torch.no_grad():
+        student.get_input_embeddings().weight[:] = float("nan")
+    prompts = [tok.encode("1 + 1 =")]
+    with pytest.raises(specdec.NonFiniteLogits, match=f"the draft model {pair[1]} gives non-finite logits"):
+        specdec.speculative_generate(teacher, student, prompts, max_new_tokens=4, top_p=0.9, seed=0)
+    with pytest.raises(specdec.NonFiniteLogits, match=f"the target model {pair[1]}"):
+        specdec.speculative_generate(student, teacher, prompts, max_new_tokens=4, top_p=0.9, seed=0)
+    with pytest.raises(specdec.NonFiniteLogits, match="the sampling model"):
+        specdec.autoregressive_generate(student, prompts, max_new_tokens=4, top_p=0.9, seed=0)
+
+
+# ----------------------------------------------------------------------------- one line, not a traceback
+
+def test_a_run_that_took_the_out_since_the_check_is_one_line(pair, tmp_path, monkeypatch, capsys):
+    """Two runs started on one --out at the same moment both pass the early check; the loser of the lock used
+    to get a RunDirError traceback. It ends with the one line 'in use by process N', exit 2."""
+    monkeypatch.setattr(rundir, "check_unlocked", lambda out: None)     # the other run locks after our check
+    with rundir.RunLock(tmp_path / "run"):
+        with pytest.raises(SystemExit) as e:
+            cli.script_main(distill.main, run_args(pair, tmp_path / "run"))
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and f"in use by process {os.getpid()}" in err[0]
+
+
+def test_a_run_dir_that_turns_unwritable_is_one_line_and_keeps_the_checkpoints(pair, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A run directory that turns unwritable mid-run (permissions taken away, a read-only remount: here the
+    step-4 checkpoint's write fails with EACCES) ends with one line saying so and how to resume, exit 2; the
+    step-2 checkpoint stays whole."""
+    real, calls = distill.save_model, []
+
+    def denied(student, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(student, path, *a, **k)
+    monkeypatch.setattr(distill, "save_model", denied)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.script_main(distill.main, run_args(pair, out))
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and f"the run directory {out} is no longer writable" in err[0]
+    assert "intact" in err[0] and err[0].endswith("--resume")
+    assert [p.name for p in rundir.checkpoints(out)] == ["ckpt-0000002"]
+    assert rundir.verify_checkpoint(out / "ckpt-0000002") is None
