@@ -23,7 +23,7 @@ test:   ## the whole test suite, offline
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 models: ## build (or reuse) the offline tiny teacher/student pairs and print their summary
-	$(PY) models.py --task all
+	$(PY) models.py $(if $(filter smollm2,$(PRESET)),--preset smollm2,--task all)
 
 # the data (README, "Data"): SOURCE=standin|file|hub, DATA=PATH (a path alone means SOURCE=file)
 # ARGS="...": any further options, passed on as they are (make train ARGS="--out runs/x --overwrite")

@@ -9,7 +9,10 @@ The objective is GKD's (Agarwal et al. 2024, arXiv 2306.13649):
 and no gradient flows through the sampling of y (the samples are data, drawn under torch.no_grad).
 lmbda = 1 (the default, as in the seed project) is purely on-policy and needs no dataset answers
 ("zero-label"). The off-policy share (1 - lmbda) uses the dataset's reference answers, or, with
---off-policy teacher, completions sampled from the teacher (sequence-level KD).
+--off-policy teacher, completions sampled from the teacher (sequence-level KD). --off-policy-warmup W makes
+the first W steps all off-policy: a draft far from its target (the real preset's truncated SmolLM2) samples
+degenerate text that the teacher also predicts, so on-policy steps would teach it little until it has
+learnt from real answers.
 
 The per-token divergence d is chosen with --div (implemented in divergences.py; p = teacher, q = student):
     fkl   forward KL   KL(p || q) = sum_x p log(p / q)    mean-seeking: q must cover all of p's mass
@@ -59,6 +62,10 @@ alpha = sum_x min(p_tau, q_tau), again at tau without top-p and from the loss's 
 train_accepted_length = (1 - a^(gamma+1)) / (1 - a) at a = train_alpha and the protocol's gamma: an ESTIMATE
 of the mean accepted length (it assumes i.i.d. acceptances at the training tokens' mean alpha, on the
 student's own samples, without top-p); the validation rows below measure the real thing.
+sample_stop_rate = the share of the step's completions that ended with a stop id, sample_repetition = the share
+of their 4-grams that already occurred earlier in the same completion: when a student's own samples loop
+(above DEGENERATE_REPETITION) the loop warns, since the teacher predicts the loop too and train_alpha on such
+samples says nothing about acceptance on real text.
 Validation (--eval-every N, off by default): after every N-th optimizer step and after the last, rank 0 runs
 exact speculative decoding (specdec.speculative_generate, the decoding protocol, one fixed sampling seed) of the
 current student against the teacher on --eval-prompts K held-out validation prompts: train-split prompts that
@@ -153,6 +160,10 @@ class Config:
     off_policy: str | None = option(None, "the other (1 - lmbda) batches: dataset answers or teacher samples "
                                           "(seq-KD); default: the preset's (dataset if unset)",
                                     preset=True, fallback="dataset")
+    off_policy_warmup: int | None = option(None, "first steps whose batches all come from --off-policy (a draft "
+                                                 "far from the target samples degenerate text: it learns on "
+                                                 "real answers first); default: the preset's (0 if unset)",
+                                           preset=True, fallback=0)
     source: str | None = option(None, "training prompts: standin, file or hub; default: file with "
                                       "--data-path, else the preset's (standin if it has none: "
                                       "data.resolve_source)")
@@ -266,6 +277,8 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {cfg.temperature}, {cfg.top_p}")
+    if cfg.off_policy_warmup < 0:
+        raise ValueError(f"--off-policy-warmup must be >= 0 steps, got {cfg.off_policy_warmup}")
     for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "n_train", "save_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -669,12 +682,13 @@ def init_distributed(fsdp: bool = False):
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def all_reduce_sum(x: float, world: int, device) -> float:
+def all_reduce_sum(x, world: int, device):
+    """The sum over the ranks of a number (-> float) or a tensor of counts (-> float64 tensor on the CPU)."""
     if world == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+    t = (x if torch.is_tensor(x) else torch.tensor([x])).to(device=device, dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t)
+    return t.cpu() if torch.is_tensor(x) else float(t)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -842,11 +856,20 @@ def train(cfg: Config, inputs: Inputs):
         ent_sum = all_reduce_sum(ent_sum, world, run.device)
         train_alpha = all_reduce_sum(alpha_sum, world, run.device) / max(n_tokens, 1.0)
         dt = all_reduce_sum(dt, world, run.device) / world
+        health = all_reduce_sum(sum(b["health"] for b in micro_batches), world, run.device)   # (4,) the step's
         row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=grad_norm,
                    completion_len=n_tokens / cfg.batch_size, loss_teacher_entropy=ent_sum / max(n_tokens, 1.0),
                    train_alpha=train_alpha,
                    train_accepted_length=specdec.expected_accepted_length(train_alpha, run.protocol.gamma),
-                   tokens_per_s=n_tokens / dt, source=source, **val)
+                   tokens_per_s=n_tokens / dt, source=source,
+                   sample_stop_rate=float(health[0] / max(health[1], 1)),
+                   sample_repetition=float(health[2] / max(health[3], 1)), **val)
+        if run.master and source == "student" and row["sample_repetition"] > DEGENERATE_REPETITION:
+            tqdm.write(f"warning: step {step + 1}: the student's samples degenerate ({row['sample_repetition']:.0%} "
+                       f"repeated 4-grams, {row['sample_stop_rate']:.0%} stopped), so train_alpha "
+                       f"{train_alpha:.2f} is measured on loops the teacher predicts too and overstates the "
+                       f"acceptance; give the draft more off-policy steps first (--off-policy-warmup, a lower "
+                       f"--lmbda) and watch val_alpha (--eval-every)")
         if run.master:
             run.metrics.write(json.dumps(row) + "\n")
             run.metrics.flush()
@@ -873,7 +896,8 @@ def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
     does not change it."""
     shard = step_prompt_indices(step, cfg.batch_size, len(run.prompts), cfg.seed)[run.rank::run.world]
     coin = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).item()
-    source = "student" if coin < cfg.lmbda else cfg.off_policy
+    on_policy = step >= cfg.off_policy_warmup and coin < cfg.lmbda      # the warm-up's steps are all off-policy
+    source = "student" if on_policy else cfg.off_policy
     positions = list(range(cfg.batch_size))[run.rank::run.world]     # this shard's places in the step's batch
     micro = cfg.batch_size // run.world // cfg.grad_accum             # prompts per micro-batch
     sampler = {"student": run.student, "teacher": run.teacher}.get(source)
@@ -894,9 +918,32 @@ def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
                                                                   **run.protocol.generate_kwargs()).tokens
                 run.student.train()
             completions = [cut_at_stop(c, run.stop_ids, cfg.max_new_tokens) for c in completions]
-            micro_batches.append({k: (v.to(run.device) if torch.is_tensor(v) else v)
-                                  for k, v in build_batch(prompt_ids, completions, run.pad_id).items()})
+            batch = {k: (v.to(run.device) if torch.is_tensor(v) else v)
+                     for k, v in build_batch(prompt_ids, completions, run.pad_id).items()}
+            batch["health"] = sample_health(completions, run.stop_ids)
+            micro_batches.append(batch)
     return source, micro_batches
+
+
+DEGENERATE_REPETITION = 0.5      # above this share of repeated 4-grams, on-policy samples are loops
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> tuple[int, int]:
+    """(n-grams that already occurred earlier in the same completion, all n-grams): a completion stuck in a
+    loop (" ( ( (") repeats nearly every n-gram; fluent text almost none."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def sample_health(completions: list[list[int]], stop_ids) -> torch.Tensor:
+    """(completions that stopped, completions, repeated 4-grams, 4-grams) of a micro-batch's samples, summed:
+    the loop logs sample_stop_rate and sample_repetition from them and warns when the student's samples
+    degenerate (a draft far from its target loops and never stops, and the teacher, which predicts the loop
+    too, then agrees with it: train_alpha rises while the real acceptance does not)."""
+    stops = set(stop_ids)
+    stopped = sum(bool(c) and c[-1] in stops for c in completions)
+    repeated, grams = map(sum, zip(*(repeated_ngrams(c) for c in completions))) if completions else (0, 0)
+    return torch.tensor([stopped, len(completions), repeated, grams], dtype=torch.float64)
 
 
 @dataclass

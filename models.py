@@ -104,8 +104,9 @@ SMOLLM2_DRAFT_LAYERS = 4
 PRESETS["smollm2"] = {
     "gsm8k": {"teacher": "checkpoints/smollm2/target",
               "student": f"checkpoints/smollm2/draft-k{SMOLLM2_DRAFT_LAYERS}", "draft_layers": SMOLLM2_DRAFT_LAYERS,
-              "lr": 1e-4, "warmup": 0.1, "temperature": 0.6, "max_new_tokens": 128, "top_p": 0.95, "top_k": 0,
-              "gamma": 5, "batch_size": 8, "epochs": None, "steps": 60, "lmbda": 0.5, "off_policy": "dataset",
+              "lr": 5e-4, "warmup": 0.1, "temperature": 0.6, "max_new_tokens": 128, "top_p": 0.95, "top_k": 0,
+              "gamma": 5, "batch_size": 8, "epochs": None, "steps": 80, "off_policy_warmup": 30, "lmbda": 0.5,
+              "off_policy": "dataset",
               "n_train": None, "n_eval_prompts": 128, "stop_tokens": _STOP,
               "source": "file", "data_path": "data/gsm8k"},
 }
@@ -1051,9 +1052,22 @@ def main(argv=None):
     ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--no-specdec", action="store_true", help="skip the specdec.py acceptance")
     ap.add_argument("--build-only", action="store_true", help="build the pair(s) if missing, print no summary")
+    ap.add_argument("--preset", default="tiny", choices=("tiny", "smollm2"),
+                    help="tiny: build the offline tiny pairs; smollm2: convert the real SmolLM2-135M-Instruct "
+                         "from its installed GGUF file and cut its early-exit draft (default %(default)s)")
+    ap.add_argument("--draft-layers", type=int, default=SMOLLM2_DRAFT_LAYERS,
+                    help="smollm2: the draft's depth k, its first k of the target's 30 layers (default %(default)s)")
     cli.add_threads_option(ap)
     args = ap.parse_args(argv)
     cli.set_threads(args.threads)          # the summary's forwards; builds run on one thread (build_tiny_pair)
+    if args.preset == "smollm2":
+        if args.draft_layers < 1:
+            raise ValueError(f"--draft-layers {args.draft_layers}: a draft needs at least 1 layer")
+        smollm2_gguf()                     # not installed: one line saying how to install it
+        target, draft = ensure_smollm2_pair(args.draft_layers, root=args.root)
+        print(f"the real pair: target {target} (from {SMOLLM2_GGUF}), draft {draft} "
+              f"(its first {args.draft_layers} layers)")
+        return
     tasks = data.TASKS if args.task == "all" else (args.task,)
     t0 = time.time()
     if args.build_only:
