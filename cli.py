@@ -66,11 +66,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see {self.prog} --help)")
 
 
+def description(doc: str) -> str:
+    """A module docstring's first paragraph as one line, for --help: its first line alone may stop
+    mid-sentence (the docstrings wrap at 120 columns)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def help_text(text: str) -> str:
+    """`text` for argparse's help=, which %-formats it (%(default)s): a literal % (e.g. from an f-string's
+    {x:.0%}) must be doubled, or --help prints argparse's internal data or fails."""
+    return text.replace("%", "%%")
+
+
 def add_threads_option(parser: argparse.ArgumentParser, default=DEFAULT_THREADS):
     parser.add_argument("--threads", type=int, default=default,
                         help="CPU threads of torch (README 'Threads': more than 1 is slower, not faster, when "
                              "another process keeps the cores busy, and results are exact only at the same "
                              "count); default %(default)s")
+
+
+MAX_SEED = 2**32 - 1      # the seeds derived from a run's (seed * 1_000_003 + step ...) fit torch's 64 bits
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed is an integer in [0, MAX_SEED]: torch's generators take 64 bits, and every seed the scripts derive
+    from it (distill.prompt_generator, step_prompt_indices: seed times a constant near 10^6, plus the step) must
+    fit them too."""
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"{flag} {seed!r} is not allowed; {flag} must be an integer in [0, {MAX_SEED}] (2^32 - 1)")
+    return seed
 
 
 def check_threads(threads: int) -> int:

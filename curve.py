@@ -733,7 +733,7 @@ def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dic
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> CurveConfig:
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="test-scale pairs, 3 settings, 2 seeds, few steps (CI)")
     p.add_argument("--settings", nargs="+", type=int, default=None, help=f"values of K in 1..{K_MAX}")
     p.add_argument("--divs", nargs="+", default=None, help="baseline and divergences of distill.py --div")

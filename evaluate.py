@@ -485,9 +485,9 @@ def parse_args(argv=None):
     p.add_argument("--speedup-batches", type=int, default=2, help="time the speedup over the target alone on the "
                    "first K batches (default %(default)s; each costs a target-alone and a speculative generation per "
                    "draft and repeat)")
-    p.add_argument("--speedup-repeats", type=int, default=3, help="time each speedup this many times, the target "
-                   f"alone and the draft in turns; repeats spreading more than {SPEEDUP_TOLERANCE:.0%} are flagged "
-                   "(default %(default)s)")
+    p.add_argument("--speedup-repeats", type=int, default=3, help=cli.help_text(
+                   "time each speedup this many times, the target alone and the draft in turns; repeats spreading "
+                   f"more than {SPEEDUP_TOLERANCE:.0%} are flagged") + " (default %(default)s)")
     p.add_argument("--batch1-prompts", type=int, default=4, help="also time the speedup at batch 1 on the first N "
                    "prompts, one at a time (default %(default)s; 0: not at batch 1)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")

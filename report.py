@@ -838,7 +838,7 @@ def _meta(t0: float, argv, commit: str) -> dict:
 
 
 def parse_args(argv=None) -> ReportConfig:
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)

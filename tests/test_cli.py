@@ -245,3 +245,28 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_model(pair, tm
     with pytest.raises(ValueError, match=r"--batch-size 3 must be divisible by world size 2"):
         distill.main(train_args(pair, tmp_path / "run") + ["--batch-size", "3"])
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- --help (issue 31, item 14)
+
+def script_help(script: str) -> str:
+    r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("script", ["distill.py", "evaluate.py", "report.py", "curve.py", "models.py", "data.py"])
+def test_help_prints_option_texts_not_argparse_internals(script):
+    """Issue 31: an unescaped % in evaluate.py's --speedup-repeats help made --help print argparse's
+    internal dict ({'option_strings': ...}) in place of the sentence; --help is the first thing a user reads."""
+    text = script_help(script)
+    assert "option_strings" not in text and "%(" not in text, text
+
+
+@pytest.mark.parametrize("script", ["report.py", "curve.py"])
+def test_help_description_is_a_whole_sentence(script):
+    """Issue 31: curve.py's --help description stopped mid-sentence ('... as a function of the'): the first
+    line of a wrapped docstring is not a sentence, its first paragraph is."""
+    description = " ".join(script_help(script).split("\n\n")[1].split())
+    assert description.endswith("."), description
