@@ -767,8 +767,10 @@ def check_config(cfg: CurveConfig):
     for name in ("steps", "n_prompts"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"--seeds {list(cfg.seeds)}: need distinct integers >= 0")
+    for seed in cfg.seeds:
+        cli.check_seed(seed, "--seeds")
 
 
 def main(argv=None) -> Path:

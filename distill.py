@@ -296,8 +296,7 @@ def check_options(cfg: Config):
         bad("max_grad_norm", "> 0 (the gradient-norm clipping threshold)")
     if not 0 <= cfg.warmup < 1:
         bad("warmup", "in [0, 1) (a fraction of the steps)")
-    if cfg.seed < 0:
-        bad("seed", "an integer >= 0")
+    cli.check_seed(cfg.seed)
     if cfg.weight_decay < 0:
         bad("weight_decay", ">= 0")
     if not cfg.epochs > 0:

@@ -495,6 +495,7 @@ def parse_args(argv=None):
     cli.add_threads_option(p)
     args = p.parse_args(argv)
     cli.check_threads(args.threads)
+    cli.check_seed(args.seed)
     args.runs_given, args.runs = args.runs is not None, args.runs or "runs"
     if args.runs_given and not Path(args.runs).is_dir():
         raise ValueError(f"--runs {args.runs}: no such folder; pass the root distill.py wrote its runs to (runs/, "

@@ -815,7 +815,15 @@ def main(argv=None):
     ap.add_argument("--n-prompts", type=int, default=64)
     ap.add_argument("--no-specdec", action="store_true", help="skip the specdec.py acceptance")
     ap.add_argument("--build-only", action="store_true", help="build the pair(s) if missing, print no summary")
-    args = ap.parse_args(argv)
+    with cli.before_the_work():
+        args = ap.parse_args(argv)
+        cli.check_seed(args.seed)
+        if args.n_prompts < 1:
+            raise cli.BadInput(f"--n-prompts {args.n_prompts} is not allowed; --n-prompts must be >= 1 (the eval "
+                               f"prompts the summary decodes)")
+        import rundir                      # the folder rule of distill.py's --out and evaluate.py's --results
+
+        rundir.check_out_dir(Path(args.root), flag="--root")
     tasks = data.TASKS if args.task == "all" else (args.task,)
     t0 = time.time()
     if args.build_only:

@@ -860,7 +860,17 @@ def parse_args(argv=None) -> ReportConfig:
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("tasks", "divs", "seeds"),
                         values=("steps", "n_prompts", "out"))
     import data
+    import models
 
+    models.check_preset(cfg.preset)
+    for name in ("steps", "n_prompts"):                 # both are used only after training has started
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not allowed; "
+                             f"--{name.replace('_', '-')} must be >= 1")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"--seeds {list(cfg.seeds)}: need distinct integers >= 0")
+    for seed in cfg.seeds:
+        cli.check_seed(seed, "--seeds")
     for t in cfg.tasks:
         data.check_task(t)
     data.resolve_source(cfg.source, cfg.data_path)                  # the shared rule's errors

@@ -270,3 +270,15 @@ def test_help_description_is_a_whole_sentence(script):
     line of a wrapped docstring is not a sentence, its first paragraph is."""
     description = " ".join(script_help(script).split("\n\n")[1].split())
     assert description.endswith("."), description
+
+
+@pytest.mark.parametrize("script", ["distill", "evaluate"])
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seeds_outside_32_bits_are_refused_before_any_model(pair, tmp_path, no_models, script, seed):
+    """Issue 31: --seed 2^64 overflowed torch's generator (a traceback) and evaluate.py --seed -1 failed
+    after the baseline's whole decoding; a seed is an integer in [0, 2^32 - 1], so that every seed derived
+    from it (seed x 1,000,003 + step ...) fits torch's 64 bits, checked with the other options."""
+    argv = (train_args(pair, tmp_path / "run") if script == "distill" else eval_args(pair, tmp_path))
+    with pytest.raises(ValueError, match=rf"--seed {seed} is not allowed; --seed must be an integer in \[0, 4294967295\]"):
+        {"distill": distill, "evaluate": evaluate}[script].main(argv + ["--seed", str(seed)])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "res").exists()

@@ -372,3 +372,17 @@ def test_source_commit_names_the_start_and_flags_edits_to_tracked_files(tmp_path
     assert R.source_commit() == head
     (tmp_path / "REPORT.md").write_text("new\n")
     assert R.source_commit() == head + " + uncommitted changes"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--preset", "huge"], r"unknown preset 'huge'; valid presets: paper, tiny"),
+    (["--n-prompts", "0"], r"--n-prompts 0 is not allowed; --n-prompts must be >= 1"),
+    (["--quick", "--steps", "0"], r"--steps 0 is not allowed; --steps must be >= 1"),
+    (["--seeds", "-1"], r"--seeds -1 is not allowed; --seeds must be an integer in \[0, 4294967295\]"),
+    (["--seeds", "0", "0"], r"--seeds \[0, 0\]: need distinct integers"),
+])
+def test_study_options_are_refused_before_any_training(argv, match):
+    """Issue 31: --preset huge, --n-prompts 0, --quick --steps 0 and --seeds -1 failed only after training
+    had started (minutes of work lost, a traceback); each is the user's to fix and is said at once."""
+    with pytest.raises(ValueError, match=match):
+        R.parse_args(argv)
