@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 DEFAULT_THREADS = 1
 EXIT_BAD_INPUT = 2
@@ -109,6 +110,34 @@ def set_threads(threads: int):
     import torch
 
     torch.set_num_threads(check_threads(threads))
+
+
+def check_markdown_out(out, heading: str, default: str, flag: str = "--out") -> Path:
+    """The --out of report.py / curve.py: the Markdown file they write at the very end, with figures/ beside it.
+    Checked before any work, since the study takes minutes to hours: a folder, a file the script did not write
+    (its first line is not `heading`, the script's own title), and a place that cannot be created or written
+    are refused, naming what is there (`default`: the script's default --out, named in the advice). A report of the script's own is replaced: that is how it is updated."""
+    out = Path(out)
+    if out.is_dir():
+        raise BadInput(f"{flag} {out} is a folder; pass the Markdown file to write in it (e.g. "
+                       f"{out / Path(default).name}), figures/ go beside it")
+    if out.exists():
+        with open(out, "rb") as f:
+            first = f.readline(200).decode("utf-8", "replace").rstrip("\n")
+        if not first.startswith(heading):
+            raise BadInput(f"{flag} {out} exists and is not a file this script wrote (its first line is "
+                           f"{first[:60]!r}, not {heading!r}); it would be replaced: move it or pass another {flag}")
+    folder = out.parent
+    while not folder.exists():                  # the nearest existing folder: created from there
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {out} cannot be created: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise BadInput(f"{flag} {out} cannot be written: {out if out.exists() else folder} is not writable")
+    figures = out.parent / "figures"
+    if figures.exists() and not figures.is_dir():
+        raise BadInput(f"{flag} {out}: the figures go to {figures}, which is a file, not a folder")
+    return out
 
 
 def apply_overrides(cfg, args, preset: dict | None, sequences=(), values=()):
