@@ -240,6 +240,7 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name} {v} is outside [0, 1]")
     if cfg.off_policy not in OFF_POLICY:
         raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
+    check_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.dtype is None:                     # the device's natural precision, recorded as resolved
         cuda = torch.device(cfg.device).type == "cuda" if cfg.device else torch.cuda.is_available()
         cfg.dtype = "bfloat16" if cuda else "float32"
@@ -921,7 +922,40 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
 
 
 def run_device(cfg: Config, local_rank: int) -> torch.device:
-    return torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    """This process's device: --device, where `cuda` without an index means this process's GPU,
+    cuda:<local rank> (torch.cuda.set_device needs an index; under torchrun each rank has its own GPU);
+    by default cuda:<local rank> when CUDA is available, else the CPU."""
+    if cfg.device is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def check_device(name: str | None, local_rank: int = 0):
+    """--device must name a device this machine has (ValueError naming it and what there is): cpu; cuda or
+    cuda:N with CUDA available and N (cuda: the local rank, run_device) below the GPU count; mps where
+    available. A device that is not there failed in torch.cuda.set_device, after the data had loaded."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; valid: cpu, cuda (this process's GPU: "
+                         f"cuda:<local rank>) or cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} is not available: torch sees no CUDA GPU on this machine "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        index, count = local_rank if device.index is None else device.index, torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {name} is cuda:{index}, but this machine has {count} CUDA GPU(s): "
+                             f"cuda:0 to cuda:{count - 1}")
+        return
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ValueError(f"--device {name} is not available here; valid: cpu, cuda or cuda:N (with a CUDA GPU)")
 
 
 def set_up_process(cfg: Config):

@@ -282,3 +282,34 @@ def test_seeds_outside_32_bits_are_refused_before_any_model(pair, tmp_path, no_m
     with pytest.raises(ValueError, match=rf"--seed {seed} is not allowed; --seed must be an integer in \[0, 4294967295\]"):
         {"distill": distill, "evaluate": evaluate}[script].main(argv + ["--seed", str(seed)])
     assert not (tmp_path / "run").exists() and not (tmp_path / "res").exists()
+
+
+# ----------------------------------------------------------------------------- --device (issue 31, item 5)
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_cuda_device_without_cuda_is_refused_before_any_model(pair, tmp_path, no_models, monkeypatch, device):
+    """Issue 31: --device cuda / cuda:0 on a machine without CUDA crashed in torch.cuda.set_device, after the
+    data had loaded; the device is the user's to fix, named with what the machine has."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=rf"--device {device} is not available: torch sees no CUDA GPU .*--device cpu"):
+        distill.main(train_args(pair, tmp_path / "run") + ["--device", device])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused(monkeypatch):
+    """--device cuda:3 on a 2-GPU machine names the GPUs there are (it failed in set_device)."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:3 is cuda:3, but this machine has 2 CUDA GPU\(s\): cuda:0 to cuda:1"):
+        distill.check_device("cuda:3")
+
+
+def test_cuda_without_an_index_is_this_processs_gpu(monkeypatch):
+    """Issue 31: `--device cuda` (the first thing a GPU user types) crashed in torch.cuda.set_device on every
+    machine, which needs an index; it means cuda:<local rank>, each torchrun rank its own GPU."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
+    cfg = distill.Config(device="cuda")
+    distill.check_device(cfg.device, local_rank=1)
+    assert distill.run_device(cfg, local_rank=1) == distill.torch.device("cuda", 1)
+    assert distill.run_device(distill.Config(device="cuda:0"), local_rank=1) == distill.torch.device("cuda", 0)
