@@ -458,6 +458,12 @@ def row_example(task: str, row, where: str) -> Example:
             raise DataError(f"{where}: column {col!r} is a {type(v).__name__} ({str(v)[:40]!r}), not a string")
         if not v.strip():
             raise DataError(f"{where}: column {col!r} is blank")
+        try:                        # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer encodes
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: column {col!r} holds a lone surrogate {v[e.start]!r} at character {e.start + 1} "
+                            f"(a \\ud800-\\udfff escape without its pair), which is not text; fix or drop the "
+                            f"row") from None
         values.append(v.strip())
     if task == "gsm8k" and not _GSM8K_FINAL.search(values[1]):
         raise DataError(f"{where}: column 'answer' has no final answer line '#### <number>'")

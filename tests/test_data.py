@@ -219,6 +219,9 @@ BAD_ROWS = {
     "number column": (json.dumps({"question": 7, "answer": "#### 1"}), r"line 1: column 'question' is a int"),
     "no final answer": (json.dumps({"question": "q?", "answer": "it is 4"}), r"line 1: column 'answer' has no final"),
     "empty array": ("[]", r"no rows"),
+    # issue 31: json.loads turns the escape into a lone surrogate, which crashed the tokenizer later
+    "lone surrogate": (GOOD + "\n" + json.dumps({"question": "x\ud800y", "answer": "#### 1"}) + "\n",
+                       r"train\.jsonl, line 2: column 'question' holds a lone surrogate '\\ud800' at character 2"),
 }
 
 
