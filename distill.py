@@ -731,6 +731,8 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     for role, path in folders.items():
         models.check_model_files(path, role)
     models.check_tokenizers(*folders.values())
+    for role, path in folders.items():             # the lm_heads cover the tokenizer, read from config.json
+        models.check_vocabulary(path, tokenizer, role)
     device = run_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
         raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")

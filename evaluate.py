@@ -374,6 +374,8 @@ def check_task_inputs(args, task: str) -> dict:
     for name, _, path in drafts:
         models.check_model_files(path, "baseline student" if name == "baseline" else f"draft {name}")
         models.check_tokenizers(teacher_id, path)
+    for role, path in [("teacher", teacher_id)] + [(name, path) for name, _, path in drafts]:
+        models.check_vocabulary(path, tokenizer, role)       # the lm_heads cover the tokenizer, from config.json
     max_new = args.max_new_tokens or pc.get("max_new_tokens") or 0
     data.check_prompt_lengths(prompts, examples, models.context_length(teacher_id, *(d[2] for d in drafts)),
                               max_new)

@@ -547,6 +547,41 @@ def check_model_files(path_or_id, role: str = "model") -> None:
         except Exception as e:                   # SafetensorError (a truncated or corrupted header), OSError
             raise ValueError(f"the {role}'s weights file {f} is not readable by safetensors ({e}): a cut-off "
                              f"copy or a damaged file; copy or save the model again") from None
+    check_weights_match_config(d, role)
+
+
+def config_model(path_or_id, role: str = "model") -> torch.nn.Module:
+    """The model config.json describes, built on the meta device: every parameter's shape, no memory, no
+    weight read. What the checks below compare the weights and the tokenizer with before any model loads."""
+    import sharding                               # sharding.py does not import models: no cycle
+
+    try:
+        return sharding.empty_model(str(path_or_id), torch.float32)
+    except (ValueError, KeyError, TypeError, OSError) as e:    # an unknown model_type, a field of the wrong type
+        raise ValueError(f"the {role} {path_or_id}: transformers cannot build a model from its config.json "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def check_weights_match_config(folder: Path, role: str = "model") -> None:
+    """Every tensor of the folder's safetensors files that the config's model has must have the shape
+    config.json gives it (headers only; no tensor is read). A config.json from another model (other sizes)
+    otherwise failed inside from_pretrained, after its load report, with a size-mismatch traceback."""
+    from safetensors import safe_open
+    expected = {name: tuple(t.shape) for name, t in config_model(folder, role).state_dict().items()}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as weights:
+            for name in weights.keys():
+                shape = tuple(weights.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    raise ValueError(f"the {role}'s config.json does not match its weights: {name} is "
+                                     f"{list(shape)} in {f}, but config.json makes it {list(expected[name])} "
+                                     f"(a config.json of another model?)")
+
+
+def check_vocabulary(path_or_id, tokenizer, role: str = "model") -> None:
+    """check_lm_head on the model config.json describes: a tokenizer with more tokens than the lm_head has
+    rows is refused before any model loads (it was found only after both models had loaded)."""
+    check_lm_head(config_model(path_or_id, role), tokenizer, role)
 
 
 def context_length(*paths_or_ids) -> int | None:

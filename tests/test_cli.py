@@ -313,3 +313,43 @@ def test_cuda_without_an_index_is_this_processs_gpu(monkeypatch):
     distill.check_device(cfg.device, local_rank=1)
     assert distill.run_device(cfg, local_rank=1) == distill.torch.device("cuda", 1)
     assert distill.run_device(distill.Config(device="cuda:0"), local_rank=1) == distill.torch.device("cuda", 0)
+
+
+# ----------------------------------------------------------------------------- model configs (issue 31, item 7)
+
+def test_a_config_json_that_disagrees_with_the_weights_is_refused_before_any_model(pair, tmp_path, no_models):
+    """Issue 31: a teacher whose config.json gives other sizes than its weights (a config.json of another
+    model) failed inside from_pretrained with a size-mismatch traceback after the load report; the
+    safetensors headers and the config's shapes are compared first, naming the tensor."""
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pair[0], teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (teacher / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the teacher's config\.json does not match its weights: \S*mlp\S* is \[\d+, \d+\] "
+                                         r"in .*model\.safetensors, but config\.json makes it"):
+        distill.main(train_args((str(teacher), pair[1]), tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["distill", "evaluate"])
+def test_a_tokenizer_larger_than_the_lm_head_is_refused_before_any_model(pair, tmp_path, no_models, script):
+    """Issue 31: the check that the lm_heads have a row for every token ran after both models had loaded;
+    it needs only the configs (vocab_size), so it runs with the other checks."""
+    import shutil
+    from transformers import AutoTokenizer
+    folders = []
+    for role, src in zip(("teacher", "student"), pair):
+        shutil.copytree(src, tmp_path / role)
+        folders.append(str(tmp_path / role))
+    rows = models.config_model(pair[0]).get_output_embeddings().weight.shape[0]
+    tok = AutoTokenizer.from_pretrained(pair[0])
+    tok.add_tokens([f"extra_token_{i}" for i in range(rows - len(tok) + 5)])
+    for folder in folders:
+        tok.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"the teacher's lm_head has {rows} rows, fewer than the {rows + 5} tokens"):
+        if script == "distill":
+            distill.main(train_args(folders, tmp_path / "run"))
+        else:
+            evaluate.main(eval_args(folders, tmp_path))
