@@ -719,9 +719,14 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
     tokenizer = models.load_tokenizer(cfg.teacher)
     if cfg.eval_every:
-        examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,
-                                                     path=cfg.data_path, seed=cfg.seed, tokenizer=tokenizer,
-                                                     verbose=master)
+        try:
+            examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,
+                                                         path=cfg.data_path, seed=cfg.seed, tokenizer=tokenizer,
+                                                         verbose=master)
+        except data.DataError as e:
+            if "validation prompts asked" not in str(e):
+                raise
+            raise data.DataError(f"--eval-prompts {cfg.eval_prompts} is too many: {e}") from None
     else:
         examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
                                       seed=cfg.seed, tokenizer=tokenizer, verbose=master)
@@ -736,9 +741,11 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     device = run_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
         raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
+    context = models.context_length(*folders.values())
+    for rows in (examples, val_examples):      # a huge row is refused before it is tokenized whole
+        data.check_prompt_chars(tokenizer, cfg.task, rows, context, cfg.max_new_tokens)
     prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
     val_prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in val_examples]
-    context = models.context_length(*folders.values())
     data.check_prompt_lengths(prompts, examples, context, cfg.max_new_tokens)
     data.check_prompt_lengths(val_prompts, val_examples, context, cfg.max_new_tokens)
     return Inputs(examples, prompts, ckpt, val_prompts)

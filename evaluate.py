@@ -363,7 +363,6 @@ def check_task_inputs(args, task: str) -> dict:
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     examples = data.load_examples(task, "eval", source=source, path=data_path, n=n, tokenizer=tokenizer,
                                   verbose=True)
-    prompts = [data.build_prompt_ids(tokenizer, task, e) for e in examples]
     drafts = [("baseline", "baseline (no distillation)", student_id)]
     drafts += [(final.parent.name, divergence_label(final.parent), str(final))
                for final in trained_runs(Path(args.runs), args.preset, group)]
@@ -377,8 +376,10 @@ def check_task_inputs(args, task: str) -> dict:
     for role, path in [("teacher", teacher_id)] + [(name, path) for name, _, path in drafts]:
         models.check_vocabulary(path, tokenizer, role)       # the lm_heads cover the tokenizer, from config.json
     max_new = args.max_new_tokens or pc.get("max_new_tokens") or 0
-    data.check_prompt_lengths(prompts, examples, models.context_length(teacher_id, *(d[2] for d in drafts)),
-                              max_new)
+    context = models.context_length(teacher_id, *(d[2] for d in drafts))
+    data.check_prompt_chars(tokenizer, task, examples, context, max_new)      # a huge row: before tokenizing it
+    prompts = [data.build_prompt_ids(tokenizer, task, e) for e in examples]
+    data.check_prompt_lengths(prompts, examples, context, max_new)
     return {"teacher": teacher_id, "student": student_id, "prompts": prompts, "drafts": drafts,
             "source": source, "data_path": data_path, "group": group}
 

@@ -353,3 +353,32 @@ def test_a_tokenizer_larger_than_the_lm_head_is_refused_before_any_model(pair, t
             distill.main(train_args(folders, tmp_path / "run"))
         else:
             evaluate.main(eval_args(folders, tmp_path))
+
+
+# ----------------------------------------------------------------------------- huge rows (issue 31, item 12)
+
+def test_a_huge_prompt_is_refused_without_tokenizing_it_whole(pair, tmp_path, no_models, monkeypatch):
+    """Issue 31: a 50 MB single-row prompt took 154 s and 12.4 GB before its (correct) length error, all of it
+    tokenized first; a prefix of (context + 1) x the longest token's characters settles it."""
+    real = distill.data.build_prompt_ids
+
+    def no_huge_rows(tokenizer, task, example):
+        assert len(example.prompt) < 100_000, "a huge prompt was tokenized whole"
+        return real(tokenizer, task, example)
+    monkeypatch.setattr(distill.data, "build_prompt_ids", no_huge_rows)
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps({"question": "How many apples? " * 300_000, "answer": "Two.\n#### 2"}) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 1: the prompt has \d+ tokens in its first \d+ of "
+                                         r"\d+ characters .*context of 1024 positions"):
+        distill.main(train_args(pair, tmp_path / "run", "--data-path", f))
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_validation_prompts_than_exist_are_refused_saying_how_many(pair, tmp_path, no_models):
+    """Issue 31: --eval-every 1 --eval-prompts 100000 ran silently for minutes; the stand-in's validation
+    prompts are a finite pool, and asking for more than it (or a file) holds says how many there are."""
+    with pytest.raises(ValueError, match=r"--eval-prompts 100000 is too many: .* the gsm8k stand-in has (\d+): its "
+                                         r"2000 validation prompts less the \d+ that training uses too; ask for at "
+                                         r"most \1"):
+        distill.main(train_args(pair, tmp_path / "run", "--eval-every", "1", "--eval-prompts", "100000"))
+    assert not (tmp_path / "run").exists()
