@@ -16,6 +16,7 @@ in config.json and --resume refuses a different one on the CPU.
 import argparse
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,10 +55,50 @@ def script_main(main, argv=None):
     except BAD_INPUT as e:
         if not is_bad_input(e):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        report_bad_input(str(e))
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+RANKS_WAIT_S = 30.0     # under torchrun: how long a rank with bad input waits for the others to fail too
+
+
+def torchrun_store():
+    """A client of the key-value store torchrun's agent keeps for its ranks (MASTER_ADDR:MASTER_PORT, the one
+    init_process_group joins), or None outside torchrun or where it cannot be reached."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    try:
+        return dist.TCPStore(os.environ.get("MASTER_ADDR", "localhost"), int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=timedelta(seconds=10))
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def report_bad_input(message: str):
+    """The one `error: ...` line. Under torchrun every rank runs the same checks and fails the same way: rank 0
+    prints the line, and each rank waits (at most RANKS_WAIT_S) until every rank has failed before it exits 2,
+    so that torchrun stops none of them first (SIGTERM) and no rank repeats the line. A rank whose check
+    failed while rank 0's did not (rank 0 never reported) prints its own line, naming its rank."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    store = torchrun_store() if world > 1 else None
+    if store is None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    key = f"cli/bad_input/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"     # one per (re)start
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        store.set(key + "/rank0", "1")
+    failed, deadline = store.add(key, 1), time.monotonic() + RANKS_WAIT_S
+    while failed < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+        failed = store.add(key, 0)
+    if rank != 0 and not store.check([key + "/rank0"]):
+        print(f"error: (rank {rank}) {message}", file=sys.stderr, flush=True)
 
 
 class ArgumentParser(argparse.ArgumentParser):

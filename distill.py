@@ -240,7 +240,8 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name} {v} is outside [0, 1]")
     if cfg.off_policy not in OFF_POLICY:
         raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
-    check_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    # the largest local rank: every rank's device is checked on each (rank 0 says it, cli.report_bad_input)
+    check_device(cfg.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
     if cfg.dtype is None:                     # the device's natural precision, recorded as resolved
         cuda = torch.device(cfg.device).type == "cuda" if cfg.device else torch.cuda.is_available()
         cfg.dtype = "bfloat16" if cuda else "float32"
@@ -942,8 +943,9 @@ def run_device(cfg: Config, local_rank: int) -> torch.device:
 
 def check_device(name: str | None, local_rank: int = 0):
     """--device must name a device this machine has (ValueError naming it and what there is): cpu; cuda or
-    cuda:N with CUDA available and N (cuda: the local rank, run_device) below the GPU count; mps where
-    available. A device that is not there failed in torch.cuda.set_device, after the data had loaded."""
+    cuda:N with CUDA available and N (cuda: cuda:<local_rank>, run_device; resolve_config passes the largest
+    local rank of the machine's processes) below the GPU count; mps where available. A device that is not
+    there failed in torch.cuda.set_device, after the data had loaded."""
     if name is None:
         return
     try:
@@ -958,6 +960,9 @@ def check_device(name: str | None, local_rank: int = 0):
             raise ValueError(f"--device {name} is not available: torch sees no CUDA GPU on this machine "
                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
         index, count = local_rank if device.index is None else device.index, torch.cuda.device_count()
+        if index >= count and device.index is None:
+            raise ValueError(f"--device {name} gives each of the {local_rank + 1} processes on this machine its "
+                             f"own GPU (cuda:<local rank>), but it has {count}: start at most {count} processes")
         if index >= count:
             raise ValueError(f"--device {name} is cuda:{index}, but this machine has {count} CUDA GPU(s): "
                              f"cuda:0 to cuda:{count - 1}")

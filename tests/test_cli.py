@@ -382,3 +382,34 @@ def test_more_validation_prompts_than_exist_are_refused_saying_how_many(pair, tm
                                          r"most \1"):
         distill.main(train_args(pair, tmp_path / "run", "--eval-every", "1", "--eval-prompts", "100000"))
     assert not (tmp_path / "run").exists()
+
+
+def test_cuda_for_more_processes_than_gpus_is_refused_on_every_rank(monkeypatch):
+    """Under torchrun, `--device cuda` gives each local rank its own GPU: 4 processes on a 2-GPU machine fail
+    in set_device on ranks 2 and 3 only, whose error rank 0 would not print; every rank checks the largest
+    local rank, so rank 0 says it."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"--device cuda gives each of the 4 processes on this machine its own GPU "
+                                         r"\(cuda:<local rank>\), but it has 2"):
+        distill.resolve_config(distill.parse_args(["--device", "cuda", "--out", "/tmp/unused-run"]))
+
+
+# ----------------------------------------------------------------------------- torchrun (issue 31, item 10)
+
+def test_under_torchrun_a_bad_option_is_one_line_and_every_rank_exits_2(tmp_path):
+    """Issue 31: under torchrun a bad option printed its error once per rank, and the first rank to exit made
+    torchrun SIGTERM the others. Rank 0 prints the one line; the ranks wait for each other in torchrun's store,
+    so every rank exits 2 (torchrun's own summary of the failed children stays torchrun's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "distill.py"), "--top-p", "2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: need --temperature >= 0 and 0 < --top-p <= 1, got 0.6, 2.0"], r.stderr
+    exit_codes = [line.split(":", 1)[1].split()[0] for line in r.stderr.splitlines()
+                  if line.strip().startswith("exitcode")]
+    assert exit_codes == ["2", "2"], r.stderr
+    assert not (tmp_path / "run").exists()
