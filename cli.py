@@ -15,6 +15,7 @@ in config.json and --resume refuses a different one on the CPU.
 """
 import argparse
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -89,6 +90,10 @@ def report_bad_input(message: str):
     if store is None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         return
+    # torchrun SIGTERMs the ranks still running as soon as one has exited, and the exits of ranks that all
+    # failed are milliseconds apart: a rank with bad input finishes and exits 2 itself (the status torchrun
+    # reports) instead of dying of that signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     key = f"cli/bad_input/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"     # one per (re)start
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)

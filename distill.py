@@ -185,8 +185,8 @@ class Config:
     weight_decay: float = option(0.0, "AdamW weight decay; default %(default)s")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold; default %(default)s")
     # system
-    device: str | None = option(None, "torch device; default cuda:<local rank> if CUDA is available, "
-                                      "else cpu")
+    device: str | None = option(None, "torch device: cpu, cuda (= cuda:<local rank>) or cuda:N; default "
+                                      "cuda:<local rank> if CUDA is available, else cpu")
     dtype: str | None = option(None, "precision of the forward passes: float32, or bfloat16 (bf16 autocast "
                                      "over float32 master weights, the teacher's weights in bf16; the loss, "
                                      "sampling and optimizer state stay float32); default bfloat16 on CUDA, "
