@@ -140,7 +140,7 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     from it (distill.prompt_generator, step_prompt_indices: seed times a constant near 10^6, plus the step) must
     fit them too."""
     if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise BadInput(f"{flag} {seed!r} is not allowed; {flag} must be an integer in [0, {MAX_SEED}] (2^32 - 1)")
+        raise BadInput(f"{flag} {seed!r} is not allowed; {flag} must be an integer >= 0 and <= {MAX_SEED} (2^32 - 1)")
     return seed
 
 

@@ -279,7 +279,7 @@ def test_seeds_outside_32_bits_are_refused_before_any_model(pair, tmp_path, no_m
     after the baseline's whole decoding; a seed is an integer in [0, 2^32 - 1], so that every seed derived
     from it (seed x 1,000,003 + step ...) fits torch's 64 bits, checked with the other options."""
     argv = (train_args(pair, tmp_path / "run") if script == "distill" else eval_args(pair, tmp_path))
-    with pytest.raises(ValueError, match=rf"--seed {seed} is not allowed; --seed must be an integer in \[0, 4294967295\]"):
+    with pytest.raises(ValueError, match=rf"--seed {seed} is not allowed; --seed must be an integer >= 0 and <= 4294967295"):
         {"distill": distill, "evaluate": evaluate}[script].main(argv + ["--seed", str(seed)])
     assert not (tmp_path / "run").exists() and not (tmp_path / "res").exists()
 

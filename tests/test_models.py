@@ -229,7 +229,7 @@ def test_pad_equal_to_eos_is_replaced(pairs, tmp_path):
     (["--root", "FILE"], r"--root .*afile is a file, not a directory"),
     (["--n-prompts", "0"], r"--n-prompts 0 is not allowed; --n-prompts must be >= 1"),
     (["--n-prompts", "-5"], r"--n-prompts -5 is not allowed; --n-prompts must be >= 1"),
-    (["--seed", "-1"], r"--seed -1 is not allowed; --seed must be an integer in \[0, 4294967295\]"),
+    (["--seed", "-1"], r"--seed -1 is not allowed; --seed must be an integer >= 0 and <= 4294967295"),
     (["--seed", str(2**64)], r"--seed 18446744073709551616 is not allowed"),
 ])
 def test_models_py_refuses_bad_options_before_building(argv, match, tmp_path, monkeypatch):

@@ -378,7 +378,7 @@ def test_source_commit_names_the_start_and_flags_edits_to_tracked_files(tmp_path
     (["--preset", "huge"], r"unknown preset 'huge'; valid presets: paper, tiny"),
     (["--n-prompts", "0"], r"--n-prompts 0 is not allowed; --n-prompts must be >= 1"),
     (["--quick", "--steps", "0"], r"--steps 0 is not allowed; --steps must be >= 1"),
-    (["--seeds", "-1"], r"--seeds -1 is not allowed; --seeds must be an integer in \[0, 4294967295\]"),
+    (["--seeds", "-1"], r"--seeds -1 is not allowed; --seeds must be an integer >= 0 and <= 4294967295"),
     (["--seeds", "0", "0"], r"--seeds \[0, 0\]: need distinct integers"),
 ])
 def test_study_options_are_refused_before_any_training(argv, match):
