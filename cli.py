@@ -17,7 +17,9 @@ import argparse
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 DEFAULT_THREADS = 1
 EXIT_BAD_INPUT = 2
@@ -70,10 +72,54 @@ def script_main(main, argv=None):
     except BAD_INPUT as e:
         if not is_bad_input(e):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        report_bad_input(str(e))
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt as e:
         sys.exit(exit_status_of(e))
+
+
+RANKS_WAIT_S = 30.0     # under torchrun: how long a rank with bad input waits for the others to fail too
+
+
+def torchrun_store():
+    """A client of the key-value store torchrun's agent keeps for its ranks (MASTER_ADDR:MASTER_PORT, the one
+    init_process_group joins), or None outside torchrun or where it cannot be reached."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    try:
+        return dist.TCPStore(os.environ.get("MASTER_ADDR", "localhost"), int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=timedelta(seconds=10))
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def report_bad_input(message: str):
+    """The one `error: ...` line. Under torchrun every rank runs the same checks and fails the same way: rank 0
+    prints the line, and each rank waits (at most RANKS_WAIT_S) until every rank has failed before it exits 2,
+    so that torchrun stops none of them first (SIGTERM) and no rank repeats the line. A rank whose check
+    failed while rank 0's did not (rank 0 never reported) prints its own line, naming its rank."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    store = torchrun_store() if world > 1 else None
+    if store is None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    # torchrun SIGTERMs the ranks still running as soon as one has exited, and the exits of ranks that all
+    # failed are milliseconds apart: a rank with bad input finishes and exits 2 itself (the status torchrun
+    # reports) instead of dying of that signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    key = f"cli/bad_input/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"     # one per (re)start
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        store.set(key + "/rank0", "1")
+    failed, deadline = store.add(key, 1), time.monotonic() + RANKS_WAIT_S
+    while failed < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+        failed = store.add(key, 0)
+    if rank != 0 and not store.check([key + "/rank0"]):
+        print(f"error: (rank {rank}) {message}", file=sys.stderr, flush=True)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,11 +129,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see {self.prog} --help)")
 
 
+def description(doc: str) -> str:
+    """A module docstring's first paragraph as one line, for --help: its first line alone may stop
+    mid-sentence (the docstrings wrap at 120 columns)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def help_text(text: str) -> str:
+    """`text` for argparse's help=, which %-formats it (%(default)s): a literal % (e.g. from an f-string's
+    {x:.0%}) must be doubled, or --help prints argparse's internal data or fails."""
+    return text.replace("%", "%%")
+
+
 def add_threads_option(parser: argparse.ArgumentParser, default=DEFAULT_THREADS):
     parser.add_argument("--threads", type=int, default=default,
                         help="CPU threads of torch (README 'Threads': more than 1 is slower, not faster, when "
                              "another process keeps the cores busy, and results are exact only at the same "
                              "count); default %(default)s")
+
+
+MAX_SEED = 2**32 - 1      # the seeds derived from a run's (seed * 1_000_003 + step ...) fit torch's 64 bits
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed is an integer in [0, MAX_SEED]: torch's generators take 64 bits, and every seed the scripts derive
+    from it (distill.prompt_generator, step_prompt_indices: seed times a constant near 10^6, plus the step) must
+    fit them too."""
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"{flag} {seed!r} is not allowed; {flag} must be an integer >= 0 and <= {MAX_SEED} (2^32 - 1)")
+    return seed
 
 
 def check_threads(threads: int) -> int:
@@ -102,6 +172,34 @@ def set_threads(threads: int):
     import torch
 
     torch.set_num_threads(check_threads(threads))
+
+
+def check_markdown_out(out, heading: str, default: str, flag: str = "--out") -> Path:
+    """The --out of report.py / curve.py: the Markdown file they write at the very end, with figures/ beside it.
+    Checked before any work, since the study takes minutes to hours: a folder, a file the script did not write
+    (its first line is not `heading`, the script's own title), and a place that cannot be created or written
+    are refused, naming what is there (`default`: the script's default --out, named in the advice). A report of the script's own is replaced: that is how it is updated."""
+    out = Path(out)
+    if out.is_dir():
+        raise BadInput(f"{flag} {out} is a folder; pass the Markdown file to write in it (e.g. "
+                       f"{out / Path(default).name}), figures/ go beside it")
+    if out.exists():
+        with open(out, "rb") as f:
+            first = f.readline(200).decode("utf-8", "replace").rstrip("\n")
+        if not first.startswith(heading):
+            raise BadInput(f"{flag} {out} exists and is not a file this script wrote (its first line is "
+                           f"{first[:60]!r}, not {heading!r}); it would be replaced: move it or pass another {flag}")
+    folder = out.parent
+    while not folder.exists():                  # the nearest existing folder: created from there
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {out} cannot be created: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise BadInput(f"{flag} {out} cannot be written: {out if out.exists() else folder} is not writable")
+    figures = out.parent / "figures"
+    if figures.exists() and not figures.is_dir():
+        raise BadInput(f"{flag} {out}: the figures go to {figures}, which is a file, not a folder")
+    return out
 
 
 def apply_overrides(cfg, args, preset: dict | None, sequences=(), values=()):

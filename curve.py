@@ -668,8 +668,7 @@ def answer_sentences(c: Curve) -> list[str]:
 
 def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dict) -> Path:
     """results/CURVE.md (QUICK: results/quick/CURVE.md), written atomically."""
-    md = [f"# The curve: which divergence distils the best draft at which teacher entropy"
-          f"{' (QUICK smoke run)' if cfg.quick else ''}", ""]
+    md = [HEADING + (" (QUICK smoke run)" if cfg.quick else ""), ""]
     md += [f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}, in "
            f"{meta['minutes']:.1f} min. Every number below was computed by that invocation"
            + (" (--reuse: drafts whose evaluation matched these settings were read back)." if cfg.reuse else "."),
@@ -733,7 +732,7 @@ def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dic
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> CurveConfig:
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="test-scale pairs, 3 settings, 2 seeds, few steps (CI)")
     p.add_argument("--settings", nargs="+", type=int, default=None, help=f"values of K in 1..{K_MAX}")
     p.add_argument("--divs", nargs="+", default=None, help="baseline and divergences of distill.py --div")
@@ -752,6 +751,9 @@ def parse_args(argv=None) -> CurveConfig:
     return cfg
 
 
+HEADING = "# The curve: which divergence distils the best draft at which teacher entropy"   # CURVE.md's first line
+
+
 def check_config(cfg: CurveConfig):
     """Every value checked before anything is built (ValueError naming it and what is allowed)."""
     for k in cfg.settings:
@@ -767,8 +769,11 @@ def check_config(cfg: CurveConfig):
     for name in ("steps", "n_prompts"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"--seeds {list(cfg.seeds)}: need distinct integers >= 0")
+    for seed in cfg.seeds:
+        cli.check_seed(seed, "--seeds")
+    cli.check_markdown_out(cfg.out, HEADING, CurveConfig.out)            # written at the very end: checked before the study
 
 
 def main(argv=None) -> Path:

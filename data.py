@@ -45,6 +45,7 @@ evaluation and the report alike, and the kept/dropped counts are printed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -463,6 +464,12 @@ def row_example(task: str, row, where: str) -> Example:
             raise DataError(f"{where}: column {col!r} is a {type(v).__name__} ({str(v)[:40]!r}), not a string")
         if not v.strip():
             raise DataError(f"{where}: column {col!r} is blank")
+        try:                        # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer encodes
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: column {col!r} holds a lone surrogate {v[e.start]!r} at character {e.start + 1} "
+                            f"(a \\ud800-\\udfff escape without its pair), which is not text; fix or drop the "
+                            f"row") from None
         values.append(v.strip())
     if task == "gsm8k" and not _GSM8K_FINAL.search(values[1]):
         raise DataError(f"{where}: column 'answer' has no final answer line '#### <number>'")
@@ -520,7 +527,9 @@ def length_filter(task: str, examples: list[Example], tokenizer,
     if tokenizer is None:
         raise ValueError("the CNN/DM length filter counts tokens of the run's teacher: pass tokenizer=... "
                          "(or max_article_tokens=None to keep every article)")
-    kept = [e for e, n in zip(examples, article_tokens(examples, tokenizer)) if n <= max_tokens]
+    # a huge article is found on a prefix (over_tokens), not tokenized whole; the rest are counted in chunks
+    short = [e for e in examples if not over_tokens(tokenizer, e.prompt, max_tokens)]
+    kept = [e for e, n in zip(short, article_tokens(short, tokenizer)) if n <= max_tokens]
     return kept, len(examples) - len(kept)
 
 
@@ -563,16 +572,20 @@ def load_examples(task: str, split: str, *, source: str = "standin", path=None, 
 # --------------------------------------------------------------------------------------------
 
 VAL_SEED = 10_000                  # the stand-in stream validation prompts are drawn from
+VAL_POOL = STANDIN_SIZES["train"]  # the stand-in's validation prompts: the first VAL_POOL of that stream
 
 
 def unused_standins(task: str, n: int, used_prompts) -> list[Example]:
-    """The first n train-split stand-ins of the stream of seed VAL_SEED whose prompt is not in used_prompts."""
+    """The first n of the stand-in's validation pool (the first VAL_POOL train-split stand-ins of the stream
+    of seed VAL_SEED) whose prompt is not in used_prompts. The pool is finite so that asking for more than
+    it holds is refused at once, saying how many there are (--eval-prompts 100000 decoded for minutes)."""
     used = set(used_prompts)
-    pool = standin_examples(task, "train", n=len(used) + n, seed=VAL_SEED)
-    val = [e for e in pool if e.prompt not in used][:n]
-    if len(val) < n:
-        raise ValueError(f"only {len(val)} {task} train prompts are unused by training, need {n}")
-    return val
+    free = [e for e in standin_examples(task, "train", n=VAL_POOL, seed=VAL_SEED) if e.prompt not in used]
+    if len(free) < n:
+        raise DataError(f"{n} validation prompts asked, but the {task} stand-in has {len(free)}: its {VAL_POOL} "
+                        f"validation prompts less the {VAL_POOL - len(free)} that training uses too; ask for at "
+                        f"most {len(free)}")
+    return free[:n]
 
 
 def held_out_split(task: str, n_train: int | None, n_val: int, *, source: str = "standin", path=None,
@@ -590,8 +603,8 @@ def held_out_split(task: str, n_train: int | None, n_val: int, *, source: str = 
         rows = load_examples(task, "train", source=source, path=path, seed=seed, tokenizer=tokenizer,
                              verbose=verbose)
         if len(rows) <= n_val:
-            raise DataError(f"{task} train split: {len(rows)} rows, too few to hold out {n_val} validation "
-                            f"prompts and train on the rest; lower the number of validation prompts")
+            raise DataError(f"{n_val} validation prompts asked, but the {task} train split has {len(rows)} rows, "
+                            f"too few to hold out {n_val} and train on the rest; ask for at most {len(rows) - 1}")
         n = len(rows) - n_val if n_train is None else min(n_train, len(rows) - n_val)
         if verbose or (n_train is not None and n < n_train):
             print(f"[data] {task}: the last {n_val} train rows are the validation prompts; training on the "
@@ -622,6 +635,46 @@ def check_held_out(task: str, train: list[Example], val: list[Example], *, sourc
 # --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)                     # once per tokenizer: over_tokens runs once per row
+def longest_token_chars(tokenizer) -> int:
+    """The most characters any token of the vocabulary is written with (byte-level BPE: one per byte, so never
+    fewer than the characters of text it stands for)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def prefix_over_tokens(tokenizer, text: str, limit: int) -> tuple[int, int] | None:
+    """(tokens, characters) of a prefix of `text` that holds more than `limit` tokens, found without
+    tokenizing the whole text: a text of more than (limit + 1) x longest_token_chars characters is cut there
+    and the cut is counted. Tokenizing a 50 MB row whole took minutes and 12 GB before its length was refused.
+    None: not settled this way (short enough to be counted whole, or a normalizer that shrinks the text)."""
+    cut = (limit + 1) * longest_token_chars(tokenizer)
+    if len(text) <= cut:
+        return None
+    n = len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+    return (n, cut) if n > limit else None
+
+
+def over_tokens(tokenizer, text: str, limit: int) -> bool:
+    """True when prefix_over_tokens settles that `text` has more than `limit` tokens."""
+    return prefix_over_tokens(tokenizer, text, limit) is not None
+
+
+def check_prompt_chars(tokenizer, task: str, examples: list[Example], context: int | None, max_new_tokens: int = 0):
+    """check_prompt_lengths before the prompts are tokenized: a prompt (chat template included) that over_tokens
+    finds longer than the context leaves for it is refused at once, naming the row, without tokenizing it whole."""
+    if context is None:
+        return
+    room = context - max_new_tokens
+    for i, ex in enumerate(examples):
+        text = prompt_text(tokenizer, task, ex)
+        found = prefix_over_tokens(tokenizer, text, room)
+        if found:
+            raise DataError(f"{ex.where or f'prompt {i + 1}'}: the prompt has {found[0]} tokens in its first "
+                            f"{found[1]} of {len(text)} characters (chat template included); with --max-new-tokens "
+                            f"{max_new_tokens} that exceeds the models' context of {context} positions "
+                            f"(max_position_embeddings); shorten or drop the row, or lower --max-new-tokens")
+
 
 def check_prompt_lengths(prompts: list[list[int]], examples: list[Example], context: int | None,
                          max_new_tokens: int = 0):
@@ -697,6 +750,7 @@ def main(argv=None):
         exs = load_examples(args.task, args.split, source=source, path=path, tokenizer=tok, verbose=True,
                             max_article_tokens=MAX_ARTICLE_TOKENS if tok is not None else None)
         if tok is not None and context is not None:
+            check_prompt_chars(tok, args.task, exs, context, args.max_new_tokens)   # before tokenizing a huge row
             prompts = [build_prompt_ids(tok, args.task, e) for e in exs]
             check_prompt_lengths(prompts, exs, context, args.max_new_tokens)
             print(f"[data] {args.task} {args.split}: the longest prompt has {max(map(len, prompts))} tokens, "

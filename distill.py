@@ -199,8 +199,8 @@ class Config:
     weight_decay: float = option(0.0, "AdamW weight decay; default %(default)s")
     max_grad_norm: float = option(1.0, "gradient-norm clipping threshold; default %(default)s")
     # system
-    device: str | None = option(None, "torch device; default cuda:<local rank> if CUDA is available, "
-                                      "else cpu")
+    device: str | None = option(None, "torch device: cpu, cuda (= cuda:<local rank>) or cuda:N; default "
+                                      "cuda:<local rank> if CUDA is available, else cpu")
     dtype: str | None = option(None, "precision of the forward passes: float32, or bfloat16 (bf16 autocast "
                                      "over float32 master weights, the teacher's weights in bf16; the loss, "
                                      "sampling and optimizer state stay float32); default bfloat16 on CUDA, "
@@ -256,6 +256,8 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name} {v} is outside [0, 1]")
     if cfg.off_policy is not None and cfg.off_policy not in OFF_POLICY:
         raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
+    # the largest local rank: every rank's device is checked on each (rank 0 says it, cli.report_bad_input)
+    check_device(cfg.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
     if cfg.dtype is None:                     # the device's natural precision, recorded as resolved
         cuda = torch.device(cfg.device).type == "cuda" if cfg.device else torch.cuda.is_available()
         cfg.dtype = "bfloat16" if cuda else "float32"
@@ -314,8 +316,7 @@ def check_options(cfg: Config):
         bad("max_grad_norm", "> 0 (the gradient-norm clipping threshold)")
     if not 0 <= cfg.warmup < 1:
         bad("warmup", "in [0, 1) (a fraction of the steps)")
-    if cfg.seed < 0:
-        bad("seed", "an integer >= 0")
+    cli.check_seed(cfg.seed)
     if cfg.weight_decay < 0:
         bad("weight_decay", ">= 0")
     if not cfg.epochs > 0:
@@ -760,9 +761,14 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     cfg.teacher, cfg.student = models.model_folder(cfg.teacher), models.model_folder(cfg.student)
     tokenizer = models.load_tokenizer(cfg.teacher)
     if cfg.eval_every:
-        examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,
-                                                     path=cfg.data_path, seed=cfg.seed, tokenizer=tokenizer,
-                                                     verbose=master)
+        try:
+            examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,
+                                                         path=cfg.data_path, seed=cfg.seed, tokenizer=tokenizer,
+                                                         verbose=master)
+        except data.DataError as e:
+            if "validation prompts asked" not in str(e):
+                raise
+            raise data.DataError(f"--eval-prompts {cfg.eval_prompts} is too many: {e}") from None
     else:
         examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
                                       seed=cfg.seed, tokenizer=tokenizer, verbose=master)
@@ -775,12 +781,16 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     for role, path in folders.items():
         models.check_model_files(path, role)
     models.check_tokenizers(*folders.values())
+    for role, path in folders.items():             # the lm_heads cover the tokenizer, read from config.json
+        models.check_vocabulary(path, tokenizer, role)
     device = run_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
         raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
+    context = models.context_length(*folders.values())
+    for rows in (examples, val_examples):      # a huge row is refused before it is tokenized whole
+        data.check_prompt_chars(tokenizer, cfg.task, rows, context, cfg.max_new_tokens)
     prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in examples]
     val_prompts = [data.build_prompt_ids(tokenizer, cfg.task, ex) for ex in val_examples]
-    context = models.context_length(*folders.values())
     data.check_prompt_lengths(prompts, examples, context, cfg.max_new_tokens)
     data.check_prompt_lengths(val_prompts, val_examples, context, cfg.max_new_tokens)
     return Inputs(examples, prompts, ckpt, val_prompts)
@@ -1016,7 +1026,44 @@ def set_up(cfg: Config, inputs: Inputs) -> Run:
 
 
 def run_device(cfg: Config, local_rank: int) -> torch.device:
-    return torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    """This process's device: --device, where `cuda` without an index means this process's GPU,
+    cuda:<local rank> (torch.cuda.set_device needs an index; under torchrun each rank has its own GPU);
+    by default cuda:<local rank> when CUDA is available, else the CPU."""
+    if cfg.device is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def check_device(name: str | None, local_rank: int = 0):
+    """--device must name a device this machine has (ValueError naming it and what there is): cpu; cuda or
+    cuda:N with CUDA available and N (cuda: cuda:<local_rank>, run_device; resolve_config passes the largest
+    local rank of the machine's processes) below the GPU count; mps where available. A device that is not
+    there failed in torch.cuda.set_device, after the data had loaded."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; valid: cpu, cuda (this process's GPU: "
+                         f"cuda:<local rank>) or cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} is not available: torch sees no CUDA GPU on this machine "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        index, count = local_rank if device.index is None else device.index, torch.cuda.device_count()
+        if index >= count and device.index is None:
+            raise ValueError(f"--device {name} gives each of the {local_rank + 1} processes on this machine its "
+                             f"own GPU (cuda:<local rank>), but it has {count}: start at most {count} processes")
+        if index >= count:
+            raise ValueError(f"--device {name} is cuda:{index}, but this machine has {count} CUDA GPU(s): "
+                             f"cuda:0 to cuda:{count - 1}")
+        return
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ValueError(f"--device {name} is not available here; valid: cpu, cuda or cuda:N (with a CUDA GPU)")
 
 
 def set_up_process(cfg: Config):

@@ -365,7 +365,6 @@ def check_task_inputs(args, task: str) -> dict:
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     examples = data.load_examples(task, "eval", source=source, path=data_path, n=n, tokenizer=tokenizer,
                                   verbose=True)
-    prompts = [data.build_prompt_ids(tokenizer, task, e) for e in examples]
     drafts = [("baseline", "baseline (no distillation)", student_id)]
     drafts += [(final.parent.name, divergence_label(final.parent), str(final))
                for final in trained_runs(Path(args.runs), args.preset, group)]
@@ -376,9 +375,13 @@ def check_task_inputs(args, task: str) -> dict:
     for name, _, path in drafts:
         models.check_model_files(path, "baseline student" if name == "baseline" else f"draft {name}")
         models.check_tokenizers(teacher_id, path)
+    for role, path in [("teacher", teacher_id)] + [(name, path) for name, _, path in drafts]:
+        models.check_vocabulary(path, tokenizer, role)       # the lm_heads cover the tokenizer, from config.json
     max_new = args.max_new_tokens or pc.get("max_new_tokens") or 0
-    data.check_prompt_lengths(prompts, examples, models.context_length(teacher_id, *(d[2] for d in drafts)),
-                              max_new)
+    context = models.context_length(teacher_id, *(d[2] for d in drafts))
+    data.check_prompt_chars(tokenizer, task, examples, context, max_new)      # a huge row: before tokenizing it
+    prompts = [data.build_prompt_ids(tokenizer, task, e) for e in examples]
+    data.check_prompt_lengths(prompts, examples, context, max_new)
     return {"teacher": teacher_id, "student": student_id, "prompts": prompts, "drafts": drafts,
             "source": source, "data_path": data_path, "group": group}
 
@@ -487,9 +490,9 @@ def parse_args(argv=None):
     p.add_argument("--speedup-batches", type=int, default=2, help="time the speedup over the target alone on the "
                    "first K batches (default %(default)s; each costs a target-alone and a speculative generation per "
                    "draft and repeat)")
-    p.add_argument("--speedup-repeats", type=int, default=3, help="time each speedup this many times, the target "
-                   f"alone and the draft in turns; repeats spreading more than {SPEEDUP_TOLERANCE:.0%} are flagged "
-                   "(default %(default)s)")
+    p.add_argument("--speedup-repeats", type=int, default=3, help=cli.help_text(
+                   "time each speedup this many times, the target alone and the draft in turns; repeats spreading "
+                   f"more than {SPEEDUP_TOLERANCE:.0%} are flagged") + " (default %(default)s)")
     p.add_argument("--batch1-prompts", type=int, default=4, help="also time the speedup at batch 1 on the first N "
                    "prompts, one at a time (default %(default)s; 0: not at batch 1)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval (default %(default)s)")
@@ -497,6 +500,7 @@ def parse_args(argv=None):
     cli.add_threads_option(p)
     args = p.parse_args(argv)
     cli.check_threads(args.threads)
+    cli.check_seed(args.seed)
     args.runs_given, args.runs = args.runs is not None, args.runs or "runs"
     if args.runs_given and not Path(args.runs).is_dir():
         raise ValueError(f"--runs {args.runs}: no such folder; pass the root distill.py wrote its runs to (runs/, "

@@ -616,6 +616,41 @@ def check_model_files(path_or_id, role: str = "model") -> None:
         problem = rundir.verify_checkpoint(d)
         if problem is not None:
             raise ValueError(f"the {role} {d} is damaged: {problem}; copy it again, or use the run's checkpoint")
+    check_weights_match_config(d, role)
+
+
+def config_model(path_or_id, role: str = "model") -> torch.nn.Module:
+    """The model config.json describes, built on the meta device: every parameter's shape, no memory, no
+    weight read. What the checks below compare the weights and the tokenizer with before any model loads."""
+    import sharding                               # sharding.py does not import models: no cycle
+
+    try:
+        return sharding.empty_model(str(path_or_id), torch.float32)
+    except (ValueError, KeyError, TypeError, OSError) as e:    # an unknown model_type, a field of the wrong type
+        raise ValueError(f"the {role} {path_or_id}: transformers cannot build a model from its config.json "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def check_weights_match_config(folder: Path, role: str = "model") -> None:
+    """Every tensor of the folder's safetensors files that the config's model has must have the shape
+    config.json gives it (headers only; no tensor is read). A config.json from another model (other sizes)
+    otherwise failed inside from_pretrained, after its load report, with a size-mismatch traceback."""
+    from safetensors import safe_open
+    expected = {name: tuple(t.shape) for name, t in config_model(folder, role).state_dict().items()}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as weights:
+            for name in weights.keys():
+                shape = tuple(weights.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    raise ValueError(f"the {role}'s config.json does not match its weights: {name} is "
+                                     f"{list(shape)} in {f}, but config.json makes it {list(expected[name])} "
+                                     f"(a config.json of another model?)")
+
+
+def check_vocabulary(path_or_id, tokenizer, role: str = "model") -> None:
+    """check_lm_head on the model config.json describes: a tokenizer with more tokens than the lm_head has
+    rows is refused before any model loads (it was found only after both models had loaded)."""
+    check_lm_head(config_model(path_or_id, role), tokenizer, role)
 
 
 def context_length(*paths_or_ids) -> int | None:
@@ -1058,12 +1093,19 @@ def main(argv=None):
     ap.add_argument("--draft-layers", type=int, default=SMOLLM2_DRAFT_LAYERS,
                     help="smollm2: the draft's depth k, its first k of the target's 30 layers (default %(default)s)")
     cli.add_threads_option(ap)
-    args = ap.parse_args(argv)
+    with cli.before_the_work():
+        args = ap.parse_args(argv)
+        cli.check_seed(args.seed)
+        if args.n_prompts < 1:
+            raise cli.BadInput(f"--n-prompts {args.n_prompts} is not allowed; --n-prompts must be >= 1 (the eval "
+                               f"prompts the summary decodes)")
+        if args.draft_layers < 1:
+            raise cli.BadInput(f"--draft-layers {args.draft_layers} is not allowed; a draft needs at least 1 layer")
+        rundir.check_out_dir(Path(args.root), flag="--root")
+        if args.preset == "smollm2":
+            smollm2_gguf()                 # not installed: one line saying how to install it
     cli.set_threads(args.threads)          # the summary's forwards; builds run on one thread (build_tiny_pair)
     if args.preset == "smollm2":
-        if args.draft_layers < 1:
-            raise ValueError(f"--draft-layers {args.draft_layers}: a draft needs at least 1 layer")
-        smollm2_gguf()                     # not installed: one line saying how to install it
         target, draft = ensure_smollm2_pair(args.draft_layers, root=args.root)
         print(f"the real pair: target {target} (from {SMOLLM2_GGUF}), draft {draft} "
               f"(its first {args.draft_layers} layers)")

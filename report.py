@@ -118,6 +118,7 @@ class ReportConfig:
 QUICK = dict(seeds=(0, 1), steps=8, n_prompts=16, n_profile=8, runs="runs/quick", results="results/quick",
              out="results/quick/REPORT.md", n_boot=1000, n_bins=3, ajsd_floors=(0.25, 0.75),
              ajsd_scales=(0.3, 3.0), n_val=8, n_val_train=8)
+HEADING = "# Report: which divergence distils the best draft?"   # REPORT.md's first line (+ the preset)
 HEADLINE = {"gsm8k": ("rkl", "jsd"), "cnndm": ("jsd", "fkl")}   # the comparisons the study must resolve
 
 
@@ -710,7 +711,7 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
     import entropy
     import estimates
 
-    md = [f"# Report: which divergence distils the best draft? ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
+    md = [f"{HEADING} ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
     md += [f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}, "
            f"in {meta['minutes']:.1f} min. Every number below was computed by that invocation from the "
            + (f"evaluations in {cfg.results}: --reuse read back the trained runs and every evaluation that held "
@@ -838,7 +839,7 @@ def _meta(t0: float, argv, commit: str) -> dict:
 
 
 def parse_args(argv=None) -> ReportConfig:
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)
@@ -860,7 +861,17 @@ def parse_args(argv=None) -> ReportConfig:
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("tasks", "divs", "seeds"),
                         values=("steps", "n_prompts", "out"))
     import data
+    import models
 
+    models.check_preset(cfg.preset)
+    for name in ("steps", "n_prompts"):                 # both are used only after training has started
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not allowed; "
+                             f"--{name.replace('_', '-')} must be >= 1")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"--seeds {list(cfg.seeds)}: need distinct integers >= 0")
+    for seed in cfg.seeds:
+        cli.check_seed(seed, "--seeds")
     for t in cfg.tasks:
         data.check_task(t)
     data.resolve_source(cfg.source, cfg.data_path)                  # the shared rule's errors
@@ -874,6 +885,7 @@ def parse_args(argv=None) -> ReportConfig:
     bad = [d for d in cfg.divs if d not in DIVS]
     if bad:
         raise ValueError(f"unknown --divs {bad}; valid: {', '.join(DIVS)}")
+    cli.check_markdown_out(cfg.out, HEADING, ReportConfig.out)            # written at the very end: checked before the study
     return cfg
 
 

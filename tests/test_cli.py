@@ -245,3 +245,171 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_model(pair, tm
     with pytest.raises(ValueError, match=r"--batch-size 3 must be divisible by world size 2"):
         distill.main(train_args(pair, tmp_path / "run") + ["--batch-size", "3"])
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- --help (issue 31, item 14)
+
+def script_help(script: str) -> str:
+    r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("script", ["distill.py", "evaluate.py", "report.py", "curve.py", "models.py", "data.py"])
+def test_help_prints_option_texts_not_argparse_internals(script):
+    """Issue 31: an unescaped % in evaluate.py's --speedup-repeats help made --help print argparse's
+    internal dict ({'option_strings': ...}) in place of the sentence; --help is the first thing a user reads."""
+    text = script_help(script)
+    assert "option_strings" not in text and "%(" not in text, text
+
+
+@pytest.mark.parametrize("script", ["report.py", "curve.py"])
+def test_help_description_is_a_whole_sentence(script):
+    """Issue 31: curve.py's --help description stopped mid-sentence ('... as a function of the'): the first
+    line of a wrapped docstring is not a sentence, its first paragraph is."""
+    description = " ".join(script_help(script).split("\n\n")[1].split())
+    assert description.endswith("."), description
+
+
+@pytest.mark.parametrize("script", ["distill", "evaluate"])
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seeds_outside_32_bits_are_refused_before_any_model(pair, tmp_path, no_models, script, seed):
+    """Issue 31: --seed 2^64 overflowed torch's generator (a traceback) and evaluate.py --seed -1 failed
+    after the baseline's whole decoding; a seed is an integer in [0, 2^32 - 1], so that every seed derived
+    from it (seed x 1,000,003 + step ...) fits torch's 64 bits, checked with the other options."""
+    argv = (train_args(pair, tmp_path / "run") if script == "distill" else eval_args(pair, tmp_path))
+    with pytest.raises(ValueError, match=rf"--seed {seed} is not allowed; --seed must be an integer >= 0 and <= 4294967295"):
+        {"distill": distill, "evaluate": evaluate}[script].main(argv + ["--seed", str(seed)])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "res").exists()
+
+
+# ----------------------------------------------------------------------------- --device (issue 31, item 5)
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_cuda_device_without_cuda_is_refused_before_any_model(pair, tmp_path, no_models, monkeypatch, device):
+    """Issue 31: --device cuda / cuda:0 on a machine without CUDA crashed in torch.cuda.set_device, after the
+    data had loaded; the device is the user's to fix, named with what the machine has."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=rf"--device {device} is not available: torch sees no CUDA GPU .*--device cpu"):
+        distill.main(train_args(pair, tmp_path / "run") + ["--device", device])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused(monkeypatch):
+    """--device cuda:3 on a 2-GPU machine names the GPUs there are (it failed in set_device)."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:3 is cuda:3, but this machine has 2 CUDA GPU\(s\): cuda:0 to cuda:1"):
+        distill.check_device("cuda:3")
+
+
+def test_cuda_without_an_index_is_this_processs_gpu(monkeypatch):
+    """Issue 31: `--device cuda` (the first thing a GPU user types) crashed in torch.cuda.set_device on every
+    machine, which needs an index; it means cuda:<local rank>, each torchrun rank its own GPU."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
+    cfg = distill.Config(device="cuda")
+    distill.check_device(cfg.device, local_rank=1)
+    assert distill.run_device(cfg, local_rank=1) == distill.torch.device("cuda", 1)
+    assert distill.run_device(distill.Config(device="cuda:0"), local_rank=1) == distill.torch.device("cuda", 0)
+
+
+# ----------------------------------------------------------------------------- model configs (issue 31, item 7)
+
+def test_a_config_json_that_disagrees_with_the_weights_is_refused_before_any_model(pair, tmp_path, no_models):
+    """Issue 31: a teacher whose config.json gives other sizes than its weights (a config.json of another
+    model) failed inside from_pretrained with a size-mismatch traceback after the load report; the
+    safetensors headers and the config's shapes are compared first, naming the tensor."""
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pair[0], teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (teacher / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the teacher's config\.json does not match its weights: \S*mlp\S* is \[\d+, \d+\] "
+                                         r"in .*model\.safetensors, but config\.json makes it"):
+        distill.main(train_args((str(teacher), pair[1]), tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["distill", "evaluate"])
+def test_a_tokenizer_larger_than_the_lm_head_is_refused_before_any_model(pair, tmp_path, no_models, script):
+    """Issue 31: the check that the lm_heads have a row for every token ran after both models had loaded;
+    it needs only the configs (vocab_size), so it runs with the other checks."""
+    import shutil
+    from transformers import AutoTokenizer
+    folders = []
+    for role, src in zip(("teacher", "student"), pair):
+        shutil.copytree(src, tmp_path / role)
+        folders.append(str(tmp_path / role))
+    rows = models.config_model(pair[0]).get_output_embeddings().weight.shape[0]
+    tok = AutoTokenizer.from_pretrained(pair[0])
+    tok.add_tokens([f"extra_token_{i}" for i in range(rows - len(tok) + 5)])
+    for folder in folders:
+        tok.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"the teacher's lm_head has {rows} rows, fewer than the {rows + 5} tokens"):
+        if script == "distill":
+            distill.main(train_args(folders, tmp_path / "run"))
+        else:
+            evaluate.main(eval_args(folders, tmp_path))
+
+
+# ----------------------------------------------------------------------------- huge rows (issue 31, item 12)
+
+def test_a_huge_prompt_is_refused_without_tokenizing_it_whole(pair, tmp_path, no_models, monkeypatch):
+    """Issue 31: a 50 MB single-row prompt took 154 s and 12.4 GB before its (correct) length error, all of it
+    tokenized first; a prefix of (context + 1) x the longest token's characters settles it."""
+    real = distill.data.build_prompt_ids
+
+    def no_huge_rows(tokenizer, task, example):
+        assert len(example.prompt) < 100_000, "a huge prompt was tokenized whole"
+        return real(tokenizer, task, example)
+    monkeypatch.setattr(distill.data, "build_prompt_ids", no_huge_rows)
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps({"question": "How many apples? " * 300_000, "answer": "Two.\n#### 2"}) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 1: the prompt has \d+ tokens in its first \d+ of "
+                                         r"\d+ characters .*context of 1024 positions"):
+        distill.main(train_args(pair, tmp_path / "run", "--data-path", f))
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_validation_prompts_than_exist_are_refused_saying_how_many(pair, tmp_path, no_models):
+    """Issue 31: --eval-every 1 --eval-prompts 100000 ran silently for minutes; the stand-in's validation
+    prompts are a finite pool, and asking for more than it (or a file) holds says how many there are."""
+    with pytest.raises(ValueError, match=r"--eval-prompts 100000 is too many: .* the gsm8k stand-in has (\d+): its "
+                                         r"2000 validation prompts less the \d+ that training uses too; ask for at "
+                                         r"most \1"):
+        distill.main(train_args(pair, tmp_path / "run", "--eval-every", "1", "--eval-prompts", "100000"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_for_more_processes_than_gpus_is_refused_on_every_rank(monkeypatch):
+    """Under torchrun, `--device cuda` gives each local rank its own GPU: 4 processes on a 2-GPU machine fail
+    in set_device on ranks 2 and 3 only, whose error rank 0 would not print; every rank checks the largest
+    local rank, so rank 0 says it."""
+    monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"--device cuda gives each of the 4 processes on this machine its own GPU "
+                                         r"\(cuda:<local rank>\), but it has 2"):
+        distill.resolve_config(distill.parse_args(["--device", "cuda", "--out", "/tmp/unused-run"]))
+
+
+# ----------------------------------------------------------------------------- torchrun (issue 31, item 10)
+
+def test_under_torchrun_a_bad_option_is_one_line_and_every_rank_exits_2(tmp_path):
+    """Issue 31: under torchrun a bad option printed its error once per rank, and the first rank to exit made
+    torchrun SIGTERM the others. Rank 0 prints the one line; the ranks wait for each other in torchrun's store,
+    so every rank exits 2 (torchrun's own summary of the failed children stays torchrun's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "distill.py"), "--top-p", "2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: need --temperature >= 0 and 0 < --top-p <= 1, got 0.6, 2.0"], r.stderr
+    exit_codes = [line.split(":", 1)[1].split()[0] for line in r.stderr.splitlines()
+                  if line.strip().startswith("exitcode")]
+    assert exit_codes == ["2", "2"], r.stderr
+    assert not (tmp_path / "run").exists()

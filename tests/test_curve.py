@@ -273,3 +273,10 @@ def test_quick_curve_end_to_end_writes_every_section_and_figure(pairs, tmp_path,
     section = md.split("## Token acceptance per setting")[1]
     row = next(line for line in section.split("\n") if line.startswith("| 16 |"))
     assert f"{np.mean(per_seed):.3f} [" in row          # the rkl level: mean over seeds of per-seed means
+
+
+def test_seeds_beyond_32_bits_are_refused_with_the_other_options():
+    """Issue 31: a seed past 2^32 - 1 overflows the 64-bit seeds distill.py derives from it, deep inside the
+    first training run; the curve's --seeds share distill.py's rule (cli.check_seed) and are checked first."""
+    with pytest.raises(ValueError, match=r"--seeds 4294967296 is not allowed; --seeds must be an integer >= 0 and <= "):
+        C.parse_args(["--seeds", "0", str(2**32)])

@@ -219,6 +219,9 @@ BAD_ROWS = {
     "number column": (json.dumps({"question": 7, "answer": "#### 1"}), r"line 1: column 'question' is a int"),
     "no final answer": (json.dumps({"question": "q?", "answer": "it is 4"}), r"line 1: column 'answer' has no final"),
     "empty array": ("[]", r"no rows"),
+    # issue 31: json.loads turns the escape into a lone surrogate, which crashed the tokenizer later
+    "lone surrogate": (GOOD + "\n" + json.dumps({"question": "x\ud800y", "answer": "#### 1"}) + "\n",
+                       r"train\.jsonl, line 2: column 'question' holds a lone surrogate '\\ud800' at character 2"),
 }
 
 
@@ -444,3 +447,18 @@ def test_validation_rows_shared_with_the_eval_file_are_refused(tmp_path):
         data.held_out_split("gsm8k", None, 4, source="file", path=tmp_path)
     with pytest.raises(data.DataError, match="too few"):
         data.held_out_split("gsm8k", None, 40, source="file", path=FIXTURES)
+
+
+def test_the_length_filter_drops_a_huge_article_without_tokenizing_it_whole(tokenizer, monkeypatch):
+    """Issue 31: counting a 50 MB row's tokens took minutes and gigabytes; an article whose prefix already
+    holds more tokens than the filter keeps is dropped on that prefix, and the others are counted as before."""
+    real = data.article_tokens
+
+    def counted(examples, tok, chunk=1000):
+        assert all(len(e.prompt) < 100_000 for e in examples), "a huge article was tokenized whole"
+        return real(examples, tok, chunk)
+    monkeypatch.setattr(data, "article_tokens", counted)
+    short = data.Example(prompt="A short article.", reference="Short.")
+    huge = data.Example(prompt="word " * 200_000, reference="Long.")
+    kept, dropped = data.length_filter("cnndm", [huge, short], tokenizer, max_tokens=100)
+    assert (kept, dropped) == ([short], 1)

@@ -596,13 +596,16 @@ def test_dtype_bfloat16_trains_on_the_cpu_and_resumes(pair, tmp_path, monkeypatc
     assert read_losses(bf16) == losses
 
 
-def test_dtype_defaults_to_the_devices_and_bad_values_are_named(pair):
+def test_dtype_defaults_to_the_devices_and_bad_values_are_named(pair, monkeypatch):
     """No --dtype: float32 on the CPU, bfloat16 on CUDA (resolved, so config.json records what ran);
     anything else is refused with the valid choices."""
     def resolved(*extra):
         return distill.resolve_config(distill.parse_args(run_args(pair, "unused", *extra))).dtype
     assert resolved("--device", "cpu") == "float32"
-    assert resolved("--device", "cuda:0") == "bfloat16"
+    with monkeypatch.context() as m:          # a CUDA machine (a device that is not there is refused: issue 31)
+        m.setattr(distill.torch.cuda, "is_available", lambda: True)
+        m.setattr(distill.torch.cuda, "device_count", lambda: 1)
+        assert resolved("--device", "cuda:0") == "bfloat16"
     assert resolved("--device", "cpu", "--dtype", "bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match=r"--dtype 'float16'.*float32, bfloat16"):
         resolved("--dtype", "float16")

@@ -249,3 +249,23 @@ def test_models_py_takes_threads_like_every_script(capsys):
         cli.script_main(models.main, ["--threads", "0", "--build-only"])
     assert e.value.code == 2
     assert "--threads 0 is not allowed; --threads must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--root", "FILE"], r"--root .*afile is a file, not a directory"),
+    (["--n-prompts", "0"], r"--n-prompts 0 is not allowed; --n-prompts must be >= 1"),
+    (["--n-prompts", "-5"], r"--n-prompts -5 is not allowed; --n-prompts must be >= 1"),
+    (["--seed", "-1"], r"--seed -1 is not allowed; --seed must be an integer >= 0 and <= 4294967295"),
+    (["--seed", str(2**64)], r"--seed 18446744073709551616 is not allowed"),
+])
+def test_models_py_refuses_bad_options_before_building(argv, match, tmp_path, monkeypatch):
+    """Issue 31: `models.py --root <a file>` and `--n-prompts 0` / `-5` ended in tracebacks (the latter with a
+    wrong message about article lengths) after the pairs were built or loaded; they are the user's to fix."""
+    def no_build(*a, **k):
+        raise AssertionError("a pair was built or loaded before the options were checked")
+    monkeypatch.setattr(models, "ensure_tiny_pair", no_build)
+    monkeypatch.setattr(models, "build_in_parallel", no_build)
+    (tmp_path / "afile").write_text("")
+    argv = [str(tmp_path / "afile") if a == "FILE" else a for a in argv]
+    with pytest.raises(ValueError, match=match):
+        models.main(["--task", "gsm8k", "--root", str(tmp_path / "ckpt"), *argv])

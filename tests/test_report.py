@@ -372,3 +372,61 @@ def test_source_commit_names_the_start_and_flags_edits_to_tracked_files(tmp_path
     assert R.source_commit() == head
     (tmp_path / "REPORT.md").write_text("new\n")
     assert R.source_commit() == head + " + uncommitted changes"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--preset", "huge"], r"unknown preset 'huge'; valid presets: paper, tiny"),
+    (["--n-prompts", "0"], r"--n-prompts 0 is not allowed; --n-prompts must be >= 1"),
+    (["--quick", "--steps", "0"], r"--steps 0 is not allowed; --steps must be >= 1"),
+    (["--seeds", "-1"], r"--seeds -1 is not allowed; --seeds must be an integer >= 0 and <= 4294967295"),
+    (["--seeds", "0", "0"], r"--seeds \[0, 0\]: need distinct integers"),
+])
+def test_study_options_are_refused_before_any_training(argv, match):
+    """Issue 31: --preset huge, --n-prompts 0, --quick --steps 0 and --seeds -1 failed only after training
+    had started (minutes of work lost, a traceback); each is the user's to fix and is said at once."""
+    with pytest.raises(ValueError, match=match):
+        R.parse_args(argv)
+
+
+def _study_parse(script):
+    import curve
+    return {"report": R.parse_args, "curve": curve.parse_args}[script]
+
+
+@pytest.mark.parametrize("script", ["report", "curve"])
+def test_out_a_folder_is_refused_before_the_study(script, tmp_path):
+    """Issue 31: report.py --out <a folder> crashed with IsADirectoryError after the whole study, leaving
+    <out>.md.tmp behind; the place of the file is checked with the other options."""
+    with pytest.raises(ValueError, match=r"--out .* is a folder; pass the Markdown file to write in it"):
+        _study_parse(script)(["--quick", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("script", ["report", "curve"])
+def test_out_a_file_the_script_did_not_write_is_refused_and_kept(script, tmp_path):
+    """Issue 31: an existing --out file (someone's notes) was silently replaced, with figures/ written beside
+    it. Only a report of the script's own (its title on the first line) may be replaced; anything else is
+    refused, naming what is there, and left as it was."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"notes\.md exists and is not a file this script wrote .*'my notes'"):
+        _study_parse(script)(["--quick", "--out", str(notes)])
+    assert notes.read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("script", ["report", "curve"])
+def test_out_an_earlier_report_of_the_script_is_accepted(script, tmp_path):
+    """Rerunning the study updates its own report in place (`make report` rewrites results/REPORT.md): the
+    check that refuses foreign files must accept the script's own."""
+    import curve
+    heading = {"report": R.HEADING, "curve": curve.HEADING}[script]
+    old = tmp_path / "OLD.md"
+    old.write_text(heading + " (tiny preset)\n\nold numbers\n")
+    assert str(_study_parse(script)(["--quick", "--out", str(old)]).out) == str(old)
+
+
+@pytest.mark.parametrize("script", ["report", "curve"])
+def test_out_under_a_file_is_refused_before_the_study(script, tmp_path):
+    """An --out that cannot be created (a file where its folder should be) is said at once, not after hours."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"cannot be created: .*afile is a file, not a folder"):
+        _study_parse(script)(["--quick", "--out", str(tmp_path / "afile" / "REPORT.md")])
