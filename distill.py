@@ -63,9 +63,11 @@ Validation (--eval-every N, off by default): after every N-th optimizer step and
 exact speculative decoding (specdec.speculative_generate, the decoding protocol, one fixed sampling seed) of the
 current student against the teacher on --eval-prompts K held-out validation prompts: train-split prompts that
 training never sees and that are not in evaluate.py's eval split (data.held_out_split; checked). That step's
-row gets val_acceptance_rate (accepted / drafted), val_alpha (mean sum_x min(p, q) over drafted positions, the
-processed p and q), val_mean_accepted_length (tokens per target call), val_per_position_acceptance (the
-rate at draft positions 1..gamma), all pooled over the K prompts, and val_seconds. <out>/best/ holds the student
+row gets val_acceptance_rate (accepted / drafted), val_alpha (mean sum_x min(p, q) over TESTED positions:
+those up to and including each round's first rejection, the processed p and q), val_mean_accepted_length
+(tokens per target call), val_per_position_acceptance (at draft positions 1..gamma: accepted / tested there,
+i.e. the acceptance given every earlier draft of the round accepted), all pooled over the K prompts (specdec's
+alpha and per_position_acceptance), and val_seconds. <out>/best/ holds the student
 of the highest val_acceptance_rate so far (the first on ties) and best.json (its step and val row), written
 atomically with checksums; a checkpoint of that step is written first, so best/ is never newer than the
 checkpoint a --resume starts from, and the resumed run keeps it.

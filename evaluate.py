@@ -9,7 +9,10 @@ padding rows left out), stopping on the same ids as training: models.decoding_pr
 Every draft sees the same prompts and the same sampling seed. Per prompt (one row of the batch):
 
     token acceptance       A / D: drafted tokens accepted / drafted tokens (the seed's metric; NOT alpha)
-    analytic alpha         mean over drafted positions of beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i)
+    analytic alpha         mean over TESTED positions of beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i):
+                           the drafted positions up to and including the first rejection of each round (a
+                           position after it is never verified and its context holds the rejected token;
+                           specdec's alpha_all_drafted, kept in the JSON, averages over those too)
     mean accepted length   generated tokens / target calls (tokens per verification, bonus included)
 
 The table reports the mean over prompts (a macro-mean, as the seed did; a prompt with nothing drafted
@@ -27,7 +30,7 @@ The speedup a user gets, per draft, at the evaluation's batch size and at batch 
                            hits both; the speedup is the median of the R per-repeat ratios, and repeats whose
                            spread (max - min) / median exceeds SPEEDUP_TOLERANCE are flagged as noise.
     theoretical speedup    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))  (Leviathan et al. 2023), with
-                           alpha the pooled analytic alpha (mean beta_i over every drafted position), gamma the
+                           alpha the pooled analytic alpha (mean beta_i over every tested position), gamma the
                            protocol's and c = draft step cost / target step cost, measured here (cost_ratio) at
                            the same batch size: seconds per decoding step of each model alone, no stop ids,
                            (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns, best of 3.
@@ -81,9 +84,10 @@ def per_prompt(per_row: list[dict]) -> dict[str, list]:
     drafted = [r["drafted"] for r in per_row]
     return {
         "token_acceptance": [r["acceptance_rate"] if d else None for r, d in zip(per_row, drafted)],
-        "alpha": [r["alpha"] if d else None for r, d in zip(per_row, drafted)],
+        "alpha": [r["alpha"] if r["tested"] else None for r in per_row],   # over tested positions
         "mean_accepted_length": [r["mean_accepted_length"] for r in per_row],
         "drafted": drafted,
+        "tested": [r["tested"] for r in per_row],   # drafted positions up to each round's first rejection
         "accepted": [r["accepted"] for r in per_row],
         "generated": [r["generated"] for r in per_row],
         "wall_time_s": [r["wall_time_s"] for r in per_row],   # from the row's admission to its finish
@@ -97,9 +101,10 @@ def pooled_acceptance(per_row: list[dict]) -> float:
 
 
 def pooled_alpha(per_row: list[dict]) -> float:
-    """Mean beta_i over every drafted position of every prompt: the alpha of the speedup formula."""
-    drafted = sum(r["drafted"] for r in per_row)
-    return sum(r["alpha"] * r["drafted"] for r in per_row if r["drafted"]) / drafted if drafted else math.nan
+    """Mean beta_i over every TESTED position of every prompt (up to and including each round's first
+    rejection; specdec's alpha): the per-token acceptance probability of the speedup formula (NaN if none)."""
+    tested = sum(r["tested"] for r in per_row)
+    return sum(r["alpha"] * r["tested"] for r in per_row if r["tested"]) / tested if tested else math.nan
 
 
 def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:

@@ -392,6 +392,31 @@ def test_validation_rows_come_every_n_steps_and_do_not_change_training(pair, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_val_alpha_and_per_position_rates_count_tested_positions_only(pair, loaded):
+    """val_alpha is the mean beta over the positions verification tested (up to and including each round's
+    first rejection) and val_per_position_acceptance the accepted / tested rate at each position: the same
+    quantities as evaluate.py's, recomputed here from the per-position records of the same decoding (the same
+    prompts, protocol and sampling seed). Counting positions drafted after a rejection (never tested, their
+    context holding the rejected token) gives another number, so the test also checks the two differ here."""
+    import entropy
+    import specdec
+    teacher, student, tok = loaded
+    protocol = models.decoding_protocol("tiny", tok, teacher, task="gsm8k", max_new_tokens=24)
+    run = SimpleNamespace(teacher=teacher, student=student, val_prompts=prompts_of(tok, 6), protocol=protocol,
+                          autocast=nullcontext())
+    val = distill.validate(run)
+    rec = specdec.speculative_generate(teacher, student, run.val_prompts, seed=distill.VAL_SAMPLING_SEED,
+                                       record=True, **protocol.speculative_kwargs()).records
+    tested = torch.from_numpy(entropy.tested_mask(rec))
+    assert not bool(tested.all())                                   # some positions were drafted after a rejection
+    beta = rec["acceptance_prob"].double()
+    assert val["val_alpha"] == pytest.approx(beta[tested].mean().item(), rel=1e-5)
+    assert val["val_alpha"] != pytest.approx(beta.mean().item(), rel=1e-3)
+    for i, rate in enumerate(val["val_per_position_acceptance"], start=1):
+        at = (rec["position"] == i) & tested
+        assert (rate is None and not bool(at.any())) or rate == pytest.approx(rec["accepted"][at].double().mean().item())
+
+
 def test_best_is_the_student_of_the_best_validation_step(pair, loaded, tmp_path):
     """best/ holds the student of the step with the highest val_acceptance_rate (the first on ties):
     best.json names that step and its row, and validating best/'s weights again gives that row's numbers."""

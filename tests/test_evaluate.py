@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import entropy
 import evaluate
 import models
 
@@ -35,10 +36,10 @@ def test_bootstrap_leaves_out_prompts_with_nothing_drafted():
 
 def test_per_prompt_marks_undrafted_rows_as_missing():
     """specdec reports rate 0 for a row that drafted nothing; per_prompt turns that into None (no data)."""
-    rows = [{"drafted": 4, "accepted": 2, "acceptance_rate": 0.5, "alpha": 0.6, "mean_accepted_length": 2.0,
-             "generated": 6, "wall_time_s": 0.1},
-            {"drafted": 0, "accepted": 0, "acceptance_rate": 0.0, "alpha": 0.0, "mean_accepted_length": 1.0,
-             "generated": 1, "wall_time_s": 0.1}]
+    rows = [{"drafted": 4, "tested": 3, "accepted": 2, "acceptance_rate": 0.5, "alpha": 0.6,
+             "mean_accepted_length": 2.0, "generated": 6, "wall_time_s": 0.1},
+            {"drafted": 0, "tested": 0, "accepted": 0, "acceptance_rate": 0.0, "alpha": 0.0,
+             "mean_accepted_length": 1.0, "generated": 1, "wall_time_s": 0.1}]
     pp = evaluate.per_prompt(rows)
     assert pp["token_acceptance"] == [0.5, None] and pp["alpha"] == [0.6, None]
 
@@ -70,6 +71,8 @@ def test_eval_files_and_a_perfect_draft(pair, tmp_path):
         rec = entry["records"]
         assert len(rec["accepted"]) == sum(entry["per_prompt"]["drafted"]) > 0
         assert set(rec["row"]) <= set(range(6)) and max(rec["row"]) >= 4   # rows of later batches offset
+        tested = entropy.tested_mask(rec)   # the pooled alpha: mean beta over tested positions only
+        assert entry["pooled_alpha"] == pytest.approx(np.mean(np.asarray(rec["acceptance_prob"])[tested]), rel=1e-5)
     gain = doc["runs"]["self-s0"]["gain"]   # paired on the same prompts: the per-prompt differences' mean
     base_acc = doc["runs"]["baseline"]["per_prompt"]["token_acceptance"]
     self_acc = doc["runs"]["self-s0"]["per_prompt"]["token_acceptance"]
@@ -98,11 +101,21 @@ def test_bad_input_names_the_value(argv, word):
 def test_pooled_acceptance_is_sum_accepted_over_sum_drafted():
     """eval.json's pooled_acceptance weighs every drafted token the same: (1 + 6) / (4 + 6) = 0.7, not the
     mean of the per-prompt rates (0.625), not accepted / generated, not accepted / prompts."""
-    rows = [{"drafted": 4, "accepted": 1, "generated": 3, "alpha": 0.5},
-            {"drafted": 6, "accepted": 6, "generated": 9, "alpha": 1.0}]
+    rows = [{"drafted": 4, "tested": 2, "accepted": 1, "generated": 3, "alpha": 0.5},
+            {"drafted": 6, "tested": 6, "accepted": 6, "generated": 9, "alpha": 1.0}]
     assert evaluate.pooled_acceptance(rows) == pytest.approx(0.7)
-    assert evaluate.pooled_alpha(rows) == pytest.approx((0.5 * 4 + 1.0 * 6) / 10)
     assert math.isnan(evaluate.pooled_acceptance([{"drafted": 0, "accepted": 0}]))
+
+
+def test_pooled_alpha_weighs_each_prompt_by_its_tested_positions():
+    """The pooled analytic alpha (the alpha of the predicted speedup) is the mean beta over every TESTED position:
+    a prompt's alpha is its mean over its tested positions, so it weighs by them, (0.5 * 2 + 1.0 * 6) / 8 = 0.875,
+    not by its drafted positions ((0.5 * 4 + 1.0 * 6) / 10 = 0.8): positions drafted after a rejection are in
+    neither the prompt's alpha nor the pool."""
+    rows = [{"drafted": 4, "tested": 2, "accepted": 1, "generated": 3, "alpha": 0.5},
+            {"drafted": 6, "tested": 6, "accepted": 6, "generated": 9, "alpha": 1.0}]
+    assert evaluate.pooled_alpha(rows) == pytest.approx(0.875)
+    assert math.isnan(evaluate.pooled_alpha([{"drafted": 0, "tested": 0, "accepted": 0, "alpha": math.nan}]))
 
 
 @pytest.mark.parametrize("alpha, gamma, c, expected", [
