@@ -43,6 +43,7 @@ and, with --record, speculative_generate's per-drafted-position records (teacher
 accepted) for the entropy analysis (entropy.py / report.py).
 
 Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
+      python evaluate.py --drafts elsewhere/rkl-s0 elsewhere/jsd-s0/best      (drafts by path, not under runs/)
       python evaluate.py --preset paper --task gsm8k --source file --data-path data/gsm8k
 """
 import json
@@ -250,6 +251,55 @@ def trained_runs(runs_root: Path, preset: str, task: str) -> list[Path]:
     return sorted(p for p in (runs_root / preset / task).glob("*/final") if (p / "config.json").exists())
 
 
+def run_config(run_dir: Path | None) -> dict | None:
+    """A distill.py run's config.json (it names the divergence, seed, task), or None: no run directory, or
+    its config.json is a model's (a model folder's config.json has no 'div')."""
+    if run_dir is None or not (run_dir / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and "div" in cfg else None
+
+
+def resolve_draft(path: str) -> dict:
+    """--drafts DIR -> {name, label, path (the model folder), task (the run's, or None)}. DIR is a run directory
+    of distill.py (its final/ is evaluated) or a model folder (final/, best/ or any Hugging Face folder). Named
+    by its run's config.json as '<div>-s<seed>' ('-best' for best/), the divergence label as the discovered
+    runs'; a model outside any run is named by its folder ('<run>/final' when the folder is final/ or best/)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ValueError(f"--drafts {path}: no such folder; pass run directories of distill.py or their "
+                         f"final/ or best/ model folders")
+    if (d / "final" / "config.json").is_file():
+        model_dir, run_dir = d / "final", d
+    elif (d / "config.json").is_file() and run_config(d) is None:
+        model_dir, run_dir = d, d.parent
+    else:
+        raise ValueError(f"--drafts {path}: neither a run directory (holding final/) nor a model folder "
+                         f"(holding a model's config.json)")
+    cfg = run_config(run_dir)
+    if cfg is not None:
+        name = f"{cfg['div']}-s{cfg.get('seed', '?')}" + ("-best" if model_dir.name == "best" else "")
+        return {"name": name, "label": divergence_label(run_dir), "path": str(model_dir), "task": cfg.get("task")}
+    name = f"{d.parent.name}/{d.name}" if d.name in ("final", "best") else d.name
+    return {"name": name, "label": "?", "path": str(model_dir), "task": None}
+
+
+def unique_names(names: list[str], taken=("baseline",)) -> list[str]:
+    """Each name once (they key the results): a repeated one gets '#2', '#3', ..."""
+    seen, out = set(taken), []
+    for n in names:
+        k, i = n, 1
+        while k in seen:
+            i += 1
+            k = f"{n}#{i}"
+        seen.add(k)
+        out.append(k)
+    return out
+
+
 def divergence_label(run_dir: Path) -> str:
     """'rkl', 'jsd(beta=0.9)', ... from the run's config.json (written by distill.py)."""
     cfg_file = run_dir / "config.json"
@@ -370,8 +420,15 @@ def check_task_inputs(args, task: str) -> dict:
                                   verbose=True)
     prompts = [data.build_prompt_ids(tokenizer, task, e) for e in examples]
     drafts = [("baseline", "baseline (no distillation)", student_id)]
-    drafts += [(final.parent.name, divergence_label(final.parent), str(final))
-               for final in trained_runs(Path(args.runs), args.preset, group)]
+    if args.drafts is not None:                                     # the drafts named by path (parse_args: resolved)
+        for d in args.drafts:
+            if d["task"] is not None and d["task"] != task:
+                raise ValueError(f"--drafts {d['path']}: its run trained on task {d['task']}, not {task}; "
+                                 f"pass --task {d['task']} or drafts of {task}")
+        drafts += [(d["name"], d["label"], d["path"]) for d in args.drafts]
+    else:
+        drafts += [(final.parent.name, divergence_label(final.parent), str(final))
+                   for final in trained_runs(Path(args.runs), args.preset, group)]
     if args.runs_given and len(drafts) == 1:
         print(f"[evaluate] --runs {args.runs} holds no trained draft of {args.preset}/{group} "
               f"({Path(args.runs) / args.preset / group}/*/final): the baseline alone", flush=True)
@@ -470,6 +527,10 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="root of distill.py's runs: <runs>/<preset>/<task>/<run>/final, "
                    "<task> with the data in its name off the preset's data (rundir.task_group); given, it must "
                    "hold the task's runs (default runs, which may hold none: the baseline alone)")
+    p.add_argument("--drafts", nargs="+", default=None, metavar="DIR", help="evaluate these drafts (beside the "
+                   "baseline) instead of the runs under --runs: distill.py run directories (their final/) or model "
+                   "folders (a run's final/ or best/, or any); each labelled by its run's config.json (<div>-s<seed>), "
+                   "else by its folder name. The task: --task, else the runs' own")
     p.add_argument("--results", default="results", help="writes <results>/<preset>/<task>/eval.{md,json} "
                    "(default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
@@ -508,6 +569,20 @@ def parse_args(argv=None):
     if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise ValueError(f"--top-p {args.top_p} is not allowed; --top-p must be in (0, 1] (1 = no nucleus)")
     models.check_preset(args.preset)
+    if args.drafts is not None:
+        if args.runs_given:
+            raise ValueError("--drafts and --runs are two ways to pick the drafts: pass one (--drafts names them, "
+                             "--runs finds every run of the task under it)")
+        args.drafts = [resolve_draft(d) for d in args.drafts]
+        names = unique_names([d["name"] for d in args.drafts])
+        for d, name in zip(args.drafts, names):
+            d["name"] = name
+        if args.task is None:
+            tasks = sorted({d["task"] for d in args.drafts if d["task"] is not None})
+            if len(tasks) != 1:
+                raise ValueError(f"--drafts: pass --task ({', '.join(data.TASKS)}); the drafts' runs name "
+                                 f"{'no task' if not tasks else 'tasks ' + ', '.join(tasks)}")
+            args.task = tasks[0]
     if args.task is not None:
         data.check_task(args.task)
     data.resolve_source(args.source, args.data_path)               # the rule's errors, before anything loads

@@ -158,7 +158,7 @@ def test_eval_on_a_local_file_reports_the_speedup(pair, tmp_path, capsys):
                           "--batch-size", "2", "--speedup-batches", "1"])
     out = capsys.readouterr().out
     assert "40 rows from" in out           # the whole file is checked, 3 are used
-    results = tmp_path / "results" / "tiny" / "gsm8k-file-test"     # off the preset's data: its own folder
+    results = tmp_path / "results" / "tiny" / "gsm8k-file-gsm8k"    # off the preset's data: its own folder
     doc = json.loads((results / "eval.json").read_text())
     assert doc["protocol"]["source"] == "file" and doc["protocol"]["n_prompts"] == 3
     base = doc["runs"]["baseline"]
@@ -316,3 +316,78 @@ def test_verdict_states_gain_interval_speedups_and_flags_noise():
     assert "batch 16: 1.45x measured (3 repeats 1.44-1.47, within 10%), 2.20x predicted (c = 0.15)" in d
     assert "batch 1: 1.60x measured (NOISY: 3 repeats 1.00-1.90 differ by 56%" in d
     assert "slower" not in d
+
+
+# ---- drafts given by path; runs and results of one data set in one task folder ----------------------
+
+def write_fake_run(run_dir: Path, model_dir, div="rkl", seed=0, beta=0.5, task="gsm8k"):
+    """A distill.py run directory anywhere: config.json (div, seed, task) and final/ + best/ model folders."""
+    shutil.copytree(model_dir, run_dir / "final")
+    shutil.copytree(model_dir, run_dir / "best")
+    (run_dir / "config.json").write_text(json.dumps({"div": div, "seed": seed, "beta": beta, "task": task}))
+    return run_dir
+
+
+def test_drafts_by_path_are_labelled_by_their_runs_config(pair, tmp_path):
+    """--drafts takes run directories and model folders from anywhere (a run stored outside runs/<preset>/<task>/
+    could only be passed as --student, where it was labelled "baseline"): a run directory and its best/ are named
+    by the run's config.json (div, seed), not by where they are stored, a model folder outside any run by its
+    folder name; the baseline stays the preset's (here --student) student, and no run under runs/ is added."""
+    jsd = write_fake_run(tmp_path / "elsewhere" / "my-experiment", pair[1], div="jsd", seed=3, beta=0.9)
+    rkl = write_fake_run(tmp_path / "other" / "try2", pair[1], div="rkl", seed=1)
+    loose = tmp_path / "drafts" / "distilled-copy"
+    shutil.copytree(pair[1], loose)
+    args = evaluate.parse_args(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--n-prompts", "2",
+                                "--drafts", str(jsd), str(rkl / "best"), str(loose)])
+    inputs = evaluate.check_task_inputs(args, "gsm8k")
+    assert inputs["drafts"] == [("baseline", "baseline (no distillation)", pair[1]),
+                                ("jsd-s3", "jsd(beta=0.9)", str(jsd / "final")),
+                                ("rkl-s1-best", "rkl", str(rkl / "best")),
+                                ("distilled-copy", "?", str(loose))]
+
+
+def test_drafts_of_the_same_name_are_kept_apart(pair, tmp_path):
+    """Two runs with the same divergence and seed (stored in two places) are two drafts: the second is named
+    '#2', not written over the first in the results (which are keyed by name)."""
+    a = write_fake_run(tmp_path / "a" / "run", pair[1])
+    b = write_fake_run(tmp_path / "b" / "run", pair[1])
+    args = evaluate.parse_args(["--task", "gsm8k", "--drafts", str(a), str(b)])
+    assert [d["name"] for d in args.drafts] == ["rkl-s0", "rkl-s0#2"]
+
+
+def test_drafts_give_the_task_when_none_is_passed(pair, tmp_path):
+    """Without --task, the drafts' runs name it (a run trained on cnndm is evaluated on cnndm)."""
+    run = write_fake_run(tmp_path / "run", pair[1], task="cnndm")
+    assert evaluate.parse_args(["--drafts", str(run)]).task == "cnndm"
+
+
+@pytest.mark.parametrize("make_argv, word", [
+    (lambda run, tmp: ["--drafts", str(tmp / "missing")], r"--drafts .*missing: no such folder"),
+    (lambda run, tmp: ["--drafts", str(tmp)], r"neither a run directory \(holding final/\) nor a model folder"),
+    (lambda run, tmp: ["--drafts", str(run), "--runs", str(tmp)], "--drafts and --runs"),
+    (lambda run, tmp: ["--task", "cnndm", "--drafts", str(run)], "trained on task gsm8k, not cnndm"),
+])
+def test_bad_drafts_are_named_before_any_model_loads(pair, tmp_path, make_argv, word):
+    """A --drafts folder that holds no model, a second way to pick drafts, or a draft of another task: one line
+    naming it, before any model loads."""
+    run = write_fake_run(tmp_path / "run", pair[1])
+    with pytest.raises(ValueError, match=word):
+        evaluate.main(make_argv(run, tmp_path) + ["--student", str(tmp_path / "no-student")])
+
+
+def test_training_on_a_train_file_and_evaluating_on_its_test_file_share_a_task_folder(pair, tmp_path, monkeypatch):
+    """`make train DATA=d/gsm8k/train.jsonl` then `make eval DATA=d/gsm8k/test.jsonl` (two files, not a folder)
+    put the runs in runs/tiny/gsm8k-file-train and looked for them in gsm8k-file-test: make eval found no draft.
+    The two files of one data set name one task folder, the same as the folder itself."""
+    import distill
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "d" / "gsm8k"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"question": "How many?", "answer": "Two.\n#### 2"}) + "\n")
+    trained = distill.resolve_config(distill.parse_args(["--task", "gsm8k", "--teacher", pair[0], "--student",
+                                                         pair[1], "--data-path", str(folder / "train.jsonl")]))
+    evaluated = evaluate.parse_args(["--task", "gsm8k", "--data-path", str(folder / "test.jsonl")])
+    group = evaluate.task_group(evaluated, "gsm8k")
+    assert Path(trained.out).parent == Path("runs") / "tiny" / group
+    assert group == evaluate.task_group(evaluate.parse_args(["--task", "gsm8k", "--data-path", str(folder)]), "gsm8k")
