@@ -760,3 +760,35 @@ def test_validation_is_refused_with_fsdp(pair, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--eval-every 5 is not supported with --fsdp"):
         distill.resolve_config(distill.parse_args(run_args(pair, "unused", "--fsdp", "--eval-every", 5)))
+
+
+# ----------------------------------------------------------------------------- which preset's settings apply
+
+def test_a_model_outside_the_tiny_pairs_needs_lr_under_the_tiny_preset(pair, tmp_path):
+    """Without --preset, distill.py applied the tiny preset's lr (2e-3, tuned for a one-layer offline student)
+    and schedule to any --teacher / --student, silently: a real model would be trained far too hot. A model
+    that is not a tiny pair's is refused under --preset tiny unless --lr is given, the error naming the model,
+    the preset and the flag."""
+    other = tmp_path / "my-student"                                 # a copy: no longer beside a tiny build.json
+    shutil.copytree(pair[1], other)
+    argv = ["--task", "gsm8k", "--teacher", pair[0], "--student", str(other), "--out", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=r"--student .*my-student is not a tiny pair's model.*--preset tiny.*"
+                                         r"lr 0\.002.*pass --lr"):
+        distill.resolve_config(distill.parse_args(argv))
+    assert distill.resolve_config(distill.parse_args(argv + ["--lr", "1e-5"])).lr == 1e-5
+
+
+def test_the_run_says_which_presets_settings_apply(pair, tmp_path, monkeypatch, capsys):
+    """The run prints, before any model loads, which preset's optimisation settings it takes and which flags
+    replaced them, so a run on the default preset is never silently on the tiny pair's learning rate."""
+    def stop(*a, **k):
+        raise KeyboardInterrupt                                    # stop before any model loads
+    monkeypatch.setattr(distill, "check_inputs", stop)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(tmp_path / "r"),
+                      "--batch-size", "4"])
+    tiny = models.preset_config("tiny", "gsm8k")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[distill] settings"))
+    assert line.startswith(f"[distill] settings of the tiny preset: lr {tiny['lr']:g}, ")
+    assert f"steps {tiny['steps']:g}" in line
+    assert "--batch-size given" in line and "batch_size" not in line
