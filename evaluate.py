@@ -36,7 +36,9 @@ The speedup a user gets, per draft, at the evaluation's batch size and at batch 
                            (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns, best of 3.
 The verdict (printed last, and in eval.md): per distilled draft, its token acceptance minus the baseline's
 with a paired bootstrap interval over the prompts (every draft sees the same prompts, so each resample keeps
-a prompt's two values together), then the measured and predicted speedups at both batch sizes, and, where
+a prompt's two values together), then the measured and predicted speedups at both batch sizes, its measured
+speedup against the baseline draft's (faster or slower only when the two sets of repeats do not overlap, else
+inside the timing noise), and, where
 the speedup is below 1, why (the cost ratio c, or the batch's verification cost the formula leaves out).
 Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
@@ -178,6 +180,24 @@ def speedup_phrase(timing: dict, alpha: float, gamma: int) -> str:
     return out
 
 
+def speedup_versus_baseline(timing: dict, base: dict) -> str:
+    """How a draft's measured speedup compares with the baseline draft's at the same batch, judged against the
+    timing noise: the difference is real only when the two sets of repeats do not overlap (each side's repeats
+    span [min, max]; with one repeat per side the noise is unknown, and nothing is claimed)."""
+    m, b = timing["speedup_measured"], base["speedup_measured"]
+    if len(timing["speedup_repeats"]) < 2 or len(base["speedup_repeats"]) < 2:
+        return (f"{m:.2f}x vs the baseline draft's {b:.2f}x: one repeat, the timing noise is unknown, so neither "
+                f"is shown faster (--speedup-repeats 3)")
+    ranges = (f"repeats {timing['speedup_min']:.2f}-{timing['speedup_max']:.2f} vs "
+              f"{base['speedup_min']:.2f}-{base['speedup_max']:.2f}")
+    if timing["speedup_min"] > base["speedup_max"]:
+        return f"{m:.2f}x, faster than the baseline draft's {b:.2f}x ({ranges}: apart)"
+    if timing["speedup_max"] < base["speedup_min"]:
+        return f"{m:.2f}x, slower than the baseline draft's {b:.2f}x ({ranges}: apart)"
+    return (f"{m:.2f}x vs the baseline draft's {b:.2f}x: the difference ({m - b:+.2f}x) is inside the timing noise "
+            f"({ranges} overlap), so neither draft is measured faster")
+
+
 def verdict_lines(entries: list[dict], gamma: int) -> list[str]:
     """The verdict a user acts on, one line per draft (entries[0] is the baseline): the acceptance gain over
     the baseline with its paired 95% interval, and the speedup over the target alone at the evaluation's
@@ -195,7 +215,14 @@ def verdict_lines(entries: list[dict], gamma: int) -> list[str]:
                     f"[{g['lo'] * 100:+.1f}, {g['hi'] * 100:+.1f}] over the baseline (paired bootstrap over "
                     f"{g['n_prompts']} prompts): {word}")
         speed = [speedup_phrase(t, e["pooled_alpha"], gamma) for t in (e["speedup"], e.get("batch1")) if t]
-        lines.append(head + ". Speedup over the target alone, " + "; ".join(speed) + ".")
+        line = head + ". Speedup over the target alone, " + "; ".join(speed) + "."
+        if e.get("gain") is not None:                        # a distilled draft: its speedup against the baseline's
+            versus = [f"batch {t['batch_size']}: " + speedup_versus_baseline(t, b)
+                      for key in ("speedup", "batch1")
+                      for t, b in [(e.get(key), entries[0].get(key))] if t and b]
+            if versus:
+                line += " Against the baseline draft, " + "; ".join(versus) + "."
+        lines.append(line)
     return lines
 
 
@@ -475,7 +502,7 @@ def evaluate_task(args, task: str, inputs: dict) -> dict:
         base = entries[0]["per_prompt"]["token_acceptance"] if entries else None
         entry["gain"] = (None if base is None else
                          paired_gain(res["per_prompt"]["token_acceptance"], base, args.n_boot, args.seed))
-        entry["verdict"] = verdict_lines([entry], protocol["gamma"])[0]
+        entry["verdict"] = verdict_lines(entries + [entry], protocol["gamma"])[-1]   # entries[0]: the baseline
         entries.append(entry)
         print("  " + entry["verdict"])
     return {"preset": args.preset, "task": task, "group": inputs["group"], "teacher": teacher_id,

@@ -391,3 +391,22 @@ def test_training_on_a_train_file_and_evaluating_on_its_test_file_share_a_task_f
     group = evaluate.task_group(evaluated, "gsm8k")
     assert Path(trained.out).parent == Path("runs") / "tiny" / group
     assert group == evaluate.task_group(evaluate.parse_args(["--task", "gsm8k", "--data-path", str(folder)]), "gsm8k")
+
+
+def test_a_speedup_difference_inside_the_repeats_spread_is_called_noise():
+    """make eval said a draft was '+4.0 points above the baseline' while measuring it at 2.11x against the
+    baseline draft's 2.22x, implying it was slower: with repeats 2.02-2.20 vs 2.10-2.31 the difference is inside
+    the timing noise and the verdict must say so; only repeats that do not overlap make one draft faster or
+    slower, and one repeat per side shows no noise at all, so it claims nothing."""
+    summary = lambda m: {"token_acceptance": {"mean": m}}                      # noqa: E731
+    base = {"name": "baseline", "summary": summary(0.52), "pooled_alpha": 0.79, "gain": None,
+            "speedup": _timing(2.22, [2.10, 2.22, 2.31], 0.1, 2.5, 16), "batch1": _timing(1.5, [1.5], 0.1, 2, 1)}
+    gain = {"mean": 0.04, "lo": 0.02, "hi": 0.06, "n_prompts": 64}
+    close = {"name": "rkl-s0", "divergence": "rkl", "summary": summary(0.56), "pooled_alpha": 0.8, "gain": gain,
+             "speedup": _timing(2.11, [2.02, 2.11, 2.20], 0.1, 2.6, 16), "batch1": _timing(1.4, [1.4], 0.1, 2, 1)}
+    apart = dict(close, name="fkl-s0", speedup=_timing(2.60, [2.55, 2.60, 2.66], 0.1, 2.6, 16))
+    _, c, a = evaluate.verdict_lines([base, close, apart], gamma=5)
+    assert ("batch 16: 2.11x vs the baseline draft's 2.22x: the difference (-0.11x) is inside the timing noise "
+            "(repeats 2.02-2.20 vs 2.10-2.31 overlap), so neither draft is measured faster") in c
+    assert "batch 1: 1.40x vs the baseline draft's 1.50x: one repeat, the timing noise is unknown" in c
+    assert "batch 16: 2.60x, faster than the baseline draft's 2.22x (repeats 2.55-2.66 vs 2.10-2.31: apart)" in a
