@@ -110,6 +110,26 @@ def pooled_alpha(per_row: list[dict]) -> float:
     return sum(r["alpha"] * r["tested"] for r in per_row if r["tested"]) / tested if tested else math.nan
 
 
+def pooled_per_position(per_row: list[dict]) -> list[float]:
+    """Per draft position i: accepted at i / tested at i over every prompt (specdec's per_position_acceptance,
+    pooled by its per_position_tested counts; NaN where no prompt tested position i)."""
+    if not per_row:
+        return []
+    out = []
+    for i in range(len(per_row[0]["per_position_tested"])):
+        tested = sum(r["per_position_tested"][i] for r in per_row)
+        accepted = sum(r["per_position_acceptance"][i] * r["per_position_tested"][i]
+                       for r in per_row if r["per_position_tested"][i])
+        out.append(accepted / tested if tested else math.nan)
+    return out
+
+
+def pooled_accepted_length(per_row: list[dict]) -> float:
+    """Generated tokens / target calls over every prompt: the tokens a round really yields (NaN if none)."""
+    calls = sum(r["target_calls"] for r in per_row)
+    return sum(r["generated"] for r in per_row) / calls if calls else math.nan
+
+
 def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
     """Expected walltime speedup of speculative decoding over the target alone (Leviathan et al. 2023):
     E[tokens per round] / cost of a round = ((1 - alpha^(gamma+1)) / (1 - alpha)) / (gamma c + 1), with
@@ -160,7 +180,37 @@ def why_slower(alpha: float, gamma: int, c: float, theory: float, batch_size: in
             f"paid every round")
 
 
-def speedup_phrase(timing: dict, alpha: float, gamma: int) -> str:
+FAR_BELOW = 0.8              # a measured speedup under this share of the predicted one is explained by its causes
+LENGTH_SHORTFALL = 0.9       # rounds yielding under this share of the formula's tokens: the i.i.d. alpha overstates
+POSITION_DROP = 0.1          # acceptance this much lower at the last tested position than at the first: it falls
+ROUND_OVERHEAD = 1.15        # rounds costing this much more than their draft steps + one target step timed alone
+
+
+def shortfall_causes(timing: dict, alpha: float, gamma: int, acceptance: dict | None) -> list[str]:
+    """What the data shows besides c when the measured speedup is below the predicted one: rounds yielding
+    fewer tokens than the formula's (1 - alpha^(gamma+1)) / (1 - alpha), with acceptance falling with position
+    (the formula assumes every position accepted with the same alpha); rounds costing more than gamma draft steps
+    and one target step timed alone (the verification of gamma + 1 tokens per row, the acceptance bookkeeping).
+    acceptance: {"accepted_length", "per_position"} of the draft (evaluate_draft); timing: round_overhead."""
+    causes = []
+    if acceptance:
+        expected, got = specdec.expected_accepted_length(alpha, gamma), acceptance.get("accepted_length", math.nan)
+        if got < LENGTH_SHORTFALL * expected:
+            cause = (f"rounds yielded {got:.2f} tokens, not the {expected:.2f} the formula expects from alpha "
+                     f"{alpha:.2f}")
+            rates = [(i, r) for i, r in enumerate(acceptance.get("per_position") or [], start=1) if not math.isnan(r)]
+            if len(rates) > 1 and rates[0][1] - rates[-1][1] > POSITION_DROP:
+                cause += (f": acceptance falls with position, {rates[0][1]:.0%} at position 1 to {rates[-1][1]:.0%} "
+                          f"at position {rates[-1][0]}, where the formula assumes one alpha at every position")
+            causes.append(cause)
+    overhead = timing.get("round_overhead", math.nan)
+    if overhead > ROUND_OVERHEAD:
+        causes.append(f"a round took {overhead:.2f}x the time of its draft steps and one target step timed alone "
+                      f"(the verification of gamma + 1 = {gamma + 1} tokens per row and the acceptance bookkeeping)")
+    return causes
+
+
+def speedup_phrase(timing: dict, alpha: float, gamma: int, acceptance: dict | None = None) -> str:
     """'1.45x measured (3 repeats 1.41-1.49, within 10%), 1.80x predicted (c = 0.16)' and, below 1, why."""
     m, th = timing["speedup_measured"], timing["speedup_theoretical"]
     n = len(timing["speedup_repeats"])
@@ -177,6 +227,9 @@ def speedup_phrase(timing: dict, alpha: float, gamma: int) -> str:
            f"(c = {timing['cost_ratio']:.2f})")
     if m < 1:
         out += f"; slower than the target alone because {why_slower(alpha, gamma, timing['cost_ratio'], th, timing['batch_size'])}"
+    causes = shortfall_causes(timing, alpha, gamma, acceptance) if m < FAR_BELOW * th else []
+    if causes:
+        out += f"; measured far below predicted, as measured: {'; '.join(causes)}"
     return out
 
 
@@ -214,7 +267,9 @@ def verdict_lines(entries: list[dict], gamma: int) -> list[str]:
             head = (f"{e['name']} ({e['divergence']}): token acceptance {ta:.1f}%, {g['mean'] * 100:+.1f} points "
                     f"[{g['lo'] * 100:+.1f}, {g['hi'] * 100:+.1f}] over the baseline (paired bootstrap over "
                     f"{g['n_prompts']} prompts): {word}")
-        speed = [speedup_phrase(t, e["pooled_alpha"], gamma) for t in (e["speedup"], e.get("batch1")) if t]
+        acceptance = {"accepted_length": e.get("pooled_accepted_length", math.nan),
+                      "per_position": e.get("per_position_acceptance")}
+        speed = [speedup_phrase(t, e["pooled_alpha"], gamma, acceptance) for t in (e["speedup"], e.get("batch1")) if t]
         line = head + ". Speedup over the target alone, " + "; ".join(speed) + "."
         if e.get("gain") is not None:                        # a distilled draft: its speedup against the baseline's
             versus = [f"batch {t['batch_size']}: " + speedup_versus_baseline(t, b)
@@ -364,7 +419,8 @@ def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="d
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
     out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
            "generated_tokens": tokens, "wall_time_s": seconds, "pooled_acceptance": pooled_acceptance(per_row),
-           "pooled_alpha": pooled_alpha(per_row)}
+           "pooled_alpha": pooled_alpha(per_row), "pooled_accepted_length": pooled_accepted_length(per_row),
+           "per_position_acceptance": pooled_per_position(per_row)}
     if record:
         out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
     return out
@@ -393,6 +449,9 @@ def time_speedup(teacher, draft, prompts, *, batch_size: int, seed: int, repeats
                        specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, **protocol))
                 t[f"{side}_s"] += res.stats["wall_time_s"]
                 t[f"{side}_tokens"] += sum(len(x) for x in res.tokens)
+                if side == "draft":                          # batched rounds and draft steps: the round's cost
+                    t["draft_rounds"] = t.get("draft_rounds", 0) + res.stats["target_calls"]
+                    t["draft_steps"] = t.get("draft_steps", 0) + res.stats["draft_calls"]
         t["speedup"] = (t["draft_tokens"] / max(t["draft_s"], 1e-9)) / (t["target_tokens"] / max(t["target_s"], 1e-9))
         runs.append(t)
     out = {"batch_size": batch_size, "prompts": len(prompts), "timings": runs,
@@ -419,6 +478,15 @@ def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, *
     step = {name: max(best[name, 1 + n_steps] - best[name, 1], 1e-9) / n_steps for name in ("target", "draft")}
     return {"cost_ratio": step["draft"] / step["target"], "target_step_s": step["target"],
             "draft_step_s": step["draft"]}
+
+
+def round_overhead(t: dict) -> float:
+    """Seconds of speculative decoding / what its rounds would cost at the step costs timed alone (each draft
+    step at draft_step_s, each round's verification at one target step, target_step_s): the median over the
+    repeats. Above 1: what the formula's gamma c + 1 leaves out (verifying gamma + 1 tokens, bookkeeping)."""
+    ratios = [r["draft_s"] / (r["draft_steps"] * t["draft_step_s"] + r["draft_rounds"] * t["target_step_s"])
+              for r in t["timings"] if r.get("draft_rounds")]
+    return float(np.median(ratios)) if ratios else math.nan
 
 
 def task_group(args, task: str) -> str:
@@ -497,6 +565,7 @@ def evaluate_task(args, task: str, inputs: dict) -> dict:
             t = time_speedup(teacher, draft, timed, batch_size=batch, seed=args.seed, repeats=args.speedup_repeats,
                              **protocol)
             t.update(cost_ratio(draft, teacher, timed[:batch], **protocol))
+            t["round_overhead"] = round_overhead(t)
             t["speedup_theoretical"] = theoretical_speedup(res["pooled_alpha"], protocol["gamma"], t["cost_ratio"])
             entry[key] = t
         base = entries[0]["per_prompt"]["token_acceptance"] if entries else None

@@ -410,3 +410,35 @@ def test_a_speedup_difference_inside_the_repeats_spread_is_called_noise():
             "(repeats 2.02-2.20 vs 2.10-2.31 overlap), so neither draft is measured faster") in c
     assert "batch 1: 1.40x vs the baseline draft's 1.50x: one repeat, the timing noise is unknown" in c
     assert "batch 16: 2.60x, faster than the baseline draft's 2.22x (repeats 2.55-2.66 vs 2.10-2.31: apart)" in a
+
+
+def test_a_speedup_far_below_the_prediction_names_the_measured_causes():
+    """The verdict blamed c alone when the measured speedup was far below the predicted one (0.22x vs 0.52x on
+    the real model). It must name what the data shows: rounds yielding fewer tokens than the formula's
+    (1 - a^6) / (1 - a) = 1.30 at alpha 0.232 (1.05 measured), acceptance falling with position (30% -> 1%), and
+    rounds costing 1.80x their draft steps + one target step timed alone."""
+    timing = {"batch_size": 16, **evaluate.repeat_summary([0.21, 0.22, 0.23]), "cost_ratio": 0.5,
+              "speedup_theoretical": 0.52, "round_overhead": 1.8}
+    phrase = evaluate.speedup_phrase(timing, 0.232, 5, {"accepted_length": 1.05,
+                                                        "per_position": [0.3, 0.1, 0.05, 0.02, 0.01]})
+    assert "c = 0.50 of a target step" in phrase                      # c still named (theory below 1)
+    assert "rounds yielded 1.05 tokens, not the 1.30 the formula expects from alpha 0.23" in phrase
+    assert "acceptance falls with position, 30% at position 1 to 1% at position 5" in phrase
+    assert "a round took 1.80x the time of its draft steps and one target step timed alone" in phrase
+
+
+def test_round_overhead_divides_the_measured_time_by_the_rounds_cost_at_the_step_costs():
+    """round_overhead = speculative seconds / (draft steps x draft_step_s + rounds x target_step_s), median over
+    repeats: 2 s for 10 rounds of 40 draft steps at 0.01 s and 10 target steps at 0.1 s (1.4 s) is 1.43x."""
+    t = {"draft_step_s": 0.01, "target_step_s": 0.1,
+         "timings": [{"draft_s": s, "draft_rounds": 10, "draft_steps": 40} for s in (1.4, 2.0, 2.8)]}
+    assert evaluate.round_overhead(t) == pytest.approx(2.0 / 1.4)
+
+
+def test_pooled_per_position_acceptance_weighs_by_tested_counts():
+    """Across prompts the rate at position i is sum accepted / sum tested there: (1 x 4 + 0 x 1) / 5 = 0.8 at
+    position 1, not the mean of the two prompts' rates (0.5); a position no prompt tested has no rate."""
+    rows = [{"per_position_acceptance": [1.0, math.nan], "per_position_tested": [4, 0]},
+            {"per_position_acceptance": [0.0, math.nan], "per_position_tested": [1, 0]}]
+    rates = evaluate.pooled_per_position(rows)
+    assert rates[0] == pytest.approx(0.8) and math.isnan(rates[1])
