@@ -259,7 +259,8 @@ def _fake_generators(monkeypatch, seconds: dict, tokens: dict):
             prompts = args[-1]
             calls.append((side, seed, len(prompts)))
             return specdec.GenerationResult(tokens=[[1] * tokens[side]] * len(prompts),
-                                            stats={"wall_time_s": seconds[side]})
+                                            stats={"wall_time_s": seconds[side], "target_calls": 3,
+                                                   "draft_calls": 15})
         return gen
     monkeypatch.setattr(specdec, "autoregressive_generate", fake("target"))
     monkeypatch.setattr(specdec, "speculative_generate", fake("draft"))
@@ -270,13 +271,14 @@ def test_time_speedup_alternates_the_two_sides_and_divides_tokens_per_second(mon
     """Each repeat times the target alone and speculative decoding on every batch in turns (target first in
     even repeats, draft first in odd ones, so a drift in machine load hits both), both seeded seed + the
     batch's first prompt, as the acceptance pass is; a repeat's speedup is draft tokens/s over target
-    tokens/s: (2 rows x 8 tokens / 0.5 s) / (2 x 6 / 1.0 s) = 32 / 12 (not seconds alone: 2.0)."""
+    tokens/s: (2 rows x 8 tokens / 0.5 s) / (2 x 6 / 1.0 s) = 32 / 12 (not seconds alone: 2.0). The speculative
+    side's batched rounds and draft steps are summed over the batches (round_overhead divides by their cost)."""
     calls = _fake_generators(monkeypatch, {"target": 1.0, "draft": 0.5}, {"target": 6, "draft": 8})
     t = evaluate.time_speedup("T", "D", [[1], [2], [3], [4]], batch_size=2, seed=10, repeats=2, gamma=5)
     assert calls == [("target", 10, 2), ("draft", 10, 2), ("target", 12, 2), ("draft", 12, 2),
                      ("draft", 10, 2), ("target", 10, 2), ("draft", 12, 2), ("target", 12, 2)]
     assert t["timings"][0] == {"target_s": 2.0, "target_tokens": 24, "draft_s": 1.0, "draft_tokens": 32,
-                               "speedup": pytest.approx(32 / 24 * 2.0 / 1.0)}
+                               "speedup": pytest.approx(32 / 24 * 2.0 / 1.0), "draft_rounds": 6, "draft_steps": 30}
     assert t["speedup_measured"] == pytest.approx((32 / 1.0) / (24 / 2.0))
     assert (t["target_tokens_per_s"], t["draft_tokens_per_s"]) == pytest.approx((12.0, 32.0))
     assert t["speedup_agree"] and (t["batch_size"], t["prompts"]) == (2, 4)
