@@ -70,9 +70,11 @@ Validation (--eval-every N, off by default): after every N-th optimizer step and
 exact speculative decoding (specdec.speculative_generate, the decoding protocol, one fixed sampling seed) of the
 current student against the teacher on --eval-prompts K held-out validation prompts: train-split prompts that
 training never sees and that are not in evaluate.py's eval split (data.held_out_split; checked). That step's
-row gets val_acceptance_rate (accepted / drafted), val_alpha (mean sum_x min(p, q) over drafted positions, the
-processed p and q), val_mean_accepted_length (tokens per target call), val_per_position_acceptance (the
-rate at draft positions 1..gamma), all pooled over the K prompts, and val_seconds. <out>/best/ holds the student
+row gets val_acceptance_rate (accepted / drafted), val_alpha (mean sum_x min(p, q) over TESTED positions:
+those up to and including each round's first rejection, the processed p and q), val_mean_accepted_length
+(tokens per target call), val_per_position_acceptance (at draft positions 1..gamma: accepted / tested there,
+i.e. the acceptance given every earlier draft of the round accepted), all pooled over the K prompts (specdec's
+alpha and per_position_acceptance), and val_seconds. <out>/best/ holds the student
 of the highest val_acceptance_rate so far (the first on ties) and best.json (its step and val row), written
 atomically with checksums; a checkpoint of that step is written first, so best/ is never newer than the
 checkpoint a --resume starts from, and the resumed run keeps it.
@@ -266,6 +268,7 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.preset not in models.PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; valid: {', '.join(models.PRESETS)}")
     preset = dict(models.preset_config(cfg.preset, cfg.task))
+    check_models_fit_preset(cfg, preset)
     preset_source = models.preset_data(cfg.preset, cfg.task)
     cfg.source, cfg.data_path = data.resolve_source(cfg.source, cfg.data_path, preset_source)
     for f in fields(Config):
@@ -298,6 +301,41 @@ def resolve_config(cfg: Config) -> Config:
         rundir.check_resumable(Path(cfg.out))
     check_run_dir(cfg)
     return cfg
+
+
+SCHEDULE_FIELDS = ("lr", "warmup", "steps", "epochs", "batch_size", "grad_accum")   # the optimisation a preset tunes
+
+
+def check_models_fit_preset(cfg: Config, preset: dict):
+    """The tiny preset's learning rate and schedule are tuned for its own offline pair (a 1-layer student of a
+    few hundred thousand weights: lr 2e-3), far too hot for a real model. A --teacher / --student outside the
+    tiny pairs (a folder models.py built, marked by its build.json) under --preset tiny, --preset left at its
+    default included, is refused unless --lr is given: the user then chose the learning rate."""
+    if cfg.preset != "tiny" or cfg.lr is not None:
+        return
+    for role in ("teacher", "student"):
+        model = getattr(cfg, role)
+        local = Path(str(model)).expanduser()
+        if model is None or (local.is_dir() and not (local / "config.json").is_file()):
+            continue                                 # not a model folder: check_inputs names what is wrong with it
+        if not models.is_tiny_pair_model(model):
+            raise ValueError(f"--{role} {model} is not a tiny pair's model, and --preset tiny (the default) would "
+                             f"train it with the tiny preset's lr {preset.get('lr'):g} and schedule, tuned for the "
+                             f"offline tiny pair: pass --lr (and --steps / --warmup as wanted), or --preset smollm2 / "
+                             f"paper")
+
+
+def preset_settings_line(cfg: Config, unset: list[str]) -> str:
+    """Which preset's optimisation settings this run takes, and which of them came from it (unset: the preset
+    fields no flag set), e.g. "[distill] settings of the tiny preset: lr 0.002, warmup 0.1, steps 300; --batch-size
+    given"."""
+    taken = [f"{name} {getattr(cfg, name):g}" for name in SCHEDULE_FIELDS
+             if name in unset and getattr(cfg, name) is not None]
+    given = ["--" + name.replace("_", "-") for name in SCHEDULE_FIELDS if name not in unset]
+    return (f"[distill] settings of the {cfg.preset} preset: " + (", ".join(taken) or "none")
+            + (f"; {', '.join(given)} given" if given else "")
+            + (" (the tiny preset is tuned for its offline pair; --preset paper for real models)"
+               if cfg.preset == "tiny" else ""))
 
 
 def check_options(cfg: Config):
@@ -701,7 +739,11 @@ def main(argv=None):
     the command that resumes it (then the KeyboardInterrupt goes on)."""
     master = int(os.environ.get("RANK", "0")) == 0
     with cli.before_the_work():
-        cfg = resolve_config(parse_args(argv))
+        cfg = parse_args(argv)
+        unset = [f.name for f in fields(Config) if f.metadata["preset"] and getattr(cfg, f.name) is None]
+        cfg = resolve_config(cfg)
+        if master:
+            print(preset_settings_line(cfg, unset), flush=True)
         inputs = check_inputs(cfg, master)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     out = Path(cfg.out)

@@ -10,9 +10,10 @@ drafted from q is accepted. Three measurements of the same draft (the run's fina
                  the mean over its last TAIL_SHARE of steps (at least one).
     val_alpha    distill.py --eval-every: exact speculative decoding of the final student (the last
                  validation row, after the last step) on held-out validation prompts, with the decoding
-                 protocol (processed p and q: temperature and top-p), pooled over drafted positions.
+                 protocol (processed p and q: temperature and top-p), pooled over tested positions (up to
+                 each round's first rejection).
     eval alpha   evaluate.py's pooled analytic alpha on the evaluation split (pooled_alpha: the mean over every
-                 drafted position), same protocol: what serving sees.
+                 tested position), same protocol: what serving sees.
 
 `compare` gives, per task over the study's runs, the mean signed and absolute differences of train_alpha and
 val_alpha from the eval alpha and their correlation across runs; `plot_estimates` draws each run as a point
@@ -118,7 +119,7 @@ def estimates_markdown(summaries: dict, plot_rel: str | None) -> list[str]:
           "Per run (its final student): train_alpha = distill.py's logged alpha over its last "
           f"{100 * TAIL_SHARE:.0f}% of steps (loss temperature, no top-p, the student's own samples of training "
           "prompts); val_alpha = its last validation row (--eval-every: exact speculative decoding of the final "
-          "student on held-out validation prompts, the decoding protocol, pooled over drafted positions); eval "
+          "student on held-out validation prompts, the decoding protocol, pooled over tested positions); eval "
           "alpha = evaluate.py's pooled analytic alpha on the evaluation split. Differences in points.", ""]
     if plot_rel:
         md += [f"![training-time estimates vs eval alpha]({plot_rel})", ""]

@@ -9,7 +9,10 @@ padding rows left out), stopping on the same ids as training: models.decoding_pr
 Every draft sees the same prompts and the same sampling seed. Per prompt (one row of the batch):
 
     token acceptance       A / D: drafted tokens accepted / drafted tokens (the seed's metric; NOT alpha)
-    analytic alpha         mean over drafted positions of beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i)
+    analytic alpha         mean over TESTED positions of beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i):
+                           the drafted positions up to and including the first rejection of each round (a
+                           position after it is never verified and its context holds the rejected token;
+                           specdec's alpha_all_drafted, kept in the JSON, averages over those too)
     mean accepted length   generated tokens / target calls (tokens per verification, bonus included)
 
 The table reports the mean over prompts (a macro-mean, as the seed did; a prompt with nothing drafted
@@ -27,19 +30,22 @@ The speedup a user gets, per draft, at the evaluation's batch size and at batch 
                            hits both; the speedup is the median of the R per-repeat ratios, and repeats whose
                            spread (max - min) / median exceeds SPEEDUP_TOLERANCE are flagged as noise.
     theoretical speedup    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))  (Leviathan et al. 2023), with
-                           alpha the pooled analytic alpha (mean beta_i over every drafted position), gamma the
+                           alpha the pooled analytic alpha (mean beta_i over every tested position), gamma the
                            protocol's and c = draft step cost / target step cost, measured here (cost_ratio) at
                            the same batch size: seconds per decoding step of each model alone, no stop ids,
                            (time of 1 + 16 steps - time of 1 step) / 16, the two models timed in turns, best of 3.
 The verdict (printed last, and in eval.md): per distilled draft, its token acceptance minus the baseline's
 with a paired bootstrap interval over the prompts (every draft sees the same prompts, so each resample keeps
-a prompt's two values together), then the measured and predicted speedups at both batch sizes, and, where
+a prompt's two values together), then the measured and predicted speedups at both batch sizes, its measured
+speedup against the baseline draft's (faster or slower only when the two sets of repeats do not overlap, else
+inside the timing noise), and, where
 the speedup is below 1, why (the cost ratio c, or the batch's verification cost the formula leaves out).
 Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the per-prompt metrics
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
 accepted) for the entropy analysis (entropy.py / report.py).
 
 Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
+      python evaluate.py --drafts elsewhere/rkl-s0 elsewhere/jsd-s0/best      (drafts by path, not under runs/)
       python evaluate.py --preset paper --task gsm8k --source file --data-path data/gsm8k
 """
 import json
@@ -81,9 +87,10 @@ def per_prompt(per_row: list[dict]) -> dict[str, list]:
     drafted = [r["drafted"] for r in per_row]
     return {
         "token_acceptance": [r["acceptance_rate"] if d else None for r, d in zip(per_row, drafted)],
-        "alpha": [r["alpha"] if d else None for r, d in zip(per_row, drafted)],
+        "alpha": [r["alpha"] if r["tested"] else None for r in per_row],   # over tested positions
         "mean_accepted_length": [r["mean_accepted_length"] for r in per_row],
         "drafted": drafted,
+        "tested": [r["tested"] for r in per_row],   # drafted positions up to each round's first rejection
         "accepted": [r["accepted"] for r in per_row],
         "generated": [r["generated"] for r in per_row],
         "wall_time_s": [r["wall_time_s"] for r in per_row],   # from the row's admission to its finish
@@ -97,9 +104,30 @@ def pooled_acceptance(per_row: list[dict]) -> float:
 
 
 def pooled_alpha(per_row: list[dict]) -> float:
-    """Mean beta_i over every drafted position of every prompt: the alpha of the speedup formula."""
-    drafted = sum(r["drafted"] for r in per_row)
-    return sum(r["alpha"] * r["drafted"] for r in per_row if r["drafted"]) / drafted if drafted else math.nan
+    """Mean beta_i over every TESTED position of every prompt (up to and including each round's first
+    rejection; specdec's alpha): the per-token acceptance probability of the speedup formula (NaN if none)."""
+    tested = sum(r["tested"] for r in per_row)
+    return sum(r["alpha"] * r["tested"] for r in per_row if r["tested"]) / tested if tested else math.nan
+
+
+def pooled_per_position(per_row: list[dict]) -> list[float]:
+    """Per draft position i: accepted at i / tested at i over every prompt (specdec's per_position_acceptance,
+    pooled by its per_position_tested counts; NaN where no prompt tested position i)."""
+    if not per_row:
+        return []
+    out = []
+    for i in range(len(per_row[0]["per_position_tested"])):
+        tested = sum(r["per_position_tested"][i] for r in per_row)
+        accepted = sum(r["per_position_acceptance"][i] * r["per_position_tested"][i]
+                       for r in per_row if r["per_position_tested"][i])
+        out.append(accepted / tested if tested else math.nan)
+    return out
+
+
+def pooled_accepted_length(per_row: list[dict]) -> float:
+    """Generated tokens / target calls over every prompt: the tokens a round really yields (NaN if none)."""
+    calls = sum(r["target_calls"] for r in per_row)
+    return sum(r["generated"] for r in per_row) / calls if calls else math.nan
 
 
 def theoretical_speedup(alpha: float, gamma: int, c: float) -> float:
@@ -152,7 +180,37 @@ def why_slower(alpha: float, gamma: int, c: float, theory: float, batch_size: in
             f"paid every round")
 
 
-def speedup_phrase(timing: dict, alpha: float, gamma: int) -> str:
+FAR_BELOW = 0.8              # a measured speedup under this share of the predicted one is explained by its causes
+LENGTH_SHORTFALL = 0.9       # rounds yielding under this share of the formula's tokens: the i.i.d. alpha overstates
+POSITION_DROP = 0.1          # acceptance this much lower at the last tested position than at the first: it falls
+ROUND_OVERHEAD = 1.15        # rounds costing this much more than their draft steps + one target step timed alone
+
+
+def shortfall_causes(timing: dict, alpha: float, gamma: int, acceptance: dict | None) -> list[str]:
+    """What the data shows besides c when the measured speedup is below the predicted one: rounds yielding
+    fewer tokens than the formula's (1 - alpha^(gamma+1)) / (1 - alpha), with acceptance falling with position
+    (the formula assumes every position accepted with the same alpha); rounds costing more than gamma draft steps
+    and one target step timed alone (the verification of gamma + 1 tokens per row, the acceptance bookkeeping).
+    acceptance: {"accepted_length", "per_position"} of the draft (evaluate_draft); timing: round_overhead."""
+    causes = []
+    if acceptance:
+        expected, got = specdec.expected_accepted_length(alpha, gamma), acceptance.get("accepted_length", math.nan)
+        if got < LENGTH_SHORTFALL * expected:
+            cause = (f"rounds yielded {got:.2f} tokens, not the {expected:.2f} the formula expects from alpha "
+                     f"{alpha:.2f}")
+            rates = [(i, r) for i, r in enumerate(acceptance.get("per_position") or [], start=1) if not math.isnan(r)]
+            if len(rates) > 1 and rates[0][1] - rates[-1][1] > POSITION_DROP:
+                cause += (f": acceptance falls with position, {rates[0][1]:.0%} at position 1 to {rates[-1][1]:.0%} "
+                          f"at position {rates[-1][0]}, where the formula assumes one alpha at every position")
+            causes.append(cause)
+    overhead = timing.get("round_overhead", math.nan)
+    if overhead > ROUND_OVERHEAD:
+        causes.append(f"a round took {overhead:.2f}x the time of its draft steps and one target step timed alone "
+                      f"(the verification of gamma + 1 = {gamma + 1} tokens per row and the acceptance bookkeeping)")
+    return causes
+
+
+def speedup_phrase(timing: dict, alpha: float, gamma: int, acceptance: dict | None = None) -> str:
     """'1.45x measured (3 repeats 1.41-1.49, within 10%), 1.80x predicted (c = 0.16)' and, below 1, why."""
     m, th = timing["speedup_measured"], timing["speedup_theoretical"]
     n = len(timing["speedup_repeats"])
@@ -169,7 +227,28 @@ def speedup_phrase(timing: dict, alpha: float, gamma: int) -> str:
            f"(c = {timing['cost_ratio']:.2f})")
     if m < 1:
         out += f"; slower than the target alone because {why_slower(alpha, gamma, timing['cost_ratio'], th, timing['batch_size'])}"
+    causes = shortfall_causes(timing, alpha, gamma, acceptance) if m < FAR_BELOW * th else []
+    if causes:
+        out += f"; measured far below predicted, as measured: {'; '.join(causes)}"
     return out
+
+
+def speedup_versus_baseline(timing: dict, base: dict) -> str:
+    """How a draft's measured speedup compares with the baseline draft's at the same batch, judged against the
+    timing noise: the difference is real only when the two sets of repeats do not overlap (each side's repeats
+    span [min, max]; with one repeat per side the noise is unknown, and nothing is claimed)."""
+    m, b = timing["speedup_measured"], base["speedup_measured"]
+    if len(timing["speedup_repeats"]) < 2 or len(base["speedup_repeats"]) < 2:
+        return (f"{m:.2f}x vs the baseline draft's {b:.2f}x: one repeat, the timing noise is unknown, so neither "
+                f"is shown faster (--speedup-repeats 3)")
+    ranges = (f"repeats {timing['speedup_min']:.2f}-{timing['speedup_max']:.2f} vs "
+              f"{base['speedup_min']:.2f}-{base['speedup_max']:.2f}")
+    if timing["speedup_min"] > base["speedup_max"]:
+        return f"{m:.2f}x, faster than the baseline draft's {b:.2f}x ({ranges}: apart)"
+    if timing["speedup_max"] < base["speedup_min"]:
+        return f"{m:.2f}x, slower than the baseline draft's {b:.2f}x ({ranges}: apart)"
+    return (f"{m:.2f}x vs the baseline draft's {b:.2f}x: the difference ({m - b:+.2f}x) is inside the timing noise "
+            f"({ranges} overlap), so neither draft is measured faster")
 
 
 def verdict_lines(entries: list[dict], gamma: int) -> list[str]:
@@ -188,8 +267,17 @@ def verdict_lines(entries: list[dict], gamma: int) -> list[str]:
             head = (f"{e['name']} ({e['divergence']}): token acceptance {ta:.1f}%, {g['mean'] * 100:+.1f} points "
                     f"[{g['lo'] * 100:+.1f}, {g['hi'] * 100:+.1f}] over the baseline (paired bootstrap over "
                     f"{g['n_prompts']} prompts): {word}")
-        speed = [speedup_phrase(t, e["pooled_alpha"], gamma) for t in (e["speedup"], e.get("batch1")) if t]
-        lines.append(head + ". Speedup over the target alone, " + "; ".join(speed) + ".")
+        acceptance = {"accepted_length": e.get("pooled_accepted_length", math.nan),
+                      "per_position": e.get("per_position_acceptance")}
+        speed = [speedup_phrase(t, e["pooled_alpha"], gamma, acceptance) for t in (e["speedup"], e.get("batch1")) if t]
+        line = head + ". Speedup over the target alone, " + "; ".join(speed) + "."
+        if e.get("gain") is not None:                        # a distilled draft: its speedup against the baseline's
+            versus = [f"batch {t['batch_size']}: " + speedup_versus_baseline(t, b)
+                      for key in ("speedup", "batch1")
+                      for t, b in [(e.get(key), entries[0].get(key))] if t and b]
+            if versus:
+                line += " Against the baseline draft, " + "; ".join(versus) + "."
+        lines.append(line)
     return lines
 
 
@@ -245,6 +333,55 @@ def trained_runs(runs_root: Path, preset: str, task: str) -> list[Path]:
     return sorted(p for p in (runs_root / preset / task).glob("*/final") if (p / "config.json").exists())
 
 
+def run_config(run_dir: Path | None) -> dict | None:
+    """A distill.py run's config.json (it names the divergence, seed, task), or None: no run directory, or
+    its config.json is a model's (a model folder's config.json has no 'div')."""
+    if run_dir is None or not (run_dir / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and "div" in cfg else None
+
+
+def resolve_draft(path: str) -> dict:
+    """--drafts DIR -> {name, label, path (the model folder), task (the run's, or None)}. DIR is a run directory
+    of distill.py (its final/ is evaluated) or a model folder (final/, best/ or any Hugging Face folder). Named
+    by its run's config.json as '<div>-s<seed>' ('-best' for best/), the divergence label as the discovered
+    runs'; a model outside any run is named by its folder ('<run>/final' when the folder is final/ or best/)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ValueError(f"--drafts {path}: no such folder; pass run directories of distill.py or their "
+                         f"final/ or best/ model folders")
+    if (d / "final" / "config.json").is_file():
+        model_dir, run_dir = d / "final", d
+    elif (d / "config.json").is_file() and run_config(d) is None:
+        model_dir, run_dir = d, d.parent
+    else:
+        raise ValueError(f"--drafts {path}: neither a run directory (holding final/) nor a model folder "
+                         f"(holding a model's config.json)")
+    cfg = run_config(run_dir)
+    if cfg is not None:
+        name = f"{cfg['div']}-s{cfg.get('seed', '?')}" + ("-best" if model_dir.name == "best" else "")
+        return {"name": name, "label": divergence_label(run_dir), "path": str(model_dir), "task": cfg.get("task")}
+    name = f"{d.parent.name}/{d.name}" if d.name in ("final", "best") else d.name
+    return {"name": name, "label": "?", "path": str(model_dir), "task": None}
+
+
+def unique_names(names: list[str], taken=("baseline",)) -> list[str]:
+    """Each name once (they key the results): a repeated one gets '#2', '#3', ..."""
+    seen, out = set(taken), []
+    for n in names:
+        k, i = n, 1
+        while k in seen:
+            i += 1
+            k = f"{n}#{i}"
+        seen.add(k)
+        out.append(k)
+    return out
+
+
 def divergence_label(run_dir: Path) -> str:
     """'rkl', 'jsd(beta=0.9)', ... from the run's config.json (written by distill.py)."""
     cfg_file = run_dir / "config.json"
@@ -282,7 +419,8 @@ def evaluate_draft(teacher, draft, prompts, *, batch_size, seed, record, desc="d
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tokens/s")
     out = {"per_prompt": per_prompt(per_row), "tokens_per_s": tokens / max(seconds, 1e-9),
            "generated_tokens": tokens, "wall_time_s": seconds, "pooled_acceptance": pooled_acceptance(per_row),
-           "pooled_alpha": pooled_alpha(per_row)}
+           "pooled_alpha": pooled_alpha(per_row), "pooled_accepted_length": pooled_accepted_length(per_row),
+           "per_position_acceptance": pooled_per_position(per_row)}
     if record:
         out["records"] = {k: sum((r[k] for r in records), []) for k in records[0]}
     return out
@@ -311,6 +449,9 @@ def time_speedup(teacher, draft, prompts, *, batch_size: int, seed: int, repeats
                        specdec.speculative_generate(teacher, draft, chunk, seed=seed + start, **protocol))
                 t[f"{side}_s"] += res.stats["wall_time_s"]
                 t[f"{side}_tokens"] += sum(len(x) for x in res.tokens)
+                if side == "draft":                          # batched rounds and draft steps: the round's cost
+                    t["draft_rounds"] = t.get("draft_rounds", 0) + res.stats["target_calls"]
+                    t["draft_steps"] = t.get("draft_steps", 0) + res.stats["draft_calls"]
         t["speedup"] = (t["draft_tokens"] / max(t["draft_s"], 1e-9)) / (t["target_tokens"] / max(t["target_s"], 1e-9))
         runs.append(t)
     out = {"batch_size": batch_size, "prompts": len(prompts), "timings": runs,
@@ -337,6 +478,15 @@ def cost_ratio(draft, target, prompts, *, n_steps: int = 16, repeats: int = 3, *
     step = {name: max(best[name, 1 + n_steps] - best[name, 1], 1e-9) / n_steps for name in ("target", "draft")}
     return {"cost_ratio": step["draft"] / step["target"], "target_step_s": step["target"],
             "draft_step_s": step["draft"]}
+
+
+def round_overhead(t: dict) -> float:
+    """Seconds of speculative decoding / what its rounds would cost at the step costs timed alone (each draft
+    step at draft_step_s, each round's verification at one target step, target_step_s): the median over the
+    repeats. Above 1: what the formula's gamma c + 1 leaves out (verifying gamma + 1 tokens, bookkeeping)."""
+    ratios = [r["draft_s"] / (r["draft_steps"] * t["draft_step_s"] + r["draft_rounds"] * t["target_step_s"])
+              for r in t["timings"] if r.get("draft_rounds")]
+    return float(np.median(ratios)) if ratios else math.nan
 
 
 def task_group(args, task: str) -> str:
@@ -366,8 +516,15 @@ def check_task_inputs(args, task: str) -> dict:
     examples = data.load_examples(task, "eval", source=source, path=data_path, n=n, tokenizer=tokenizer,
                                   verbose=True)
     drafts = [("baseline", "baseline (no distillation)", student_id)]
-    drafts += [(final.parent.name, divergence_label(final.parent), str(final))
-               for final in trained_runs(Path(args.runs), args.preset, group)]
+    if args.drafts is not None:                                     # the drafts named by path (parse_args: resolved)
+        for d in args.drafts:
+            if d["task"] is not None and d["task"] != task:
+                raise ValueError(f"--drafts {d['path']}: its run trained on task {d['task']}, not {task}; "
+                                 f"pass --task {d['task']} or drafts of {task}")
+        drafts += [(d["name"], d["label"], d["path"]) for d in args.drafts]
+    else:
+        drafts += [(final.parent.name, divergence_label(final.parent), str(final))
+                   for final in trained_runs(Path(args.runs), args.preset, group)]
     if args.runs_given and len(drafts) == 1:
         print(f"[evaluate] --runs {args.runs} holds no trained draft of {args.preset}/{group} "
               f"({Path(args.runs) / args.preset / group}/*/final): the baseline alone", flush=True)
@@ -413,12 +570,13 @@ def evaluate_task(args, task: str, inputs: dict) -> dict:
             t = time_speedup(teacher, draft, timed, batch_size=batch, seed=args.seed, repeats=args.speedup_repeats,
                              **protocol)
             t.update(cost_ratio(draft, teacher, timed[:batch], **protocol))
+            t["round_overhead"] = round_overhead(t)
             t["speedup_theoretical"] = theoretical_speedup(res["pooled_alpha"], protocol["gamma"], t["cost_ratio"])
             entry[key] = t
         base = entries[0]["per_prompt"]["token_acceptance"] if entries else None
         entry["gain"] = (None if base is None else
                          paired_gain(res["per_prompt"]["token_acceptance"], base, args.n_boot, args.seed))
-        entry["verdict"] = verdict_lines([entry], protocol["gamma"])[0]
+        entry["verdict"] = verdict_lines(entries + [entry], protocol["gamma"])[-1]   # entries[0]: the baseline
         entries.append(entry)
         print("  " + entry["verdict"])
     return {"preset": args.preset, "task": task, "group": inputs["group"], "teacher": teacher_id,
@@ -470,6 +628,10 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="root of distill.py's runs: <runs>/<preset>/<task>/<run>/final, "
                    "<task> with the data in its name off the preset's data (rundir.task_group); given, it must "
                    "hold the task's runs (default runs, which may hold none: the baseline alone)")
+    p.add_argument("--drafts", nargs="+", default=None, metavar="DIR", help="evaluate these drafts (beside the "
+                   "baseline) instead of the runs under --runs: distill.py run directories (their final/) or model "
+                   "folders (a run's final/ or best/, or any); each labelled by its run's config.json (<div>-s<seed>), "
+                   "else by its folder name. The task: --task, else the runs' own")
     p.add_argument("--results", default="results", help="writes <results>/<preset>/<task>/eval.{md,json} "
                    "(default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: the preset's)")
@@ -509,6 +671,20 @@ def parse_args(argv=None):
     if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise ValueError(f"--top-p {args.top_p} is not allowed; --top-p must be in (0, 1] (1 = no nucleus)")
     models.check_preset(args.preset)
+    if args.drafts is not None:
+        if args.runs_given:
+            raise ValueError("--drafts and --runs are two ways to pick the drafts: pass one (--drafts names them, "
+                             "--runs finds every run of the task under it)")
+        args.drafts = [resolve_draft(d) for d in args.drafts]
+        names = unique_names([d["name"] for d in args.drafts])
+        for d, name in zip(args.drafts, names):
+            d["name"] = name
+        if args.task is None:
+            tasks = sorted({d["task"] for d in args.drafts if d["task"] is not None})
+            if len(tasks) != 1:
+                raise ValueError(f"--drafts: pass --task ({', '.join(data.TASKS)}); the drafts' runs name "
+                                 f"{'no task' if not tasks else 'tasks ' + ', '.join(tasks)}")
+            args.task = tasks[0]
     if args.task is not None:
         data.check_task(args.task)
     data.resolve_source(args.source, args.data_path)               # the rule's errors, before anything loads

@@ -459,6 +459,13 @@ def _remove_leftover_builds(d: Path, locked: bool = False):
         shutil.rmtree(p, ignore_errors=True)
 
 
+def is_tiny_pair_model(path_or_id) -> bool:
+    """Whether a model is one of a tiny pair models.py built (teacher/ or student/ beside the pair's build.json):
+    the models the tiny preset's settings are tuned for. A hub id or any other folder is not."""
+    d = Path(str(path_or_id)).expanduser()
+    return d.is_dir() and d.name in ("teacher", "student") and (d.parent / "build.json").is_file()
+
+
 def ensure_tiny_pair(task: str, root="checkpoints", seed: int = 0, scale: str = "full") -> Path:
     """The folder holding teacher/ and student/ of the tiny pair, built on first use (a few minutes
     at scale "full", seconds at "test"). Built in a temporary folder under a lock and renamed into

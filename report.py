@@ -13,7 +13,8 @@ pair):
      the same eval prompts with the same sampling seed; then:
 
   the table   task x divergence: token acceptance (accepted / drafted, macro-mean over prompts),
-              analytic alpha (mean over drafted positions of sum_x min(p, q); p = teacher, q = draft),
+              analytic alpha (mean over tested positions, up to each round's first rejection, of
+              sum_x min(p, q); p = teacher, q = draft),
               mean accepted length (tokens per target call, bonus included); each the mean over seeds
               of the per-seed mean over prompts, with a 95% interval from `crossed_bootstrap`.
   intervals   prompts and seeds are CROSSED (every seed decodes the same prompts), so a bootstrap
@@ -747,7 +748,8 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
            f"per-seed mean over prompts, with a 95% interval from a bootstrap that resamples the prompts (one "
            f"draw shared by every run: all runs decode the same prompts with the same sampling seed) and the "
            f"training seeds ({cfg.n_boot} resamples). Token acceptance = accepted / drafted per prompt; "
-           "analytic alpha = mean of sum_x min(p, q) over drafted positions; mean accepted length = tokens per target "
+           "analytic alpha = mean of sum_x min(p, q) over tested positions (up to each round's first rejection); "
+           "mean accepted length = tokens per target "
            "call (bonus token included). Best mean per task in bold.", "", table_markdown(rows), ""]
     md += ["## Differences in token acceptance", "",
            "Each divergence minus the baseline and minus the best fixed divergence (highest mean among fkl, rkl, "

@@ -446,9 +446,27 @@ def task_group(task: str, source: str, data_path, preset_source: str) -> str:
         return task
     tag = f"{task}-{source}"
     if source == "file" and data_path:
-        name = Path(str(data_path).rstrip("/")).stem or "data"
-        tag += "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        tag += "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", data_name(data_path))
     return tag
+
+
+SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "eval", "dev")
+
+
+def data_name(data_path) -> str:
+    """The name of a data set given as a folder or as one split's file, the same for every split of it, so that
+    training on data/gsm8k/train.jsonl and evaluating on data/gsm8k/test.jsonl (or on the folder data/gsm8k)
+    land in one task folder: a folder's name; a file's stem without its split word (gsm8k_train.jsonl ->
+    gsm8k), or its folder's name when the stem is only a split word or a shard of one (data/gsm8k/test.jsonl,
+    data/gsm8k/train-00000-of-00002.parquet -> gsm8k)."""
+    path = Path(str(data_path).rstrip("/"))
+    if not path.suffix or path.is_dir():
+        return path.name or "data"
+    split = "|".join(SPLIT_WORDS)
+    stem = re.sub(rf"(^({split})[-_.]+|[-_.]+({split})$)", "", path.stem, flags=re.IGNORECASE)
+    if stem.lower() in SPLIT_WORDS or not re.search("[A-Za-z]", re.sub("of", "", stem)):   # a split, a shard of one
+        return path.resolve().parent.name or "data"
+    return stem
 
 
 # ----------------------------------------------------------------------------- resume = the same run

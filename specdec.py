@@ -51,14 +51,25 @@ both caches: admit, draft, verify, accept, keep, compact), `SpecMetrics` (per-pr
 
 Metrics (`.stats`; the same keys for each row under stats["per_row"]). A drafted x_i is *counted*
 unless the row's budget ends before it (g + i > max_new_tokens, g = tokens the row generated before the
-round) or x_1..x_{i-1} contains a stop id. With beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i):
+round) or x_1..x_{i-1} contains a stop id. A counted x_i is *tested* when x_1..x_{i-1} were all accepted:
+the positions up to and including the first rejection of each block. The positions after a rejection are
+drafted but never verified, and their draft context holds the rejected token, so their beta_i says nothing
+about the acceptance a serving draft sees; alpha and the per-position rates count tested positions only.
+With beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i):
   drafted                  D = number of counted drafted positions
+  tested                   T = number of tested positions (T <= D; T = D when no block had a rejection
+                           before its last counted position)
   accepted                 A = number of counted drafted tokens accepted (a prefix of each block)
   acceptance_rate          A / D   (the seed's "token acceptance"; NOT alpha)
-  alpha                    (1 / D) * sum over counted positions of beta_i   (analytic acceptance)
+  alpha                    (1 / T) * sum over tested positions of beta_i   (analytic acceptance: the
+                           expected A / T, the per-token acceptance probability of the textbook formulas)
+  alpha_all_drafted        (1 / D) * sum over every counted position of beta_i (the former alpha, for
+                           comparison: it includes untested positions conditioned on rejected tokens)
   mean_accepted_length     generated tokens / target calls   (tokens per verification, bonus included)
-  per_position_acceptance  list over i = 1..gamma: accepted at position i / counted drafted at
-                           position i (nan where nothing was drafted there)
+  per_position_acceptance  list over i = 1..gamma: accepted at position i / tested at position i (the
+                           acceptance of x_i given x_1..x_{i-1} accepted; nan where nothing was tested)
+  per_position_tested      list over i = 1..gamma: tested at position i (the denominators above, to pool
+                           the rates of several calls)
   target_calls, draft_calls  batched forward passes after the prefill (per row: the passes it was in)
   wall_time_s              seconds from the call to the end (per row: from entering the batch to finishing)
   tokens_per_s             generated tokens / wall_time_s
@@ -396,6 +407,15 @@ def counted_drafts(drafts, stop_ids, budget):
     is_stop = torch.isin(drafts, stop_ids).long()  # (b, k)
     stop_before = (is_stop.cumsum(1) - is_stop) > 0  # a stop id among x_1..x_{i-1}
     return (i <= budget[:, None]) & ~stop_before
+
+
+def tested_drafts(counted, acc):
+    """counted (b, k), acc (b, k) the accepted prefix (verify_block) -> tested (b, k): the counted positions
+    that verification decided, i.e. up to and including the first rejection of each block. A position after
+    the first rejection is never tested (its accept/reject draw is discarded) and its draft context holds the
+    rejected token, so it belongs to no acceptance rate or alpha."""
+    j = torch.arange(counted.shape[1], device=counted.device)  # 0-based: x_{j+1} is tested iff x_1..x_j accepted
+    return counted & (j[None] <= acc.sum(1, keepdim=True))
 
 
 def emit_tokens(drafts, t, n, stop_ids, budget):
@@ -739,8 +759,10 @@ class SpecMetrics:
         self.out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
         self.n_gen, self.drafted, self.accepted, self.target_calls, self.draft_calls = (
             torch.zeros(B, dtype=torch.long, device=device) for _ in range(5))
-        self.beta_sum = torch.zeros(B, device=device)
-        self.pos_drafted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+        self.tested = torch.zeros(B, dtype=torch.long, device=device)
+        self.beta_sum = torch.zeros(B, device=device)  # over tested positions (alpha)
+        self.beta_sum_drafted = torch.zeros(B, device=device)  # over every counted position (alpha_all_drafted)
+        self.pos_tested = torch.zeros(B, gamma, dtype=torch.long, device=device)
         self.pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
         self.start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
         self.finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
@@ -755,11 +777,14 @@ class SpecMetrics:
         j = torch.arange(k + 1, device=rows.device)
         self.out[rows[:, None], g[:, None] + j] = emit  # (b, k+1); only the first e of them count
         beta = acceptance_prob(p[:, :k], q)  # (b, k)
+        tested = tested_drafts(counted, acc)  # (b, k)
         self.n_gen.index_add_(0, rows, e)
         self.drafted.index_add_(0, rows, counted.sum(1))
+        self.tested.index_add_(0, rows, tested.sum(1))
         self.accepted.index_add_(0, rows, acc.sum(1))
-        self.beta_sum.index_add_(0, rows, (beta * counted).sum(1))
-        self.pos_drafted[:, :k].index_add_(0, rows, counted.long())
+        self.beta_sum.index_add_(0, rows, (beta * tested).sum(1))
+        self.beta_sum_drafted.index_add_(0, rows, (beta * counted).sum(1))
+        self.pos_tested[:, :k].index_add_(0, rows, tested.long())
         self.pos_accepted[:, :k].index_add_(0, rows, acc.long())
         self.target_calls.index_add_(0, rows, torch.ones_like(rows))
         self.draft_calls.index_add_(0, rows, torch.full_like(rows, k))
@@ -777,9 +802,12 @@ class SpecMetrics:
 
     def result(self, wall: float) -> GenerationResult:
         tokens = [row[:n] for row, n in zip(self.out.tolist(), self.n_gen.tolist())]  # two transfers, not 2B
-        stats = _spec_stats(self.n_gen, self.drafted, self.accepted, self.beta_sum, self.pos_drafted,
-                            self.pos_accepted, self.target_calls, self.draft_calls, self.start, self.finish,
-                            wall, self.batched_target_calls, self.batched_draft_calls)
+        counts = {"generated": self.n_gen, "drafted": self.drafted, "tested": self.tested,
+                  "accepted": self.accepted, "beta_sum": self.beta_sum, "beta_sum_drafted": self.beta_sum_drafted,
+                  "pos_tested": self.pos_tested, "pos_accepted": self.pos_accepted,
+                  "target_calls": self.target_calls, "draft_calls": self.draft_calls}
+        stats = _spec_stats(counts, self.start, self.finish, wall, self.batched_target_calls,
+                            self.batched_draft_calls)
         records = None
         if self.recs is not None:
             records = {key: (torch.cat(v).cpu() if v else torch.zeros(0)) for key, v in self.recs.items()}
@@ -855,26 +883,26 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     return metrics.result(time.perf_counter() - t0)
 
 
-def _spec_stats(n_gen, drafted, accepted, beta_sum, pos_drafted, pos_accepted, target_calls, draft_calls,
-                start, finish, wall, batched_target_calls, batched_draft_calls) -> dict:
-    """The metrics of the module docstring, per row and pooled over the batch."""
-    n_gen, drafted, accepted, beta_sum = (v.cpu() for v in (n_gen, drafted, accepted, beta_sum))
-    pos_drafted, pos_accepted, target_calls, draft_calls = (v.cpu() for v in (pos_drafted, pos_accepted,
-                                                                             target_calls, draft_calls))
+def _spec_stats(counts: dict, start, finish, wall, batched_target_calls, batched_draft_calls) -> dict:
+    """The metrics of the module docstring, per row and pooled over the batch. counts: per row (B,) or
+    per row and position (B, gamma) tensors, SpecMetrics' counters."""
+    c = {key: v.cpu() for key, v in counts.items()}
 
-    def summary(gen, d, a, bsum, pd, pa, tc, dc, seconds):
-        gen, d, a, tc, dc = int(gen), int(d), int(a), int(tc), int(dc)
-        return {"generated": int(gen), "drafted": int(d), "accepted": int(a), "acceptance_rate": _rate(a, d),
-                "alpha": _rate(bsum, d), "mean_accepted_length": _rate(gen, tc),
-                "per_position_acceptance": [_rate(x, y) for x, y in zip(pa.tolist(), pd.tolist())],
-                "target_calls": int(tc), "draft_calls": int(dc), "wall_time_s": seconds,
-                "tokens_per_s": _rate(gen, seconds)}
+    def summary(r, seconds):  # r: the counters of one row, or summed over the rows
+        gen, d, t, a, tc, dc = (int(r[key]) for key in ("generated", "drafted", "tested", "accepted",
+                                                        "target_calls", "draft_calls"))
+        return {"generated": gen, "drafted": d, "tested": t, "accepted": a, "acceptance_rate": _rate(a, d),
+                "alpha": _rate(float(r["beta_sum"]), t),
+                "alpha_all_drafted": _rate(float(r["beta_sum_drafted"]), d),
+                "mean_accepted_length": _rate(gen, tc),
+                "per_position_acceptance": [_rate(x, y) for x, y in zip(r["pos_accepted"].tolist(),
+                                                                          r["pos_tested"].tolist())],
+                "per_position_tested": [int(y) for y in r["pos_tested"].tolist()],
+                "target_calls": tc, "draft_calls": dc, "wall_time_s": seconds, "tokens_per_s": _rate(gen, seconds)}
 
-    per_row = [summary(n_gen[r], drafted[r], accepted[r], float(beta_sum[r]), pos_drafted[r], pos_accepted[r],
-                       target_calls[r], draft_calls[r], (float(finish[r]) or wall) - float(start[r]))
+    per_row = [summary({key: v[r] for key, v in c.items()}, (float(finish[r]) or wall) - float(start[r]))
                for r in range(len(finish))]
-    stats = summary(n_gen.sum(), drafted.sum(), accepted.sum(), float(beta_sum.sum()), pos_drafted.sum(0),
-                    pos_accepted.sum(0), target_calls.sum(), draft_calls.sum(), wall)
+    stats = summary({key: v.sum(0) for key, v in c.items()}, wall)
     stats["target_calls"], stats["draft_calls"] = batched_target_calls, batched_draft_calls
     stats["per_row"] = per_row
     return stats

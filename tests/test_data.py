@@ -378,7 +378,7 @@ def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monk
     common = ["--task", "cnndm", "--teacher", str(tok_dir), "--student", str(tok_dir),
               "--data-path", str(tmp_path / "data")]
     with pytest.raises(_ModelsLoaded):
-        distill.main(common + ["--out", str(tmp_path / "run")])
+        distill.main(common + ["--out", str(tmp_path / "run"), "--lr", "1e-4"])   # not a tiny pair: --lr chosen
     with pytest.raises(_ModelsLoaded):
         evaluate.main(common + ["--results", str(tmp_path / "res")])
     (train_kept, train_dropped), (eval_kept, eval_dropped) = kept
@@ -397,7 +397,7 @@ def test_distill_refuses_bad_rows_before_loading_models(tmp_path, tokenizer):
     empty.write_text("")
     with pytest.raises(data.DataError, match=r"train\.jsonl: the file is empty"):
         distill.main(["--task", "gsm8k", "--teacher", str(tok_dir), "--student", str(tmp_path / "no-student"),
-                      "--data-path", str(empty), "--out", str(tmp_path / "run")])
+                      "--data-path", str(empty), "--out", str(tmp_path / "run"), "--lr", "1e-4"])
     with pytest.raises(ValueError, match="--source file needs --data-path"):
         distill.main(["--task", "gsm8k", "--source", "file", "--out", str(tmp_path / "run")])
 

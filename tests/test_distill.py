@@ -392,6 +392,31 @@ def test_validation_rows_come_every_n_steps_and_do_not_change_training(pair, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_val_alpha_and_per_position_rates_count_tested_positions_only(pair, loaded):
+    """val_alpha is the mean beta over the positions verification tested (up to and including each round's
+    first rejection) and val_per_position_acceptance the accepted / tested rate at each position: the same
+    quantities as evaluate.py's, recomputed here from the per-position records of the same decoding (the same
+    prompts, protocol and sampling seed). Counting positions drafted after a rejection (never tested, their
+    context holding the rejected token) gives another number, so the test also checks the two differ here."""
+    import entropy
+    import specdec
+    teacher, student, tok = loaded
+    protocol = models.decoding_protocol("tiny", tok, teacher, task="gsm8k", max_new_tokens=24)
+    run = SimpleNamespace(teacher=teacher, student=student, val_prompts=prompts_of(tok, 6), protocol=protocol,
+                          autocast=nullcontext())
+    val = distill.validate(run)
+    rec = specdec.speculative_generate(teacher, student, run.val_prompts, seed=distill.VAL_SAMPLING_SEED,
+                                       record=True, **protocol.speculative_kwargs()).records
+    tested = torch.from_numpy(entropy.tested_mask(rec))
+    assert not bool(tested.all())                                   # some positions were drafted after a rejection
+    beta = rec["acceptance_prob"].double()
+    assert val["val_alpha"] == pytest.approx(beta[tested].mean().item(), rel=1e-5)
+    assert val["val_alpha"] != pytest.approx(beta.mean().item(), rel=1e-3)
+    for i, rate in enumerate(val["val_per_position_acceptance"], start=1):
+        at = (rec["position"] == i) & tested
+        assert (rate is None and not bool(at.any())) or rate == pytest.approx(rec["accepted"][at].double().mean().item())
+
+
 def test_best_is_the_student_of_the_best_validation_step(pair, loaded, tmp_path):
     """best/ holds the student of the step with the highest val_acceptance_rate (the first on ties):
     best.json names that step and its row, and validating best/'s weights again gives that row's numbers."""
@@ -738,3 +763,35 @@ def test_validation_is_refused_with_fsdp(pair, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--eval-every 5 is not supported with --fsdp"):
         distill.resolve_config(distill.parse_args(run_args(pair, "unused", "--fsdp", "--eval-every", 5)))
+
+
+# ----------------------------------------------------------------------------- which preset's settings apply
+
+def test_a_model_outside_the_tiny_pairs_needs_lr_under_the_tiny_preset(pair, tmp_path):
+    """Without --preset, distill.py applied the tiny preset's lr (2e-3, tuned for a one-layer offline student)
+    and schedule to any --teacher / --student, silently: a real model would be trained far too hot. A model
+    that is not a tiny pair's is refused under --preset tiny unless --lr is given, the error naming the model,
+    the preset and the flag."""
+    other = tmp_path / "my-student"                                 # a copy: no longer beside a tiny build.json
+    shutil.copytree(pair[1], other)
+    argv = ["--task", "gsm8k", "--teacher", pair[0], "--student", str(other), "--out", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=r"--student .*my-student is not a tiny pair's model.*--preset tiny.*"
+                                         r"lr 0\.002.*pass --lr"):
+        distill.resolve_config(distill.parse_args(argv))
+    assert distill.resolve_config(distill.parse_args(argv + ["--lr", "1e-5"])).lr == 1e-5
+
+
+def test_the_run_says_which_presets_settings_apply(pair, tmp_path, monkeypatch, capsys):
+    """The run prints, before any model loads, which preset's optimisation settings it takes and which flags
+    replaced them, so a run on the default preset is never silently on the tiny pair's learning rate."""
+    def stop(*a, **k):
+        raise KeyboardInterrupt                                    # stop before any model loads
+    monkeypatch.setattr(distill, "check_inputs", stop)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(tmp_path / "r"),
+                      "--batch-size", "4"])
+    tiny = models.preset_config("tiny", "gsm8k")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[distill] settings"))
+    assert line.startswith(f"[distill] settings of the tiny preset: lr {tiny['lr']:g}, ")
+    assert f"steps {tiny['steps']:g}" in line
+    assert "--batch-size given" in line and "batch_size" not in line

@@ -33,7 +33,7 @@ def test_a_run_without_validation_has_no_val_alpha(tmp_path):
 
 
 def test_collect_uses_the_pooled_eval_alpha_and_skips_the_baseline(tmp_path):
-    """The eval side is evaluate.py's pooled alpha (mean over every drafted position, like val_alpha), not
+    """The eval side is evaluate.py's pooled alpha (mean over every tested position, like val_alpha), not
     the macro-mean over prompts of the summary; the untrained baseline has no run and is left out."""
     run = write_run(tmp_path, "nla-s0", [0.5] * 10, [None] * 9 + [0.55])
     entries = {"baseline": {"path": str(tmp_path / "none" / "final"), "pooled_alpha": 0.3},

@@ -121,7 +121,8 @@ def test_training_evaluation_summary_and_report_decode_alike(which, tiny, wide, 
                         lambda *a, **k: loss_vocab.append(k["vocab_size"]) or sum_fn(*a, **k))
 
     distill.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(tmp_path / "run"),
-                  "--steps", "1", "--batch-size", "2", "--n-train", "2", "--save-every", "1"])
+                  "--steps", "1", "--batch-size", "2", "--n-train", "2", "--save-every", "1",
+                  "--lr", "2e-3"])                   # the pair is built here, not a tiny pair: the lr is chosen
     (tmp_path / "none").mkdir()
     evaluate.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--runs", str(tmp_path / "none"),
                    "--results", str(tmp_path / "res"), "--n-prompts", "2"])

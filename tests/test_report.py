@@ -116,7 +116,7 @@ def test_report_reads_the_json_evaluate_writes(tmp_path):
     import evaluate
 
     def stats(drafted, accepted):
-        return {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else float("nan"),
+        return {"drafted": drafted, "tested": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else float("nan"),
                 "alpha": 0.5, "mean_accepted_length": 2.0, "generated": 4, "wall_time_s": 0.1}
 
     pp = evaluate.per_prompt([stats(10, 4), stats(0, 0), stats(10, 8)])

@@ -578,3 +578,16 @@ def test_a_run_dir_that_turns_unwritable_is_one_line_and_keeps_the_checkpoints(p
     assert "intact" in err[0] and err[0].endswith("--resume")
     assert [p.name for p in rundir.checkpoints(out)] == ["ckpt-0000002"]
     assert rundir.verify_checkpoint(out / "ckpt-0000002") is None
+
+
+@pytest.mark.parametrize("path, name", [("d/gsm8k", "gsm8k"), ("d/gsm8k/", "gsm8k"), ("d/gsm8k/train.jsonl", "gsm8k"),
+                                        ("d/gsm8k/test.jsonl", "gsm8k"), ("d/gsm8k/validation.parquet", "gsm8k"),
+                                        ("d/x/gsm8k_train.jsonl", "gsm8k"), ("d/x/gsm8k-test.json", "gsm8k"),
+                                        ("d/gsm8k/train-00000-of-00002.parquet", "gsm8k"),
+                                        ("d/x/mydata.jsonl", "mydata")])
+def test_every_split_of_one_data_set_has_the_data_sets_name(path, name):
+    """Runs trained on a data set's train file and the evaluation on its test file must share a task folder
+    (rundir.task_group), or `make eval` finds no draft: a split's file is named by its data set (the file's stem
+    without the split word, or its folder when the stem is only a split or a shard), as the folder is."""
+    assert rundir.data_name(path) == name
+    assert rundir.task_group("gsm8k", "file", path, "standin") == f"gsm8k-file-{name}"

@@ -17,6 +17,7 @@ from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+import entropy
 import specdec
 from specdec import (autoregressive_generate, counted_drafts, emit_tokens, process_logits, residual,
                      resolve_stop_ids, sample, speculative_generate, top_p_keep, verify_block)
@@ -656,7 +657,10 @@ def test_stats_and_records_are_consistent(pairs):
     assert len({v.numel() for v in rec.values()}) == 1 and rec["row"].numel() == stats["drafted"]
     assert int(rec["accepted"].sum()) == stats["accepted"] == sum(r["accepted"] for r in rows)
     assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["drafted"])
-    assert stats["alpha"] == pytest.approx(rec["acceptance_prob"].double().mean().item(), rel=1e-5)
+    tested = torch.from_numpy(entropy.tested_mask(rec))
+    assert stats["tested"] == int(tested.sum()) == sum(r["tested"] for r in rows) < stats["drafted"]
+    assert stats["alpha"] == pytest.approx(rec["acceptance_prob"][tested].double().mean().item(), rel=1e-5)
+    assert stats["alpha_all_drafted"] == pytest.approx(rec["acceptance_prob"].double().mean().item(), rel=1e-5)
     assert stats["generated"] == sum(len(t) for t in result.tokens)
     assert stats["mean_accepted_length"] == pytest.approx(
         stats["generated"] / sum(r["target_calls"] for r in rows))
@@ -664,8 +668,54 @@ def test_stats_and_records_are_consistent(pairs):
     assert bool((rec["teacher_entropy"] >= 0).all()) and bool((rec["acceptance_prob"] <= 1 + 1e-6).all())
     assert bool((rec["teacher_entropy_tempered"] >= 0).all())
     for i, rate in enumerate(stats["per_position_acceptance"], start=1):
-        at = rec["position"] == i
+        at = (rec["position"] == i) & tested
         assert rate == pytest.approx(rec["accepted"][at].float().mean().item())
+
+
+def one_round_with_a_rejection_at_position_2():
+    """SpecMetrics after one constructed round of one row, gamma 3, V = 2: q_i = (1, 0) at every position and
+    p_1 = (0.9, 0.1), p_2 = (0.5, 0.5), p_3 = (0.1, 0.9), so beta = (0.9, 0.5, 0.1); x_1 accepted, x_2 rejected,
+    x_3 drafted after the rejection (never tested). Tested positions: 1 and 2."""
+    metrics = specdec.SpecMetrics(1, 3, 10, torch.device("cpu"), record=False)
+    p = torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.1, 0.9], [0.5, 0.5]]])  # (1, k+1, V)
+    q = torch.tensor([[[1.0, 0.0]] * 3])  # (1, k, V)
+    counted = torch.tensor([[True, True, True]])
+    acc = torch.tensor([[True, False, False]])
+    emit = torch.tensor([[0, 1, 1, 1]])  # x_1, then the correction token
+    metrics.add(torch.tensor([0]), emit, torch.tensor([2]), counted, acc, p, q, p.log(), 1.0)
+    return metrics.result(1.0).stats
+
+
+def test_alpha_counts_tested_positions_only():
+    """alpha is the acceptance probability of a position verification tests: the mean beta over positions up to
+    and including each block's first rejection, here (0.9 + 0.5) / 2 = 0.7. Position 3 (beta 0.1) was drafted
+    after the rejection, in a context holding the rejected token, and never tested: counting it (the former
+    (0.9 + 0.5 + 0.1) / 3 = 0.5, now alpha_all_drafted) understates or overstates what serving sees, and the
+    textbook accepted length and predicted speedup are computed from alpha."""
+    stats = one_round_with_a_rejection_at_position_2()
+    assert (stats["drafted"], stats["tested"], stats["accepted"]) == (3, 2, 1)
+    assert stats["alpha"] == pytest.approx(0.7)
+    assert stats["alpha_all_drafted"] == pytest.approx(0.5)
+    assert stats["per_row"][0]["alpha"] == pytest.approx(0.7)
+
+
+def test_per_position_acceptance_counts_tested_positions_only():
+    """The rate at position i is accepted at i / tested at i (the acceptance of x_i given x_1..x_{i-1} accepted):
+    1/1 at position 1, 0/1 at 2, and no rate at 3, which nothing tested (the former count, 0/1 there, reported a
+    rejection verification never made)."""
+    stats = one_round_with_a_rejection_at_position_2()
+    rates = stats["per_position_acceptance"]
+    assert rates[:2] == [1.0, 0.0] and math.isnan(rates[2])
+    assert stats["per_position_tested"] == [1, 1, 0]
+
+
+def test_tested_drafts_end_at_the_first_rejection_and_at_the_counted_ones():
+    """A counted draft is tested iff every draft before it was accepted; a draft past the budget or after a stop id
+    (not counted) is never tested, even when all counted drafts before it were accepted."""
+    counted = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, True]])
+    acc = torch.tensor([[True, False, False, False], [True, True, False, False], [True, True, True, True]])
+    assert specdec.tested_drafts(counted, acc).tolist() == [[True, True, False, False], [True, True, False, False],
+                                                            [True, True, True, True]]
 
 
 # ----------------------------------------------------------------------------- continuous batching
