@@ -139,3 +139,13 @@ def test_a_draft_deeper_than_the_target_is_refused(real_pair, tmp_path):
     target_dir, _ = models.ensure_smollm2_pair(K)
     with pytest.raises(ValueError, match="k = 30 layers from a target of 30"):
         models.truncated_draft(target_dir, 30, tmp_path / "d")
+
+
+def test_a_gguf_path_is_read_as_its_converted_folder(real_pair):
+    """--teacher / --student may name a .gguf file: it is read through a safetensors folder converted once
+    (checkpoints/gguf/<name>-<sha>), holding the same weights as the preset's target."""
+    folder = models.model_folder(str(models.smollm2_gguf()))
+    assert folder.endswith(f"{models.smollm2_gguf().stem}-" + models._file_stamp(models.smollm2_gguf())["sha256"][:12])
+    converted = models.load_model(folder, device="cpu").state_dict()
+    target = real_pair[0].state_dict()
+    assert converted.keys() == target.keys() and all(torch.equal(converted[k], target[k]) for k in target)
