@@ -10,7 +10,7 @@ DATA    ?=
 ARGS    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test models train eval report curve bench-loss bench-specdec bench-train bench-paper clean
+.PHONY: setup test models train eval report curve bench-loss bench-specdec bench-train bench-paper bench-real clean
 
 setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
@@ -54,6 +54,9 @@ bench-train:
 
 bench-paper:  ## paper-shaped pairs (real Qwen3 tokenizer, V = 151936): sampler, step phases, vs TRL, specdec
 	$(PY) bench/bench_paper.py $(if $(QUICK),--quick,)
+
+bench-real:  ## the real pair (SmolLM2-135M-Instruct): specdec vs HF assisted vs generate, our step vs TRL, step phases (QUICK=1: smoke run) [ARGS="--draft PATH"]
+	OMP_NUM_THREADS=1 $(PY) bench/bench_real.py $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
 	rm -rf runs results/report results/quick results/tiny .pytest_cache

@@ -8,7 +8,7 @@ random weights of small depth and width (models.build_paper_shaped_pair), everyt
 2. One training step of distill.py split into its phases (sampling, teacher forward, student forward, loss,
    backward, optimizer), timed with the project's own functions on one batch.
 3. The whole training loop vs TRL's GKDTrainer on the same paper-shaped models, prompts, batch and
-   lengths (bench_train.py's harness: each side in its own process, peak RSS, completion tokens/s).
+   lengths (harness.py, as bench_train.py: each side in its own process, peak RSS, completion tokens/s).
 4. speculative_generate vs autoregressive_generate vs transformers' generate at batch 1, 8, 32, with the
    cost ratio c = (draft forward time) / (target forward time) and the per-round overhead (the round's wall
    time minus its draft and target forwards). Random weights: acceptance means nothing here (both models
@@ -75,70 +75,22 @@ def bench_sampling(repeats):
 
 
 def bench_phases(teacher_dir, student_dir, batch, new_tokens, repeats):
-    """One distill.py step by its phases, with distill.py's own functions (as main() calls them)."""
+    """One distill.py step by its phases (harness.step_phases: distill.py's own functions)."""
     import data
-    import distill
-    import divergences
     import models
-    import specdec
+    from harness import phase_table, step_phases
     teacher, student, tok = models.load_pair(teacher_dir, student_dir, device="cpu")
-    teacher.eval().requires_grad_(False)
-    student.float().train()
-    vocab, stop = len(tok), models.generation_stop_ids(tok, teacher)
     prompts = [data.build_prompt_ids(tok, "gsm8k", ex) for ex in data.load_examples("gsm8k", "train", n=batch)]
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    phases = {k: [] for k in ("sampling", "teacher forward", "student forward", "loss + logged teacher entropy",
-                              "backward", "optimizer")}
-    tokens = 0
-    for step in range(repeats + 1):
-        t = time.perf_counter
-
-        def lap(name, t0):
-            if step:                                            # step 0 is warm-up
-                phases[name].append(t() - t0)
-            return t()
-
-        t0 = t()
-        student.eval()
-        with torch.no_grad():
-            c = specdec.autoregressive_generate(student, prompts, max_new_tokens=new_tokens, temperature=0.6,
-                                                top_p=0.95, eos_token_id=[], seed=step, vocab_size=vocab).tokens
-        student.train()
-        b = distill.build_batch(prompts, c, tok.pad_token_id)
-        mask = b["loss_mask"][:, b["prompt_width"]:]
-        t0 = lap("sampling", t0)
-        with torch.no_grad():
-            t_hidden = distill.teacher_hidden(teacher, b)                # (B, C, H_t): no logits
-        t0 = lap("teacher forward", t0)
-        s_hidden = distill.completion_hidden(student, b)                 # (B, C, H_s)
-        t0 = lap("student forward", t0)
-        div_sum, _ = divergences.hidden_divergence_sum(                  # as distill.train: lm_heads fused in
-            s_hidden, distill.lm_head_weight(student), t_hidden, distill.lm_head_weight(teacher), mask, "rkl", 0.5,
-            0.6, vocab_size=vocab, return_teacher_entropy=True)
-        loss = div_sum / mask.sum()
-        t0 = lap("loss + logged teacher entropy", t0)
-        loss.backward()
-        t0 = lap("backward", t0)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lap("optimizer", t0)
-        tokens = int(mask.sum())
-        del t_hidden, s_hidden, loss, div_sum
-    mean = {k: sum(v) / len(v) for k, v in phases.items()}
-    total = sum(mean.values())
+    mean, tokens = step_phases(teacher, student, prompts, new_tokens=new_tokens, repeats=repeats, vocab_size=len(tok),
+                               pad_id=tok.pad_token_id)
     print(f"\n## 2. one distill.py step by phase: batch {batch} x {new_tokens} new tokens, rkl, T 0.6, top-p 0.95 "
           f"(mean of {repeats} steps after a warm-up)\n")
-    print("| phase | seconds | share |")
-    print("|---|---|---|")
-    for k, v in mean.items():
-        print(f"| {k} | {v:.3f} | {v / total:.0%} |")
-    print(f"| **step** | **{total:.3f}** | {tokens / total:.1f} completion tokens/s |")
+    print(phase_table(mean, tokens))
 
 
 def bench_loops(teacher_dir, student_dir, batch, new_tokens, steps):
-    """bench_train.py's harness (each loop in a fresh process) on the paper-shaped pair."""
-    from bench_train import run_sides                # bench/ is this script's folder
+    """harness.py's loops (each in a fresh process) on the paper-shaped pair."""
+    from harness import run_sides                    # bench/ is this script's folder
 
     results = run_sides(lambda side: [sys.executable, str(REPO / "bench" / "bench_paper.py"), "--side", side,
                                       "--pair", teacher_dir, student_dir, "--batch-size", str(batch),
@@ -160,12 +112,12 @@ def bench_loops(teacher_dir, student_dir, batch, new_tokens, steps):
 
 def loop_child(a):
     """One side of section 3, in its own process (its peak RSS is its own)."""
-    import bench_train
+    import harness
     torch.manual_seed(0)
     a.task, a.temperature = "gsm8k", 0.6
     with tempfile.TemporaryDirectory() as out:
-        res = (bench_train.run_ours if a.side == "ours" else bench_train.run_trl)(a, a.pair[0], a.pair[1], out)
-    res["peak_rss_mib"] = bench_train.peak_rss_mib()
+        res = (harness.run_ours if a.side == "ours" else harness.run_trl)(a, a.pair[0], a.pair[1], out)
+    res["peak_rss_mib"] = harness.peak_rss_mib()
     print("RESULT " + json.dumps(res), flush=True)
 
 

@@ -12,100 +12,17 @@ process so that its peak memory is its own:
                             peak RSS, and its growth over the RSS at the first sampling call (the
                             training's own share: activations, logits, gradients, optimizer state)
 
-TRL is a test/benchmark-only dependency: only this file and tests/ import it.
+Both sides, the memory readings and the process harness are bench/harness.py's (bench_paper.py and
+bench_real.py use them too). TRL is a test/benchmark-only dependency: only bench/ and tests/ import it.
 Run:  python bench/bench_train.py [--task gsm8k] [--steps 6] [--batch-size 8] [--max-new-tokens 64] [--scale full|test]
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def rss_mib() -> float:
-    """Current resident set size of this process (Linux), MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
-
-
-def run_ours(a, teacher, student, out) -> dict:
-    import torch
-    import distill
-    mark = {}
-    real_generate = distill.specdec.autoregressive_generate
-
-    def marking_generate(*args, **kw):                 # the first sampling call = the start of training
-        mark.setdefault("rss", rss_mib())
-        return real_generate(*args, **kw)
-
-    distill.specdec.autoregressive_generate = marking_generate
-    distill.main(["--task", a.task, "--div", "rkl", "--teacher", teacher, "--student", student, "--out", out,
-                  "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens),
-                  "--temperature", str(a.temperature), "--lr", "1e-4", "--warmup", "0", "--save-every", "100000",
-                  "--n-train", str(a.steps * a.batch_size), "--threads", str(torch.get_num_threads())])
-    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")][1:]       # drop the warm-up step
-    tokens = sum(r["completion_len"] * a.batch_size for r in rows)
-    seconds = sum(r["completion_len"] * a.batch_size / r["tokens_per_s"] for r in rows)
-    return {"tokens": tokens, "seconds": seconds, "rss_before_mib": mark["rss"]}
-
-
-def run_trl(a, teacher, student, out) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-    import data
-    import models
-
-    t_model, s_model, tok = models.load_pair(teacher, student)
-    s_model.float().train()
-    examples = data.load_examples(a.task, "train", n=a.steps * a.batch_size, tokenizer=tok)
-    rows = [{"messages": data.chat_messages(a.task, ex) + [{"role": "assistant", "content": ex.reference}]}
-            for ex in examples]
-    cfg = GKDConfig(output_dir=out, beta=1.0, lmbda=1.0, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
-                    per_device_train_batch_size=a.batch_size, max_steps=a.steps, learning_rate=1e-4,
-                    lr_scheduler_type="constant", warmup_steps=0, report_to=[], save_strategy="no",
-                    logging_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
-                    max_length=4096, dataloader_drop_last=True)
-    trainer = GKDTrainer(model=s_model, teacher_model=t_model, args=cfg, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok)
-    trainer.generation_config.eos_token_id = models.stop_ids(tok)
-
-    counted = {"tokens": 0, "seconds": 0.0, "step": 0}
-    real_generate = GKDTrainer.generate_on_policy_outputs
-
-    def counting_generate(model, inputs, generation_config):
-        counted.setdefault("rss", rss_mib())           # the first sampling call = the start of training
-        ids, attn, labels = real_generate(model, inputs, generation_config)
-        counted["last_tokens"] = int((labels != -100).sum())
-        return ids, attn, labels
-
-    trainer.generate_on_policy_outputs = counting_generate
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            counted["t0"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            counted["step"] += 1
-            if counted["step"] > 1:                                   # the first step is warm-up
-                counted["seconds"] += time.perf_counter() - counted["t0"]
-                counted["tokens"] += counted["last_tokens"]
-
-    trainer.add_callback(Timer())
-    trainer.train()
-    return {"tokens": counted["tokens"], "seconds": counted["seconds"], "rss_before_mib": counted["rss"]}
+from harness import peak_rss_mib, run_ours, run_sides, run_trl   # bench/ is this script's folder
 
 
 def child(a):
@@ -120,20 +37,6 @@ def child(a):
     if torch.cuda.is_available():
         res["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(res), flush=True)
-
-
-def run_sides(command_of) -> dict:
-    """Run each loop ("ours", "trl") in a fresh process (command_of(side) -> argv) and collect the JSON
-    after its "RESULT " line: each side's peak memory is then its own."""
-    results = {}
-    for side in ("ours", "trl"):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(command_of(side), capture_output=True, text=True, env=env, cwd=REPO)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][7:])
-    return results
 
 
 def main(argv=None):
