@@ -344,6 +344,8 @@ def spec_bench_speed(records: list[dict], baseline: list[dict], categories=CATEG
     baseline's, their ratio (the speedup) and the mean of every accept length (#Mean accepted tokens)."""
     mine = [r for r in records if r["category"] in categories]
     base = [r for r in baseline if r["category"] in categories]
+    if not mine or not base:                                # a column none of the questions falls in
+        return dict.fromkeys(("tokens_per_s", "baseline_tokens_per_s", "speedup", "mean_accepted_tokens"), math.nan)
     speed = float(np.mean([question_speed(r) for r in mine]))
     base_speed = float(np.mean([question_speed(r) for r in base]))
     lengths = [n for r in mine for n in r["choices"][0]["accept_lengths"]]
@@ -566,6 +568,10 @@ def _ci(t, scale=1.0, digits=2) -> str:
     return "-" if math.isnan(mean) else f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
 
+def _x(speedup: float) -> str:
+    return "-" if math.isnan(speedup) else f"{speedup:.2f}x"
+
+
 def _noise(n: dict) -> str:
     k = len(n["speedup_repeats"])
     if k == 1:
@@ -597,7 +603,7 @@ def report_markdown(doc: dict) -> str:
           "| Method | " + " | ".join(cols) + " | #Mean Accepted Tokens | Overall | runs (overall speedup) |",
           "|---|" + "---|" * (len(cols) + 3)]
     for row in doc["leaderboard"]:
-        md.append(f"| {row['method']} | " + " | ".join(f"{row['speedup'][c]:.2f}x" for c in cols)
+        md.append(f"| {row['method']} | " + " | ".join(_x(row["speedup"][c]) for c in cols)
                   + f" | {row['mean_accepted_tokens']:.2f} | {row['speedup']['Overall']:.2f}x | {_noise(row['noise'])} |")
     md += ["", f"vanilla: {doc['vanilla_tokens_per_s']:.1f} tokens/s (mean over questions and runs).", "",
            "## Per category: teacher entropy and token acceptance (95% bootstrap intervals over questions)", "",
