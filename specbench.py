@@ -121,7 +121,7 @@ class Config:
     quick: bool = False
 
 
-QUICK = dict(per_category=1, max_new_tokens=16, repeats=2, n_boot=500)   # CI's smoke run: minutes on 2 cores
+QUICK = dict(per_category=1, max_new_tokens=8, repeats=1, n_boot=500)   # CI's smoke run: ~4 min on 2 busy cores
 
 
 # ----------------------------------------------------------------------------- questions (pure)
