@@ -10,7 +10,7 @@ DATA    ?=
 ARGS    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test models train eval report curve bench-loss bench-specdec bench-train bench-paper bench-real clean
+.PHONY: setup test models train eval report curve specbench bench-loss bench-specdec bench-train bench-paper bench-real clean
 
 setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
@@ -43,6 +43,9 @@ report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps;
 curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
 	$(PY) curve.py $(if $(QUICK),--quick,)
 
+specbench:  ## Spec-Bench on the real pair (PRESET=smollm2 by default) -> results/SPECBENCH.md (QUICK=1: CI smoke run) [ARGS=]
+	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --results results/quick,) $(ARGS)
+
 bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
 	$(PY) bench/bench_loss.py --suite fused
 
@@ -59,4 +62,4 @@ bench-real:  ## the real pair (SmolLM2-135M-Instruct): specdec vs HF assisted vs
 	OMP_NUM_THREADS=1 $(PY) bench/bench_real.py $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
-	rm -rf runs results/report results/quick results/tiny .pytest_cache
+	rm -rf runs results/report results/quick results/tiny results/smollm2 .pytest_cache

@@ -73,6 +73,9 @@ With beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i):
   target_calls, draft_calls  batched forward passes after the prefill (per row: the passes it was in)
   wall_time_s              seconds from the call to the end (per row: from entering the batch to finishing)
   tokens_per_s             generated tokens / wall_time_s
+  accept_lengths           (per row only) one entry per target call of the row: the tokens that call
+                           emitted (accepted drafts + 1, fewer where a stop id or the budget cut the
+                           block); they sum to generated (Spec-Bench's `accept_lengths`)
 The batch aggregates pool over rows (A / D over all rows, not a mean of per-row rates); target_calls
 and draft_calls of the batch count batched passes; mean_accepted_length of the batch divides by the
 sum of the per-row target calls.
@@ -767,6 +770,7 @@ class SpecMetrics:
         self.start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
         self.finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
         self.batched_target_calls = self.batched_draft_calls = 0
+        self.round_rows, self.round_emitted = [], []  # per round: rows (b,) and tokens each emitted (b,)
         self.recs = {key: [] for key in RECORD_KEYS} if record else None
 
     def add(self, rows, emit, e, counted, acc, p, q, t_logits, temperature):
@@ -790,6 +794,8 @@ class SpecMetrics:
         self.draft_calls.index_add_(0, rows, torch.full_like(rows, k))
         self.batched_target_calls += 1
         self.batched_draft_calls += k
+        self.round_rows.append(rows)
+        self.round_emitted.append(e)
         if self.recs is not None:  # (b, k)[counted] -> (n_counted,): one per counted draft, rows then positions
             i = torch.arange(1, k + 1, device=rows.device)  # draft positions 1..k
             self.recs["row"].append(rows[:, None].expand(b, k)[counted])
@@ -800,6 +806,14 @@ class SpecMetrics:
             self.recs["teacher_entropy_tempered"].append(tempered_entropy(t_logits[:, :k], temperature)[counted])
             self.recs["acceptance_prob"].append(beta[counted])
 
+    def accept_lengths(self) -> list[list[int]]:
+        """Per original row, the tokens each of its target calls emitted, in round order (two transfers)."""
+        out = [[] for _ in range(self.n_gen.numel())]
+        if self.round_rows:
+            for row, n in zip(torch.cat(self.round_rows).tolist(), torch.cat(self.round_emitted).tolist()):
+                out[row].append(n)
+        return out
+
     def result(self, wall: float) -> GenerationResult:
         tokens = [row[:n] for row, n in zip(self.out.tolist(), self.n_gen.tolist())]  # two transfers, not 2B
         counts = {"generated": self.n_gen, "drafted": self.drafted, "tested": self.tested,
@@ -808,6 +822,8 @@ class SpecMetrics:
                   "target_calls": self.target_calls, "draft_calls": self.draft_calls}
         stats = _spec_stats(counts, self.start, self.finish, wall, self.batched_target_calls,
                             self.batched_draft_calls)
+        for row, lengths in zip(stats["per_row"], self.accept_lengths()):
+            row["accept_lengths"] = lengths
         records = None
         if self.recs is not None:
             records = {key: (torch.cat(v).cpu() if v else torch.zeros(0)) for key, v in self.recs.items()}

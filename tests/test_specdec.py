@@ -734,6 +734,22 @@ def test_continuous_batching_is_exact_in_greedy(arch, batch_size, pairs):
     assert result.stats["target_calls"] > 24 * len(prompts) / (4 * batch_size)  # never more than batch_size rows
 
 
+def test_accept_lengths_are_the_tokens_each_target_call_emitted(pairs):
+    """Spec-Bench's `accept_lengths` (per target forward, the tokens it produced) must be exact per row: one entry
+    per target call, summing to the row's generated tokens, with or without continuous batching; with the
+    target as its own draft every call emits gamma + 1 (all drafts plus the bonus), the last one cut by the budget."""
+    target, draft, prompts, _ = pairs["qwen3"]
+    for batch_size in (None, 2):
+        result = speculative_generate(target, draft, prompts, gamma=3, max_new_tokens=20, temperature=0,
+                                      eos_token_id=[], batch_size=batch_size)
+        for row in result.stats["per_row"]:
+            assert len(row["accept_lengths"]) == row["target_calls"]
+            assert sum(row["accept_lengths"]) == row["generated"] == 20
+            assert all(1 <= n <= 4 for n in row["accept_lengths"])
+    perfect = speculative_generate(target, target, prompts, gamma=3, max_new_tokens=18, temperature=0, eos_token_id=[])
+    assert [row["accept_lengths"] for row in perfect.stats["per_row"]] == [[4, 4, 4, 4, 2]] * len(prompts)
+
+
 def test_continuous_batching_per_row_stats_follow_the_rows(pairs):
     """Per-row stats and records stay attached to the prompt they belong to when rows enter the batch late: the same
     greedy run with and without continuous batching must give the same per-row counts (timings aside, and draft
