@@ -329,7 +329,7 @@ def test_a_config_json_that_disagrees_with_the_weights_is_refused_before_any_mod
     (teacher / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"the teacher's config\.json does not match its weights: \S*mlp\S* is \[\d+, \d+\] "
                                          r"in .*model\.safetensors, but config\.json makes it"):
-        distill.main(train_args((str(teacher), pair[1]), tmp_path / "run"))
+        distill.main(train_args((str(teacher), pair[1]), tmp_path / "run") + ["--lr", "1e-3"])
     assert not (tmp_path / "run").exists()
 
 
@@ -350,7 +350,7 @@ def test_a_tokenizer_larger_than_the_lm_head_is_refused_before_any_model(pair, t
         tok.save_pretrained(folder)
     with pytest.raises(ValueError, match=rf"the teacher's lm_head has {rows} rows, fewer than the {rows + 5} tokens"):
         if script == "distill":
-            distill.main(train_args(folders, tmp_path / "run"))
+            distill.main(train_args(folders, tmp_path / "run", "--lr", "1e-3"))
         else:
             evaluate.main(eval_args(folders, tmp_path))
 
