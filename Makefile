@@ -1,5 +1,6 @@
 # One place for every command a user or CI types. See README.md.
 PY      ?= .venv/bin/python
+TORCHRUN ?= .venv/bin/torchrun
 TASK    ?= gsm8k
 DIV     ?= rkl
 PRESET  ?= tiny
@@ -29,8 +30,11 @@ models: ## build (or reuse) the offline tiny teacher/student pairs and print the
 # ARGS="...": any further options, passed on as they are (make train ARGS="--out runs/x --overwrite")
 DATA_ARGS = $(if $(SOURCE),--source $(SOURCE),) $(if $(DATA),--data-path $(DATA),)
 
-train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|paper] [SEED=0] [SOURCE= DATA=] [ARGS=]
-	$(PY) distill.py --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED) $(DATA_ARGS) $(ARGS)
+TRAIN_ARGS = --task $(TASK) --div $(DIV) --preset $(PRESET) --seed $(SEED) $(DATA_ARGS) $(ARGS)
+# NPROC=N: N processes under torchrun; the options are checked once (distill.py --check) before the ranks start
+train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|smollm2|paper] [SEED=0] [NPROC=N] [SOURCE= DATA=] [ARGS=]
+	$(if $(NPROC),WORLD_SIZE=$(NPROC) LOCAL_WORLD_SIZE=$(NPROC) $(PY) distill.py --check $(TRAIN_ARGS) && \
+	    $(TORCHRUN) --standalone --nproc_per_node=$(NPROC) distill.py $(TRAIN_ARGS),$(PY) distill.py $(TRAIN_ARGS))
 
 eval:   ## acceptance and speedup of the baseline and every distilled student [TASK=...] [SOURCE= DATA=] [ARGS=]
 	$(PY) evaluate.py --preset $(PRESET) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--task $(TASK),) \

@@ -156,6 +156,9 @@ class Config:
                                  "(reproduces the uninterrupted run)")
     overwrite: bool = option(False, "start from scratch in an --out that already holds a run, deleting its "
                                     "checkpoints and log")
+    check: bool = option(False, "check everything that is checked before a model loads (options, data, model "
+                                "folders, --out), say what would run, and exit without writing a run; "
+                                "make train NPROC=N runs it before torchrun starts its ranks")
     # data: the GKD mixture
     lmbda: float | None = option(None, "share of steps whose batch the student samples (1 = purely on-policy); "
                                        "default: the preset's (1 if unset)", preset=True, fallback=1.0)
@@ -745,6 +748,10 @@ def main(argv=None):
         if master:
             print(preset_settings_line(cfg, unset), flush=True)
         inputs = check_inputs(cfg, master)
+    if cfg.check:
+        if master:
+            print(check_summary(cfg, inputs), flush=True)
+        return 0
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     out = Path(cfg.out)
     lock = rundir.RunLock(out) if master else None
@@ -836,6 +843,13 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     data.check_prompt_lengths(prompts, examples, context, cfg.max_new_tokens)
     data.check_prompt_lengths(val_prompts, val_examples, context, cfg.max_new_tokens)
     return Inputs(examples, prompts, ckpt, val_prompts)
+
+
+def check_summary(cfg: Config, inputs: Inputs) -> str:
+    """--check's one line: what the checked run would do, and that nothing was written."""
+    start = f"resume from {inputs.ckpt}" if inputs.ckpt else f"a fresh run in {cfg.out}"
+    return (f"checked: {cfg.div} on {len(inputs.prompts)} {cfg.task} prompts, teacher {cfg.teacher}, student "
+            f"{cfg.student}, {cfg.world_size} process(es); {start}. Nothing was written.")
 
 
 def data_fingerprint(examples: list[data.Example], val_examples: list[data.Example]) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 LOG, CONFIG, LOCK, CHECKSUMS = "metrics.jsonl", "config.json", ".lock", "checksums.json"
 KEEP_CHECKPOINTS = 2
 # settings a resumed run may change: where/how often it writes and on which device; nothing it computes
-RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "save_every", "device", "gradient_checkpointing"})
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "check", "save_every", "device", "gradient_checkpointing"})
 # recorded facts of the launch that are not options: how a difference is named
 LAUNCH_FIELDS = {"world_size": "the world size (processes: torchrun --nproc_per_node)"}
 

@@ -413,3 +413,34 @@ def test_under_torchrun_a_bad_option_is_one_line_and_every_rank_exits_2(tmp_path
                   if line.strip().startswith("exitcode")]
     assert exit_codes == ["2", "2"], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_check_says_what_would_run_and_writes_nothing(pair, tmp_path, capsys, no_models):
+    """Issue 31 item 10: `distill.py --check` runs every check that comes before a model loads and stops there,
+    so a launcher (make train NPROC=N) can refuse bad input before torchrun starts its ranks."""
+    out = tmp_path / "run"
+    assert distill.main(train_args(pair, out, "--check")) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("checked: rkl on ") and "Nothing was written" in line, line
+    assert not out.exists()
+
+
+def test_check_refuses_what_the_run_would_refuse(pair, tmp_path, capsys):
+    """--check is only worth running first if it fails where the run would: a bad option is the same line."""
+    with pytest.raises(SystemExit) as e:
+        cli.script_main(distill.main, train_args(pair, tmp_path / "run", "--check", "--top-p", "2"))
+    assert e.value.code == 2
+    assert "0 < --top-p <= 1" in capsys.readouterr().err
+
+
+def test_make_train_nproc_checks_before_torchrun_starts_the_ranks(tmp_path):
+    """Issue 31 item 10: `make train NPROC=2` with a bad option prints the error line once and exits 2 without
+    starting torchrun (no per-rank output, no torchrun summary of failed children)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(["make", "-s", "train", "NPROC=2", f"PY={sys.executable}", "TORCHRUN=false-torchrun-not-run",
+                        f"ARGS=--top-p 2 --out {tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                       env=env, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: need --temperature >= 0 and 0 < --top-p <= 1, got 0.6, 2.0"], r.stderr
+    assert "false-torchrun-not-run" not in r.stderr and r.returncode != 0
+    assert not (tmp_path / "run").exists()
