@@ -11,7 +11,7 @@ DATA    ?=
 ARGS    ?=
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test models train eval report curve specbench bench-loss bench-specdec bench-train bench-paper bench-real clean
+.PHONY: setup test models train eval report curve real-study specbench bench-loss bench-specdec bench-train bench-paper bench-real clean
 
 setup:  ## create .venv and install runtime + test dependencies
 	python3 -m venv .venv
@@ -46,6 +46,9 @@ report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps;
 
 curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
 	$(PY) curve.py $(if $(QUICK),--quick,)
+
+real-study:  ## the seed's question on the real target (SmolLM2), temperature as the entropy knob -> results/REAL.md (cached, resumable; QUICK=1: CI smoke run) [ARGS=]
+	OMP_NUM_THREADS=1 $(PY) real_study.py $(if $(QUICK),--quick,) $(ARGS)
 
 specbench:  ## Spec-Bench on the real pair (PRESET=smollm2 by default) -> results/SPECBENCH.md (QUICK=1: CI smoke run) [ARGS=]
 	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --results results/quick,) $(ARGS)

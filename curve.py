@@ -407,6 +407,8 @@ class Curve:
     to_best: dict = field(default_factory=dict)
     ties: dict = field(default_factory=dict)
     claim: dict = field(default_factory=dict)
+    knob: str = "K"                       # how the settings are named in tables and sentences ("T" in real_study.py)
+    family: str = "this controlled family"     # what the settings are, for the sentences
 
 
 def build_curve(collected: dict, entropies: dict, n_boot: int = 2000) -> Curve:
@@ -482,13 +484,14 @@ def plot_levels(c: Curve, metric: str, path, size_px=(900, 520), dpi: int = 100)
 
     plt = entropy._pyplot()
     fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
-    divs = list(c.levels[c.order[0]])
+    divs = all_divs(c.levels)
     span = max(c.entropy[c.order[-1]][0] - c.entropy[c.order[0]][0], 1e-9)
     for j, div in enumerate(divs):
         dx = span * 0.008 * (j - (len(divs) - 1) / 2)     # side by side, so the bars do not hide each other
-        x = np.array([c.entropy[k][0] for k in c.order]) + dx
-        xe = np.array([[c.entropy[k][0] - c.entropy[k][1], c.entropy[k][2] - c.entropy[k][0]] for k in c.order]).T
-        m, lo, hi = (np.array([c.levels[k][div][metric][i] for k in c.order]) for i in range(3))
+        ks = [k for k in c.order if div in c.levels[k]]
+        x = np.array([c.entropy[k][0] for k in ks]) + dx
+        xe = np.array([[c.entropy[k][0] - c.entropy[k][1], c.entropy[k][2] - c.entropy[k][0]] for k in ks]).T
+        m, lo, hi = (np.array([c.levels[k][div][metric][i] for k in ks]) for i in range(3))
         ax.errorbar(x, m, yerr=[np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)], xerr=np.clip(xe, 0, None),
                     ms=4, lw=1.2, capsize=2, label=div, **_series_style(div, j))
     ax.set_xlabel("measured mean teacher entropy H(p), nats (processed: temperature + top-p)")
@@ -507,12 +510,13 @@ def plot_to_best(c: Curve, path, metric: str = "token_acceptance", size_px=(900,
     plt = entropy._pyplot()
     fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
     scale = 100.0 if metric == "token_acceptance" else 1.0
-    divs = list(c.to_best[metric][c.order[0]])
+    divs = all_divs(c.to_best[metric])
     span = max(c.entropy[c.order[-1]][0] - c.entropy[c.order[0]][0], 1e-9)
     for j, div in enumerate(divs, 1):
         dx = span * 0.008 * (j - (len(divs) + 1) / 2)
-        x = np.array([c.entropy[k][0] for k in c.order]) + dx
-        d = [c.to_best[metric][k][div] or (0.0, 0.0, 0.0) for k in c.order]
+        ks = [k for k in c.order if div in c.to_best[metric][k]]
+        x = np.array([c.entropy[k][0] for k in ks]) + dx
+        d = [c.to_best[metric][k][div] or (0.0, 0.0, 0.0) for k in ks]
         m, lo, hi = (scale * np.array([v[i] for v in d]) for i in range(3))
         ax.errorbar(x, m, yerr=[np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)], ms=4, lw=1.2, capsize=2,
                     label=div, **_series_style(div, j))
@@ -593,14 +597,19 @@ def _h(c: Curve, k) -> str:
     return f"{c.entropy[k][0]:.2f}"
 
 
+def all_divs(by_setting: dict) -> list:
+    """The divergences of every setting, in first-seen order (a study may train some at one setting only)."""
+    return list(dict.fromkeys(d for per_div in by_setting.values() for d in per_div))
+
+
 def levels_markdown(c: Curve, metric: str) -> str:
     """Settings (entropy order) as rows, divergences as columns: mean [95% CI]; the best trained one bold."""
-    divs = list(c.levels[c.order[0]])
+    divs = all_divs(c.levels)
     digits = 3 if metric == "token_acceptance" else 2
-    lines = ["| K | teacher H(p), nats | " + " | ".join(divs) + " |", "|---:|---:|" + "---|" * len(divs)]
+    lines = [f"| {c.knob} | teacher H(p), nats | " + " | ".join(divs) + " |", "|---:|---:|" + "---|" * len(divs)]
     for k in c.order:
-        cells = [(f"**{_lvl(c.levels[k][d][metric], digits)}**" if d == c.best[metric][k]
-                  else _lvl(c.levels[k][d][metric], digits)) for d in divs]
+        cells = [("-" if d not in c.levels[k] else f"**{_lvl(c.levels[k][d][metric], digits)}**"
+                  if d == c.best[metric][k] else _lvl(c.levels[k][d][metric], digits)) for d in divs]
         lines.append(f"| {k} | {_lvl(c.entropy[k], 2)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -609,11 +618,14 @@ def to_best_markdown(c: Curve, metric: str = "token_acceptance") -> str:
     """Per setting: the best divergence and each one's difference to it (points for rates, tokens for the
     length), 95% paired interval; '(tied)' marks a difference whose interval includes 0."""
     fmt = _pts if metric == "token_acceptance" else _tok
-    divs = list(c.to_best[metric][c.order[0]])
-    lines = ["| K | teacher H(p) | best | " + " | ".join(divs) + " |", "|---:|---:|---|" + "---|" * len(divs)]
+    divs = all_divs(c.to_best[metric])
+    lines = [f"| {c.knob} | teacher H(p) | best | " + " | ".join(divs) + " |", "|---:|---:|---|" + "---|" * len(divs)]
     for k in c.order:
         cells = []
         for d in divs:
+            if d not in c.to_best[metric][k]:
+                cells.append("-")
+                continue
             x = c.to_best[metric][k][d]
             cells.append(fmt(x) + (" (tied)" if x is not None and not separated(x) else ""))
         lines.append(f"| {k} | {_h(c, k)} | {c.best[metric][k]} | " + " | ".join(cells) + " |")
@@ -636,21 +648,23 @@ def answer_sentences(c: Curve) -> list[str]:
         best, ties = c.best[m][k], [d for d in c.ties[m][k] if d != c.best[m][k]]
         others = [d for d in c.to_best[m][k] if d != best]
         runner = max(others, key=lambda d: c.to_best[m][k][d][0]) if others else None
-        text = (f"At K = {k} (teacher entropy {_lvl(c.entropy[k], 2)} nats) the best draft is {best}'s, token "
+        text = (f"At {c.knob} = {k} (teacher entropy {_lvl(c.entropy[k], 2)} nats) the best draft is {best}'s, token "
                 f"acceptance {_lvl(c.levels[k][best][m])}")
         if runner is not None:
             text += f"; the runner-up {runner} is {_pts(c.to_best[m][k][runner])} points"
         text += (f"; not separated from the best (95% interval includes 0): {', '.join(ties)}" if ties
                  else "; every other divergence is separated below it")
         out.append(text + ".")
+    if len(c.order) < 2:                  # one setting: nothing changes along the knob, and no claim to test
+        return out
     changes = ranking_changes(c, m)
     if not changes:
         out.append(f"The best divergence is the same ({c.best[m][c.order[0]]}) at every setting: the ranking's top "
-                   f"does not change with the teacher's entropy in this family.")
+                   f"does not change with the teacher's entropy in {c.family}.")
     for ch in changes:
         what = ("a resolved change (both differences separated)" if ch["resolved"] else
                 "a change in the means only (at least one difference's interval includes 0)")
-        out.append(f"Between K = {ch['lo_k']} ({_h(c, ch['lo_k'])} nats) and K = {ch['hi_k']} ({_h(c, ch['hi_k'])} "
+        out.append(f"Between {c.knob} = {ch['lo_k']} ({_h(c, ch['lo_k'])} nats) and {c.knob} = {ch['hi_k']} ({_h(c, ch['hi_k'])} "
                    f"nats) the best changes from {ch['from']} to {ch['to']}: {ch['from']} - {ch['to']} = "
                    f"{_pts(ch['below'])} points below, {_pts(ch['above'])} above; {what}.")
     if c.claim:
@@ -658,9 +672,9 @@ def answer_sentences(c: Curve) -> list[str]:
         a, b = SEED_CLAIM
         verdict = ("HOLDS" if v["holds"] else "is CONTRADICTED" if v["contradicted"] else "is NOT SUPPORTED")
         out.append(
-            f"The seed's claim ({a} best at low entropy, {b} at high) {verdict} in this controlled family: "
-            f"{a} - {b} = {_pts(v['low_diff'])} points at the lowest entropy (K = {v['low']}, {_h(c, v['low'])} nats: "
-            f"{_direction(v['low_diff'], +1)}) and {_pts(v['high_diff'])} at the highest (K = {v['high']}, "
+            f"The seed's claim ({a} best at low entropy, {b} at high) {verdict} in {c.family}: "
+            f"{a} - {b} = {_pts(v['low_diff'])} points at the lowest entropy ({c.knob} = {v['low']}, {_h(c, v['low'])} nats: "
+            f"{_direction(v['low_diff'], +1)}) and {_pts(v['high_diff'])} at the highest ({c.knob} = {v['high']}, "
             f"{_h(c, v['high'])} nats: {_direction(v['high_diff'], -1)}); {a} is {'' if v['low_best'] else 'not '}"
             f"among the best at the lowest, {b} is {'' if v['high_best'] else 'not '}among the best at the highest.")
     return out

@@ -1,0 +1,452 @@
+"""The seed's question on a real target: which divergence distils the best draft of SmolLM2-135M-Instruct, as
+the teacher's entropy changes. `make real-study` -> results/REAL.md (QUICK=1: CI's smoke run).
+
+p = the target (teacher): SmolLM2-135M-Instruct, the smollm2 preset's real model (models.ensure_smollm2_pair).
+q = a draft (student): the baseline is the target's first k = 4 decoder layers under its final norm and tied
+head; every other draft is distilled from that baseline by distill.py with one divergence d(p, q) per token
+(divergences.py):
+    fkl  KL(p || q)           rkl  KL(q || p)          jsd  JSD_beta with beta = 0.5
+    tvd  (1/2) sum_x |p - q|  nla, lk  the acceptance objectives (at the preset's temperature only: budget)
+
+The knob is the sampling temperature T; one thing changes per setting. At each T, distill.py samples and scores
+at T (--temperature T: the loss temperature follows) and evaluation decodes at T (top-p 0.95, gamma 5, 128 new
+tokens: the preset's protocol otherwise). The teacher's entropy is measured, not assumed:
+    H(p) = -sum_x p(x) log p(x)   (nats; p processed: temperature T, then top-p)
+at every token the teacher samples on its own for the eval prompts (curve.teacher_entropy_per_prompt), the
+mean over tokens with a 95% bootstrap over prompts.
+
+Per (T, divergence), on the first N prompts of GSM8k's test split (every draft decodes the same prompts with the
+same sampling seed):
+    token acceptance        accepted / drafted tokens, per prompt
+    mean accepted length    tokens per target call (bonus included), per prompt
+each the mean over training seeds of the per-seed mean over prompts, with a 95% interval from the crossed
+bootstrap over seeds and prompts (stats.metric_bootstrap); each divergence minus the best at that T, paired by
+prompt; rkl - jsd (the seed's claim: rkl best where the teacher is confident, jsd where it is not) at every T.
+That analysis is curve.py's (`curve.build_curve`, `curve.claim_verdict`, its tables and plots): CURVE.md asks the
+same question on a synthetic family with a controlled entropy knob; REAL.md on the real target. Beside it:
+train_alpha and val_alpha (logged while training, estimates.py) against the measured alpha of each draft.
+
+Budget and caching. On one CPU thread a draft costs ~35 min of training (80 steps of 8 prompts x 128 tokens) and
+~N/10 min of evaluation, so the study (4 temperatures x 4 divergences x 2 seeds, + nla and lk at T = 0.6) is a
+few dozen CPU hours. Everything is cached under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run
+resumes from its newest checkpoint; once final/ exists the intermediate checkpoints are removed), and its
+real_eval.json its evaluation, with a fingerprint of everything the numbers depend on (read back only when all of
+it matches, else measured again). A run found under another configuration is refused, naming the difference. So
+the study can be run a piece at a time (--settings, --divs, --seeds) and completed over several sessions; the
+report covers the settings it is given, and a missing draft stops it before anything is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import cli
+import curve
+import data
+import divergences
+import estimates
+import models
+
+PRESET, TASK = "smollm2", "gsm8k"
+PRESET_T = 0.6                       # the preset's temperature: where nla and lk are trained too
+HEADING = "# The real target: which divergence distils the best draft of SmolLM2-135M-Instruct"
+
+
+@dataclass
+class StudyConfig:
+    settings: tuple = (0.3, 0.6, 1.0, 1.3)      # sampling temperatures T (training and evaluation)
+    divs: tuple = ("baseline", "fkl", "rkl", "jsd", "tvd")     # at every T
+    extra_divs: tuple = ("nla", "lk")           # at PRESET_T only
+    seeds: tuple = (0, 1)                       # training seeds
+    n_prompts: int = 256                        # GSM8k test prompts per evaluation
+    steps: int | None = None                    # distill.py's options; None: the preset's
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+    n_train: int | None = None
+    off_policy_warmup: int | None = None
+    val_prompts: int = 32                       # --eval-prompts of every run (its val_alpha)
+    eval_batch: int = 16                        # prompts decoded together in evaluation
+    n_boot: int = 2000
+    runs: str = "runs/real-study"
+    out: str = "results/REAL.md"
+    quick: bool = False
+    threads: int = cli.DEFAULT_THREADS
+
+
+QUICK = dict(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0,), n_prompts=6, steps=2,
+             batch_size=2, max_new_tokens=12, n_train=16, off_policy_warmup=1, val_prompts=2, eval_batch=6,
+             n_boot=200, runs="runs/real-study-quick", out="results/quick/REAL.md")
+
+
+def divs_at(cfg: StudyConfig, t: float) -> tuple:
+    """The drafts of setting T: the main divergences everywhere, the acceptance objectives at PRESET_T."""
+    return cfg.divs + (tuple(d for d in cfg.extra_divs if d not in cfg.divs) if t == PRESET_T else ())
+
+
+def setting_dir(cfg: StudyConfig, t: float) -> Path:
+    return Path(cfg.runs) / f"T{t:g}"
+
+
+# ----------------------------------------------------------------------------- training (distill.py, cached)
+
+def distill_argv(cfg: StudyConfig, t: float, div: str, seed: int, out: Path) -> list[str]:
+    """distill.py's command line for one draft: the preset's pair, data and recipe at temperature t; the study's
+    budget where it sets one; validation of the final student for val_alpha."""
+    steps = cfg.steps or models.preset_config(PRESET, TASK)["steps"]
+    argv = ["--preset", PRESET, "--task", TASK, "--div", div, "--seed", str(seed), "--temperature", f"{t:g}",
+            "--out", str(out), "--eval-every", str(steps), "--eval-prompts", str(cfg.val_prompts),
+            "--save-every", str(min(20, steps)), "--threads", str(cfg.threads)]
+    for name in ("steps", "batch_size", "max_new_tokens", "n_train", "off_policy_warmup"):
+        if getattr(cfg, name) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    return argv
+
+
+def config_differences(run_dir: Path, argv: list[str]) -> list[str]:
+    """The options of `argv` whose value differs from the run's config.json (which distill.py wrote):
+    a cached run is reused only for the very command the study would run."""
+    import distill
+
+    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")} - {"out", "save_every"}
+    wanted = asdict(distill.parse_args(argv))
+    saved = json.loads((run_dir / "config.json").read_text())
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {wanted[k]!r}" for k in sorted(given)
+            if saved.get(k) != wanted[k]]
+
+
+def train_draft(cfg: StudyConfig, t: float, div: str, seed: int, log) -> Path:
+    """The run's final/ folder: trained now, resumed from its newest checkpoint, or found finished."""
+    import distill
+
+    out = setting_dir(cfg, t) / curve.run_name(div, seed)
+    argv = distill_argv(cfg, t, div, seed, out)
+    if (out / "config.json").exists() and (diff := config_differences(out, argv)):
+        raise cli.BadInput(f"{out} holds a run of another configuration ({'; '.join(diff)}): move it away, or "
+                           f"pass another --runs")
+    if not (out / "final").exists():
+        resumable = distill.latest_checkpoint(out) if out.exists() else None
+        if out.exists() and resumable is None:
+            shutil.rmtree(out)               # a run that died before its first checkpoint: start it again
+        t0 = time.time()
+        log(f"T={t:g}: {'resuming' if resumable else 'training'} {out.name}")
+        distill.main(argv + (["--resume"] if resumable else []))
+        record_cost(out, "train_s", time.time() - t0)
+    for ckpt in out.glob("ckpt-*"):          # final/ is the result; the resume points are no longer needed
+        shutil.rmtree(ckpt)
+    return out / "final"
+
+
+def record_cost(run_dir: Path, key: str, seconds: float):
+    """Add measured seconds to <run>/study_cost.json (the study's CPU budget, summed over sessions)."""
+    path = run_dir / "study_cost.json"
+    cost = json.loads(path.read_text()) if path.exists() else {}
+    cost[key] = cost.get(key, 0.0) + seconds
+    write_json(path, cost)
+
+
+def run_cost(run_dir: Path) -> dict:
+    """{"train_s", "eval_s"} measured by the study; a run trained elsewhere (no train_s) is timed by its files:
+    config.json (written at the start) to final/ (the end)."""
+    path = run_dir / "study_cost.json"
+    cost = json.loads(path.read_text()) if path.exists() else {}
+    if "train_s" not in cost and (run_dir / "final").exists() and (run_dir / "config.json").exists():
+        cost["train_s"] = (run_dir / "final").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
+    return cost
+
+
+def write_json(path: Path, doc: dict):
+    """Atomically: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- measuring (cached)
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached(path: Path, fingerprint: dict):
+    """The saved result at `path` if it was measured under exactly `fingerprint`, else None."""
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return doc["result"] if doc.get("fingerprint") == fingerprint else None
+
+
+def measure_setting_entropy(cfg: StudyConfig, t: float, teacher, prompts, protocol, target_sha: str, log) -> dict:
+    """The teacher's processed H(p) at T along its own samples: (mean, lo, hi) and the token count."""
+    path = setting_dir(cfg, t) / "teacher_entropy.json"
+    fp = {"target": target_sha, "n_prompts": len(prompts), "protocol": protocol.as_dict()}
+    if (hit := cached(path, fp)) is not None:
+        return hit
+    t0 = time.time()
+    sums, counts = curve.teacher_entropy_per_prompt(teacher, prompts, protocol)
+    result = {"entropy": list(curve.measure_entropy(sums, counts, cfg.n_boot)), "tokens": int(counts.sum()),
+              "seconds": time.time() - t0}
+    write_json(path, {"fingerprint": fp, "result": result})
+    log(f"T={t:g}: teacher entropy {result['entropy'][0]:.3f} nats over {result['tokens']} tokens")
+    return result
+
+
+def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, teacher, prompts, protocol, target_sha,
+                 log) -> dict:
+    """One draft's per-prompt metrics and pooled alpha at T (evaluate.evaluate_draft), cached by fingerprint."""
+    import evaluate
+
+    run_dir = setting_dir(cfg, t) / name
+    path = run_dir / "real_eval.json"
+    fp = {"target": target_sha, "draft": file_sha256(draft_dir / "model.safetensors"), "n_prompts": len(prompts),
+          "protocol": protocol.as_dict(), "batch": cfg.eval_batch, "seed": 0}
+    if (hit := cached(path, fp)) is not None:
+        return hit
+    t0 = time.time()
+    draft = models.load_model(draft_dir, device=teacher.device).eval()
+    res = evaluate.evaluate_draft(teacher, draft, prompts, batch_size=cfg.eval_batch, seed=0, record=False,
+                                  desc=f"T{t:g}/{name}", **protocol.speculative_kwargs())
+    result = {"per_prompt": res["per_prompt"], "pooled_alpha": res["pooled_alpha"]}
+    write_json(path, {"fingerprint": fp, "result": result})
+    record_cost(run_dir, "eval_s", time.time() - t0)
+    acc = np.nanmean(np.asarray(res["per_prompt"]["token_acceptance"], dtype=float))
+    log(f"T={t:g}: {name} token acceptance {acc:.3f} ({time.time() - t0:.0f} s)")
+    return result
+
+
+def run_setting(cfg: StudyConfig, t: float, log) -> dict:
+    """Train (or find) and evaluate every draft of setting T, and measure the teacher's entropy there.
+    -> {"entropy", "tokens", "per_prompt": {run: metrics}, "points": [estimates], "cost": {run: seconds}}"""
+    target_dir, baseline_dir = models.ensure_smollm2_pair(models.preset_config(PRESET, TASK)["draft_layers"])
+    teacher = models.load_model(target_dir, device="cpu").eval()
+    tok = models.load_tokenizer(target_dir)
+    protocol = models.decoding_protocol(PRESET, tok, teacher, task=TASK, temperature=t, max_new_tokens=cfg.max_new_tokens)
+    prompts = eval_prompts(cfg, tok)
+    target_sha = file_sha256(target_dir / "model.safetensors")
+    out = {**measure_setting_entropy(cfg, t, teacher, prompts, protocol, target_sha, log), "per_prompt": {},
+           "points": [], "cost": {}}
+    jobs = [(d, None if d == "baseline" else s) for d in divs_at(cfg, t) for s in (cfg.seeds if d != "baseline" else (0,))]
+    for div, seed in jobs:
+        name = curve.run_name(div, seed)
+        final = baseline_dir if div == "baseline" else train_draft(cfg, t, div, seed, log)
+        res = evaluate_one(cfg, t, name, final, teacher, prompts, protocol, target_sha, log)
+        out["per_prompt"][name] = res["per_prompt"]
+        run_dir = setting_dir(cfg, t) / name
+        out["cost"][name] = run_cost(run_dir)
+        if div != "baseline":
+            out["points"].append({"name": f"T{t:g}/{name}", "eval_alpha": float(res["pooled_alpha"]),
+                                  **estimates.run_estimates(run_dir)})
+    return out
+
+
+def eval_prompts(cfg: StudyConfig, tokenizer) -> list[list[int]]:
+    """The first n_prompts of the preset's GSM8k test split, through the chat template (make eval's prompts)."""
+    preset = models.preset_config(PRESET, TASK)
+    examples = data.load_examples(TASK, "eval", source="file", path=preset["data_path"], n=cfg.n_prompts,
+                                  tokenizer=tokenizer)
+    return [data.build_prompt_ids(tokenizer, TASK, e) for e in examples]
+
+
+# ----------------------------------------------------------------------------- the analysis (pure)
+
+def build(results: dict, cfg: StudyConfig) -> curve.Curve:
+    """curve.Curve of the real study: settings T, each with its own divergences (collect raises on a missing draft)."""
+    collected = {}
+    for t, r in results.items():
+        collected.update(curve.collect({t: r["per_prompt"]}, divs_at(cfg, t), cfg.seeds))
+    c = curve.build_curve(collected, {t: tuple(r["entropy"]) for t, r in results.items()}, cfg.n_boot)
+    c.knob, c.family = "T", "the real target (SmolLM2-135M-Instruct on GSM8k)"
+    return c
+
+
+def cpu_hours(results: dict) -> tuple[float, float, float]:
+    """(training, evaluation, entropy) CPU hours of the whole study, summed over every cached run."""
+    train = sum(c.get("train_s", 0.0) for r in results.values() for c in r["cost"].values())
+    evals = sum(c.get("eval_s", 0.0) for r in results.values() for c in r["cost"].values())
+    ent = sum(r.get("seconds", 0.0) for r in results.values())
+    return train / 3600, evals / 3600, ent / 3600
+
+
+def curve_verdict(path: Path) -> str | None:
+    """The seed-claim sentence of CURVE.md (the synthetic family), to set beside the real target's."""
+    if not path.exists():
+        return None
+    lines = [x[2:] for x in path.read_text().splitlines() if x.startswith("- The seed's claim")]
+    return lines[0] if lines else None
+
+
+# ----------------------------------------------------------------------------- REAL.md
+
+def entropy_markdown(c: curve.Curve, results: dict) -> list[str]:
+    lines = ["| T | measured H(p), nats [95% CI] | teacher tokens |", "|---:|---|---:|"]
+    lines += [f"| {t:g} | {curve._lvl(c.entropy[t], 3)} | {results[t]['tokens']} |" for t in sorted(results)]
+    return lines
+
+
+def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, meta: dict) -> Path:
+    train_h, eval_h, ent_h = cpu_hours(results)
+    points = [p for r in results.values() for p in r["points"]]
+    md = [HEADING + (" (QUICK smoke run)" if cfg.quick else ""), "",
+          f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}; this "
+          f"invocation {meta['minutes']:.1f} min. The study's runs (cached, measured over every session that ran "
+          f"them) cost {_hours(train_h)} of training, {_hours(eval_h)} of evaluation and {_hours(ent_h)} of "
+          f"entropy measurement, one CPU thread each.", ""]
+    if cfg.quick:
+        md += ["**QUICK run: one setting, few steps, prompts and tokens. A smoke test of the pipeline, not a "
+               "result.**", ""]
+    md += ["## Answer", ""] + [f"- {x}" for x in curve.answer_sentences(c)]
+    synthetic = curve_verdict(Path(cfg.out).parent / "CURVE.md")
+    if synthetic:
+        md.append(f"- On the synthetic family (CURVE.md): {synthetic}")
+    md += ["", f"![token acceptance vs teacher entropy]({plots['token_acceptance']})", "",
+           f"![difference to the best]({plots['to_best']})", ""]
+    md += ["## The setting", "",
+           f"Target SmolLM2-135M-Instruct (the `smollm2` preset); baseline draft its first "
+           f"{models.preset_config(PRESET, TASK)['draft_layers']} layers; drafts distilled with distill.py "
+           f"(`python distill.py {command_template(cfg)}`), seeds {', '.join(map(str, cfg.seeds))}; nla and lk at "
+           f"T = {PRESET_T:g} only. Evaluation: batched speculative decoding of the first {cfg.n_prompts} GSM8k "
+           f"test prompts at the setting's temperature, the preset's protocol otherwise. The teacher's entropy "
+           f"at each T, measured along its own samples of the same prompts:", ""]
+    md += entropy_markdown(c, results) + [""]
+    md += ["## Token acceptance per temperature and divergence", "",
+           "Mean over seeds of the per-seed mean over prompts, 95% interval from the crossed bootstrap over seeds "
+           f"and prompts ({cfg.n_boot} resamples, stats.py); rows in order of measured entropy; the best trained "
+           "divergence of a row in bold; '-': not trained at that temperature.", "",
+           curve.levels_markdown(c, "token_acceptance"), "",
+           "## Mean accepted length (tokens per target call, bonus included)", "",
+           curve.levels_markdown(c, "mean_accepted_length"), "",
+           "## Each divergence minus the best at each temperature", "",
+           "Token acceptance in points, paired by prompt, 95% interval; '(tied)': the interval includes 0.", "",
+           curve.to_best_markdown(c, "token_acceptance"), "",
+           "Mean accepted length, in tokens:", "", curve.to_best_markdown(c, "mean_accepted_length"), ""]
+    if c.claim:
+        a, b = curve.SEED_CLAIM
+        md += [f"## The seed's claim: {a} - {b} at every temperature", "",
+               f"| T | teacher H(p) | {a} - {b}, token acceptance points [95% CI] |", "|---:|---:|---|"]
+        md += [f"| {t:g} | {curve._h(c, t)} | {curve._pts(c.claim[t])}"
+               f"{'' if curve.separated(c.claim[t]) else ' (tied)'} |" for t in c.order]
+        md.append("")
+    summary = {"all temperatures": estimates.compare(points)}
+    md += estimates.estimates_markdown(summary, plots.get("estimates"))
+    md += estimates.estimate_sentences("the real target", summary["all temperatures"]) + [""]
+    md += ["## Not in this study yet", "",
+           "- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts are "
+           "measured on GSM8k only.", ""]
+    out = Path(cfg.out)
+    write_text(out, "\n".join(md) + "\n")
+    return out
+
+
+def _hours(h: float) -> str:
+    return f"{h:.1f} CPU hours" if h >= 1 else f"{60 * h:.1f} CPU minutes"
+
+
+def command_template(cfg: StudyConfig) -> str:
+    """distill_argv with the per-run values named: what every run of the study runs."""
+    argv = distill_argv(cfg, PRESET_T, "DIV", 0, Path(cfg.runs) / "T<T>" / "DIV-s<SEED>")
+    named = {"--temperature": "T", "--seed": "SEED"}
+    return " ".join(named.get(argv[i - 1], a) if i else a for i, a in enumerate(argv))
+
+
+def write_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None) -> StudyConfig:
+    p = cli.ArgumentParser(description=cli.description(__doc__))
+    p.add_argument("--quick", action="store_true", help="CI's smoke run: one temperature, rkl and jsd, one seed, "
+                   "2 steps of 2 prompts, 6 eval prompts")
+    p.add_argument("--settings", nargs="+", type=float, default=None, help="sampling temperatures T (> 0)")
+    p.add_argument("--divs", nargs="+", default=None, help="baseline and divergences trained at every T")
+    p.add_argument("--extra-divs", nargs="*", default=None, help=f"divergences trained at T = {PRESET_T:g} only")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds")
+    p.add_argument("--n-prompts", type=int, default=None, help="GSM8k test prompts per evaluation")
+    p.add_argument("--steps", type=int, default=None, help="distill.py --steps (default: the preset's)")
+    p.add_argument("--runs", default=None, help="the cache of runs and evaluations (default runs/real-study)")
+    p.add_argument("--out", default=None, help="the report (default results/REAL.md)")
+    cli.add_threads_option(p)
+    a = p.parse_args(argv)
+    cfg = StudyConfig(quick=a.quick, threads=cli.check_threads(a.threads))
+    cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "extra_divs", "seeds"),
+                        values=("n_prompts", "steps", "runs", "out"))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: StudyConfig):
+    """Every value checked before any model loads (cli.BadInput naming it and what is allowed)."""
+    if not cfg.settings or any(not (math.isfinite(t) and t > 0) for t in cfg.settings):
+        raise cli.BadInput(f"--settings {list(cfg.settings)}: temperatures must be > 0 (sampling, not greedy)")
+    if len(set(cfg.settings)) != len(cfg.settings):
+        raise cli.BadInput(f"--settings {list(cfg.settings)} repeats a temperature")
+    allowed = ("baseline",) + tuple(divergences.DIVERGENCES)
+    bad = [d for d in cfg.divs + cfg.extra_divs if d not in allowed]
+    if bad:
+        raise cli.BadInput(f"unknown --divs {bad}; valid: {', '.join(allowed)}")
+    if not [d for d in cfg.divs if d != "baseline"]:
+        raise cli.BadInput("--divs needs at least one trained divergence besides the baseline")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise cli.BadInput(f"--seeds {list(cfg.seeds)}: need distinct integers >= 0")
+    for seed in cfg.seeds:
+        cli.check_seed(seed, "--seeds")
+    for name in ("n_prompts", "steps"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise cli.BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    n_test = len(data.load_examples(TASK, "eval", source="file", path=models.preset_config(PRESET, TASK)["data_path"]))
+    if cfg.n_prompts > n_test:
+        raise cli.BadInput(f"--n-prompts {cfg.n_prompts} is more than the {n_test} GSM8k test prompts")
+    models.smollm2_gguf()                   # the real model is installed (else: one line saying how)
+    cli.check_markdown_out(cfg.out, HEADING, StudyConfig.out)
+
+
+def main(argv=None) -> Path:
+    import report
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    with cli.before_the_work():
+        cfg = parse_args(argv)
+    cli.set_threads(cfg.threads)
+    t0, commit = time.time(), report.source_commit()
+    log = lambda msg: print(f"[real-study {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    n = sum(len([d for d in divs_at(cfg, t) if d != "baseline"]) for t in cfg.settings) * len(cfg.seeds)
+    log(f"plan: temperatures {', '.join(f'{t:g}' for t in cfg.settings)}; {n} distilled drafts + a baseline per "
+        f"temperature, {cfg.n_prompts} eval prompts each; cached under {cfg.runs}")
+    results = {t: run_setting(cfg, t, log) for t in cfg.settings}
+    c = build(results, cfg)
+    out_dir = Path(cfg.out).parent
+    fig = out_dir / "figures"
+    plots = {m: curve.plot_levels(c, m, fig / f"real_{m}.png") for m in curve.METRICS}
+    plots["to_best"] = curve.plot_to_best(c, fig / "real_to_best.png")
+    plots["estimates"] = estimates.plot_estimates({"the real target": [p for r in results.values()
+                                                                       for p in r["points"]]},
+                                                  fig / "real_estimates.png")
+    plots = {key: Path(p).relative_to(out_dir).as_posix() for key, p in plots.items()}
+    meta = report._meta(t0, argv, commit)
+    meta["command"] = " ".join(["python real_study.py", *argv])
+    out = write_report(cfg, c, results, plots, meta)
+    log(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    cli.script_main(main)

@@ -1,0 +1,135 @@
+"""real_study.py: the seed's question on the real target. The runs themselves are CPU hours (CI runs
+`make real-study QUICK=1`); these tests pin the pieces that decide WHICH runs are trained, read back and
+compared, on synthetic per-prompt metrics and on config files, without loading a model."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+import curve
+import distill
+import real_study as R
+import report
+
+
+def metrics(acceptance: list[float]) -> dict:
+    """Per-prompt metrics of one draft as evaluate.evaluate_draft writes them."""
+    a = np.asarray(acceptance, dtype=float)
+    return {"token_acceptance": a.tolist(), "alpha": a.tolist(), "mean_accepted_length": (1 + 5 * a).tolist()}
+
+
+def setting(per_prompt: dict, entropy: float) -> dict:
+    return {"entropy": [entropy, entropy - 0.01, entropy + 0.01], "tokens": 100, "per_prompt": per_prompt,
+            "points": [], "cost": {}}
+
+
+def test_the_acceptance_objectives_are_trained_at_the_presets_temperature_only():
+    """nla and lk cost as much as the main divergences; the budget trains them where the preset decodes."""
+    cfg = R.StudyConfig()
+    assert set(R.divs_at(cfg, R.PRESET_T)) >= {"nla", "lk", "rkl", "jsd"}
+    assert not {"nla", "lk"} & set(R.divs_at(cfg, 1.3))
+
+
+def test_every_run_samples_scores_and_validates_at_its_temperature():
+    """The knob changes one thing: the run's --temperature (the loss temperature follows it); the final
+    student is validated once (--eval-every = steps), which gives the run's val_alpha."""
+    cfg = R.StudyConfig()
+    c = distill.parse_args(R.distill_argv(cfg, 1.3, "tvd", 1, Path("x")))
+    assert (c.temperature, c.div, c.seed, c.preset, c.loss_temperature) == (1.3, "tvd", 1, "smollm2", None)
+    assert c.eval_every == 80 and c.eval_prompts == cfg.val_prompts
+
+
+def _write_run(tmp_path, argv) -> Path:
+    out = tmp_path / "T0.6" / "rkl-s0"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(vars(distill.parse_args(argv))))
+    return out
+
+
+def test_a_cached_run_of_the_same_command_matches(tmp_path):
+    """A run trained by the same command (by the study or by hand) is reused, not trained again."""
+    cfg = R.StudyConfig(runs=str(tmp_path))
+    argv = R.distill_argv(cfg, 0.6, "rkl", 0, tmp_path / "T0.6" / "rkl-s0")
+    assert R.config_differences(_write_run(tmp_path, argv), argv) == []
+
+
+def test_a_cached_run_of_another_configuration_is_refused_before_training(tmp_path):
+    """A run dir trained at another temperature must never be counted as this setting's draft."""
+    cfg = R.StudyConfig(runs=str(tmp_path))
+    _write_run(tmp_path, R.distill_argv(cfg, 1.0, "rkl", 0, tmp_path / "T0.6" / "rkl-s0"))
+    with pytest.raises(cli.BadInput, match=r"--temperature 1\.0 -> 0\.6"):
+        R.train_draft(cfg, 0.6, "rkl", 0, log=print)
+
+
+def test_an_evaluation_is_read_back_only_under_its_fingerprint(tmp_path):
+    """The cache is keyed by everything the numbers depend on: another draft or protocol is measured again."""
+    path = tmp_path / "real_eval.json"
+    R.write_json(path, {"fingerprint": {"draft": "a", "n_prompts": 8}, "result": {"x": 1}})
+    assert R.cached(path, {"draft": "a", "n_prompts": 8}) == {"x": 1}
+    assert R.cached(path, {"draft": "b", "n_prompts": 8}) is None
+
+
+def test_a_torn_cache_file_is_measured_again(tmp_path):
+    """A file cut short by a crash is not an error and not a result: it is recomputed."""
+    path = tmp_path / "real_eval.json"
+    path.write_text('{"fingerprint": {"draft": "a"}, "res')
+    assert R.cached(path, {"draft": "a"}) is None
+
+
+def test_a_missing_draft_stops_the_analysis():
+    """The report is never drawn from part of the study: every expected draft is named."""
+    cfg = R.StudyConfig(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=("nla",), seeds=(0, 1))
+    runs = {n: metrics([0.1, 0.2]) for n in ("baseline", "rkl-s0", "rkl-s1", "jsd-s0", "jsd-s1", "nla-s0")}
+    with pytest.raises(report.MissingRunError, match="nla-s1"):
+        R.build({0.6: setting(runs, 0.5)}, cfg)
+
+
+def test_the_seed_claim_is_read_along_measured_entropy():
+    """rkl better at the low-entropy temperature and jsd at the high one (separated) is the claim holding; the
+    settings are ordered by measured entropy, and the tables name the knob T."""
+    cfg = R.StudyConfig(settings=(0.3, 1.3), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0, 1), n_boot=300)
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.4, 64)
+    low = {"baseline": metrics(base), **{f"rkl-s{s}": metrics(base + 0.2) for s in (0, 1)},
+           **{f"jsd-s{s}": metrics(base + 0.1) for s in (0, 1)}}
+    high = {"baseline": metrics(base), **{f"rkl-s{s}": metrics(base + 0.05) for s in (0, 1)},
+            **{f"jsd-s{s}": metrics(base + 0.15) for s in (0, 1)}}
+    c = R.build({1.3: setting(high, 2.0), 0.3: setting(low, 0.2)}, cfg)
+    assert c.order == [0.3, 1.3]
+    v = curve.claim_verdict(c)
+    assert v["holds"] and (v["low"], v["high"]) == (0.3, 1.3)
+    assert curve.levels_markdown(c, "token_acceptance").startswith("| T |")
+
+
+def test_a_divergence_trained_at_one_temperature_is_a_dash_elsewhere():
+    """nla and lk exist at T = 0.6 only: the tables show them there and '-' at other temperatures."""
+    cfg = R.StudyConfig(settings=(0.6, 1.0), divs=("baseline", "rkl"), extra_divs=("nla",), seeds=(0,), n_boot=200)
+    a = np.linspace(0.1, 0.5, 16)
+    c = R.build({0.6: setting({"baseline": metrics(a), "rkl-s0": metrics(a + 0.1), "nla-s0": metrics(a + 0.05)}, 0.5),
+                 1.0: setting({"baseline": metrics(a), "rkl-s0": metrics(a + 0.1)}, 1.0)}, cfg)
+    rows = curve.levels_markdown(c, "token_acceptance").splitlines()
+    assert rows[0].split("|")[-2].strip() == "nla"
+    assert rows[2].split("|")[-2].strip() != "-" and rows[3].split("|")[-2].strip() == "-"
+
+
+def test_the_budget_sums_every_cached_run():
+    """The header's CPU time is the whole study's: every run's training and evaluation seconds, every setting."""
+    results = {t: {**setting({}, 1.0), "seconds": 360.0,
+                   "cost": {"rkl-s0": {"train_s": 1800.0, "eval_s": 360.0}, "baseline": {"eval_s": 360.0}}}
+               for t in (0.3, 0.6)}
+    assert R.cpu_hours(results) == pytest.approx((1.0, 0.4, 0.2))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--settings", "0"], "temperatures must be > 0"),
+    (["--settings", "0.6", "0.6"], "repeats a temperature"),
+    (["--divs", "baseline", "kl"], "unknown --divs"),
+    (["--divs", "baseline"], "at least one trained divergence"),
+    (["--n-prompts", "100000"], "more than the 1319 GSM8k test prompts"),
+])
+def test_bad_options_are_one_line_before_any_model(args, message):
+    """A study of hours must refuse a mistake before its first minute."""
+    with pytest.raises(cli.BadInput, match=message):
+        R.parse_args(args)
