@@ -133,3 +133,22 @@ def test_bad_options_are_one_line_before_any_model(args, message):
     """A study of hours must refuse a mistake before its first minute."""
     with pytest.raises(cli.BadInput, match=message):
         R.parse_args(args)
+
+
+def test_a_run_another_process_trains_is_waited_for(tmp_path):
+    """Two writers of one run directory must never run at once: the study waits while the lock is held."""
+    import threading
+
+    import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = rundir.RunLock(out).acquire()
+    said = []
+    waiter = threading.Thread(target=R.wait_while_in_use, args=(out, said.append, 0.05))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and len(said) == 1 and "in use by" in said[0]
+    lock.release()
+    waiter.join(5)
+    assert not waiter.is_alive()
