@@ -47,8 +47,9 @@ report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps;
 curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
 	$(PY) curve.py $(if $(QUICK),--quick,)
 
+# the full run continues the journal of an interrupted one (ARGS=--fresh starts over); the smoke run always decodes
 specbench:  ## Spec-Bench on the real pair (PRESET=smollm2 by default) -> results/SPECBENCH.md (QUICK=1: CI smoke run) [ARGS=]
-	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --results results/quick,) $(ARGS)
+	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --fresh --results results/quick,) $(ARGS)
 
 bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
 	$(PY) bench/bench_loss.py --suite fused

@@ -54,18 +54,21 @@ Beside the leaderboard numbers (results/SPECBENCH.md):
                      vs the target alone at batch 16, the two alternated chunk by chunk (no leaderboard method
                      runs batched; HF assisted generation is batch 1 only)
 
-Over several sessions (a full run takes ~15-20 h on 2 CPU cores): the journal, <results>/<preset>/specbench/
-journal.jsonl, gets one JSON line per finished item, appended, flushed and fsynced as soon as it is done: every
-(repeat, method, question) with its turns' Turn fields (tokens, prompt, accept lengths, drafted / accepted, wall
-time) and every (repeat, chunk, method) of the batched table. Its first line holds a fingerprint of everything the
-records depend on (the selected questions, the sha256 of the target's and each draft's files, the protocol, repeats,
-batch size, seed, threads, specdec.py / specbench.py / models.py, torch's and transformers' versions). A rerun with
-the same settings continues it: what the journal holds is read back, the rest runs in the same order, and the answer
-files and the report are written from the journal, the same records as an uninterrupted run (wall times aside;
-the report's run time sums the sessions). A journal of other settings is refused in one line naming what changed;
---fresh starts over (it deletes the journal and the answer files specbench wrote, nothing else). A last line cut off
-mid-write (kill -9) is dropped with a warning and its item redone. Ctrl-C / SIGTERM: one line with the command that
-continues. Progress lines count the items done and read back, with an ETA at the rate measured in this session.
+Over several sessions (a full run takes ~15 h on 2 busy CPU cores, docs/benchmarks.md): the journal,
+<results>/<preset>/specbench/journal.jsonl, gets one JSON line per finished item, appended, flushed and fsynced as
+soon as it is done: every (repeat, method, question) with its turns' Turn fields (tokens, prompt, accept lengths,
+drafted / accepted, wall time) and every (repeat, chunk, method) of the batched table. Its first line holds a
+fingerprint of everything the records depend on: the selected questions, the sha256 of the target's and each
+draft's files, the decoding settings (gamma, temperature, top-p, top-k, max_new_tokens, the preset's stop tokens:
+with the target's tokenizer and generation config they fix the stop ids), repeats, batch size, seed, threads, the
+code (specdec.py, specbench.py, models.py: a commit that changes them mid-run means starting over) and torch's and
+transformers' versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
+runs in the same order, and the answer files and the report are written from the journal, the same records as an
+uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
+refused in one line naming what changed, before any model loads; --fresh starts over (it deletes the journal and
+the answer files specbench wrote, nothing else). A last line cut off mid-write (kill -9) is dropped with a warning
+and its item redone. Ctrl-C / SIGTERM: one line with the command that continues. Progress lines count the items
+done and read back, with an ETA at the rate measured in this session. One run at a time per results folder (a lock).
 
 Run:  python specbench.py [--quick] [--preset smollm2] [--max-new-tokens 64] [--repeats 3] [--threads 1] [--fresh]
       make specbench [QUICK=1] [ARGS=--fresh]
@@ -1037,7 +1040,8 @@ def journaled_run(cfg: Config, argv: list[str], inputs: dict, fp: dict, answers_
     methods = build_methods(inputs["drafts"], {name: None for name, _, _ in inputs["drafts"]}, None)
     keys = answer_keys(cfg, methods, questions)
     n_chunks = len(batched_chunks(range(sum(len(q["turns"]) for q in questions)), cfg.batch_size))
-    batched_keys = {(r, c, m.name) for r in range(cfg.repeats) for c in range(n_chunks) for m in batched_methods(methods)}
+    batched_keys = {(r, c, m.name) for r in range(cfg.repeats) for c in range(n_chunks)
+                    for m in batched_methods(methods)}
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     with cli.before_the_work():
         journal = open_journal(answers_root, fp, cfg, set(keys), batched_keys, argv, warn)
