@@ -50,8 +50,9 @@ curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> 
 real-study:  ## the seed's question on the real target (SmolLM2), temperature as the entropy knob -> results/REAL.md (cached, resumable; QUICK=1: CI smoke run) [ARGS=]
 	OMP_NUM_THREADS=1 $(PY) real_study.py $(if $(QUICK),--quick,) $(ARGS)
 
+# the full run continues the journal of an interrupted one (ARGS=--fresh starts over); the smoke run always decodes
 specbench:  ## Spec-Bench on the real pair (PRESET=smollm2 by default) -> results/SPECBENCH.md (QUICK=1: CI smoke run) [ARGS=]
-	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --results results/quick,) $(ARGS)
+	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --fresh --results results/quick,) $(ARGS)
 
 bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
 	$(PY) bench/bench_loss.py --suite fused

@@ -54,16 +54,34 @@ Beside the leaderboard numbers (results/SPECBENCH.md):
                      vs the target alone at batch 16, the two alternated chunk by chunk (no leaderboard method
                      runs batched; HF assisted generation is batch 1 only)
 
-Run:  python specbench.py [--quick] [--preset smollm2] [--max-new-tokens 64] [--repeats 3] [--threads 1]
-      make specbench [QUICK=1]
+Over several sessions (a full run takes ~15 h on 2 busy CPU cores, docs/benchmarks.md): the journal,
+<results>/<preset>/specbench/journal.jsonl, gets one JSON line per finished item, appended, flushed and fsynced as
+soon as it is done: every (repeat, method, question) with its turns' Turn fields (tokens, prompt, accept lengths,
+drafted / accepted, wall time) and every (repeat, chunk, method) of the batched table. Its first line holds a
+fingerprint of everything the records depend on: the selected questions, the sha256 of the target's and each
+draft's files, the decoding settings (gamma, temperature, top-p, top-k, max_new_tokens, the preset's stop tokens:
+with the target's tokenizer and generation config they fix the stop ids), repeats, batch size, seed, threads, the
+code (specdec.py, specbench.py, models.py: a commit that changes them mid-run means starting over) and torch's and
+transformers' versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
+runs in the same order, and the answer files and the report are written from the journal, the same records as an
+uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
+refused in one line naming what changed, before any model loads; --fresh starts over (it deletes the journal and
+the answer files specbench wrote, nothing else). A last line cut off mid-write (kill -9) is dropped with a warning
+and its item redone. Ctrl-C / SIGTERM: one line with the command that continues. Progress lines count the items
+done and read back, with an ETA at the rate measured in this session. One run at a time per results folder (a lock).
+
+Run:  python specbench.py [--quick] [--preset smollm2] [--max-new-tokens 64] [--repeats 3] [--threads 1] [--fresh]
+      make specbench [QUICK=1] [ARGS=--fresh]
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
-import shutil
+import shlex
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -119,6 +137,7 @@ class Config:
     report: str | None = None                   # default <results>/SPECBENCH.md
     threads: int = cli.DEFAULT_THREADS
     quick: bool = False
+    fresh: bool = False                         # delete the journal and the answer files first (start over)
 
 
 QUICK = dict(per_category=1, max_new_tokens=8, repeats=1, n_boot=500)   # CI's smoke run: ~4 min on 2 busy cores
@@ -353,6 +372,253 @@ def spec_bench_speed(records: list[dict], baseline: list[dict], categories=CATEG
             "mean_accepted_tokens": float(np.mean(lengths))}
 
 
+# ----------------------------------------------------------------------------- the journal (a run over sessions)
+
+JOURNAL = "journal.jsonl"
+JOURNAL_VERSION = 1
+CODE = ("specdec.py", "specbench.py", "models.py")   # the decoding code: its tokens and timings depend on these
+SUMMARY = "specbench.json"
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_sha256(path) -> str:
+    """sha256 over every file of a local model folder (weights, config, tokenizer, generation config: what loading
+    it reads), by name; dot files (locks) aside. ~0.6 s for the 135M target. A hub id: the id itself."""
+    d = Path(str(path))
+    if not d.is_dir():
+        return f"hub id {path}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+DECODING = ("gamma", "temperature", "top_p", "top_k", "max_new_tokens")
+
+
+def requested_protocol(cfg: Config) -> dict:
+    """The decoding settings as models.decoding_protocol resolves them (the preset's, overridden by the flags) and
+    the preset's stop tokens: with the target's files (its tokenizer and generation config) they fix the protocol,
+    stop ids and vocabulary included, so the journal can be checked before any model loads."""
+    preset = models.preset_config(cfg.preset, cfg.task)
+    values = {k: preset.get(k, 0 if k == "top_k" else None) for k in DECODING}
+    values.update({k: v for k, v in ((k, getattr(cfg, k, None)) for k in DECODING) if v is not None})
+    return {**values, "stop_tokens": list(preset.get("stop_tokens", []))}
+
+
+def fingerprint(cfg: Config, questions: list[dict], inputs: dict) -> dict:
+    """Everything the journal's records depend on: the selected questions, the target's and each draft's files,
+    the protocol (requested_protocol), repeats, the batched table's batch, seed, threads (torch is bit-exact only
+    at the same count), the decoding code and the libraries that run it. JSON-normalized (what the header holds)."""
+    import transformers
+
+    rows = "".join(json.dumps(q, sort_keys=True) + "\n" for q in questions)
+    fp = {"version": JOURNAL_VERSION, "preset": cfg.preset,
+          "questions": {"n": len(questions), "sha256": hashlib.sha256(rows.encode()).hexdigest()},
+          "target": model_sha256(inputs["teacher"]),
+          "drafts": {name: model_sha256(path) for name, _, path in inputs["drafts"]},
+          "protocol": requested_protocol(cfg), "repeats": cfg.repeats, "batch_size": cfg.batch_size, "seed": cfg.seed,
+          "threads": cfg.threads, "code": {f: file_sha256(REPO / f) for f in CODE},
+          "libraries": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    return json.loads(json.dumps(fp))
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, in words (the refusal names it)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=lambda k: list(new).index(k) if k in new else len(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "questions":
+            out.append(f"the questions ({a['n']} -> {b['n']} selected)" if isinstance(a, dict) and a.get("n") != b["n"]
+                       else "the questions' text")
+        elif key == "target":
+            out.append("the target's files")
+        elif key == "drafts" and isinstance(a, dict):
+            out += [f"draft {n} added" for n in b if n not in a] + [f"draft {n} gone" for n in a if n not in b]
+            out += [f"draft {n}'s files" for n in b if n in a and a[n] != b[n]]
+        elif key == "code" and isinstance(a, dict):
+            out += [f"{f} changed" for f in b if a.get(f) != b[f]]
+        elif key in ("protocol", "libraries") and isinstance(a, dict):
+            out += [f"{k} {a.get(k)} -> {b.get(k)}" for k in b if a.get(k) != b.get(k)]
+        else:
+            out.append(f"{key} {a} -> {b}")
+    return out
+
+
+def written_files(root: Path, preset: str) -> list[Path]:
+    """What specbench writes under <results>/<preset>/specbench/ (--fresh deletes these and nothing else): the
+    journal, specbench.json and the answer files run_<r>/<preset>-<method>-float32-temp-<T>.jsonl (.tmp: one cut
+    off mid-write)."""
+    found = [root / JOURNAL, root / SUMMARY] + sorted(root.glob(f"run_*/{preset}-*-float32-temp-*.jsonl"))
+    found += sorted(root.glob(f"run_*/{preset}-*-float32-temp-*.tmp"))
+    return [f for f in found if f.is_file()]
+
+
+def remove_written(root: Path, preset: str) -> int:
+    """Delete written_files, then the run_<r> folders they leave empty. -> how many files went."""
+    files = written_files(root, preset)
+    for f in files:
+        f.unlink()
+    for d in sorted(root.glob("run_*")):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return len(files)
+
+
+def duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def progress_line(what: str, done_now: int, read_back: int, total: int, elapsed: float) -> str:
+    """`done`/`total` items, how many were read back from the journal, the rate measured on the items done in this
+    session and the ETA of the rest at that rate."""
+    done = done_now + read_back
+    rate = elapsed / done_now if done_now else math.nan
+    return (f"{done}/{total} {what} done ({read_back} read back from the journal), "
+            f"{rate:.3g} s each, ETA {duration((total - done) * rate) if done < total else '0 s'}")
+
+
+class Journal:
+    """The run's record, <results>/<preset>/specbench/journal.jsonl: a header line holding the fingerprint, then
+    one JSON line per finished item, appended, flushed and fsynced as soon as it is done: {"kind": "answer",
+    repeat, method, question_id, turns: [the Turn fields of every turn]} and {"kind": "batched", repeat, chunk,
+    method, seconds, tokens, per_row} (tokens and per_row in repeat 1 only, the only ones the table reads); a
+    "session" line at every start and an "end" line at every stop (the report's run time sums the sessions).
+    path None: kept in memory only."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.answers: dict[tuple, list[Turn]] = {}      # (repeat, method, question_id) -> turns
+        self.batched: dict[tuple, dict] = {}            # (repeat, chunk, method) -> seconds, tokens, per_row
+        self.earlier_seconds = 0.0                      # the earlier sessions' time (from their lines)
+        self.sessions = 1
+        self.read_back = (0, 0)                         # answers, batched items
+
+    def append(self, row: dict):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:               # one write of one whole line: a kill cuts the last line only
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add_answer(self, repeat: int, method: str, question_id: int, turns: list[Turn]):
+        self.append({"kind": "answer", "repeat": repeat, "method": method, "question_id": question_id,
+                     "at": time.time(), "turns": [asdict(t) for t in turns]})
+        self.answers[(repeat, method, question_id)] = turns
+
+    def add_batched(self, repeat: int, chunk: int, method: str, item: dict):
+        self.append({"kind": "batched", "repeat": repeat, "chunk": chunk, "method": method, "at": time.time(), **item})
+        self.batched[(repeat, chunk, method)] = item
+
+    def start_session(self, argv: list[str]):
+        self.append({"kind": "session", "at": time.time(), "argv": argv})
+
+    def end_session(self, how: str):
+        self.append({"kind": "end", "at": time.time(), "how": how})
+
+
+def read_journal(path: Path, warn) -> list[dict]:
+    """The journal's lines. A last line cut off mid-write (no newline: a kill -9 or a crash while appending) or not
+    JSON is dropped from the file with one warning: its item is redone. Any other line that is not a JSON object:
+    the journal is damaged, refused."""
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    lines = raw[:end].split(b"\n")[:-1]
+    torn = len(raw) - end
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            if n < len(lines) or torn:
+                raise cli.BadInput(f"{path}, line {n}: not a journal line ({e}); the journal is damaged: start over "
+                                   f"with --fresh (deletes it and the answer files)") from None
+            end -= len(line) + 1
+            torn += len(line) + 1
+            break
+        rows.append(row)
+    if torn:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+        warn(f"{path}: its last line was cut off mid-write ({torn} bytes, a run killed while writing): dropped, "
+             f"that item is redone")
+    return rows
+
+
+def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_keys: set, argv, warn) -> Journal:
+    """The journal of this run: a new one (no journal yet, or --fresh: first the files specbench wrote there go, so
+    no answer file of an earlier run is left beside these), or the one there, continued, if its header holds the
+    same fingerprint; another fingerprint is refused, naming what changed. Its items must be items of this run."""
+    path = root / JOURNAL
+    journal = Journal(path)
+    rows = read_journal(path, warn) if path.is_file() and not cfg.fresh else []
+    if rows:
+        header = rows[0]
+        if header.get("kind") != "header" or not isinstance(header.get("fingerprint"), dict):
+            raise cli.BadInput(f"{path}, line 1: not a specbench journal header; start over with --fresh (deletes "
+                               f"it and the answer files)")
+        if header["fingerprint"] != fp:
+            changed = fingerprint_changes(header["fingerprint"], fp) or ["the journal's version"]
+            raise cli.BadInput(f"{path} holds a run with other settings ({'; '.join(changed)}); rerun with its "
+                               f"settings to continue it, or pass --fresh to start over (deletes the journal and "
+                               f"the answer files under {root})")
+        spans = []                                      # [first, last] time of every earlier session
+        for n, row in enumerate(rows[1:], 2):
+            kind = row.get("kind")
+            try:
+                if kind == "answer":
+                    key = (row["repeat"], row["method"], row["question_id"])
+                    if key not in answer_keys or key in journal.answers:
+                        raise ValueError(f"{'a second' if key in journal.answers else 'no'} answer {key} of this run")
+                    journal.answers[key] = [Turn(**t) for t in row["turns"]]
+                elif kind == "batched":
+                    key = (row["repeat"], row["chunk"], row["method"])
+                    if key not in batched_keys or key in journal.batched:
+                        raise ValueError(f"{'a second' if key in journal.batched else 'no'} batched item {key} of "
+                                         f"this run")
+                    journal.batched[key] = {k: row[k] for k in ("seconds", "tokens", "per_row")}
+                elif kind == "session":
+                    spans.append([float(row["at"])] * 2)
+                elif kind != "end":
+                    raise ValueError(f"unknown kind {kind!r}")
+                if spans:
+                    spans[-1][1] = max(spans[-1][1], float(row["at"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise cli.BadInput(f"{path}, line {n}: not an item of this run ({type(e).__name__}: {e}); the "
+                                   f"journal is damaged: start over with --fresh") from None
+        journal.sessions = len(spans) + 1
+        journal.earlier_seconds = sum(last - first for first, last in spans)
+        journal.read_back = (len(journal.answers), len(journal.batched))
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_written(root, cfg.preset)
+        journal.append({"kind": "header", "version": JOURNAL_VERSION, "at": time.time(), "fingerprint": fp})
+    journal.start_session(argv)
+    return journal
+
+
+def continue_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same one, less --fresh."""
+    return shlex.join(["python", "specbench.py", *[a for a in argv if a != "--fresh"]])
+
+
 # ----------------------------------------------------------------------------- the run
 
 def load_inputs(cfg: Config) -> dict:
@@ -372,10 +638,12 @@ def load_inputs(cfg: Config) -> dict:
     return {"questions": questions, "teacher": teacher, "drafts": drafts}
 
 
-def build_methods(drafts: list[tuple], loaded: dict, gamma: int) -> list[Method]:
-    """vanilla, sps (HF assisted, baseline draft), specdec-<draft> for every draft."""
+def build_methods(drafts: list[tuple], loaded: dict, gamma: int | None) -> list[Method]:
+    """vanilla, sps (HF assisted, baseline draft), specdec-<draft> for every draft. gamma None: the plan only, before
+    any model loads (loaded: None per draft), the names and kinds the journal is checked against."""
     base = loaded["baseline"]
-    configure_assistant(base, gamma)
+    if gamma is not None:
+        configure_assistant(base, gamma)
     methods = [Method("vanilla", "vanilla", None, "target alone"),
                Method("sps", "sps", base, "HF assisted generation, baseline draft")]
     methods += [Method(f"specdec-{name}", "specdec", loaded[name], f"our speculative decoding, {label}")
@@ -389,20 +657,37 @@ def rotated(methods: list, k: int) -> list:
     return methods[k:] + methods[:k]
 
 
-def run_repeats(cfg: Config, methods, target, tokenizer, questions, protocol, log) -> dict:
-    """Every repeat: every question with every method, alternating. -> {repeat: {method: [(question, turns)]}}"""
-    for m in methods:                                        # warm-up, as Spec-Bench's (not recorded)
-        TURN[m.kind](target, m.draft, prompt_ids(tokenizer, questions[0]["turns"], []), protocol, cfg.seed)
-    out = {}
+def answer_keys(cfg: Config, methods, questions) -> list[tuple]:
+    """Every (repeat, method, question_id) of the batch-1 runs, in the order they run: repeat by repeat, question by
+    question, the methods rotating (rotated)."""
+    return [(r, m.name, q["question_id"]) for r in range(cfg.repeats) for i, q in enumerate(questions)
+            for m in rotated(methods, i + r)]
+
+
+def run_repeats(cfg: Config, methods, target, tokenizer, questions, protocol, log, journal=None) -> dict:
+    """Every repeat: every question with every method, alternating. -> {repeat: {method: [(question, turns)]}}
+    Each answer goes to the journal as soon as it is done; what the journal already holds is not run again."""
+    journal = journal if journal is not None else Journal()
+    total = cfg.repeats * len(questions) * len(methods)
+    read_back = sum(key in journal.answers for key in answer_keys(cfg, methods, questions))
+    if read_back < total:
+        for m in methods:                                    # warm-up, as Spec-Bench's (not recorded)
+            TURN[m.kind](target, m.draft, prompt_ids(tokenizer, questions[0]["turns"], []), protocol, cfg.seed)
+    t0, done_now = time.time(), 0
     for r in range(cfg.repeats):
-        out[r] = {m.name: [] for m in methods}
-        t0 = time.time()
         for i, q in enumerate(questions):
+            ran = False
             for m in rotated(methods, i + r):
-                out[r][m.name].append((q, answer_question(m, target, tokenizer, q, protocol, cfg.seed + q["question_id"])))
-            if (i + 1) % 10 == 0 or i + 1 == len(questions):
-                log(f"repeat {r + 1}/{cfg.repeats}: {i + 1}/{len(questions)} questions, {time.time() - t0:.0f} s")
-    return out
+                if (r, m.name, q["question_id"]) in journal.answers:
+                    continue
+                turns = answer_question(m, target, tokenizer, q, protocol, cfg.seed + q["question_id"])
+                journal.add_answer(r, m.name, q["question_id"], turns)
+                done_now, ran = done_now + 1, True
+            if ran and ((i + 1) % 10 == 0 or i + 1 == len(questions)):
+                log(f"repeat {r + 1}/{cfg.repeats}: {i + 1}/{len(questions)} questions; "
+                    + progress_line("answers", done_now, read_back, total, time.time() - t0))
+    return {r: {m.name: [(q, journal.answers[(r, m.name, q["question_id"])]) for q in questions] for m in methods}
+            for r in range(cfg.repeats)}
 
 
 def write_repeat_files(cfg: Config, results: dict, tokenizer, protocol) -> dict:
@@ -506,26 +791,50 @@ def batched_prompts(vanilla: list) -> list[list[int]]:
     return sorted((t.prompt for _, turns in vanilla for t in turns), key=len)
 
 
-def batched_run(cfg: Config, methods, target, prompts, protocol, log) -> dict:
+def batched_chunks(prompts: list, batch_size: int) -> list[list]:
+    return [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
+
+
+def batched_methods(methods) -> list:
+    return [m for m in methods if m.kind in ("vanilla", "specdec")]
+
+
+def batched_run(cfg: Config, methods, target, prompts, protocol, log, journal=None) -> dict:
     """vanilla (specdec.autoregressive_generate) and each specdec method at batch cfg.batch_size, the methods
-    alternated chunk by chunk, cfg.repeats times: tokens/s per repeat, accept lengths, drafts, tokens."""
-    chosen = [m for m in methods if m.kind in ("vanilla", "specdec")]
+    alternated chunk by chunk, cfg.repeats times: tokens/s per repeat, accept lengths, drafts, tokens. Each
+    (repeat, chunk, method) goes to the journal as soon as it is done; what the journal holds is not run again."""
+    journal = journal if journal is not None else Journal()
+    chosen = batched_methods(methods)
     out = {m.name: {"seconds": [0.0] * cfg.repeats, "tokens": [], "per_row": []} for m in chosen}
-    chunks = [prompts[s:s + cfg.batch_size] for s in range(0, len(prompts), cfg.batch_size)]
+    chunks = batched_chunks(prompts, cfg.batch_size)
+    total = cfg.repeats * len(chunks) * len(chosen)
+    read_back = sum((r, c, m.name) in journal.batched for r in range(cfg.repeats) for c in range(len(chunks))
+                    for m in chosen)
+    t0, done_now, logged = time.time(), 0, 0
     for r in range(cfg.repeats):
         for c, chunk in enumerate(chunks):
             for m in rotated(chosen, c + r):
-                t0 = time.perf_counter()
-                if m.kind == "vanilla":
-                    res = specdec.autoregressive_generate(target, chunk, seed=cfg.seed + c, **protocol.generate_kwargs())
-                else:
-                    res = specdec.speculative_generate(target, m.draft, chunk, seed=cfg.seed + c,
-                                                       **protocol.speculative_kwargs())
-                out[m.name]["seconds"][r] += time.perf_counter() - t0
+                item = journal.batched.get((r, c, m.name))
+                if item is None:
+                    t1 = time.perf_counter()
+                    if m.kind == "vanilla":
+                        res = specdec.autoregressive_generate(target, chunk, seed=cfg.seed + c,
+                                                              **protocol.generate_kwargs())
+                    else:
+                        res = specdec.speculative_generate(target, m.draft, chunk, seed=cfg.seed + c,
+                                                           **protocol.speculative_kwargs())
+                    item = {"seconds": time.perf_counter() - t1, "tokens": res.tokens if r == 0 else None,
+                            "per_row": res.stats["per_row"] if r == 0 else None}
+                    journal.add_batched(r, c, m.name, item)
+                    done_now += 1
+                out[m.name]["seconds"][r] += item["seconds"]
                 if r == 0:
-                    out[m.name]["tokens"] += res.tokens
-                    out[m.name]["per_row"] += res.stats["per_row"]
-        log(f"batched: repeat {r + 1}/{cfg.repeats} done")
+                    out[m.name]["tokens"] += item["tokens"]
+                    out[m.name]["per_row"] += item["per_row"]
+            if done_now > logged and ((c + 1) % 10 == 0 or c + 1 == len(chunks)):
+                logged = done_now
+                log(f"batched: repeat {r + 1}/{cfg.repeats}: {c + 1}/{len(chunks)} chunks; "
+                    + progress_line("chunk runs", done_now, read_back, total, time.time() - t0))
     rows = []
     base = out["vanilla"]
     n_tokens = {name: sum(map(len, o["tokens"])) for name, o in out.items()}
@@ -587,7 +896,9 @@ def report_markdown(doc: dict) -> str:
     md = [f"# Spec-Bench on the {doc['preset']} pair",
           "",
           f"Written by `{doc['command']}` on {doc['date']} ({doc['machine']}, {doc['threads']} torch thread(s)), "
-          f"commit {doc['commit']}, run time {doc['minutes']:.1f} min. {doc['n_questions']} questions "
+          f"commit {doc['commit']}, run time {doc['minutes']:.1f} min"
+          + (f" over {doc['sessions']} sessions" if doc.get("sessions", 1) > 1 else "")
+          + f". {doc['n_questions']} questions "
           f"({doc['n_turns']} turns) of data/spec_bench/question.jsonl, {doc['repeats']} run(s), "
           f"{decoding}, batch 1, gamma "
           f"{p['gamma']}, max_new_tokens {p['max_new_tokens']} (Spec-Bench: 1024), float32 on the CPU. Target "
@@ -649,7 +960,10 @@ def report_markdown(doc: dict) -> str:
 
 def parse_args(argv=None) -> Config:
     p = cli.ArgumentParser(description=__doc__.split("\n")[0],
-                           epilog="example: python specbench.py --quick  (CI's smoke run: a few minutes on 2 cores)")
+                           epilog="example: python specbench.py --quick  (CI's smoke run: a few minutes on 2 cores). A run can be "
+                           "stopped (Ctrl-C, SIGTERM, a crash) and continued: every finished answer is in "
+                           "<results>/<preset>/specbench/journal.jsonl, and the same command goes on from there "
+                           "(--fresh starts over)")
     p.add_argument("--quick", action="store_true", help=f"CI's smoke run: {QUICK}")
     p.add_argument("--preset", default="smollm2", help=f"one of {', '.join(models.PRESETS)} (default %(default)s)")
     p.add_argument("--task", default="gsm8k", help="whose distilled drafts to run: <runs>/<preset>/<task>/*/final "
@@ -671,9 +985,13 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--report", default=None, help="the markdown report (default <results>/SPECBENCH.md)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n-boot", type=int, default=None)
+    p.add_argument("--fresh", action="store_true", help="start over: delete the journal and the answer files "
+                   "specbench wrote under <results>/<preset>/specbench/ (nothing else) before the run. Without it a "
+                   "run continues the journal there (the same settings: what it holds is read back, not rerun); a "
+                   "journal of other settings is refused, naming what changed")
     cli.add_threads_option(p)
     args = p.parse_args(argv)
-    cfg = Config(threads=cli.check_threads(args.threads), quick=args.quick)
+    cfg = Config(threads=cli.check_threads(args.threads), quick=args.quick, fresh=args.fresh)
     cli.apply_overrides(cfg, args, QUICK if args.quick else None,
                         values=("preset", "task", "questions", "per_category", "max_new_tokens", "temperature", "top_p",
                                 "gamma", "repeats", "batch_size", "teacher", "student", "runs", "results", "report",
@@ -693,27 +1011,81 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None) -> dict:
-    """Check the questions and models (bad input: one line, before any model loads), then run and report."""
+    """Check the questions and models (bad input: one line, before any model loads), load the models, open the
+    journal (a journal of other settings: one line), then run what the journal lacks and report. Ctrl-C / SIGTERM:
+    one line saying how far the run got and the command that continues it (then the KeyboardInterrupt goes on)."""
     t0 = time.time()
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     with cli.before_the_work():
         cfg = parse_args(argv)
         inputs = load_inputs(cfg)
+        questions = inputs["questions"]
+        answers_root = Path(cfg.results) / cfg.preset / "specbench"
+        fp = fingerprint(cfg, questions, inputs)
+        lock = rundir.RunLock(answers_root)
+        try:
+            lock.acquire()
+        except rundir.RunDirError as e:
+            raise cli.BadInput(str(e).replace("pass another --out", "pass another --results")) from None
+    try:
+        return journaled_run(cfg, argv, inputs, fp, answers_root, t0)
+    finally:
+        lock.release()
+
+
+def journaled_run(cfg: Config, argv: list[str], inputs: dict, fp: dict, answers_root: Path, t0: float) -> dict:
+    """Under the lock of answers_root: open the journal (bad input: one line, before any model loads), load the
+    models, run what the journal lacks, report; an interrupt says how to continue."""
+    questions = inputs["questions"]
+    methods = build_methods(inputs["drafts"], {name: None for name, _, _ in inputs["drafts"]}, None)
+    keys = answer_keys(cfg, methods, questions)
+    n_chunks = len(batched_chunks(range(sum(len(q["turns"]) for q in questions)), cfg.batch_size))
+    batched_keys = {(r, c, m.name) for r in range(cfg.repeats) for c in range(n_chunks)
+                    for m in batched_methods(methods)}
+    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    with cli.before_the_work():
+        journal = open_journal(answers_root, fp, cfg, set(keys), batched_keys, argv, warn)
+    how = "failed"
+    try:
+        doc = loaded_run(cfg, argv, inputs, journal, len(keys), len(batched_keys), t0)
+        how = "completed"
+        return doc
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, cli.Terminated) else "interrupted"
+        print(f"{how} after {len(journal.answers)}/{len(keys)} answers and {len(journal.batched)}/"
+              f"{len(batched_keys)} batched chunk runs, every finished one kept in {journal.path}; continue with: "
+              f"{continue_command(argv)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        try:
+            journal.end_session(how)
+        except OSError:
+            pass
+
+
+def loaded_run(cfg: Config, argv, inputs, journal: Journal, n_answers: int, n_batched: int, t0: float) -> dict:
     commit = report.source_commit()
     cli.set_threads(cfg.threads)
     log = lambda msg: print(f"[specbench {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
-    questions = inputs["questions"]
     target = models.load_model(inputs["teacher"], device="cpu")
     tokenizer = models.load_tokenizer(inputs["teacher"])
     loaded = {name: models.load_model(path, device="cpu") for name, _, path in inputs["drafts"]}
     protocol = models.decoding_protocol(cfg.preset, tokenizer, target, task=cfg.task, gamma=cfg.gamma,
                                         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     methods = build_methods(inputs["drafts"], loaded, protocol.gamma)
-    answers_root = Path(cfg.results) / cfg.preset / "specbench"
-    shutil.rmtree(answers_root, ignore_errors=True)          # no answer file of an earlier run is left beside these
-    log(f"{len(questions)} questions, methods {', '.join(m.name for m in methods)}, {cfg.repeats} run(s), "
-        f"max_new_tokens {protocol.max_new_tokens}")
+    log(f"{len(inputs['questions'])} questions, methods {', '.join(m.name for m in methods)}, {cfg.repeats} run(s), "
+        f"max_new_tokens {protocol.max_new_tokens}; journal {journal.path}"
+        + (f": {journal.read_back[0]}/{n_answers} answers and {journal.read_back[1]}/{n_batched} batched chunk runs "
+           f"read back (session {journal.sessions})" if journal.sessions > 1 else " (new)"))
+    return run_and_report(cfg, argv, inputs, methods, target, tokenizer, protocol, journal, commit, t0, log)
 
-    results = run_repeats(cfg, methods, target, tokenizer, questions, protocol, log)
+
+def run_and_report(cfg: Config, argv, inputs, methods, target, tokenizer, protocol, journal, commit, t0, log) -> dict:
+    """The work: the batch-1 answers and the batched table (what the journal lacks), then the answer files and the
+    report, written from the journal's records."""
+    questions = inputs["questions"]
+    answers_root = Path(cfg.results) / cfg.preset / "specbench"
+    results = run_repeats(cfg, methods, target, tokenizer, questions, protocol, log, journal)
     files = write_repeat_files(cfg, results, tokenizer, protocol)
     spec = [m.name for m in methods if m.kind != "vanilla"]
     acceptance = {m: per_question_acceptance(results, m) for m in spec}
@@ -724,11 +1096,11 @@ def main(argv=None) -> dict:
     log("teacher entropy, equality")
     entropies = teacher_entropies(target, results[0]["vanilla"], cfg.temperature, protocol.vocab_size)
     eq = ({m: equality(results, m, tokenizer, target, protocol) for m in spec} if cfg.temperature == 0 else {})
-    batched = batched_run(cfg, methods, target, batched_prompts(results[0]["vanilla"]), protocol, log)
-    doc = {"preset": cfg.preset, "command": " ".join(["python specbench.py", *(argv or [])]),
+    batched = batched_run(cfg, methods, target, batched_prompts(results[0]["vanilla"]), protocol, log, journal)
+    doc = {"preset": cfg.preset, "command": " ".join(["python specbench.py", *argv]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}", "threads": cfg.threads,
-           "commit": commit, "minutes": (time.time() - t0) / 60, "n_questions": len(questions),
+           "commit": commit, "minutes": math.nan, "sessions": journal.sessions, "n_questions": len(questions),
            "n_turns": sum(len(q["turns"]) for q in questions), "repeats": cfg.repeats,
            "protocol": protocol.as_dict(), "teacher": inputs["teacher"], "drafts": inputs["drafts"],
            "answers": str(answers_root),
@@ -738,7 +1110,7 @@ def main(argv=None) -> dict:
            "entropy": by_subtask(entropies, questions, cfg.n_boot, cfg.seed),
            "acceptance": {m: by_subtask(acceptance[m], questions, cfg.n_boot, cfg.seed) for m in spec},
            "gains": gains, "equality": eq, "batched": batched, "config": asdict(cfg)}
-    doc["minutes"] = (time.time() - t0) / 60
+    doc["minutes"] = (journal.earlier_seconds + time.time() - t0) / 60
     out = Path(cfg.report or Path(cfg.results) / "SPECBENCH.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report_markdown(doc))

@@ -6,6 +6,7 @@ fake distilled run whose draft is the target itself (found under <runs>/tiny/gsm
 """
 import dataclasses
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
 import models
 import specbench
+import specdec
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a short poem about numbers.",
@@ -45,11 +48,16 @@ def bench(pair, tmp_path_factory):
     run = tmp / "runs" / "tiny" / "gsm8k" / "self-s0"
     shutil.copytree(pair[0], run / "final")                  # a "distilled" draft that is the target itself
     (run / "config.json").write_text(json.dumps({"div": "rkl"}))
-    questions = write_questions(tmp / "question.jsonl", QUESTIONS)
-    doc = specbench.main(["--preset", "tiny", "--teacher", pair[0], "--student", pair[1], "--runs", str(tmp / "runs"),
-                          "--results", str(tmp / "results"), "--questions", str(questions), "--max-new-tokens", "8",
-                          "--repeats", "2", "--batch-size", "2", "--n-boot", "100"])
+    write_questions(tmp / "question.jsonl", QUESTIONS)
+    doc = specbench.main(bench_argv(pair, tmp, tmp / "results"))
     return doc, tmp / "results"
+
+
+def bench_argv(pair, tmp: Path, results: Path) -> list[str]:
+    """The bench fixture's command line (questions and runs under tmp), its answers under `results`."""
+    return ["--preset", "tiny", "--teacher", pair[0], "--student", pair[1], "--runs", str(tmp / "runs"),
+            "--results", str(results), "--questions", str(tmp / "question.jsonl"), "--max-new-tokens", "8",
+            "--repeats", "2", "--batch-size", "2", "--n-boot", "100"]
 
 
 def answer_files(results: Path) -> dict:
@@ -230,3 +238,175 @@ def test_shipped_questions_are_spec_benchs_480():
     assert sum(len(q["turns"]) == 2 for q in qs) == 80
     assert len(specbench.select_questions(qs, 2)) == 26
 
+
+
+# ----------------------------------------------------------------------------- the journal: a run over sessions
+
+N_ANSWERS = 3 * 4 * 2       # the bench run's answers: questions x methods x repeats
+N_BATCHED = 2 * 2 * 3       # its batched table's runs: repeats x chunks (4 turns / batch 2) x methods
+
+
+def same_answers(results: Path) -> dict:
+    """Every answer file's records less what two runs of the same answers never share (wall_time, answer_id,
+    tstamp): question ids, categories, model ids, turns text, new_tokens, decoding_steps, accept_lengths."""
+    return {key: [(r["question_id"], r["category"], r["model_id"],
+                   {k: v for k, v in r["choices"][0].items() if k != "wall_time"}) for r in records]
+            for key, records in answer_files(results).items()}
+
+
+def token_numbers(doc: dict) -> str:
+    """What the report computes from tokens alone (no timing), as JSON text (NaN == NaN there)."""
+    batched = [{k: row.get(k) for k in ("method", "equal_to_vanilla", "n", "mean_accepted_tokens", "token_acceptance")}
+               for row in doc["batched"]["rows"]]
+    return json.dumps([doc["acceptance"], doc["entropy"], doc["equality"], doc["gains"], batched], sort_keys=True)
+
+
+def counted(monkeypatch, module, name, stop_after=None, exc=KeyboardInterrupt, only=lambda *a, **k: True):
+    """Wrap module.name: count its calls (those `only` selects); with stop_after, the next such call raises exc."""
+    real, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        if only(*args, **kwargs):
+            if stop_after is not None and len(calls) == stop_after:
+                raise exc()
+            calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def journal_rows(results: Path) -> list[dict]:
+    return [json.loads(line) for line in (results / "tiny" / "specbench" / specbench.JOURNAL).read_text().splitlines()]
+
+
+def interrupted_run(pair, bench, results: Path, answers: int) -> list[str]:
+    """The bench run into `results`, stopped (Ctrl-C) after `answers` answers -> its command line."""
+    argv = bench_argv(pair, bench[1].parent, results)
+    with pytest.MonkeyPatch.context() as m:
+        counted(m, specbench, "answer_question", stop_after=answers)
+        with pytest.raises(KeyboardInterrupt):
+            specbench.main(argv)
+    return argv
+
+
+def test_an_interrupted_run_continued_writes_the_same_answers(bench, pair, tmp_path, monkeypatch):
+    """The point of the journal: a run stopped twice (among the batch-1 answers, then inside the batched table) and
+    continued must write the very answer files and token-derived numbers of a run that was never stopped, each
+    item decoded once: what the journal holds is read back, the rest runs in the same order with the same seeds."""
+    argv = interrupted_run(pair, bench, tmp_path / "results", answers=5)
+    with monkeypatch.context() as m:
+        answered = counted(m, specbench, "answer_question")
+        counted(m, specdec, "speculative_generate", stop_after=1, only=lambda t, d, prompts, **k: len(prompts) > 1)
+        with pytest.raises(KeyboardInterrupt):
+            specbench.main(argv)
+    assert len(answered) == N_ANSWERS - 5
+    answered = counted(monkeypatch, specbench, "answer_question")
+    batched = counted(monkeypatch, specdec, "autoregressive_generate", only=lambda t, prompts, **k: len(prompts) > 1)
+    doc = specbench.main(argv)
+    assert answered == [] and len(batched) == 2 * 2 - 1     # the first batched item (vanilla, chunk 1) was kept
+    assert same_answers(tmp_path / "results") == same_answers(bench[1])
+    assert token_numbers(doc) == token_numbers(bench[0])
+    assert doc["sessions"] == 3
+
+
+def test_a_finished_journal_is_read_back_without_decoding(bench, pair, tmp_path, monkeypatch):
+    """A rerun of a finished run with the same settings decodes nothing (the report is rewritten from the journal),
+    so an interrupted report step, or a lost answer file, costs seconds, not the hours of the run."""
+    shutil.copytree(bench[1], tmp_path / "results")
+    for f in (tmp_path / "results" / "tiny" / "specbench").glob("run_1/*.jsonl"):
+        f.unlink()
+    for module, name in ((specbench, "answer_question"), (specdec, "autoregressive_generate"),
+                         (specdec, "speculative_generate")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("decoded again"))
+    doc = specbench.main(bench_argv(pair, bench[1].parent, tmp_path / "results"))
+    assert same_answers(tmp_path / "results") == same_answers(bench[1])
+    assert token_numbers(doc) == token_numbers(bench[0])
+
+
+def test_an_interrupt_says_how_to_continue(bench, pair, tmp_path, capsys):
+    """Ctrl-C or SIGTERM (cli.Terminated) mid-run ends with one line: how far the run got, where the finished items
+    are, and the command that continues it (the same one, less --fresh, which would throw them away)."""
+    argv = bench_argv(pair, bench[1].parent, tmp_path / "results") + ["--fresh"]
+    with pytest.MonkeyPatch.context() as m:
+        counted(m, specbench, "answer_question", stop_after=2, exc=cli.Terminated)
+        with pytest.raises(cli.Terminated):
+            specbench.main(argv)
+    journal = tmp_path / "results" / "tiny" / "specbench" / specbench.JOURNAL
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"terminated (SIGTERM) after 2/{N_ANSWERS} answers and 0/{N_BATCHED} batched chunk runs, every finished one "
+        f"kept in {journal}; continue with: python specbench.py {shlex.join(argv[:-1])}")
+    assert journal_rows(tmp_path / "results")[-1]["how"] == "terminated (SIGTERM)"
+
+
+def test_a_journal_of_other_settings_is_refused_in_one_line(bench, pair, tmp_path):
+    """Answers of another protocol must never be mixed into this run's files: a journal whose fingerprint differs is
+    refused from the command line with the one `error:` line, exit 2, before any model loads, naming what changed
+    and how to start over, and it is left as it was."""
+    argv = interrupted_run(pair, bench, tmp_path / "results", answers=2)
+    journal = tmp_path / "results" / "tiny" / "specbench" / specbench.JOURNAL
+    before = journal.read_bytes()
+    argv[argv.index("--max-new-tokens") + 1] = "6"
+    proc = subprocess.run([sys.executable, "specbench.py", *argv], cwd=specbench.REPO, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {journal} holds a run with other settings (max_new_tokens 8 -> 6)")
+    assert "--fresh to start over" in line
+    assert journal.read_bytes() == before
+
+
+def test_a_torn_last_journal_line_is_dropped_and_its_item_redone(bench, pair, tmp_path, monkeypatch, capsys):
+    """kill -9 while a line is appended leaves half a line: the next run must drop it with one warning and redo that
+    item (not refuse the journal, not lose or duplicate the item), and end with the same answers."""
+    argv = interrupted_run(pair, bench, tmp_path / "results", answers=4)
+    journal = tmp_path / "results" / "tiny" / "specbench" / specbench.JOURNAL
+    lines = journal.read_text().splitlines(keepends=True)
+    last = max(i for i, line in enumerate(lines) if '"kind": "answer"' in line)
+    journal.write_text("".join(lines[:last]) + lines[last][:len(lines[last]) // 2])
+    capsys.readouterr()
+    answered = counted(monkeypatch, specbench, "answer_question")
+    specbench.main(argv)
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+    assert len(warnings) == 1 and "cut off mid-write" in warnings[0] and "redone" in warnings[0]
+    assert len(answered) == N_ANSWERS - 3
+    keys = [(r["repeat"], r["method"], r["question_id"]) for r in journal_rows(tmp_path / "results")
+            if r["kind"] == "answer"]
+    assert len(keys) == len(set(keys)) == N_ANSWERS
+    assert same_answers(tmp_path / "results") == same_answers(bench[1])
+
+
+def test_fresh_starts_over_deleting_only_what_specbench_wrote(bench, pair, tmp_path, monkeypatch):
+    """--fresh throws the journal away and decodes everything again; it deletes the journal and the answer files
+    specbench wrote (one of a method this run lacks included, so no stale file is left beside the new ones) and
+    nothing else in the folder."""
+    results = tmp_path / "results"
+    shutil.copytree(bench[1], results)
+    root = results / "tiny" / "specbench"
+    stale = root / "run_3" / "tiny-old-float32-temp-0.0.jsonl"
+    stale.parent.mkdir()
+    stale.write_text("{}\n")
+    (root / "notes.txt").write_text("mine\n")
+    answered = counted(monkeypatch, specbench, "answer_question")
+    specbench.main(bench_argv(pair, bench[1].parent, results) + ["--fresh"])
+    assert len(answered) == N_ANSWERS
+    assert not stale.parent.exists() and (root / "notes.txt").read_text() == "mine\n"
+    assert [r["kind"] for r in journal_rows(results)].count("session") == 1
+    assert same_answers(results) == same_answers(bench[1])
+
+
+def test_fingerprint_changes_name_what_changed():
+    """The refusal must say what changed, so the user can tell an intended change (start over) from a slip (rerun
+    with the journal's settings): the setting and both values, the changed code file, the draft added."""
+    old = {"protocol": {"gamma": 5, "max_new_tokens": 64}, "repeats": 3, "drafts": {"baseline": "a"},
+           "code": {"specdec.py": "1", "specbench.py": "2"}}
+    new = {"protocol": {"gamma": 4, "max_new_tokens": 64}, "repeats": 3, "drafts": {"baseline": "a", "fkl-s0": "b"},
+           "code": {"specdec.py": "1", "specbench.py": "3"}}
+    assert specbench.fingerprint_changes(old, new) == ["gamma 5 -> 4", "draft fkl-s0 added", "specbench.py changed"]
+    assert specbench.fingerprint_changes(new, new) == []
+
+
+def test_progress_line_counts_read_back_items_and_projects_the_rate():
+    """The ETA must come from this session's measured rate over the items it decoded, not over those it read back
+    from the journal (which took no time): 10 decoded in 50 s -> 5 s each, 60 left -> 5 min."""
+    assert specbench.progress_line("answers", 10, 30, 100, 50.0) == \
+        "40/100 answers done (30 read back from the journal), 5 s each, ETA 5 min"
