@@ -60,9 +60,9 @@ soon as it is done: every (repeat, method, question) with its turns' Turn fields
 drafted / accepted, wall time) and every (repeat, chunk, method) of the batched table. Its first line holds a
 fingerprint of everything the records depend on: the selected questions, the sha256 of the target's and each
 draft's files, the decoding settings (gamma, temperature, top-p, top-k, max_new_tokens, the preset's stop tokens:
-with the target's tokenizer and generation config they fix the stop ids), repeats, batch size, seed, threads, the
-code (specdec.py, specbench.py, models.py: a commit that changes them mid-run means starting over) and torch's and
-transformers' versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
+with the target's tokenizer and generation config they fix the stop ids), repeats, batch size, seed, threads and torch's
+and transformers' versions. The decoding code (specdec.py, specbench.py, models.py) is recorded per session
+instead: a commit that changes it mid-run is continued with a warning and the report counts the versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
 runs in the same order, and the answer files and the report are written from the journal, the same records as an
 uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
 refused in one line naming what changed, before any model loads; --fresh starts over (it deletes the journal and
@@ -376,7 +376,7 @@ def spec_bench_speed(records: list[dict], baseline: list[dict], categories=CATEG
 
 JOURNAL = "journal.jsonl"
 JOURNAL_VERSION = 1
-CODE = ("specdec.py", "specbench.py", "models.py")   # the decoding code: its tokens and timings depend on these
+CODE = ("specdec.py", "specbench.py", "models.py")   # the decoding code: recorded per session (code_versions)
 SUMMARY = "specbench.json"
 
 
@@ -416,7 +416,9 @@ def requested_protocol(cfg: Config) -> dict:
 def fingerprint(cfg: Config, questions: list[dict], inputs: dict) -> dict:
     """Everything the journal's records depend on: the selected questions, the target's and each draft's files,
     the protocol (requested_protocol), repeats, the batched table's batch, seed, threads (torch is bit-exact only
-    at the same count), the decoding code and the libraries that run it. JSON-normalized (what the header holds)."""
+    at the same count) and the libraries that run it. JSON-normalized (what the header holds). The decoding code is
+    not in it: a run of ~15 h spans sessions in which the code is edited (its tokens are pinned by the golden
+    tests), so each session records its version instead (code_versions) and the report says how many there were."""
     import transformers
 
     rows = "".join(json.dumps(q, sort_keys=True) + "\n" for q in questions)
@@ -425,9 +427,14 @@ def fingerprint(cfg: Config, questions: list[dict], inputs: dict) -> dict:
           "target": model_sha256(inputs["teacher"]),
           "drafts": {name: model_sha256(path) for name, _, path in inputs["drafts"]},
           "protocol": requested_protocol(cfg), "repeats": cfg.repeats, "batch_size": cfg.batch_size, "seed": cfg.seed,
-          "threads": cfg.threads, "code": {f: file_sha256(REPO / f) for f in CODE},
+          "threads": cfg.threads,
           "libraries": {"torch": torch.__version__, "transformers": transformers.__version__}}
     return json.loads(json.dumps(fp))
+
+
+def code_versions() -> dict:
+    """sha256 of each file of the decoding code (CODE), recorded in every session line of the journal."""
+    return {f: file_sha256(REPO / f) for f in CODE}
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
@@ -505,6 +512,7 @@ class Journal:
         self.batched: dict[tuple, dict] = {}            # (repeat, chunk, method) -> seconds, tokens, per_row
         self.earlier_seconds = 0.0                      # the earlier sessions' time (from their lines)
         self.sessions = 1
+        self.code = []                                  # the decoding code of every session (code_versions)
         self.read_back = (0, 0)                         # answers, batched items
 
     def append(self, row: dict):
@@ -525,7 +533,10 @@ class Journal:
         self.batched[(repeat, chunk, method)] = item
 
     def start_session(self, argv: list[str]):
-        self.append({"kind": "session", "at": time.time(), "argv": argv})
+        code = code_versions()
+        self.append({"kind": "session", "at": time.time(), "argv": argv, "code": code})
+        if code not in self.code:
+            self.code.append(code)
 
     def end_session(self, how: str):
         self.append({"kind": "end", "at": time.time(), "how": how})
@@ -596,6 +607,8 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
                     journal.batched[key] = {k: row[k] for k in ("seconds", "tokens", "per_row")}
                 elif kind == "session":
                     spans.append([float(row["at"])] * 2)
+                    if row.get("code") not in journal.code:
+                        journal.code.append(row.get("code"))
                 elif kind != "end":
                     raise ValueError(f"unknown kind {kind!r}")
                 if spans:
@@ -606,6 +619,10 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
         journal.sessions = len(spans) + 1
         journal.earlier_seconds = sum(last - first for first, last in spans)
         journal.read_back = (len(journal.answers), len(journal.batched))
+        if journal.code and code_versions() not in journal.code:
+            changed = sorted({f for c in journal.code if c for f in CODE if c.get(f) != code_versions()[f]})
+            warn(f"{path}: the decoding code changed since its last session ({', '.join(changed)}); its answers are "
+                 f"kept and the rest are decoded by the new code (the report counts the code versions)")
     else:
         root.mkdir(parents=True, exist_ok=True)
         remove_written(root, cfg.preset)
@@ -898,6 +915,8 @@ def report_markdown(doc: dict) -> str:
           f"Written by `{doc['command']}` on {doc['date']} ({doc['machine']}, {doc['threads']} torch thread(s)), "
           f"commit {doc['commit']}, run time {doc['minutes']:.1f} min"
           + (f" over {doc['sessions']} sessions" if doc.get("sessions", 1) > 1 else "")
+          + (f" with {doc['code_versions']} versions of the decoding code (specdec.py, specbench.py, models.py; "
+             f"tokens pinned by the golden tests, timings may differ)" if doc.get("code_versions", 1) > 1 else "")
           + f". {doc['n_questions']} questions "
           f"({doc['n_turns']} turns) of data/spec_bench/question.jsonl, {doc['repeats']} run(s), "
           f"{decoding}, batch 1, gamma "
@@ -1100,7 +1119,7 @@ def run_and_report(cfg: Config, argv, inputs, methods, target, tokenizer, protoc
     doc = {"preset": cfg.preset, "command": " ".join(["python specbench.py", *argv]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}", "threads": cfg.threads,
-           "commit": commit, "minutes": math.nan, "sessions": journal.sessions, "n_questions": len(questions),
+           "commit": commit, "minutes": math.nan, "sessions": journal.sessions, "code_versions": len(journal.code), "n_questions": len(questions),
            "n_turns": sum(len(q["turns"]) for q in questions), "repeats": cfg.repeats,
            "protocol": protocol.as_dict(), "teacher": inputs["teacher"], "drafts": inputs["drafts"],
            "answers": str(answers_root),

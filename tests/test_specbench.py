@@ -355,6 +355,21 @@ def test_a_journal_of_other_settings_is_refused_in_one_line(bench, pair, tmp_pat
     assert journal.read_bytes() == before
 
 
+def test_a_code_change_mid_run_is_continued_and_counted(bench, pair, tmp_path, monkeypatch, capsys):
+    """A full run spans sessions in which the code is edited (its tokens are pinned by the golden tests): the journal
+    is continued, not refused, with one warning naming the changed file, and the report counts the code versions."""
+    argv = interrupted_run(pair, bench, tmp_path / "results", answers=3)
+    edited = {**specbench.code_versions(), "specdec.py": "edited"}
+    monkeypatch.setattr(specbench, "code_versions", lambda: edited)
+    capsys.readouterr()
+    answered = counted(monkeypatch, specbench, "answer_question")
+    doc = specbench.main(argv)
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+    assert len(warnings) == 1 and "specdec.py" in warnings[0]
+    assert len(answered) == N_ANSWERS - 3 and doc["code_versions"] == 2
+    assert same_answers(tmp_path / "results") == same_answers(bench[1])
+
+
 def test_a_torn_last_journal_line_is_dropped_and_its_item_redone(bench, pair, tmp_path, monkeypatch, capsys):
     """kill -9 while a line is appended leaves half a line: the next run must drop it with one warning and redo that
     item (not refuse the journal, not lose or duplicate the item), and end with the same answers."""
