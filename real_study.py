@@ -34,6 +34,14 @@ real_eval.json its evaluation, with a fingerprint of everything the numbers depe
 it matches, else measured again). A run found under another configuration is refused, naming the difference. So
 the study can be run a piece at a time (--settings, --divs, --seeds) and completed over several sessions; the
 report covers the settings it is given, and a missing draft stops it before anything is written.
+
+The ledger. The drafts are hundreds of MB each and <runs> is not part of the repository, so a machine that is
+lost loses them. What the report needs of a draft is small: its per-prompt metrics, pooled alpha, train_alpha,
+val_alpha and cost. Each finished measurement is also written to the ledger, <ledger>/T<T>/<run>.json (default
+results/real-study/, committed with the results), under a fingerprint of the command that trained the draft
+(distill.py's options), the target's sha256, the prompts and the protocol. A ledger entry of the same
+fingerprint is read back without the draft: the study continues on a new machine from what was committed, and
+trains and evaluates only what the ledger lacks. The teacher's entropy per T is kept there too.
 """
 from __future__ import annotations
 
@@ -76,6 +84,7 @@ class StudyConfig:
     eval_batch: int = 16                        # prompts decoded together in evaluation
     n_boot: int = 2000
     runs: str = "runs/real-study"
+    ledger: str = "results/real-study"          # the measurements, committed (see "The ledger" above)
     out: str = "results/REAL.md"
     quick: bool = False
     threads: int = cli.DEFAULT_THREADS
@@ -83,7 +92,8 @@ class StudyConfig:
 
 QUICK = dict(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0,), n_prompts=6, steps=2,
              batch_size=2, max_new_tokens=12, n_train=16, off_policy_warmup=1, val_prompts=2, eval_batch=6,
-             n_boot=200, runs="runs/real-study-quick", out="results/quick/REAL.md")
+             n_boot=200, runs="runs/real-study-quick", ledger="results/quick/real-study",
+             out="results/quick/REAL.md")
 
 
 def divs_at(cfg: StudyConfig, t: float) -> tuple:
@@ -93,6 +103,11 @@ def divs_at(cfg: StudyConfig, t: float) -> tuple:
 
 def setting_dir(cfg: StudyConfig, t: float) -> Path:
     return Path(cfg.runs) / f"T{t:g}"
+
+
+def ledger_path(cfg: StudyConfig, t: float, name: str) -> Path:
+    """<ledger>/T<T>/<name>.json: one measurement of setting T, kept with the results."""
+    return Path(cfg.ledger) / f"T{t:g}" / f"{name}.json"
 
 
 # ----------------------------------------------------------------------------- training (distill.py, cached)
@@ -210,36 +225,62 @@ def cached(path: Path, fingerprint: dict):
     return doc["result"] if doc.get("fingerprint") == fingerprint else None
 
 
-def measure_setting_entropy(cfg: StudyConfig, t: float, teacher, prompts, protocol, target_sha: str, log) -> dict:
+@dataclass
+class Setting:
+    """What every measurement of one temperature shares: the teacher, its prompts and protocol at T."""
+    teacher: object
+    prompts: list                # token ids of each eval prompt
+    protocol: object             # models.DecodingProtocol at T
+    target_sha: str
+    baseline_dir: Path
+    commit: str                  # the code's commit, recorded with each measurement
+
+
+def load_setting(cfg: StudyConfig, t: float) -> Setting:
+    target_dir, baseline_dir = models.ensure_smollm2_pair(models.preset_config(PRESET, TASK)["draft_layers"])
+    teacher = models.load_model(target_dir, device="cpu").eval()
+    tok = models.load_tokenizer(target_dir)
+    protocol = models.decoding_protocol(PRESET, tok, teacher, task=TASK, temperature=t,
+                                        max_new_tokens=cfg.max_new_tokens)
+    import report
+
+    return Setting(teacher, eval_prompts(cfg, tok), protocol, file_sha256(target_dir / "model.safetensors"),
+                   baseline_dir, report.source_commit())
+
+
+def measure_setting_entropy(cfg: StudyConfig, t: float, setting: Setting, log) -> dict:
     """The teacher's processed H(p) at T along its own samples: (mean, lo, hi) and the token count."""
-    path = setting_dir(cfg, t) / "teacher_entropy.json"
-    fp = {"target": target_sha, "n_prompts": len(prompts), "protocol": protocol.as_dict()}
-    if (hit := cached(path, fp)) is not None:
-        return hit
+    path = ledger_path(cfg, t, "teacher_entropy")
+    fp = {"target": setting.target_sha, "n_prompts": len(setting.prompts), "protocol": setting.protocol.as_dict()}
+    for known in (path, setting_dir(cfg, t) / "teacher_entropy.json"):   # the ledger, then the runs' cache
+        if (hit := cached(known, fp)) is not None:
+            if known != path:
+                write_json(path, {"fingerprint": fp, "result": hit})
+            return hit
     t0 = time.time()
-    sums, counts = curve.teacher_entropy_per_prompt(teacher, prompts, protocol)
+    sums, counts = curve.teacher_entropy_per_prompt(setting.teacher, setting.prompts, setting.protocol)
     result = {"entropy": list(curve.measure_entropy(sums, counts, cfg.n_boot)), "tokens": int(counts.sum()),
               "seconds": time.time() - t0}
-    write_json(path, {"fingerprint": fp, "result": result})
+    write_json(path, {"fingerprint": fp, "result": result, "commit": setting.commit})
     log(f"T={t:g}: teacher entropy {result['entropy'][0]:.3f} nats over {result['tokens']} tokens")
     return result
 
 
-def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, teacher, prompts, protocol, target_sha,
-                 log) -> dict:
+def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, setting: Setting, log) -> dict:
     """One draft's per-prompt metrics and pooled alpha at T (evaluate.evaluate_draft), cached by fingerprint."""
     import evaluate
 
     run_dir = setting_dir(cfg, t) / name
     path = run_dir / "real_eval.json"
-    fp = {"target": target_sha, "draft": file_sha256(draft_dir / "model.safetensors"), "n_prompts": len(prompts),
-          "protocol": protocol.as_dict(), "batch": cfg.eval_batch, "seed": 0}
+    fp = {"target": setting.target_sha, "draft": file_sha256(draft_dir / "model.safetensors"),
+          "n_prompts": len(setting.prompts), "protocol": setting.protocol.as_dict(), "batch": cfg.eval_batch,
+          "seed": 0}
     if (hit := cached(path, fp)) is not None:
         return hit
     t0 = time.time()
-    draft = models.load_model(draft_dir, device=teacher.device).eval()
-    res = evaluate.evaluate_draft(teacher, draft, prompts, batch_size=cfg.eval_batch, seed=0, record=False,
-                                  desc=f"T{t:g}/{name}", **protocol.speculative_kwargs())
+    draft = models.load_model(draft_dir, device=setting.teacher.device).eval()
+    res = evaluate.evaluate_draft(setting.teacher, draft, setting.prompts, batch_size=cfg.eval_batch, seed=0,
+                                  record=False, desc=f"T{t:g}/{name}", **setting.protocol.speculative_kwargs())
     result = {"per_prompt": res["per_prompt"], "pooled_alpha": res["pooled_alpha"]}
     write_json(path, {"fingerprint": fp, "result": result})
     record_cost(run_dir, "eval_s", time.time() - t0)
@@ -248,29 +289,52 @@ def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, teacher
     return result
 
 
-def run_setting(cfg: StudyConfig, t: float, log) -> dict:
-    """Train (or find) and evaluate every draft of setting T, and measure the teacher's entropy there.
+def run_setting(cfg: StudyConfig, t: float, log, setting: Setting | None = None) -> dict:
+    """Every draft of setting T and the teacher's entropy there: read from the ledger, or trained (or found)
+    and measured now.
     -> {"entropy", "tokens", "per_prompt": {run: metrics}, "points": [estimates], "cost": {run: seconds}}"""
-    target_dir, baseline_dir = models.ensure_smollm2_pair(models.preset_config(PRESET, TASK)["draft_layers"])
-    teacher = models.load_model(target_dir, device="cpu").eval()
-    tok = models.load_tokenizer(target_dir)
-    protocol = models.decoding_protocol(PRESET, tok, teacher, task=TASK, temperature=t, max_new_tokens=cfg.max_new_tokens)
-    prompts = eval_prompts(cfg, tok)
-    target_sha = file_sha256(target_dir / "model.safetensors")
-    out = {**measure_setting_entropy(cfg, t, teacher, prompts, protocol, target_sha, log), "per_prompt": {},
-           "points": [], "cost": {}}
-    jobs = [(d, None if d == "baseline" else s) for d in divs_at(cfg, t) for s in (cfg.seeds if d != "baseline" else (0,))]
+    s = setting or load_setting(cfg, t)
+    out = {**measure_setting_entropy(cfg, t, s, log), "per_prompt": {}, "points": [], "cost": {}}
+    jobs = [(d, None if d == "baseline" else s) for d in divs_at(cfg, t)
+            for s in (cfg.seeds if d != "baseline" else (0,))]
     for div, seed in jobs:
         name = curve.run_name(div, seed)
-        final = baseline_dir if div == "baseline" else train_draft(cfg, t, div, seed, log)
-        res = evaluate_one(cfg, t, name, final, teacher, prompts, protocol, target_sha, log)
+        fp = draft_fingerprint(cfg, t, div, seed, len(s.prompts), s.protocol, s.target_sha)
+        res = cached(ledger_path(cfg, t, name), fp)
+        if res is None:                      # not in the ledger: train (or find) the draft and measure it
+            res = measure_draft(cfg, t, div, seed, s, log)
+            write_json(ledger_path(cfg, t, name), {"fingerprint": fp, "result": res, "commit": s.commit})
         out["per_prompt"][name] = res["per_prompt"]
-        run_dir = setting_dir(cfg, t) / name
-        out["cost"][name] = run_cost(run_dir)
+        out["cost"][name] = res["cost"]
         if div != "baseline":
             out["points"].append({"name": f"T{t:g}/{name}", "eval_alpha": float(res["pooled_alpha"]),
-                                  **estimates.run_estimates(run_dir)})
+                                  **res["estimates"]})
     return out
+
+
+def draft_fingerprint(cfg: StudyConfig, t: float, div: str, seed, n_prompts: int, protocol,
+                      target_sha: str) -> dict:
+    """What a ledger entry's numbers depend on: the draft's recipe (distill.py's options, where it is written
+    and with how many threads aside; the baseline: its layer count), the target, the prompts, the protocol."""
+    if div == "baseline":
+        recipe = {"baseline_layers": models.preset_config(PRESET, TASK)["draft_layers"]}
+    else:
+        argv = distill_argv(cfg, t, div, seed, Path("."))
+        skip = {"--out", "--threads", "--save-every"}
+        recipe = {"distill": [a for i, a in enumerate(argv) if a not in skip and argv[i - 1] not in skip]}
+    return {**recipe, "target": target_sha, "n_prompts": n_prompts, "protocol": protocol.as_dict(),
+            "batch": cfg.eval_batch, "seed": 0}
+
+
+def measure_draft(cfg: StudyConfig, t: float, div: str, seed, setting: Setting, log) -> dict:
+    """One draft trained (or found) and evaluated at T -> its ledger entry: {"per_prompt", "pooled_alpha",
+    "estimates" (train_alpha, val_alpha; None for the baseline), "cost", "draft_sha256"}."""
+    name = curve.run_name(div, seed)
+    final = setting.baseline_dir if div == "baseline" else train_draft(cfg, t, div, seed, log)
+    res = evaluate_one(cfg, t, name, final, setting, log)
+    run_dir = setting_dir(cfg, t) / name
+    return {**res, "cost": run_cost(run_dir), "draft_sha256": file_sha256(final / "model.safetensors"),
+            "estimates": None if div == "baseline" else estimates.run_estimates(run_dir)}
 
 
 def eval_prompts(cfg: StudyConfig, tokenizer) -> list[list[int]]:
@@ -408,12 +472,14 @@ def parse_args(argv=None) -> StudyConfig:
     p.add_argument("--n-prompts", type=int, default=None, help="GSM8k test prompts per evaluation")
     p.add_argument("--steps", type=int, default=None, help="distill.py --steps (default: the preset's)")
     p.add_argument("--runs", default=None, help="the cache of runs and evaluations (default runs/real-study)")
+    p.add_argument("--ledger", default=None, help="the measurements kept with the results, read back on any "
+                   "machine (default results/real-study)")
     p.add_argument("--out", default=None, help="the report (default results/REAL.md)")
     cli.add_threads_option(p)
     a = p.parse_args(argv)
     cfg = StudyConfig(quick=a.quick, threads=cli.check_threads(a.threads))
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "extra_divs", "seeds"),
-                        values=("n_prompts", "steps", "runs", "out"))
+                        values=("n_prompts", "steps", "runs", "ledger", "out"))
     check_config(cfg)
     return cfg
 

@@ -152,3 +152,76 @@ def test_a_run_another_process_trains_is_waited_for(tmp_path):
     lock.release()
     waiter.join(5)
     assert not waiter.is_alive()
+
+
+class _Protocol:
+    def as_dict(self):
+        return {"temperature": 0.6, "gamma": 5}
+
+
+def _setting(n_prompts=3) -> "R.Setting":
+    return R.Setting(teacher=None, prompts=[[1, 2]] * n_prompts, protocol=_Protocol(), target_sha="t",
+                     baseline_dir=Path("base"), commit="c")
+
+
+def test_a_draft_trained_elsewhere_by_the_same_recipe_has_the_same_fingerprint():
+    """Where a run was written, with how many threads, and how often it saved do not change the draft: a
+    ledger entry must match whichever folder or machine trained it."""
+    a, b = R.StudyConfig(runs="runs/a", threads=1), R.StudyConfig(runs="elsewhere", threads=2)
+    fa = R.draft_fingerprint(a, 0.6, "rkl", 0, 8, _Protocol(), "t")
+    assert fa == R.draft_fingerprint(b, 0.6, "rkl", 0, 8, _Protocol(), "t")
+    assert "--temperature" in fa["distill"] and "--out" not in fa["distill"]
+
+
+def test_a_draft_of_another_recipe_has_another_fingerprint():
+    """A ledger entry is a result only for its own recipe: another seed, temperature or step count is
+    another draft."""
+    cfg = R.StudyConfig()
+    base = R.draft_fingerprint(cfg, 0.6, "rkl", 0, 8, _Protocol(), "t")
+    assert base != R.draft_fingerprint(cfg, 0.6, "rkl", 1, 8, _Protocol(), "t")
+    assert base != R.draft_fingerprint(cfg, 1.0, "rkl", 0, 8, _Protocol(), "t")
+    assert base != R.draft_fingerprint(R.StudyConfig(steps=40), 0.6, "rkl", 0, 8, _Protocol(), "t")
+
+
+def test_a_setting_in_the_ledger_is_read_back_without_training_or_a_model(tmp_path, monkeypatch):
+    """The drafts live outside the repository: on a new machine the committed ledger alone must give the
+    setting's numbers, training and measuring nothing."""
+    cfg = R.StudyConfig(runs=str(tmp_path / "runs"), ledger=str(tmp_path / "ledger"), seeds=(0,),
+                        divs=("baseline", "rkl"), extra_divs=())
+    s = _setting()
+    R.write_json(R.ledger_path(cfg, 0.6, "teacher_entropy"),
+                 {"fingerprint": {"target": "t", "n_prompts": 3, "protocol": _Protocol().as_dict()},
+                  "result": {"entropy": [0.4, 0.3, 0.5], "tokens": 90, "seconds": 5.0}})
+    for div, seed in (("baseline", None), ("rkl", 0)):
+        fp = R.draft_fingerprint(cfg, 0.6, div, seed, 3, s.protocol, "t")
+        entry = {"per_prompt": metrics([0.1, 0.2, 0.3]), "pooled_alpha": 0.2, "cost": {"eval_s": 1.0},
+                 "estimates": None if div == "baseline" else {"train_alpha": 0.3, "val_alpha": 0.25}}
+        R.write_json(R.ledger_path(cfg, 0.6, curve.run_name(div, seed)), {"fingerprint": fp, "result": entry})
+
+    def no_work(*a, **k):
+        raise AssertionError("trained or measured a draft the ledger holds")
+    monkeypatch.setattr(R, "measure_draft", no_work)
+    monkeypatch.setattr(R.curve, "teacher_entropy_per_prompt", no_work)
+    out = R.run_setting(cfg, 0.6, log=print, setting=s)
+    assert out["entropy"] == [0.4, 0.3, 0.5] and set(out["per_prompt"]) == {"baseline", "rkl-s0"}
+    assert out["points"] == [{"name": "T0.6/rkl-s0", "eval_alpha": 0.2, "train_alpha": 0.3, "val_alpha": 0.25}]
+
+
+def test_a_measured_draft_is_written_to_the_ledger_once(tmp_path, monkeypatch):
+    """What the study measures must reach the ledger (the committed record) and be read from it next time."""
+    cfg = R.StudyConfig(runs=str(tmp_path / "runs"), ledger=str(tmp_path / "ledger"), seeds=(0,),
+                        divs=("baseline", "rkl"), extra_divs=())
+    calls = []
+
+    def measure(cfg, t, div, seed, setting, log):
+        calls.append(div)
+        return {"per_prompt": metrics([0.5]), "pooled_alpha": 0.5, "cost": {}, "draft_sha256": "d",
+                "estimates": None if div == "baseline" else {"train_alpha": 0.4, "val_alpha": 0.4}}
+    monkeypatch.setattr(R, "measure_draft", measure)
+    monkeypatch.setattr(R.curve, "teacher_entropy_per_prompt",
+                        lambda *a: (np.array([1.0]), np.array([2])))
+    R.run_setting(cfg, 0.6, log=print, setting=_setting(1))
+    R.run_setting(cfg, 0.6, log=print, setting=_setting(1))
+    assert calls == ["baseline", "rkl"]
+    entry = json.loads(R.ledger_path(cfg, 0.6, "rkl-s0").read_text())
+    assert entry["commit"] == "c" and entry["result"]["draft_sha256"] == "d"
