@@ -70,4 +70,6 @@ bench-real:  ## the real pair (SmolLM2-135M-Instruct): specdec vs HF assisted vs
 	OMP_NUM_THREADS=1 $(PY) bench/bench_real.py $(if $(QUICK),--quick,) $(ARGS)
 
 clean:
-	rm -rf runs results/report results/quick results/tiny results/smollm2 .pytest_cache
+	# Spec-Bench's journal (results/smollm2/specbench/journal.jsonl: hours of answers, committed) stays
+	rm -rf runs results/report results/quick results/tiny .pytest_cache results/smollm2/specbench/run_* \
+	    results/smollm2/specbench/specbench.json $(filter-out results/smollm2/specbench,$(wildcard results/smollm2/*))

@@ -65,7 +65,8 @@ and transformers' versions. The decoding code (specdec.py, specbench.py, models.
 instead: a commit that changes it mid-run is continued with a warning and the report counts the versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
 runs in the same order, and the answer files and the report are written from the journal, the same records as an
 uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
-refused in one line naming what changed, before any model loads; --fresh starts over (it deletes the journal and
+refused in one line naming what changed, before any model loads (a draft distilled after the run began is
+added instead: its method's answers are decoded from then on, the journal records it); --fresh starts over (it deletes the journal and
 the answer files specbench wrote, nothing else). A last line cut off mid-write (kill -9) is dropped with a warning
 and its item redone. Ctrl-C / SIGTERM: one line with the command that continues. Progress lines count the items
 done and read back, with an ETA at the rate measured in this session. One run at a time per results folder (a lock).
@@ -514,6 +515,7 @@ class Journal:
         self.sessions = 1
         self.code = []                                  # the decoding code of every session (code_versions)
         self.read_back = (0, 0)                         # answers, batched items
+        self.drafts_added = {}                          # drafts this session adds to the run: name -> sha256
 
     def append(self, row: dict):
         if self.path is None:
@@ -534,7 +536,8 @@ class Journal:
 
     def start_session(self, argv: list[str]):
         code = code_versions()
-        self.append({"kind": "session", "at": time.time(), "argv": argv, "code": code})
+        added = {"drafts_added": self.drafts_added} if self.drafts_added else {}
+        self.append({"kind": "session", "at": time.time(), "argv": argv, "code": code, **added})
         if code not in self.code:
             self.code.append(code)
 
@@ -573,6 +576,15 @@ def read_journal(path: Path, warn) -> list[dict]:
     return rows
 
 
+def journal_drafts(rows: list[dict]) -> dict:
+    """{draft name: sha256} of a journal: its header's drafts and those later sessions added."""
+    known = dict(rows[0]["fingerprint"].get("drafts", {}))
+    for row in rows[1:]:
+        if row.get("kind") == "session" and isinstance(row.get("drafts_added"), dict):
+            known.update(row["drafts_added"])
+    return known
+
+
 def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_keys: set, argv, warn) -> Journal:
     """The journal of this run: a new one (no journal yet, or --fresh: first the files specbench wrote there go, so
     no answer file of an earlier run is left beside these), or the one there, continued, if its header holds the
@@ -585,11 +597,19 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
         if header.get("kind") != "header" or not isinstance(header.get("fingerprint"), dict):
             raise cli.BadInput(f"{path}, line 1: not a specbench journal header; start over with --fresh (deletes "
                                f"it and the answer files)")
-        if header["fingerprint"] != fp:
-            changed = fingerprint_changes(header["fingerprint"], fp) or ["the journal's version"]
+        known = journal_drafts(rows)
+        added = {n: sha for n, sha in fp["drafts"].items() if n not in known}
+        if {**header["fingerprint"], "drafts": known} != {**fp, "drafts": {n: fp["drafts"].get(n) for n in known}}:
+            changed = fingerprint_changes({**header["fingerprint"], "drafts": known}, fp)
+            changed = [c for c in changed if not c.endswith(" added")] or ["the journal's version"]
             raise cli.BadInput(f"{path} holds a run with other settings ({'; '.join(changed)}); rerun with its "
-                               f"settings to continue it, or pass --fresh to start over (deletes the journal and "
-                               f"the answer files under {root})")
+                               f"settings to continue it (a draft gone: train it again, bit-identical by its "
+                               f"seed), or pass --fresh to start over (deletes the journal and the answer files "
+                               f"under {root})")
+        if added:
+            warn(f"{path}: draft(s) {', '.join(added)} added since the journal began: their answers are decoded "
+                 f"from now on, beside the other methods' (kept)")
+            journal.drafts_added = added
         spans = []                                      # [first, last] time of every earlier session
         for n, row in enumerate(rows[1:], 2):
             kind = row.get("kind")

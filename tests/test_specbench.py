@@ -390,6 +390,39 @@ def test_a_torn_last_journal_line_is_dropped_and_its_item_redone(bench, pair, tm
     assert same_answers(tmp_path / "results") == same_answers(bench[1])
 
 
+def test_a_draft_distilled_after_the_run_began_joins_it(bench, pair, tmp_path, monkeypatch, capsys):
+    """A full run outlasts a session; a draft distilled meanwhile must join the run (its answers decoded from then
+    on, one warning) instead of forcing a restart of hours of the others' answers, and the result is the same as a
+    run that had it from the start."""
+    without = tmp_path / "without"
+    (without / "runs").mkdir(parents=True)
+    shutil.copy(bench[1].parent / "question.jsonl", without / "question.jsonl")
+    argv = bench_argv(pair, without, tmp_path / "results")
+    with monkeypatch.context() as m:
+        counted(m, specbench, "answer_question", stop_after=4)
+        with pytest.raises(KeyboardInterrupt):
+            specbench.main(argv)
+    shutil.copytree(bench[1].parent / "runs", without / "runs", dirs_exist_ok=True)
+    capsys.readouterr()
+    answered = counted(monkeypatch, specbench, "answer_question")
+    specbench.main(argv)
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+    assert len(warnings) == 1 and "self-s0 added" in warnings[0]
+    assert len(answered) == N_ANSWERS - 4
+    assert same_answers(tmp_path / "results") == same_answers(bench[1])
+
+
+def test_a_draft_gone_from_the_run_is_refused(bench, pair, tmp_path):
+    """Answers of a draft that is no longer there cannot be continued (nor silently dropped): refused in one line
+    naming the draft, before any model loads."""
+    shutil.copytree(bench[1].parent / "runs", tmp_path / "runs")
+    shutil.copy(bench[1].parent / "question.jsonl", tmp_path / "question.jsonl")
+    argv = interrupted_run(pair, (None, tmp_path / "runs"), tmp_path / "results", answers=2)
+    shutil.rmtree(tmp_path / "runs" / "tiny" / "gsm8k" / "self-s0")
+    with pytest.raises(cli.BadInput, match=r"draft self-s0 gone.*train it again"):
+        specbench.main(argv)
+
+
 def test_fresh_starts_over_deleting_only_what_specbench_wrote(bench, pair, tmp_path, monkeypatch):
     """--fresh throws the journal away and decodes everything again; it deletes the journal and the answer files
     specbench wrote (one of a method this run lacks included, so no stale file is left beside the new ones) and
