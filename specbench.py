@@ -66,7 +66,8 @@ instead: a commit that changes it mid-run is continued with a warning and the re
 runs in the same order, and the answer files and the report are written from the journal, the same records as an
 uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
 refused in one line naming what changed, before any model loads (a draft distilled after the run began is
-added instead: its method's answers are decoded from then on, the journal records it); --fresh starts over (it deletes the journal and
+added instead: its method's answers are decoded from then on, the journal records it; so is a raised --repeats:
+`--repeats 1` gives a first whole report, `--repeats 3` later adds runs 2 and 3); --fresh starts over (it deletes the journal and
 the answer files specbench wrote, nothing else). A last line cut off mid-write (kill -9) is dropped with a warning
 and its item redone. Ctrl-C / SIGTERM: one line with the command that continues. Progress lines count the items
 done and read back, with an ETA at the rate measured in this session. One run at a time per results folder (a lock).
@@ -516,6 +517,7 @@ class Journal:
         self.code = []                                  # the decoding code of every session (code_versions)
         self.read_back = (0, 0)                         # answers, batched items
         self.drafts_added = {}                          # drafts this session adds to the run: name -> sha256
+        self.repeats_raised = 0                         # the runs this session raises the run to (0: unchanged)
 
     def append(self, row: dict):
         if self.path is None:
@@ -537,6 +539,7 @@ class Journal:
     def start_session(self, argv: list[str]):
         code = code_versions()
         added = {"drafts_added": self.drafts_added} if self.drafts_added else {}
+        added.update({"repeats": self.repeats_raised} if self.repeats_raised else {})
         self.append({"kind": "session", "at": time.time(), "argv": argv, "code": code, **added})
         if code not in self.code:
             self.code.append(code)
@@ -585,6 +588,15 @@ def journal_drafts(rows: list[dict]) -> dict:
     return known
 
 
+def journal_repeats(rows: list[dict]) -> int:
+    """How many runs a journal's records are for: its header's, or as many as a later session raised it to."""
+    runs = int(rows[0]["fingerprint"].get("repeats", 0))
+    for row in rows[1:]:
+        if row.get("kind") == "session" and isinstance(row.get("repeats"), int):
+            runs = max(runs, row["repeats"])
+    return runs
+
+
 def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_keys: set, argv, warn) -> Journal:
     """The journal of this run: a new one (no journal yet, or --fresh: first the files specbench wrote there go, so
     no answer file of an earlier run is left beside these), or the one there, continued, if its header holds the
@@ -597,11 +609,13 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
         if header.get("kind") != "header" or not isinstance(header.get("fingerprint"), dict):
             raise cli.BadInput(f"{path}, line 1: not a specbench journal header; start over with --fresh (deletes "
                                f"it and the answer files)")
-        known = journal_drafts(rows)
+        known, runs = journal_drafts(rows), journal_repeats(rows)
         added = {n: sha for n, sha in fp["drafts"].items() if n not in known}
-        if {**header["fingerprint"], "drafts": known} != {**fp, "drafts": {n: fp["drafts"].get(n) for n in known}}:
-            changed = fingerprint_changes({**header["fingerprint"], "drafts": known}, fp)
-            changed = [c for c in changed if not c.endswith(" added")] or ["the journal's version"]
+        held = {**header["fingerprint"], "drafts": known, "repeats": runs}
+        if held != {**fp, "drafts": {n: fp["drafts"].get(n) for n in known}, "repeats": min(fp["repeats"], runs)}:
+            changed = fingerprint_changes(held, fp)
+            changed = [c for c in changed if not c.endswith(" added") and not (
+                c.startswith("repeats ") and fp["repeats"] > runs)] or ["the journal's version"]
             raise cli.BadInput(f"{path} holds a run with other settings ({'; '.join(changed)}); rerun with its "
                                f"settings to continue it (a draft gone: train it again, bit-identical by its "
                                f"seed), or pass --fresh to start over (deletes the journal and the answer files "
@@ -610,6 +624,10 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
             warn(f"{path}: draft(s) {', '.join(added)} added since the journal began: their answers are decoded "
                  f"from now on, beside the other methods' (kept)")
             journal.drafts_added = added
+        if fp["repeats"] > runs:
+            warn(f"{path}: runs raised from {runs} to {fp['repeats']}: the answers of the first {runs} are kept, "
+                 f"the others are decoded now")
+            journal.repeats_raised = fp["repeats"]
         spans = []                                      # [first, last] time of every earlier session
         for n, row in enumerate(rows[1:], 2):
             kind = row.get("kind")

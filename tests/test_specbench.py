@@ -412,6 +412,24 @@ def test_a_draft_distilled_after_the_run_began_joins_it(bench, pair, tmp_path, m
     assert same_answers(tmp_path / "results") == same_answers(bench[1])
 
 
+def test_a_run_of_one_repeat_is_raised_to_more_keeping_its_answers(bench, pair, tmp_path, monkeypatch, capsys):
+    """A full run of 3 repeats takes days on a CPU: a first whole report from one repeat, then more repeats added to
+    the same journal, must decode only the new repeats and end as the run that had them from the start."""
+    argv = bench_argv(pair, bench[1].parent, tmp_path / "results")
+    one = list(argv)
+    one[one.index("--repeats") + 1] = "1"
+    specbench.main(one)
+    capsys.readouterr()
+    answered = counted(monkeypatch, specbench, "answer_question")
+    specbench.main(argv)
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+    assert len(warnings) == 1 and "runs raised from 1 to 2" in warnings[0]
+    assert len(answered) == N_ANSWERS // 2
+    assert same_answers(tmp_path / "results") == same_answers(bench[1])
+    with pytest.raises(cli.BadInput, match=r"repeats 2 -> 1"):
+        specbench.main(one)
+
+
 def test_a_draft_gone_from_the_run_is_refused(bench, pair, tmp_path):
     """Answers of a draft that is no longer there cannot be continued (nor silently dropped): refused in one line
     naming the draft, before any model loads."""
