@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_THREADS = 1
+THREADS_PER_CPU = 4     # more --threads per CPU is a typo: 100000 threads crashed OpenMP (rc -11)
 EXIT_BAD_INPUT = 2
 
 
@@ -145,7 +146,7 @@ def add_threads_option(parser: argparse.ArgumentParser, default=DEFAULT_THREADS)
     parser.add_argument("--threads", type=int, default=default,
                         help="CPU threads of torch (README 'Threads': more than 1 is slower, not faster, when "
                              "another process keeps the cores busy, and results are exact only at the same "
-                             "count); default %(default)s")
+                             f"count); default %(default)s, at most {THREADS_PER_CPU} per CPU")
 
 
 MAX_SEED = 2**32 - 1      # the seeds derived from a run's (seed * 1_000_003 + step ...) fit torch's 64 bits
@@ -160,10 +161,18 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     return seed
 
 
+def max_threads() -> int:
+    """The largest --threads allowed: THREADS_PER_CPU per CPU of this machine. Oversubscribing a
+    little is the user's choice; thousands of threads make OpenMP fail (a segfault, no message)."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
 def check_threads(threads: int) -> int:
-    if not isinstance(threads, int) or threads < 1:
+    limit = max_threads()
+    if not isinstance(threads, int) or not 1 <= threads <= limit:
         raise BadInput(f"--threads {threads!r} is not allowed; --threads must be an integer >= 1 "
-                       f"(this machine has {os.cpu_count()} CPUs)")
+                       f"and <= {limit} ({THREADS_PER_CPU} per CPU: this machine has "
+                       f"{os.cpu_count()} CPUs)")
     return threads
 
 
@@ -174,15 +183,19 @@ def set_threads(threads: int):
     torch.set_num_threads(check_threads(threads))
 
 
-def check_markdown_out(out, heading: str, default: str, flag: str = "--out") -> Path:
+def check_markdown_out(out, heading: str, default: str, flag: str = "--out",
+                       figures: bool = True) -> Path:
     """The --out of report.py / curve.py: the Markdown file they write at the very end, with figures/ beside it.
     Checked before any work, since the study takes minutes to hours: a folder, a file the script did not write
     (its first line is not `heading`, the script's own title), and a place that cannot be created or written
-    are refused, naming what is there (`default`: the script's default --out, named in the advice). A report of the script's own is replaced: that is how it is updated."""
+    are refused, naming what is there (`default`: the script's default --out, named in the advice).
+    A report of the script's own is replaced: that is how it is updated.
+    figures=False: a script that writes no figures/ beside it (specbench.py's --report)."""
     out = Path(out)
     if out.is_dir():
+        beside = ", figures/ go beside it" if figures else ""
         raise BadInput(f"{flag} {out} is a folder; pass the Markdown file to write in it (e.g. "
-                       f"{out / Path(default).name}), figures/ go beside it")
+                       f"{out / Path(default).name}){beside}")
     if out.exists():
         with open(out, "rb") as f:
             first = f.readline(200).decode("utf-8", "replace").rstrip("\n")
@@ -196,10 +209,26 @@ def check_markdown_out(out, heading: str, default: str, flag: str = "--out") -> 
         raise BadInput(f"{flag} {out} cannot be created: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise BadInput(f"{flag} {out} cannot be written: {out if out.exists() else folder} is not writable")
-    figures = out.parent / "figures"
-    if figures.exists() and not figures.is_dir():
-        raise BadInput(f"{flag} {out}: the figures go to {figures}, which is a file, not a folder")
+    fig_dir = out.parent / "figures"
+    if figures and fig_dir.exists() and not fig_dir.is_dir():
+        raise BadInput(f"{flag} {out}: the figures go to {fig_dir}, which is a file, not a folder")
     return out
+
+
+def check_runs_root(runs, given: bool, flag: str = "--runs") -> Path:
+    """The root of distill.py's runs that evaluate.py and specbench.py read the drafts from
+    (<runs>/<preset>/<task>/<run>/final). It must be a folder: under a file no run is found, and
+    the script went on with the baseline draft alone as if none had been trained. Passed on the
+    command line (`given`) it must exist; the default (runs/) may be missing: nothing trained yet,
+    the baseline alone."""
+    runs = Path(runs)
+    where = ("pass the root distill.py wrote its runs to (runs/, holding "
+             "<preset>/<task>/<run>/final)")
+    if runs.exists() and not runs.is_dir():
+        raise BadInput(f"{flag} {runs} is a file, not a folder; {where}")
+    if given and not runs.is_dir():
+        raise BadInput(f"{flag} {runs}: no such folder; {where}")
+    return runs
 
 
 def apply_overrides(cfg, args, preset: dict | None, sequences=(), values=()):

@@ -314,8 +314,8 @@ def _get_instructions(task: str) -> str:
     d = HUB_DATASETS[task]
     return (f"download the {task} files once with network access, e.g. "
             f"`huggingface-cli download {d['id']} --repo-type dataset --local-dir data/{task}` "
-            f"(the Parquet files lie under {d['config']}/), then pass --data-path data/{task} "
-            f"(a .jsonl, .json or .parquet file, or a folder of them) with columns "
+            f"(the Parquet files lie under {d['config']}/), then pass --source file --data-path "
+            f"data/{task} (a .jsonl, .json or .parquet file, or a folder of them) with columns "
             f"{d['prompt']!r} and {d['reference']!r}")
 
 
@@ -491,7 +491,10 @@ def hub_examples(task: str, split: str) -> list[Example]:
     """The real dataset from the hub (needs the optional `datasets` package and the network)."""
     d = HUB_DATASETS[task]
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise RuntimeError(f"source='hub' but HF_HUB_OFFLINE is set; {_get_instructions(task)}")
+        raise RuntimeError(f"--source hub reads {d['id']} ({d['config']}) from the Hugging Face "
+                           f"hub, which cannot be reached: HF_HUB_OFFLINE is set (offline). Use "
+                           f"--source standin (generated stand-in prompts), or local files: "
+                           f"{_get_instructions(task)}")
     try:
         import datasets
     except ImportError as e:

@@ -808,7 +808,7 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
     models.check_gguf_paths(teacher=cfg.teacher, student=cfg.student)       # a .gguf: one line if it is not one
     cfg.teacher, cfg.student = models.model_folder(cfg.teacher), models.model_folder(cfg.student)
-    tokenizer = models.load_tokenizer(cfg.teacher)
+    tokenizer = models.load_tokenizer(cfg.teacher, "teacher")
     if cfg.eval_every:
         try:
             examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,

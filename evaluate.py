@@ -511,7 +511,7 @@ def check_task_inputs(args, task: str) -> dict:
     teacher_id, student_id = models.model_folder(teacher_id), models.model_folder(student_id)
     source, data_path = data.resolve_source(args.source, args.data_path, models.preset_data(args.preset, task))
     group = task_group(args, task)
-    tokenizer = models.load_tokenizer(teacher_id)
+    tokenizer = models.load_tokenizer(teacher_id, "teacher")
     n = args.n_prompts or pc.get("n_eval_prompts") or 64
     examples = data.load_examples(task, "eval", source=source, path=data_path, n=n, tokenizer=tokenizer,
                                   verbose=True)
@@ -664,9 +664,7 @@ def parse_args(argv=None):
     cli.check_threads(args.threads)
     cli.check_seed(args.seed)
     args.runs_given, args.runs = args.runs is not None, args.runs or "runs"
-    if args.runs_given and not Path(args.runs).is_dir():
-        raise ValueError(f"--runs {args.runs}: no such folder; pass the root distill.py wrote its runs to (runs/, "
-                         f"holding <preset>/<task>/<run>/final)")
+    cli.check_runs_root(args.runs, given=args.runs_given)       # a file, or a --runs not there
     rundir.check_out_dir(Path(args.results), flag="--results")
     if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise ValueError(f"--top-p {args.top_p} is not allowed; --top-p must be in (0, 1] (1 = no nucleus)")

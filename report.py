@@ -938,7 +938,8 @@ def main(argv=None):
     log(f"plan: {len(cfg.tasks)} task(s) x ({n_grid} ajsd grid runs + {n_train} study runs), {cfg.steps} steps "
         f"each; {cfg.n_prompts} eval prompts per run")
     evals, protocols, profiles, analysis, plots, grids = {}, {}, {}, {}, {}, {}
-    check_data(cfg, log)
+    with cli.before_the_work():                       # bad rows, --source hub offline: one line
+        check_data(cfg, log)
     for task, (grid, path) in train_and_evaluate(cfg, t0).items():
         if grid is not None:
             grids[task] = grid

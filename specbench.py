@@ -113,6 +113,7 @@ SUBTASKS = {   # the leaderboard's columns, in its order -> the categories each 
 DEFAULT_MAX_NEW_TOKENS = 64     # Spec-Bench uses 1024; at ~15 tokens/s of the 135M target on one CPU thread a full
                                 # run of 560 turns x 4 methods x 3 repeats at 1024 would take days (see --help)
 NEAR_TIE = 1e-3                 # a logit gap below this between two tokens is a float32 near-tie
+HEADING = "# Spec-Bench on the"  # the report's first line: a --report file without it is not ours
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -690,7 +691,36 @@ def load_inputs(cfg: Config) -> dict:
     for name, _, path in drafts:
         models.check_model_files(path, f"draft {name}")
         models.check_tokenizers(teacher, path)
+    check_question_lengths(questions, models.load_tokenizer(teacher),
+                           models.context_length(teacher, *(path for _, _, path in drafts)),
+                           cfg.max_new_tokens)
     return {"questions": questions, "teacher": teacher, "drafts": drafts}
+
+
+def check_question_lengths(questions: list[dict], tokenizer, context: int | None,
+                           max_new_tokens: int):
+    """Every question must fit the models' context (None: no limit known), checked before any model
+    loads: its last turn's prompt (every user turn, the chat template, the earlier answers empty)
+    plus max_new_tokens per turn, the most its answers can add. A question that does not fit failed
+    in the middle of the run (the tiny pair's 1024 positions hold no Spec-Bench summary)."""
+    if context is None:
+        return
+    too_long = []
+    for q in questions:
+        turns = q["turns"]
+        prompt = prompt_ids(tokenizer, turns, [""] * (len(turns) - 1))
+        need = len(prompt) + len(turns) * max_new_tokens
+        if need > context:
+            too_long.append((q, need))
+    if too_long:
+        (q, need), n = too_long[0], len(too_long)
+        raise data.DataError(
+            f"{n} of the {len(questions)} questions do not fit the models' context of {context} "
+            f"positions (max_position_embeddings), e.g. question {q['question_id']} "
+            f"({q['category']}, {len(q['turns'])} turn(s)): its prompt (chat template included) "
+            f"and --max-new-tokens {max_new_tokens} per turn need {need}; use models with a longer "
+            f"context (--preset smollm2), fewer questions (--questions, --per-category) or a lower "
+            f"--max-new-tokens")
 
 
 def build_methods(drafts: list[tuple], loaded: dict, gamma: int | None) -> list[Method]:
@@ -948,7 +978,7 @@ def report_markdown(doc: dict) -> str:
     cols = [c for c in SUBTASKS if c != "Overall"]
     p = doc["protocol"]
     decoding = "greedy" if p["temperature"] == 0 else f"T {p['temperature']}, top-p {p['top_p']}"
-    md = [f"# Spec-Bench on the {doc['preset']} pair",
+    md = [f"{HEADING} {doc['preset']} pair",
           "",
           f"Written by `{doc['command']}` on {doc['date']} ({doc['machine']}, {doc['threads']} torch thread(s)), "
           f"commit {doc['commit']}, run time {doc['minutes']:.1f} min"
@@ -1063,8 +1093,17 @@ def parse_args(argv=None) -> Config:
         raise cli.BadInput(f"--temperature {cfg.temperature} is not allowed; it must be >= 0 (0 = greedy)")
     if not (math.isfinite(cfg.top_p) and 0 < cfg.top_p <= 1):
         raise cli.BadInput(f"--top-p {cfg.top_p} is not allowed; it must be in (0, 1]")
+    cli.check_seed(cfg.seed)
     rundir.check_out_dir(Path(cfg.results), flag="--results")
+    cli.check_runs_root(cfg.runs, given=args.runs is not None)
+    cli.check_markdown_out(report_path(cfg), HEADING, "results/SPECBENCH.md", flag="--report",
+                           figures=False)          # written at the very end: checked before the run
     return cfg
+
+
+def report_path(cfg: Config) -> Path:
+    """--report, else <results>/SPECBENCH.md."""
+    return Path(cfg.report or Path(cfg.results) / "SPECBENCH.md")
 
 
 def main(argv=None) -> dict:
@@ -1168,7 +1207,7 @@ def run_and_report(cfg: Config, argv, inputs, methods, target, tokenizer, protoc
            "acceptance": {m: by_subtask(acceptance[m], questions, cfg.n_boot, cfg.seed) for m in spec},
            "gains": gains, "equality": eq, "batched": batched, "config": asdict(cfg)}
     doc["minutes"] = (journal.earlier_seconds + time.time() - t0) / 60
-    out = Path(cfg.report or Path(cfg.results) / "SPECBENCH.md")
+    out = report_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report_markdown(doc))
     (answers_root / "specbench.json").write_text(json.dumps(doc, indent=1, default=str))

@@ -284,6 +284,24 @@ def test_seeds_outside_32_bits_are_refused_before_any_model(pair, tmp_path, no_m
     assert not (tmp_path / "run").exists() and not (tmp_path / "res").exists()
 
 
+def test_thousands_of_threads_are_refused_in_one_line_not_a_segfault(pair, tmp_path):
+    """Audit: `distill.py --threads 100000` passed the check (>= 1) and OpenMP crashed once training
+    started: a segfault, exit status -11, no message. The shared check (cli.check_threads) bounds
+    the count to a few threads per CPU (cli.max_threads), so every script with --threads refuses it
+    in the one line that names what is allowed, before any work."""
+    import report
+    import specbench
+    code, err = cli_run("distill.py", *train_args(pair, tmp_path / "run"), "--threads", 100000,
+                        cwd=tmp_path)
+    assert code == 2 and len(err) == 1, (code, err)
+    assert err[0].startswith("error: --threads 100000 is not allowed") and \
+        f"<= {cli.max_threads()}" in err[0] and f"{os.cpu_count()} CPUs" in err[0], err
+    assert not (tmp_path / "run").exists()
+    for parse_args in (evaluate.parse_args, specbench.parse_args, report.parse_args):
+        with pytest.raises(cli.BadInput, match=rf"--threads 100000 .*<= {cli.max_threads()}"):
+            parse_args(["--threads", "100000"])
+
+
 # ----------------------------------------------------------------------------- --device (issue 31, item 5)
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
@@ -331,6 +349,52 @@ def test_a_config_json_that_disagrees_with_the_weights_is_refused_before_any_mod
                                          r"in .*model\.safetensors, but config\.json makes it"):
         distill.main(train_args((str(teacher), pair[1]), tmp_path / "run") + ["--lr", "1e-3"])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1, 2]", "holds a JSON array, not an object of the model's settings"),
+    ('"llama"', "holds a JSON string, not an object of the model's settings"),
+    ('{"model_type": ', "is not valid JSON"),
+    ('{"hidden_size": 64}', "has no model_type"),
+])
+def test_a_config_json_that_is_no_model_config_is_named_before_any_model(pair, tmp_path, no_models,
+                                                                          text, words):
+    """Audit: a --teacher whose config.json is a JSON array ended in transformers' TypeError
+    traceback (while the tokenizer loaded); invalid JSON and a config without model_type failed in
+    transformers' words, the latter only after the data had loaded. Each is one line naming the
+    file and what is wrong with it, before any model loads."""
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(pair[0], teacher)
+    (teacher / "config.json").write_text(text)
+    with pytest.raises(ValueError) as e:
+        distill.main(train_args((str(teacher), pair[1]), tmp_path / "run") + ["--lr", "1e-3"])
+    assert cli.is_bad_input(e.value), repr(e.value)
+    msg = str(e.value)
+    assert f"the teacher's {teacher / 'config.json'} " in msg and words in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["specbench", "evaluate"])
+def test_runs_that_is_a_file_is_refused_before_any_model(pair, tmp_path, no_models, script):
+    """Audit: `specbench.py --runs /etc/hostname` found no run under the file and went on to decode
+    with the baseline draft alone, as if nothing had been trained (evaluate.py called the file 'no
+    such folder'). --runs is the root of distill.py's runs: a file is refused, saying so, before any
+    model loads (cli.check_runs_root, shared by both scripts)."""
+    import specbench
+    runs = tmp_path / "hostname"
+    runs.write_text("a file, not a folder\n")
+    if script == "specbench":
+        questions = tmp_path / "question.jsonl"
+        row = {"question_id": 1, "category": "qa", "turns": ["Hi?"]}
+        questions.write_text(json.dumps(row) + "\n")
+        argv = ["--preset", "tiny", "--teacher", pair[0], "--student", pair[1], "--questions",
+                str(questions), "--results", str(tmp_path / "res"), "--runs", str(runs)]
+    else:
+        argv = eval_args(pair, tmp_path, "--runs", runs)
+    with pytest.raises(ValueError, match=rf"--runs {runs} is a file, not a folder; pass the root"):
+        {"specbench": specbench, "evaluate": evaluate}[script].main(argv)
+    assert not (tmp_path / "res").exists()
 
 
 @pytest.mark.parametrize("script", ["distill", "evaluate"])

@@ -251,6 +251,26 @@ def test_models_py_takes_threads_like_every_script(capsys):
     assert "--threads 0 is not allowed; --threads must be an integer >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("k", [30, 31])
+def test_draft_layers_the_target_lacks_are_refused_before_the_build(k, tmp_path, monkeypatch,
+                                                                   capsys):
+    """Audit: `models.py --preset smollm2 --draft-layers 31` converted the 30-layer target, then
+    failed in truncated_draft with a traceback (leaving a lock file behind). The draft is the
+    target's first k layers: k must leave the target at least one more, and the target's depth is
+    read from its GGUF header, so a k outside 1..29 is the one line naming the target's 30 layers,
+    with nothing built."""
+    monkeypatch.setattr(models, "ensure_smollm2_pair",
+                        lambda *a, **kw: pytest.fail("built before --draft-layers was checked"))
+    with pytest.raises(SystemExit) as e:
+        cli.script_main(models.main, ["--preset", "smollm2", "--draft-layers", str(k),
+                                      "--root", str(tmp_path / "ckpt")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --draft-layers {k} is not allowed; the smollm2 "
+                                       f"target has 30 layers and the draft is its first k: "
+                                       f"--draft-layers must be in 1..29\n")
+    assert not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--root", "FILE"], r"--root .*afile is a file, not a directory"),
     (["--n-prompts", "0"], r"--n-prompts 0 is not allowed; --n-prompts must be >= 1"),

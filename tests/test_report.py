@@ -322,11 +322,33 @@ def test_data_options_reach_training_and_evaluation(tmp_path, monkeypatch):
 def test_bad_rows_stop_the_report_before_training(tmp_path, monkeypatch):
     """A bad eval row must fail before an hour of training, not after it."""
     import distill
-    monkeypatch.setattr(distill, "main", lambda argv: pytest.fail("trained before the data was checked"))
+    monkeypatch.setattr(distill, "main",
+                        lambda argv: pytest.fail("trained before the data was checked"))
     (tmp_path / "train.jsonl").write_text((GSM8K_FIXTURES / "train.jsonl").read_text())
     (tmp_path / "test.jsonl").write_text('{"question": "q?", "answer": "no final line"}\n')
     with pytest.raises(ValueError, match=r"test\.jsonl, line 1: column 'answer' has no final answer"):
         R.main(["--quick", "--tasks", "gsm8k", "--data-path", str(tmp_path), "--out", str(tmp_path / "R.md")])
+
+
+def test_hub_source_offline_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """Audit: `report.py --source hub --tasks gsm8k` offline (HF_HUB_OFFLINE=1) ended in a
+    traceback: the data check ran outside the script's checks (cli.before_the_work), so its error
+    was not taken as the user's. The user reads one line, exit status 2, before anything trains:
+    the hub cannot be reached offline, and what to use instead (--source standin, or downloaded
+    files with --source file)."""
+    import cli
+    import distill
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(distill, "main",
+                        lambda argv: pytest.fail("trained before the data was checked"))
+    with pytest.raises(SystemExit) as e:
+        cli.script_main(R.main, ["--quick", "--tasks", "gsm8k", "--source", "hub",
+                                 "--out", str(tmp_path / "R.md")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --source hub reads openai/gsm8k"), err
+    assert all(w in err[0] for w in ("cannot be reached", "HF_HUB_OFFLINE", "--source standin",
+                                     "--source file --data-path data/gsm8k")), err
 
 
 def test_reuse_reads_an_eval_only_when_it_holds_exactly_this_studys_drafts(tmp_path):

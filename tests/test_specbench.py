@@ -198,6 +198,71 @@ def test_bad_question_file_is_one_line_and_exit_status_2(tmp_path):
                                                 f"turns, got []"]
 
 
+def no_model(monkeypatch, what: str):
+    """Loading a model fails the test: the check of `what` should have come first."""
+    monkeypatch.setattr(models, "load_model",
+                        lambda *a, **k: pytest.fail(f"a model loaded before {what} was checked"))
+
+
+def test_a_seed_beyond_64_bits_is_refused_in_one_line(pair, tmp_path, monkeypatch, capsys):
+    """Audit: `specbench.py --seed 1180591620717411303424` (2^70) reached torch's generator after
+    the models had loaded: 'Overflow when unpacking long long', a traceback. The seed takes the
+    shared check (cli.check_seed: 0..2^32 - 1, so that seed + question_id fits torch's 64 bits
+    too), as distill.py's and evaluate.py's do: one line, exit status 2, before any model loads."""
+    write_questions(tmp_path / "question.jsonl", QUESTIONS[1:2])
+    (tmp_path / "runs").mkdir()
+    no_model(monkeypatch, "--seed")
+    with pytest.raises(SystemExit) as e:
+        cli.script_main(specbench.main, bench_argv(pair, tmp_path, tmp_path / "results")
+                        + ["--seed", str(2**70)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --seed {2**70} is not allowed; --seed must be an "
+                                       f"integer >= 0 and <= {cli.MAX_SEED} (2^32 - 1)\n")
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("a folder", r"--report \S+ is a folder; pass the Markdown file to write in it"),
+    ("under a file", r"--report \S+notes\.md/SPECBENCH\.md cannot be created: \S+notes\.md is a "
+                     r"file"),
+    ("another file", r"--report \S+notes\.md exists and is not a file this script wrote"),
+])
+def test_a_report_path_that_cannot_take_the_report_is_refused_before_any_model(
+        pair, tmp_path, monkeypatch, kind, match):
+    """Audit: --report was first used once the whole run had decoded: a folder (IsADirectoryError)
+    and a path under a file (mkdir's error) ended in a traceback after hours of work, and a file of
+    another kind (the user's notes) was silently replaced. It is checked before the work, as
+    report.py checks its --out (cli.check_markdown_out), and the file is left as it was."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    report = {"a folder": tmp_path, "under a file": notes / "SPECBENCH.md",
+              "another file": notes}[kind]
+    write_questions(tmp_path / "question.jsonl", QUESTIONS[1:2])
+    (tmp_path / "runs").mkdir()
+    no_model(monkeypatch, "--report")
+    with pytest.raises(cli.BadInput, match=match):
+        specbench.main(bench_argv(pair, tmp_path, tmp_path / "results") + ["--report", str(report)])
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "results").exists()
+
+
+def test_questions_longer_than_the_models_context_are_refused_before_any_model(pair, tmp_path,
+                                                                               monkeypatch):
+    """Audit: `specbench.py --preset tiny --quick` ended in specdec's traceback ('prompt 0 has 2186
+    tokens ... exceeds the model's context of 1024 positions') once the models had loaded: the tiny
+    pair's context holds none of Spec-Bench's summarization and RAG questions. Every question (its
+    prompt, plus --max-new-tokens for each turn) is checked against the models' context before any
+    model loads, in one line saying how many do not fit and naming one."""
+    long = {"question_id": 2002, "category": "summarization",
+            "turns": ["Summarize: " + "the cat sat on the mat. " * 400]}
+    write_questions(tmp_path / "question.jsonl", [QUESTIONS[1], long])
+    (tmp_path / "runs").mkdir()
+    no_model(monkeypatch, "the questions' lengths")
+    with pytest.raises(data.DataError, match=r"1 of the 2 questions do not fit the models' context "
+                                             r"of 1024 positions .*question 2002 \(summarization, "
+                                             r"1 turn"):
+        specbench.main(bench_argv(pair, tmp_path, tmp_path / "results"))
+    assert not (tmp_path / "results" / "tiny" / "specbench" / "journal.jsonl").exists()
+
+
 def test_second_turn_is_conditioned_on_the_methods_own_first_answer(monkeypatch):
     """MT-bench's second turn must see the method's OWN first answer (as Spec-Bench's conversation loop): the prompt
     of turn 2 is the real target's chat template over user turn 1, that answer as the assistant's turn, user turn 2."""
