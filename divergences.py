@@ -20,8 +20,9 @@ and s = log p_S, t = log p_T. Sums run over the vocabulary v. The divergences (`
           JSD(beta) / beta -> fkl as beta -> 0 and JSD(beta) / (1 - beta) -> rkl as beta -> 1.)
     tvd   total variation  TVD = 1/2 sum_v |p_T(v) - p_S(v)| = 1 - sum_v min(p_T(v), p_S(v)),
           and sum_v min(p_T, p_S) is exactly the probability that speculative decoding accepts a
-          drafted token (Leviathan et al. 2023, Section 3): DistillSpec's divergence (Zhou et al.
-          2024, "DistillSpec: Improving Speculative Decoding via Knowledge Distillation").
+          drafted token (Leviathan et al. 2023, Section 3), which is why DistillSpec (Zhou et al.
+          2024, "DistillSpec: Improving Speculative Decoding via Knowledge Distillation") distills
+          with TVD: alpha = 1 - TVD.
     ajsd  entropy-adaptive JSD (ours). Per position, beta follows the teacher's entropy
           H = -sum_v p_T t:
               beta(H) = floor + (1 - floor) exp(-H / scale)      (ajsd_floor, ajsd_scale in nats)
@@ -286,9 +287,9 @@ def jsd(s, t, beta, want_grad=False):
 
 
 def tvd(s, t, want_grad=False):
-    """TVD = 1/2 sum_v |p_T - p_S| = 1 - sum_v min(p_T, p_S) = 1 - alpha, DistillSpec's divergence
-    (Zhou et al. 2024; alpha as in Leviathan et al. 2023, Section 3); (sub)gradient with
-    g = sign(p_S - p_T) / 2."""
+    """TVD = 1/2 sum_v |p_T - p_S| = 1 - sum_v min(p_T, p_S) = 1 - alpha: minimising it maximises
+    the acceptance alpha (Leviathan et al. 2023, Section 3), DistillSpec's argument for it (Zhou et
+    al. 2024); (sub)gradient with g = sign(p_S - p_T) / 2."""
     p_s = s.exp()  # (n, V)
     diff = p_s - t.exp()  # (n, V)
     value = 0.5 * diff.abs().sum(-1)  # (n,)
@@ -923,7 +924,8 @@ def divergence_sum(student_logits, teacher_logits, mask, divergence: Divergence,
     _check_divergence(divergence)
     chunk = _check_chunk(chunk_size, student_logits.shape[-1])
     if mask is None:
-        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool,
+                          device=student_logits.device)  # (...,)
     _check_mask(mask, student_logits)
     values, entropies, alphas = _per_position(
         student_logits, teacher_logits, mask.reshape(-1).bool(), divergence, chunk,
@@ -967,7 +969,8 @@ def hidden_divergence_sum(student: HiddenAndHead, teacher: HiddenAndHead, mask,
     chunk = _check_chunk(chunk_size, vocab,
                          HIDDEN_CHUNK_ELEMENTS_UPCAST if upcast else HIDDEN_CHUNK_ELEMENTS)
     if mask is None:
-        mask = torch.ones(student.hidden.shape[:-1], dtype=torch.bool, device=student.hidden.device)
+        mask = torch.ones(student.hidden.shape[:-1], dtype=torch.bool,
+                          device=student.hidden.device)  # (...,)
     _check_mask(mask, student.hidden)
     rows = mask.reshape(-1).bool().nonzero().squeeze(-1)  # (n_kept,) the positions compared
     s_hidden = student.hidden.reshape(-1, student.hidden.shape[-1])  # (N, H_s)
@@ -1021,7 +1024,8 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         _check_mask(labels, student_logits, name="labels")
         mask = labels != IGNORE_INDEX  # (...,)
     else:
-        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool,
+                          device=student_logits.device)  # (...,)
     if reduction == "none" and num_items_in_batch is None:
         s = log_probs(student_logits, spec.temperature)  # (..., V)
         t = log_probs(teacher_logits.detach(), spec.temperature)  # (..., V)

@@ -20,7 +20,7 @@ Every round emits (accepted + 1) tokens, distributed exactly as tokens sampled f
 x_i == argmax p_i, and the next token is argmax p (no random number is drawn).
 The chance that a draft from q_i is accepted is
 beta_i = sum_x min(p_i(x), q_i(x)) = 1 - TVD(p_i, q_i) (`acceptance_prob`; Leviathan et al.
-Section 3, and the quantity DistillSpec, Zhou et al. 2024, distills for). If every draft is
+Section 3; DistillSpec, Zhou et al. 2024, distills with TVD to raise it). If every draft is
 accepted with probability alpha independently, a round emits (1 - alpha^(gamma+1)) / (1 - alpha)
 tokens on average (Leviathan et al. Eq. 1, `expected_accepted_length`).
 
@@ -177,7 +177,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def acceptance_prob(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """beta = sum_x min(p(x), q(x)) = 1 - TVD(p, q): the chance a draft from q is accepted
-    (Leviathan et al. 2023, Section 3; DistillSpec's alpha = 1 - TVD). (..., V) -> (...)."""
+    (Leviathan et al. 2023, Section 3; DistillSpec's alpha = 1 - TVD, Zhou et al. 2024).
+    (..., V) -> (...)."""
     p, q = torch.broadcast_tensors(p, q)  # views; by_rows splits both alike
     return by_rows(lambda p_, q_: torch.minimum(p_, q_).sum(-1), p, q)
 
@@ -241,10 +242,10 @@ def counted_drafts(drafts, stop_ids, budget):
     """drafts (b, k), budget (b,) tokens each row may still emit -> counted (b, k): x_i counts
     unless the budget ends before it (i > budget) or x_1..x_{i-1} holds a stop id (it would never be
     emitted)."""
-    i = torch.arange(1, drafts.shape[1] + 1, device=drafts.device)  # draft positions 1..k
+    i = torch.arange(1, drafts.shape[1] + 1, device=drafts.device)  # (k,) draft positions 1..k
     is_stop = torch.isin(drafts, stop_ids).long()  # (b, k)
     stop_before = (is_stop.cumsum(1) - is_stop) > 0  # (b, k) a stop id among x_1..x_{i-1}
-    return (i <= budget[:, None]) & ~stop_before
+    return (i <= budget[:, None]) & ~stop_before  # (b, k)
 
 
 def tested_drafts(counted, acc):
@@ -253,7 +254,7 @@ def tested_drafts(counted, acc):
     each block. A position after the first rejection is never tested (its accept/reject draw is
     discarded) and its draft context holds the rejected token, so it belongs to no acceptance rate
     or alpha."""
-    j = torch.arange(counted.shape[1], device=counted.device)  # 0-based positions
+    j = torch.arange(counted.shape[1], device=counted.device)  # (k,) 0-based positions
     return counted & (j[None] <= acc.sum(1, keepdim=True))  # x_{j+1} tested iff x_1..x_j accepted
 
 
@@ -263,7 +264,7 @@ def emit_tokens(drafts, t, n, stop_ids, budget):
     tokens each row may still emit. Returns emit (b, k+1) (only its first e count; the rest is
     scratch), e (b,) and done (b,): the row emitted a stop id within its budget, or used the whole
     budget."""
-    j = torch.arange(drafts.shape[1] + 1, device=drafts.device)
+    j = torch.arange(drafts.shape[1] + 1, device=drafts.device)  # (k+1,)
     emit = torch.where(j < n[:, None], torch.cat([drafts, t[:, None]], 1), t[:, None])  # (b, k+1)
     stop_in = torch.isin(emit, stop_ids) & (j <= n[:, None])  # (b, k+1) stop ids among n + 1 tokens
     first_stop = torch.where(stop_in.any(1), stop_in.long().argmax(1) + 1, n + 1)  # (b,)
@@ -293,7 +294,8 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     device = target.device
     rule = Sampling(temperature, top_k, top_p, shared_vocab([target, draft], vocab_size),
                     make_generator(seed, generator, device))
-    stop_ids = torch.tensor(resolve_stop_ids(target, eos_token_id), dtype=torch.long, device=device)
+    stop_ids = torch.tensor(resolve_stop_ids(target, eos_token_id), dtype=torch.long,
+                            device=device)  # (n_stop,)
     B = len(prompts)
     metrics = SpecMetrics(B, gamma, max_new_tokens, device, record, temperature)
     batch = RunningBatch(device)  # starts empty
@@ -385,8 +387,8 @@ class RunningBatch:
         self.tcache, self.dcache = DynamicCache(), DynamicCache()
         self.tmask = self.dmask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (0, 0)
         self.rows, self.pending, self.n_seq, self.unfed = (
-            torch.zeros(0, dtype=torch.long, device=device) for _ in range(4))
-        self.unfed_valid = torch.zeros(0, dtype=torch.bool, device=device)
+            torch.zeros(0, dtype=torch.long, device=device) for _ in range(4))  # (b,) each, b = 0
+        self.unfed_valid = torch.zeros(0, dtype=torch.bool, device=device)  # (b,)
 
     def __len__(self) -> int:
         return self.rows.numel()
@@ -402,10 +404,12 @@ class RunningBatch:
             kv_cache.forward(draft, ids, mask, positions, new_dcache, logits_to_keep=1)
         self.tcache, self.tmask = kv_cache.join(self.tcache, self.tmask, new_tcache, mask)
         self.dcache, self.dmask = kv_cache.join(self.dcache, self.dmask, new_dcache, mask)
+
         def as_tensor(values):
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        self.rows = torch.cat([self.rows, as_tensor(new)])  # (b + m,)
+        # every per-row tensor grows from (b,) to (b + m,)
+        self.rows = torch.cat([self.rows, as_tensor(new)])
         self.pending = torch.cat([self.pending, as_tensor([prompts[r][-1] for r in new])])
         self.n_seq = torch.cat([self.n_seq, as_tensor([len(prompts[r]) for r in new])])
         self.unfed = torch.cat([self.unfed, as_tensor([0] * len(new))])  # no x_k yet: a hole is fed
@@ -449,7 +453,7 @@ class RunningBatch:
         """n (b,) drafts accepted, t (b,) the next token: the cache slots of the rejected drafts
         become holes, t becomes the pending token."""
         k = drafts.shape[1]
-        j = torch.arange(k + 1, device=self.device)
+        j = torch.arange(k + 1, device=self.device)  # (k+1,)
         self.tmask[:, -(k + 1):] = (j[None] <= n[:, None]).long()  # [pending, x_1..x_k]: up to x_n
         self.dmask[:, -k:] = (j[None, :k] <= n[:, None]).long()  # [pending, x_1..x_{k-1}]: to x_n
         self.unfed, self.unfed_valid = drafts[:, -1], n == k
@@ -486,14 +490,15 @@ class SpecMetrics:
                  temperature: float = 1.0):
         # gamma + 1 spare columns, so a round writes its whole block without a boolean-mask gather
         # (which would wait for the GPU): tokens past a row's count are overwritten later or cut
-        self.out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
+        self.out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long,
+                               device=device)  # (B, max_new_tokens + gamma + 1)
         self.n_gen, self.drafted, self.accepted, self.target_calls, self.draft_calls = (
             torch.zeros(B, dtype=torch.long, device=device) for _ in range(5))  # (B,) each
-        self.tested = torch.zeros(B, dtype=torch.long, device=device)
+        self.tested = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
         self.beta_sum = torch.zeros(B, device=device)  # over tested positions (alpha)
         self.beta_sum_drafted = torch.zeros(B, device=device)  # over counted (alpha_all_drafted)
-        self.pos_tested = torch.zeros(B, gamma, dtype=torch.long, device=device)
-        self.pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)
+        self.pos_tested = torch.zeros(B, gamma, dtype=torch.long, device=device)  # (B, gamma)
+        self.pos_accepted = torch.zeros(B, gamma, dtype=torch.long, device=device)  # (B, gamma)
         self.start = torch.zeros(B, dtype=torch.float64)  # seconds until each row entered the batch
         self.finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
         self.batched_target_calls = self.batched_draft_calls = 0
@@ -507,7 +512,7 @@ class SpecMetrics:
         processing."""
         b, k = counted.shape
         g = self.n_gen[rows]  # (b,) tokens generated before this round
-        j = torch.arange(k + 1, device=rows.device)
+        j = torch.arange(k + 1, device=rows.device)  # (k+1,)
         self.out[rows[:, None], g[:, None] + j] = emit  # (b, k+1); only the first e of them count
         beta = acceptance_prob(p[:, :k], q)  # (b, k)
         tested = tested_drafts(counted, acc)  # (b, k)
@@ -624,19 +629,20 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
     device = model.device
     gen = make_generator(seed, generator, device)
     V = shared_vocab([model], vocab_size)
-    stop_ids = torch.tensor(resolve_stop_ids(model, eos_token_id), dtype=torch.long, device=device)
+    stop_ids = torch.tensor(resolve_stop_ids(model, eos_token_id), dtype=torch.long,
+                            device=device)  # (n_stop,)
     B = len(prompts)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    n_gen = torch.zeros(B, dtype=torch.long, device=device)
-    finish = torch.zeros(B, dtype=torch.float64)  # seconds until each row finished
-    calls = torch.zeros(B, dtype=torch.long, device=device)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, max_new_tokens)
+    n_gen = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
+    finish = torch.zeros(B, dtype=torch.float64)  # (B,) seconds until each row finished
+    calls = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
     batched_calls = 0
 
     cache = DynamicCache()
     x, mask = kv_cache.left_pad(prompts, device)  # (B, T)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
     n_seq = mask.sum(1)  # (B,) real tokens so far
-    rows = torch.arange(B, device=device)
+    rows = torch.arange(B, device=device)  # (b,) the rows still generating
     while max_new_tokens > 0 and rows.numel() > 0:
         logits = kv_cache.forward(model, x, mask, positions, cache,
                                   logits_to_keep=1)[:, -1, :V]  # (b, V)

@@ -57,11 +57,11 @@ def attention_mask(model, mask: torch.Tensor, n_new: int) -> torch.Tensor:
         return mask
     visible = mask[:, None, None, :].bool()  # (B, 1, 1, L)
     if n_new > 1:  # causality among the new tokens; one new token is the last slot: sees everything
-        slots = torch.arange(mask.shape[1], device=mask.device)
+        slots = torch.arange(mask.shape[1], device=mask.device)  # (L,)
         visible = visible & (slots <= slots[-n_new:, None])  # (B, 1, n_new, L)
     if implementation == "eager":  # eager attention adds the mask to its scores: 0 or dtype's min
         return torch.zeros(visible.shape, dtype=model.dtype, device=mask.device).masked_fill_(
-            ~visible, torch.finfo(model.dtype).min)
+            ~visible, torch.finfo(model.dtype).min)  # (B, 1, n_new, L)
     return visible
 
 

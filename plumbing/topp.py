@@ -149,4 +149,4 @@ def _top_p_radix(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     if bool((torch.round(tie_mass / v) <= n_keep).all()):
         return bits >= v_bits
     tie = bits == v_bits  # (N, V)
-    return (bits > v_bits) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))
+    return (bits > v_bits) | (tie & (tie.cumsum(-1, dtype=torch.int32) <= n_keep))  # (N, V)
