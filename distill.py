@@ -521,25 +521,32 @@ def loss_and_backward(cfg: "Config", run: "Run", batch: dict, scale: float):
             with run.autocast:
                 s_hidden = completion_hidden(run.model, batch)                   # (B, C, H_s)
             div_sum, ent, alpha = divergences.hidden_divergence_sum(
-                s_hidden, lm_head_weight(student), t_hidden, lm_head_weight(teacher), mask, cfg.div, cfg.beta,
-                cfg.loss_temperature, vocab_size=run.vocab, ajsd_scale=cfg.ajsd_scale, ajsd_floor=cfg.ajsd_floor,
-                lk_scale=cfg.lk_scale, lk_decay=cfg.lk_decay, return_teacher_entropy=True, return_alpha=True)
+                divergences.HiddenAndHead(s_hidden, lm_head_weight(student)),
+                divergences.HiddenAndHead(t_hidden, lm_head_weight(teacher)), mask, loss_divergence(cfg),
+                vocab_size=run.vocab, return_teacher_entropy=True, return_alpha=True)
             del t_hidden                                   # not needed by the backward: freed before it
         (div_sum * scale).backward()
     return div_sum.detach(), ent, alpha
 
 
-def batch_divergence_sum(student_logits, teacher_logits, mask, div: str, beta: float, temperature: float,
-                         vocab_size: int | None = None, **ajsd):
-    """Sum of the per-token divergence d(p, q) over the masked completion tokens (a scalar).
+def loss_divergence(cfg: "Config") -> divergences.Divergence:
+    """The per-token divergence d of the loss: --div with its options, at the loss temperature."""
+    return divergences.Divergence(cfg.div, cfg.beta, cfg.loss_temperature, cfg.ajsd_scale, cfg.ajsd_floor,
+                                  cfg.lk_scale, cfg.lk_decay)
+
+
+def batch_divergence_sum(student_logits, teacher_logits, mask, divergence: divergences.Divergence,
+                         vocab_size: int | None = None, return_teacher_entropy: bool = False,
+                         return_alpha: bool = False) -> divergences.LossSums:
+    """Sum of the per-token divergence d(p, q) over the masked completion tokens (LossSums.total, a scalar).
     vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows).
-    return_teacher_entropy=True / return_alpha=True (in **ajsd, passed on to divergences.divergence_sum) also
-    return the sums of H(p_T) and of alpha at the loss temperature, without top-p: logged as
-    loss_teacher_entropy and train_alpha."""
+    return_teacher_entropy=True / return_alpha=True (passed on to divergences.divergence_sum) also fill the
+    sums of H(p_T) and of alpha at the loss temperature, without top-p: logged as loss_teacher_entropy and
+    train_alpha."""
     if vocab_size is not None or student_logits.shape[-1] != teacher_logits.shape[-1]:
         student_logits, teacher_logits = divergences.shared_vocab(student_logits, teacher_logits, vocab_size)
-    return divergences.divergence_sum(student_logits, teacher_logits, mask, div,
-                                      beta=beta, temperature=temperature, **ajsd)
+    return divergences.divergence_sum(student_logits, teacher_logits, mask, divergence,
+                                      return_teacher_entropy=return_teacher_entropy, return_alpha=return_alpha)
 
 
 def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:

@@ -62,6 +62,7 @@ import data
 import entropy   # entropy.py and specdec.py never import models: no cycle
 import rundir
 import specdec
+from plumbing.decoding_args import resolve_stop_ids
 
 REPO = Path(__file__).resolve().parent
 
@@ -158,7 +159,7 @@ def stop_ids(tokenizer, stop_tokens=_STOP) -> list[int]:
 def generation_stop_ids(tokenizer, model, stop_tokens=_STOP) -> list[int]:
     """Every id that ends a completion: the preset's stop tokens the tokenizer has, its eos, plus the
     model's own generation-config eos ids (Qwen3 lists several). decoding_protocol uses this."""
-    return sorted(set(stop_ids(tokenizer, stop_tokens)) | set(specdec.resolve_stop_ids(model)))
+    return sorted(set(stop_ids(tokenizer, stop_tokens)) | set(resolve_stop_ids(model)))
 
 
 @dataclass(frozen=True)

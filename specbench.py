@@ -61,7 +61,7 @@ drafted / accepted, wall time) and every (repeat, chunk, method) of the batched 
 fingerprint of everything the records depend on: the selected questions, the sha256 of the target's and each
 draft's files, the decoding settings (gamma, temperature, top-p, top-k, max_new_tokens, the preset's stop tokens:
 with the target's tokenizer and generation config they fix the stop ids), repeats, batch size, seed, threads and torch's
-and transformers' versions. The decoding code (specdec.py, specbench.py, models.py) is recorded per session
+and transformers' versions. The decoding code (specdec.py and plumbing/, specbench.py, models.py) is recorded per session
 instead: a commit that changes it mid-run is continued with a warning and the report counts the versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
 runs in the same order, and the answer files and the report are written from the journal, the same records as an
 uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
@@ -379,7 +379,8 @@ def spec_bench_speed(records: list[dict], baseline: list[dict], categories=CATEG
 
 JOURNAL = "journal.jsonl"
 JOURNAL_VERSION = 1
-CODE = ("specdec.py", "specbench.py", "models.py")   # the decoding code: recorded per session (code_versions)
+CODE = ("specdec.py", "plumbing/cpu_memory.py", "plumbing/decoding_args.py", "plumbing/kv_cache.py",
+        "plumbing/topp.py", "specbench.py", "models.py")   # the decoding code: recorded per session (code_versions)
 SUMMARY = "specbench.json"
 
 
@@ -983,7 +984,7 @@ def report_markdown(doc: dict) -> str:
           f"Written by `{doc['command']}` on {doc['date']} ({doc['machine']}, {doc['threads']} torch thread(s)), "
           f"commit {doc['commit']}, run time {doc['minutes']:.1f} min"
           + (f" over {doc['sessions']} sessions" if doc.get("sessions", 1) > 1 else "")
-          + (f" with {doc['code_versions']} versions of the decoding code (specdec.py, specbench.py, models.py; "
+          + (f" with {doc['code_versions']} versions of the decoding code (specdec.py and plumbing/, specbench.py, models.py; "
              f"tokens pinned by the golden tests, timings may differ)" if doc.get("code_versions", 1) > 1 else "")
           + f". {doc['n_questions']} questions "
           f"({doc['n_turns']} turns) of data/spec_bench/question.jsonl, {doc['repeats']} run(s), "

@@ -41,13 +41,13 @@ def main(argv=None):
     teacher = torch.randn(args.positions, args.vocab, generator=g) * 3  # (N, V)
     mask = torch.rand(args.positions, generator=g) < 0.8  # (N,)
     T = args.temperature
+    rkl = divergences.Divergence("rkl", temperature=T)
 
     def loss_only():
-        divergences.divergence_sum(student, teacher, mask, "rkl", temperature=T).backward()
+        divergences.divergence_sum(student, teacher, mask, rkl).total.backward()
 
     def in_sweep():
-        total, h = divergences.divergence_sum(student, teacher, mask, "rkl", temperature=T,
-                                              return_teacher_entropy=True)
+        total, h, _ = divergences.divergence_sum(student, teacher, mask, rkl, return_teacher_entropy=True)
         total.backward()
         return float(h)
 

@@ -136,16 +136,17 @@ def fused_worker(impl, a):
     s_h, s_w, t_h, t_w = hidden_inputs(a.positions, a.vocab, a.h_student, a.h_teacher, dtype, a.tail, a.seed)
     beta, temp, n = a.beta, a.temperature, a.positions
     kind = "fkl" if beta == 0 else "rkl" if beta == 1 else "jsd"
+    divergence = divergences.Divergence(kind, beta, temp)
     if impl == "float64":  # the reference: the same values, upcast; value only
         with torch.no_grad():
-            loss = divergences.hidden_divergence_sum(s_h.double(), s_w.double(), t_h.double(), t_w.double(), None,
-                                                     kind, beta, temp) / n
+            loss = divergences.hidden_divergence_sum((s_h.double(), s_w.double()), (t_h.double(), t_w.double()),
+                                                     None, divergence).total / n
         return {"impl": impl, "loss": loss.item()}
 
     def run(s_h, s_w, t_h, t_w):
         n = s_h.shape[0]
         if impl == "fused":
-            return divergences.hidden_divergence_sum(s_h, s_w, t_h, t_w, None, kind, beta, temp) / n
+            return divergences.hidden_divergence_sum((s_h, s_w), (t_h, t_w), None, divergence).total / n
         if impl == "trl-chunked":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
             per_token, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, beta, temp)
@@ -154,7 +155,7 @@ def fused_worker(impl, a):
         with torch.no_grad():
             t_logits = t_h @ t_w.t()  # (N, V)
         if impl == "logits":
-            return divergences.divergence_sum(s_logits, t_logits, None, kind, beta, temp) / n
+            return divergences.divergence_sum(s_logits, t_logits, None, divergence).total / n
         from trl.experimental.gkd import GKDTrainer
         return GKDTrainer.generalized_jsd_loss(s_logits, t_logits, beta=beta, temperature=temp, reduction="batchmean")
 

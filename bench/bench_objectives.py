@@ -38,9 +38,9 @@ def main(argv=None):
 
     def step(kind, entropy=False, alpha=False):
         x = student.clone().requires_grad_()
-        out = divergences.divergence_sum(x, teacher, mask, kind, temperature=0.6, return_teacher_entropy=entropy,
-                                         return_alpha=alpha)
-        (out[0] if entropy or alpha else out).backward()
+        out = divergences.divergence_sum(x, teacher, mask, divergences.Divergence(kind, temperature=0.6),
+                                         return_teacher_entropy=entropy, return_alpha=alpha)
+        out.total.backward()
 
     print(f"{a.positions} positions x V = {a.vocab}, float32, T 0.6, {torch.get_num_threads()} threads, "
           f"{platform.machine()}, best of {a.repeats}\n")

@@ -61,7 +61,8 @@ def old_process_and_sample(logits, temperature, top_p, gen):
 
 def bench_sampling(repeats):
     import specdec
-    specdec.reuse_freed_memory()      # as speculative_generate / autoregressive_generate do (both sides gain)
+    from plumbing.cpu_memory import reuse_freed_memory
+    reuse_freed_memory()      # as speculative_generate / autoregressive_generate do (both sides gain)
     gen = torch.Generator().manual_seed(0)
     print("\n## 1. processing + sampling one token, batch 4, V = 151936, T 0.6, top-p 0.95 (best of "
           f"{repeats})\n")
@@ -133,6 +134,7 @@ def decoding_setup(teacher_dir, student_dir, n_prompts, new_tokens):
 
 def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
     import specdec
+    from plumbing import kv_cache
     teacher, draft, tok, all_prompts, rules = decoding_setup(teacher_dir, student_dir, max(batches), new_tokens)
     print(f"\n## 4. speculative decoding at the real vocabulary: gamma {gamma}, {new_tokens} new tokens per row, "
           f"T 0.6, top-p 0.95 (best of {repeats}; random weights: acceptance is meaningless)\n")
@@ -141,7 +143,7 @@ def bench_specdec(teacher_dir, student_dir, batches, new_tokens, gamma, repeats)
     print("|---|---|---|---|---|---|---|---|")
     for B in batches:
         prompts = all_prompts[:B]
-        ids, mask = specdec._left_pad(prompts, "cpu")
+        ids, mask = kv_cache.left_pad(prompts, "cpu")
         hf = best(lambda: teacher.generate(ids, attention_mask=mask, do_sample=True, temperature=0.6, top_p=0.95,
                                            top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            pad_token_id=tok.pad_token_id), repeats)
@@ -203,7 +205,8 @@ def sharpen(model, prompt_ids, logit_std):
 
 def bench_round_work(teacher_dir, student_dir, batches, new_tokens, gamma, repeats):
     import specdec
-    specdec.reuse_freed_memory()      # process-wide: the old versions gain from it too (their best case)
+    from plumbing.cpu_memory import reuse_freed_memory
+    reuse_freed_memory()      # process-wide: the old versions gain from it too (their best case)
     teacher, draft, _, all_prompts, rules = decoding_setup(teacher_dir, student_dir, max(batches), new_tokens)
     clock = ForwardClock(teacher, draft)
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from specdec import _forward, _left_pad, autoregressive_generate, speculative_generate  # noqa: E402
+from plumbing.kv_cache import forward, left_pad  # noqa: E402
+from specdec import autoregressive_generate, speculative_generate  # noqa: E402
 
 
 @dataclass
@@ -209,9 +210,9 @@ def theoretical_speedup(alpha, gamma, c, v=1.0):
 def verify_cost_ratio(target, prompts, gamma, repeats=5):
     """v = seconds of one cached target call on gamma+1 new tokens per row / seconds of one on 1 new token.
     On a CPU the target is compute-bound, so v grows with gamma+1 and with the batch size."""
-    ids, mask = _left_pad(prompts, target.device)
+    ids, mask = left_pad(prompts, target.device)
     cache = DynamicCache()
-    _forward(target, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache, logits_to_keep=1)
+    forward(target, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache, logits_to_keep=1)
     n_seq = mask.sum(1)
     seconds = {}
     for n in (1, gamma + 1):
@@ -220,7 +221,7 @@ def verify_cost_ratio(target, prompts, gamma, repeats=5):
         positions = n_seq[:, None] + torch.arange(n, device=target.device)
 
         def call():
-            _forward(target, x, full, positions, cache)
+            forward(target, x, full, positions, cache)
             cache.crop(-n)
         seconds[n] = best_of(repeats, call)[0]
     return seconds[gamma + 1] / seconds[1]

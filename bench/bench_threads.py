@@ -34,9 +34,10 @@ import json, sys, time
 import torch
 sys.path.insert(0, {repo!r})
 import specdec
+from plumbing.cpu_memory import reuse_freed_memory
 threads, reps = {threads}, {reps}
 torch.set_num_threads(threads)
-specdec.reuse_freed_memory()
+reuse_freed_memory()
 g = torch.Generator().manual_seed(0)
 logits = torch.randn(4, 151936, generator=g) * 3                      # (4, V)
 times = []

@@ -193,9 +193,9 @@ def step_phases(teacher, student, prompts, *, new_tokens: int, repeats: int, voc
         t0 = lap("teacher forward", t0)
         s_hidden = distill.completion_hidden(student, b)                 # (B, C, H_s)
         t0 = lap("student forward", t0)
-        div_sum, _ = divergences.hidden_divergence_sum(                  # as distill.train: lm_heads fused in
-            s_hidden, distill.lm_head_weight(student), t_hidden, distill.lm_head_weight(teacher), mask, div, 0.5,
-            temperature, vocab_size=vocab_size, return_teacher_entropy=True)
+        div_sum, _, _ = divergences.hidden_divergence_sum(               # as distill.train: lm_heads fused in
+            (s_hidden, distill.lm_head_weight(student)), (t_hidden, distill.lm_head_weight(teacher)), mask,
+            divergences.Divergence(div, 0.5, temperature), vocab_size=vocab_size, return_teacher_entropy=True)
         loss = div_sum / mask.sum()
         t0 = lap("loss + logged teacher entropy", t0)
         loss.backward()

@@ -68,7 +68,7 @@ def loss_of(student, teacher, batch, div="jsd", beta=0.5, temperature=1.0):
     with torch.no_grad():
         t = distill.completion_logits(teacher, batch)
     s = distill.completion_logits(student, batch)
-    return distill.batch_divergence_sum(s, t, mask, div, beta, temperature) / mask.sum()
+    return distill.batch_divergence_sum(s, t, mask, divergences.Divergence(div, beta, temperature)).total / mask.sum()
 
 
 def prompts_of(tok, n=3):
@@ -148,7 +148,9 @@ def test_accumulated_normaliser_is_the_full_batch_mean_unlike_trl(pair, loaded):
         mask = b["loss_mask"][:, b["prompt_width"]:]
         with torch.no_grad():
             t = distill.completion_logits(teacher, b)
-        return distill.batch_divergence_sum(distill.completion_logits(student, b), t, mask, "rkl", 0.5, 1.0) / n_total
+        rkl = divergences.Divergence("rkl")
+        sums = distill.batch_divergence_sum(distill.completion_logits(student, b), t, mask, rkl)
+        return sums.total / n_total
 
     def trl_per_micro_mean(student, b):
         P = b["prompt_width"]
@@ -198,8 +200,9 @@ def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, 
         if path == "logits":
             with torch.no_grad():
                 t = distill.completion_logits(teacher, batch)
-            total, ent = distill.batch_divergence_sum(distill.completion_logits(student, batch), t, mask, div, 0.5,
-                                                      0.6, vocab, return_teacher_entropy=True)
+            total, ent, _ = distill.batch_divergence_sum(distill.completion_logits(student, batch), t, mask,
+                                                         divergences.Divergence(div, 0.5, 0.6), vocab,
+                                                         return_teacher_entropy=True)
             total.backward()
         else:
             cfg = distill.Config(div=div, beta=0.5, loss_temperature=0.6)
@@ -265,7 +268,7 @@ def test_loss_ignores_prompt_padding_and_post_stop_tokens(pair, loaded):
         P = b["prompt_width"]
         s = student(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
         t = teacher(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
-        d = divergences.token_divergence(s, t, "fkl")   # (B, T)
+        d = divergences.token_divergence(s, t, divergences.Divergence("fkl"))   # (B, T)
         by_hand = (d[0, P - 1] + d[0, P] + d[0, P + 1] + d[1, P - 1]) / 4
         torch.testing.assert_close(base, by_hand, rtol=1e-5, atol=1e-7)
 
@@ -281,7 +284,7 @@ def test_left_padded_rows_give_the_same_loss_as_each_row_alone(loaded):
             b = distill.build_batch(ps, cs, tok.pad_token_id)
             mask = b["loss_mask"][:, b["prompt_width"]:]
             s, t = distill.completion_logits(student, b), distill.completion_logits(teacher, b)
-            return (divergences.token_divergence(s, t, "jsd") * mask).sum(-1)
+            return (divergences.token_divergence(s, t, divergences.Divergence("jsd")) * mask).sum(-1)
         batched = row_sums(prompts, comps)
         alone = torch.cat([row_sums([p], [c]) for p, c in zip(prompts, comps)])
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-6)

@@ -184,7 +184,7 @@ def test_token_divergence_equals_float64_formula(kind, beta, temperature):
     """Each kind is exactly the divergence the module docstring writes down, per position (float32 result
     against float64 formula in probabilities, rtol 1e-5)."""
     student, teacher = logits_pair(seed=21)
-    ours = D.token_divergence(student, teacher, kind, beta=beta, temperature=temperature)
+    ours = D.token_divergence(student, teacher, D.Divergence(kind, beta=beta, temperature=temperature))
     ref = ref_divergence(student, teacher, kind, beta, temperature)
     assert ours.shape == (B, T) and ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
@@ -198,7 +198,7 @@ def test_analytic_gradient_equals_float64_autograd(kind, beta):
     student, teacher = logits_pair(seed=22, dtype=torch.float64)
     weights = torch.rand(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x = student.clone().requires_grad_()
-    (D.token_divergence(x, teacher, kind, beta=beta, temperature=0.8) * weights).sum().backward()
+    (D.token_divergence(x, teacher, D.Divergence(kind, beta=beta, temperature=0.8)) * weights).sum().backward()
     r = student.clone().requires_grad_()
     (ref_divergence(r, teacher, kind, beta, temperature=0.8) * weights).sum().backward()
     torch.testing.assert_close(x.grad, r.grad, rtol=1e-10, atol=1e-12)
@@ -282,7 +282,7 @@ def test_token_divergence_equals_float64_at_every_logit_scale(std, kind, beta, t
     """Every kind, per position, equals its formula in float64 to relative 1e-5 at logit standard
     deviations 1 ... 1000 (ajsd included: its beta comes from a near-certain teacher's entropy there)."""
     student, teacher = wide_logits(int(std) + 3, std)
-    ours = D.token_divergence(student, teacher, kind, beta=beta, temperature=temperature)
+    ours = D.token_divergence(student, teacher, D.Divergence(kind, beta=beta, temperature=temperature))
     ref = ref_divergence_log(student, teacher, kind, beta, temperature)
     known = torch.isfinite(ref)  # all but ajsd's positions whose H (~e^-736 and below) float64 cannot hold
     assert known.float().mean() > 0.5
@@ -345,7 +345,7 @@ def test_token_divergence_gradients_equal_float64_at_every_logit_scale(std, kind
     student, teacher = wide_logits(29 + int(std), std)
     weights = torch.rand(student.shape[:-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x = student.clone().requires_grad_()
-    (D.token_divergence(x, teacher, kind, temperature=temperature).double() * weights).sum().backward()
+    (D.token_divergence(x, teacher, D.Divergence(kind, temperature=temperature)).double() * weights).sum().backward()
     exact, bar, p_s, p_t = float32_bar(student, teacher, kind, 0.5, temperature, weights)
     assert torch.isfinite(x.grad).all()
     ok = (x.grad.double() - exact).abs() <= bar
@@ -364,13 +364,13 @@ def test_divergence_sum_returns_the_teacher_entropy_at_the_loss_temperature():
     student, teacher = logits_pair(seed=57, scale=6.0)
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) < 0.6
     x = student.clone().requires_grad_()
-    total, h_sum = D.divergence_sum(x, teacher, mask, "rkl", temperature=0.7, chunk_size=4,
-                                    return_teacher_entropy=True)
+    rkl = D.Divergence("rkl", temperature=0.7)
+    total, h_sum, _ = D.divergence_sum(x, teacher, mask, rkl, chunk_size=4, return_teacher_entropy=True)
     p = torch.softmax(teacher.double() / 0.7, -1)
     expected = -(p * p.log()).sum(-1)[mask].sum()
     torch.testing.assert_close(h_sum.double(), expected, rtol=1e-6, atol=0)
     assert not h_sum.requires_grad
-    torch.testing.assert_close(total, D.divergence_sum(student, teacher, mask, "rkl", temperature=0.7), rtol=1e-6,
+    torch.testing.assert_close(total, D.divergence_sum(student, teacher, mask, rkl).total, rtol=1e-6,
                                atol=0)
     total.backward()  # the entropy output does not disturb the gradient
     assert torch.isfinite(x.grad).all()
@@ -411,7 +411,7 @@ def test_non_negative():
     for kind in D.DIVERGENCES:
         for beta in BETAS:
             for temperature in TEMPERATURES:
-                values = D.token_divergence(student, teacher, kind, beta=beta, temperature=temperature)
+                values = D.token_divergence(student, teacher, D.Divergence(kind, beta=beta, temperature=temperature))
                 assert values.min() >= -1e-6, (kind, beta, temperature)
 
 
@@ -420,7 +420,7 @@ def test_zero_with_zero_gradient_when_student_equals_teacher():
     student, _ = logits_pair(seed=32)
     for kind in D.DIVERGENCES:
         x = student.clone().requires_grad_()
-        values = D.token_divergence(x, student, kind, beta=0.3)
+        values = D.token_divergence(x, student, D.Divergence(kind, beta=0.3))
         values.sum().backward()
         assert values.abs().max() < 1e-6, kind
         assert x.grad.abs().max() < 1e-6, kind
@@ -430,11 +430,13 @@ def test_jsd_rescaled_tends_to_the_kls_at_the_ends():
     """TRL's endpoints are limits after rescaling: JSD(beta)/beta -> FKL as beta -> 0, JSD(beta)/(1-beta) ->
     RKL as beta -> 1 (error O(beta)); this is why jsd at beta 0/1 switches formula instead of being continuous."""
     student, teacher = logits_pair(seed=33, dtype=torch.float64)
-    fkl = D.token_divergence(student, teacher, "fkl")
-    rkl = D.token_divergence(student, teacher, "rkl")
+    fkl = D.token_divergence(student, teacher, D.Divergence("fkl"))
+    rkl = D.token_divergence(student, teacher, D.Divergence("rkl"))
     eps = 1e-7  # the gap is O(eps) (about 200 eps here), so 1e-4 is met only close enough to the end
-    torch.testing.assert_close(D.token_divergence(student, teacher, "jsd", beta=eps) / eps, fkl, rtol=1e-4, atol=0)
-    torch.testing.assert_close(D.token_divergence(student, teacher, "jsd", beta=1 - eps) / eps, rkl, rtol=1e-4,
+    torch.testing.assert_close(D.token_divergence(student, teacher, D.Divergence("jsd", beta=eps)) / eps, fkl,
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(D.token_divergence(student, teacher, D.Divergence("jsd", beta=1 - eps)) / eps, rkl,
+                               rtol=1e-4,
                                atol=0)
 
 
@@ -442,13 +444,14 @@ def test_tvd_is_one_minus_acceptance_probability():
     """TVD = 1 - sum_v min(p_T, p_S): the link between the tvd loss and speculative acceptance."""
     student, teacher = logits_pair(seed=34)
     acceptance = torch.minimum(torch.softmax(student, -1), torch.softmax(teacher, -1)).sum(-1)
-    torch.testing.assert_close(D.token_divergence(student, teacher, "tvd"), 1 - acceptance, rtol=0, atol=1e-6)
+    torch.testing.assert_close(D.token_divergence(student, teacher, D.Divergence("tvd")), 1 - acceptance, rtol=0,
+                               atol=1e-6)
 
 
 def test_jsd_half_is_at_most_log_two():
     """JSD(0.5) <= log 2, reached by disjoint supports: it is bounded, unlike the KLs."""
     student, teacher = logits_pair(seed=35, scale=30.0)  # nearly one-hot, mostly disjoint
-    values = D.token_divergence(student, teacher, "jsd", beta=0.5)
+    values = D.token_divergence(student, teacher, D.Divergence("jsd", beta=0.5))
     assert values.max() <= math.log(2) + 1e-6
     assert values.max() > math.log(2) - 1e-3  # the bound is approached, so the check can fail
 
@@ -462,7 +465,7 @@ def test_minus_inf_logits_give_finite_values_and_gradients(kind):
     teacher[..., : V // 2] = -math.inf  # teacher keeps only the top half of the vocabulary
     student[0, 0, -3:] = -math.inf  # and the student rules out a few tokens the teacher allows
     x = student.clone().requires_grad_()
-    values = D.token_divergence(x, teacher, kind, beta=0.5)
+    values = D.token_divergence(x, teacher, D.Divergence(kind, beta=0.5))
     values.sum().backward()
     assert torch.isfinite(values).all() and torch.isfinite(x.grad).all()
     if kind in ("jsd", "tvd"):  # well defined with zero probabilities: must equal the formula
@@ -474,7 +477,7 @@ def test_huge_logits_stay_finite(kind):
     """Logits of size 1e4 (unnormalised heads, extreme temperatures) must not overflow anywhere."""
     student, teacher = logits_pair(seed=42, scale=1e4)
     x = student.clone().requires_grad_()
-    values = D.token_divergence(x, teacher, kind, beta=0.5, temperature=0.5)
+    values = D.token_divergence(x, teacher, D.Divergence(kind, beta=0.5, temperature=0.5))
     values.sum().backward()
     assert torch.isfinite(values).all() and torch.isfinite(x.grad).all()
 
@@ -489,10 +492,11 @@ def test_divergence_sum_equals_masked_sum_of_token_divergence(kind):
     grads = []
     for chunk in (1, 4, None):
         x = student.clone().requires_grad_()
-        total = D.divergence_sum(x, teacher, mask, kind, beta=0.3, temperature=0.9, chunk_size=chunk)
+        total = D.divergence_sum(x, teacher, mask, D.Divergence(kind, beta=0.3, temperature=0.9),
+                                 chunk_size=chunk).total
         total.backward()
         # the kept positions alone (lk's w is the mean alpha over exactly these)
-        expected = D.token_divergence(student[mask], teacher[mask], kind, beta=0.3, temperature=0.9).sum()
+        expected = D.token_divergence(student[mask], teacher[mask], D.Divergence(kind, beta=0.3, temperature=0.9)).sum()
         torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
         grads.append(x.grad)
     assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
@@ -506,9 +510,9 @@ def test_non_contiguous_logits_give_the_same_loss_and_gradient():
     student, teacher = logits_pair(seed=52, shape=(B, T + 1, V))
     mask = torch.ones(B, T, dtype=torch.bool)
     x = student.clone().requires_grad_()
-    D.divergence_sum(x[:, :-1], teacher[:, :-1], mask, "rkl", chunk_size=4).backward()
+    D.divergence_sum(x[:, :-1], teacher[:, :-1], mask, D.Divergence("rkl"), chunk_size=4).total.backward()
     y = student[:, :-1].contiguous().requires_grad_()
-    D.divergence_sum(y, teacher[:, :-1].contiguous(), mask, "rkl", chunk_size=4).backward()
+    D.divergence_sum(y, teacher[:, :-1].contiguous(), mask, D.Divergence("rkl"), chunk_size=4).total.backward()
     torch.testing.assert_close(x.grad[:, :-1], y.grad, rtol=0, atol=0)
     assert torch.equal(x.grad[:, -1], torch.zeros_like(x.grad[:, -1]))
 
@@ -530,7 +534,7 @@ def test_teacher_gets_no_gradient():
     """The teacher is frozen: even a teacher tensor with requires_grad receives no gradient."""
     student, teacher = logits_pair(seed=54)
     x, y = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-    D.divergence_sum(x, y, None, "jsd").backward()
+    D.divergence_sum(x, y, None, D.Divergence("jsd")).total.backward()
     assert y.grad is None and x.grad is not None
 
 
@@ -550,12 +554,12 @@ def test_ajsd_with_constant_beta_is_fixed_beta_jsd_rescaled():
     beta (1 - beta): same minimiser and gradient direction; floor 1 gives exactly rkl, floor 0 exactly fkl."""
     student, teacher = logits_pair(seed=61)
     for b in (0.1, 0.5, 0.9):
-        ajsd = D.token_divergence(student, teacher, "ajsd", ajsd_scale=0.0, ajsd_floor=b)
-        jsd = D.token_divergence(student, teacher, "jsd", beta=b)
+        ajsd = D.token_divergence(student, teacher, D.Divergence("ajsd", ajsd_scale=0.0, ajsd_floor=b))
+        jsd = D.token_divergence(student, teacher, D.Divergence("jsd", beta=b))
         torch.testing.assert_close(ajsd * b * (1 - b), jsd, rtol=1e-5, atol=1e-7)
     for b, kind in ((1.0, "rkl"), (0.0, "fkl")):
-        ajsd = D.token_divergence(student, teacher, "ajsd", ajsd_scale=0.0, ajsd_floor=b)
-        torch.testing.assert_close(ajsd, D.token_divergence(student, teacher, kind), rtol=1e-5, atol=1e-6)
+        ajsd = D.token_divergence(student, teacher, D.Divergence("ajsd", ajsd_scale=0.0, ajsd_floor=b))
+        torch.testing.assert_close(ajsd, D.token_divergence(student, teacher, D.Divergence(kind)), rtol=1e-5, atol=1e-6)
 
 
 def test_ajsd_uses_each_positions_own_teacher_entropy():
@@ -563,11 +567,12 @@ def test_ajsd_uses_each_positions_own_teacher_entropy():
     position equals the rescaled fixed-beta jsd at its own beta(H), over entropies from ~0 to ~log V."""
     student, teacher = logits_pair(seed=62, dtype=torch.float64)
     teacher = teacher * torch.logspace(-2, 1, T, dtype=torch.float64).view(1, T, 1)  # spread ... near-certain
-    ours = D.token_divergence(student, teacher, "ajsd", ajsd_scale=0.7, ajsd_floor=0.3)
+    ours = D.token_divergence(student, teacher, D.Divergence("ajsd", ajsd_scale=0.7, ajsd_floor=0.3))
     for i, j in [(b, t) for b in range(B) for t in range(T)]:
         entropy = D.teacher_entropy(torch.log_softmax(teacher[i, j], -1))
         beta = 0.3 + 0.7 * math.exp(-entropy.item() / 0.7)
-        expected = D.token_divergence(student[i, j], teacher[i, j], "jsd", beta=beta) / (beta * (1 - beta))
+        expected = (D.token_divergence(student[i, j], teacher[i, j], D.Divergence("jsd", beta=beta))
+                    / (beta * (1 - beta)))
         torch.testing.assert_close(ours[i, j], expected, rtol=1e-8, atol=0)
 
 
@@ -578,7 +583,7 @@ def test_ajsd_is_accurate_in_float32_for_near_certain_teachers():
     student, teacher = logits_pair(seed=63, dtype=torch.float64)
     teacher = teacher * torch.linspace(3, 12, T, dtype=torch.float64).view(1, T, 1)  # entropies 1e-1 ... 1e-9
     ref = ref_divergence(student, teacher, "ajsd")
-    ours = D.token_divergence(student.float(), teacher.float(), "ajsd")
+    ours = D.token_divergence(student.float(), teacher.float(), D.Divergence("ajsd"))
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0)
 
 
@@ -589,9 +594,9 @@ def test_shared_vocab_cuts_both_heads_to_the_real_tokens():
     student, teacher = logits_pair(seed=71, shape=(B, T, 40))
     s_cut, t_cut = D.shared_vocab(student[..., :40], torch.cat([teacher, teacher[..., :8]], -1), vocab_size=33)
     assert s_cut.shape == t_cut.shape == (B, T, 33)
-    torch.testing.assert_close(D.token_divergence(s_cut, t_cut, "rkl"),
+    torch.testing.assert_close(D.token_divergence(s_cut, t_cut, D.Divergence("rkl")),
                                D.token_divergence(student[..., :33].contiguous(), teacher[..., :33].contiguous(),
-                                                  "rkl"), rtol=0, atol=0)
+                                                  D.Divergence("rkl")), rtol=0, atol=0)
     same = D.shared_vocab(student, teacher)
     assert same[0] is student and same[1] is teacher
 
@@ -621,14 +626,14 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
     """A typo in a config must fail loudly, saying what was given and what is allowed."""
     student, teacher = logits_pair(seed=81)
     with pytest.raises(ValueError, match=match):
-        D.token_divergence(student, teacher, **kwargs)
+        D.token_divergence(student, teacher, D.Divergence(**kwargs))
 
 
 def test_bad_shapes_and_reductions_raise_value_error():
     """Mismatched logits, labels or reductions are caught before any arithmetic, with the shapes named."""
     student, teacher = logits_pair(seed=82)
     with pytest.raises(ValueError, match=r"\(3, 6, 33\).*\(3, 6, 32\)"):
-        D.divergence_sum(student, teacher[..., :32], None, "fkl")
+        D.divergence_sum(student, teacher[..., :32], None, D.Divergence("fkl"))
     with pytest.raises(ValueError, match="reduction='avg'.*batchmean"):
         D.generalized_jsd_loss(student, teacher, reduction="avg")
     with pytest.raises(ValueError, match=r"labels of shape \(3, 5\)"):
@@ -640,7 +645,7 @@ def test_bad_shapes_and_reductions_raise_value_error():
 # ------------------------------------------------------------------------ acceptance objectives (nla, lk)
 def grad_of(kind, student, teacher, **kw):
     x = student.clone().requires_grad_()
-    D.token_divergence(x, teacher, kind, **kw).sum().backward()
+    D.token_divergence(x, teacher, D.Divergence(kind, **kw)).sum().backward()
     return x.grad
 
 
@@ -682,7 +687,7 @@ def test_nla_keeps_relative_precision_where_alpha_is_tiny():
     student, teacher = torch.zeros(2, 9), torch.zeros(2, 9)
     student[:, 0], teacher[:, 1] = 400.0, 400.0  # the two put their mass on different tokens
     student[1, 2] = 395.0
-    ours = D.token_divergence(student, teacher, "nla")
+    ours = D.token_divergence(student, teacher, D.Divergence("nla"))
     ref = ref_divergence_log(student, teacher, "nla")
     naive = torch.minimum(torch.softmax(student, -1), torch.softmax(teacher, -1)).sum(-1)
     assert (naive == 0).all()  # the probability-space sum underflows
@@ -701,14 +706,14 @@ def test_nla_with_disjoint_supports_is_the_stated_finite_surrogate():
     student[:, V // 2:] = -math.inf  # the student lives on the first half ...
     teacher[:, : V // 2] = -math.inf  # ... the teacher on the second
     x = student.clone().requires_grad_()
-    values = D.token_divergence(x, teacher, "nla")
+    values = D.token_divergence(x, teacher, D.Divergence("nla"))
     values.sum().backward()
     surrogate = -D.zero_prob_log(torch.float32) - math.log(V)
     torch.testing.assert_close(values, torch.full_like(values, surrogate), rtol=1e-6, atol=0)
     assert torch.isfinite(x.grad).all()
     assert (x.grad[:, : V // 2] > 0).all() and (x.grad[:, V // 2:] < 0).all()
-    lk = D.token_divergence(student, teacher, "lk")  # mean alpha ~ 0: w = lk_scale = 1, lk = fkl's surrogate
-    torch.testing.assert_close(lk, D.token_divergence(student, teacher, "fkl"), rtol=1e-6, atol=0)
+    lk = D.token_divergence(student, teacher, D.Divergence("lk"))  # mean alpha ~ 0: w = lk_scale = 1: fkl's surrogate
+    torch.testing.assert_close(lk, D.token_divergence(student, teacher, D.Divergence("fkl")), rtol=1e-6, atol=0)
 
 
 def test_lk_is_the_hybrid_with_w_from_the_masked_mean_alpha():
@@ -718,17 +723,18 @@ def test_lk_is_the_hybrid_with_w_from_the_masked_mean_alpha():
     student, teacher = logits_pair(seed=94, scale=3.0)
     mask = random_labels(7) != -100
     kw = dict(temperature=0.8, lk_scale=1.5, lk_decay=2.0)
-    total, alpha_sum = D.divergence_sum(student, teacher, mask, "lk", return_alpha=True, **kw)
+    total, _, alpha_sum = D.divergence_sum(student, teacher, mask, D.Divergence("lk", **kw), return_alpha=True)
     p_s, p_t = torch.softmax(student.double() / 0.8, -1), torch.softmax(teacher.double() / 0.8, -1)
     alpha = torch.minimum(p_s, p_t).sum(-1)
     w = 1.5 * torch.exp(-2.0 * alpha[mask].mean())
-    fkl = D.token_divergence(student, teacher, "fkl", temperature=0.8)
-    tvd = D.token_divergence(student, teacher, "tvd", temperature=0.8)
+    fkl = D.token_divergence(student, teacher, D.Divergence("fkl", temperature=0.8))
+    tvd = D.token_divergence(student, teacher, D.Divergence("tvd", temperature=0.8))
     torch.testing.assert_close(total.double(), (w * fkl + (1 - w) * tvd)[mask].sum().double(), rtol=1e-6, atol=0)
     torch.testing.assert_close(alpha_sum.double(), alpha[mask].sum(), rtol=1e-6, atol=0)
     other = student.clone()
     other[~mask] = 10 * torch.randn(other[~mask].shape)
-    torch.testing.assert_close(D.divergence_sum(other, teacher, mask, "lk", **kw), total, rtol=0, atol=0)
+    torch.testing.assert_close(D.divergence_sum(other, teacher, mask, D.Divergence("lk", **kw)).total, total,
+                               rtol=0, atol=0)
 
 
 def test_lk_weight_is_a_constant_and_its_ends_are_tvd_and_fkl():
@@ -740,8 +746,8 @@ def test_lk_weight_is_a_constant_and_its_ends_are_tvd_and_fkl():
     expected = w * grad_of("fkl", student, teacher) + (1 - w) * grad_of("tvd", student, teacher)
     torch.testing.assert_close(grad_of("lk", student, teacher), expected, rtol=1e-5, atol=1e-7)
     for kw, kind in ((dict(lk_scale=0.0), "tvd"), (dict(lk_decay=0.0), "fkl")):
-        torch.testing.assert_close(D.token_divergence(student, teacher, "lk", **kw),
-                                   D.token_divergence(student, teacher, kind), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(D.token_divergence(student, teacher, D.Divergence("lk", **kw)),
+                                   D.token_divergence(student, teacher, D.Divergence(kind)), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(grad_of("lk", student, teacher, **kw), grad_of(kind, student, teacher),
                                    rtol=1e-6, atol=1e-8)
 
@@ -750,11 +756,11 @@ def test_lk_weight_is_a_constant_and_its_ends_are_tvd_and_fkl():
 def test_divergence_sum_returns_alpha_at_the_loss_temperature(kind):
     """return_alpha gives the masked sum of alpha = sum_v min(p_T, p_S) at the loss temperature (what
     distill.py logs as train_alpha), equal to the float64 formula for every kind; the loss is unchanged and the
-    order of the extra outputs is (sum, entropy_sum, alpha_sum). At temperature 1 it is another number."""
+    outputs are LossSums(total, teacher_entropy, alpha). At temperature 1 it is another number."""
     student, teacher = logits_pair(seed=96, scale=3.0)
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.6
     x = student.clone().requires_grad_()
-    total, h_sum, a_sum = D.divergence_sum(x, teacher, mask, kind, temperature=0.6, chunk_size=4,
+    total, h_sum, a_sum = D.divergence_sum(x, teacher, mask, D.Divergence(kind, temperature=0.6), chunk_size=4,
                                            return_teacher_entropy=True, return_alpha=True)
 
     def alpha_at(tau):
@@ -764,9 +770,10 @@ def test_divergence_sum_returns_alpha_at_the_loss_temperature(kind):
     torch.testing.assert_close(a_sum.double(), alpha_at(0.6), rtol=1e-6, atol=0)
     assert abs(float(a_sum) - float(alpha_at(1.0))) > 1e-2
     assert not a_sum.requires_grad
-    only_alpha = D.divergence_sum(student, teacher, mask, kind, temperature=0.6, return_alpha=True)
-    torch.testing.assert_close(only_alpha[1], a_sum, rtol=1e-6, atol=0)
-    torch.testing.assert_close(total, D.divergence_sum(student, teacher, mask, kind, temperature=0.6), rtol=1e-6,
-                               atol=0)
+    only_alpha = D.divergence_sum(student, teacher, mask, D.Divergence(kind, temperature=0.6), return_alpha=True)
+    assert only_alpha.teacher_entropy is None
+    torch.testing.assert_close(only_alpha.alpha, a_sum, rtol=1e-6, atol=0)
+    at_06 = D.Divergence(kind, temperature=0.6)
+    torch.testing.assert_close(total, D.divergence_sum(student, teacher, mask, at_06).total, rtol=1e-6, atol=0)
     total.backward()
     assert torch.isfinite(x.grad).all()

@@ -117,8 +117,9 @@ def test_loss_on_real_logits_equals_trl(real_pair, gsm8k_prompts, kind, beta):
         t_out = target(ids, output_hidden_states=True)
         s_out = draft(ids, output_hidden_states=True)
     t_hidden, s_hidden = t_out.hidden_states[-1][0], s_out.hidden_states[-1][0]        # (T, 576), after the norm
-    ours = divergences.hidden_divergence_sum(s_hidden, draft.lm_head.weight, t_hidden, target.lm_head.weight,
-                                             None, kind, beta=beta, temperature=0.6) / ids.shape[1]
+    ours = divergences.hidden_divergence_sum((s_hidden, draft.lm_head.weight), (t_hidden, target.lm_head.weight),
+                                             None, divergences.Divergence(kind, beta=beta, temperature=0.6))
+    ours = ours.total / ids.shape[1]
     ref = GKDTrainer.generalized_jsd_loss(s_out.logits, t_out.logits, beta=beta, temperature=0.6,
                                           reduction="batchmean") / ids.shape[1]
     torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-4, atol=1e-6)

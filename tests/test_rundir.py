@@ -23,6 +23,7 @@ import distill
 import models
 import rundir
 import specdec
+from plumbing.decoding_args import NonFiniteLogits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -534,11 +535,11 @@ def test_nan_weights_are_named_where_sampling_starts(pair):
     with torch.no_grad():
         student.get_input_embeddings().weight[:] = float("nan")
     prompts = [tok.encode("1 + 1 =")]
-    with pytest.raises(specdec.NonFiniteLogits, match=f"the draft model {pair[1]} gives non-finite logits"):
+    with pytest.raises(NonFiniteLogits, match=f"the draft model {pair[1]} gives non-finite logits"):
         specdec.speculative_generate(teacher, student, prompts, max_new_tokens=4, top_p=0.9, seed=0)
-    with pytest.raises(specdec.NonFiniteLogits, match=f"the target model {pair[1]}"):
+    with pytest.raises(NonFiniteLogits, match=f"the target model {pair[1]}"):
         specdec.speculative_generate(student, teacher, prompts, max_new_tokens=4, top_p=0.9, seed=0)
-    with pytest.raises(specdec.NonFiniteLogits, match="the sampling model"):
+    with pytest.raises(NonFiniteLogits, match="the sampling model"):
         specdec.autoregressive_generate(student, prompts, max_new_tokens=4, top_p=0.9, seed=0)
 
 

@@ -19,8 +19,11 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 
 import entropy
 import specdec
-from specdec import (autoregressive_generate, counted_drafts, emit_tokens, process_logits, residual,
-                     resolve_stop_ids, sample, speculative_generate, top_p_keep, verify_block)
+from plumbing import cpu_memory, kv_cache, topp
+from plumbing.decoding_args import resolve_stop_ids
+from plumbing.topp import top_p_keep
+from specdec import (accept_or_resample, autoregressive_generate, counted_drafts, emit_tokens,
+                     process_logits, residual, sample, speculative_generate)
 
 DEVICE = torch.device(os.environ.get("SPECDEC_TEST_DEVICE", "cpu"))
 ARCHS = ("qwen3", "llama", "gpt2")
@@ -97,11 +100,10 @@ def test_greedy_equals_target_generate_for_every_row_and_gamma(arch, pairs):
 def test_cache_compaction_is_exercised_and_invisible(pairs, monkeypatch):
     """Compacting a cache full of holes (rejected drafts) moves every key/value slot; it must happen on a run with
     many rejections and must not change a single token compared with never compacting."""
-    import specdec
     target, draft, prompts, reference = pairs["llama"]
     calls = []
-    original = specdec._compact
-    monkeypatch.setattr(specdec, "_compact", lambda cache, mask: calls.append(mask.shape) or original(cache, mask))
+    original = kv_cache.compact
+    monkeypatch.setattr(kv_cache, "compact", lambda cache, mask: calls.append(mask.shape) or original(cache, mask))
     kwargs = dict(gamma=8, max_new_tokens=24, temperature=0, eos_token_id=[])
     compacted = speculative_generate(target, draft, prompts, **kwargs)
     assert len(calls) > 0
@@ -111,18 +113,17 @@ def test_cache_compaction_is_exercised_and_invisible(pairs, monkeypatch):
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ready_made_4d_mask_gives_the_logits_of_transformers_own_mask(arch, implementation):
-    """_forward hands the model a 4-D mask built from the 2-D slot mask instead of letting transformers build it; it
+    """kv_cache.forward hands the model a 4-D mask built from the 2-D slot mask instead of letting transformers build it; it
     must be the same mask, so the logits must be bit-identical to a call with the 2-D mask, for a prefill with left
     padding, a multi-token call over a cache with holes (verification) and a one-token call (drafting)."""
-    import specdec
     model = tiny_model(arch, 0)
     model.set_attn_implementation(implementation)
-    ids, mask = specdec._left_pad(make_prompts(), DEVICE)  # (B, T)
+    ids, mask = kv_cache.left_pad(make_prompts(), DEVICE)  # (B, T)
 
     def both(x, slot_mask, positions, caches):
-        ours = specdec._forward(model, x, slot_mask, positions, caches[0])
+        ours = kv_cache.forward(model, x, slot_mask, positions, caches[0])
         theirs = model(input_ids=x, attention_mask=slot_mask, position_ids=positions, use_cache=True,
-                       **{specdec._cache_kwarg(type(model)): caches[1]}).logits
+                       **{kv_cache.cache_kwarg(type(model)): caches[1]}).logits
         return ours, theirs
 
     caches = (DynamicCache(), DynamicCache())
@@ -367,10 +368,10 @@ def test_top_p_from_candidates_is_the_sorted_rule_when_the_nucleus_fits():
     select (the fast path is really taken); the radix select alone must give the same set."""
     probs, threshold = _rows_with_nuclei()
     expected = top_p_keep(probs, 0.95, full_sort=True)
-    assert 1 < int(expected.sum(-1).max()) < specdec.TOP_P_CANDIDATES  # the nuclei fit
-    v, settled = specdec._top_p_from_candidates(probs, threshold)
+    assert 1 < int(expected.sum(-1).max()) < topp.TOP_P_CANDIDATES  # the nuclei fit
+    v, settled = topp._top_p_from_candidates(probs, threshold)
     assert settled.all() and torch.equal(probs >= v, expected)
-    assert torch.equal(specdec._top_p_radix(probs, threshold), expected)
+    assert torch.equal(topp._top_p_radix(probs, threshold), expected)
 
 
 def test_top_p_from_candidates_declines_a_nucleus_past_the_candidates():
@@ -381,9 +382,9 @@ def test_top_p_from_candidates_declines_a_nucleus_past_the_candidates():
     flat = (torch.randn(1, QWEN3_V, generator=torch.Generator().manual_seed(3)) * 0.5).softmax(-1)
     probs = torch.cat([probs[:2], flat, probs[2:]])
     threshold = 0.95 * probs.sum(-1, keepdim=True, dtype=torch.float64)
-    _, settled = specdec._top_p_from_candidates(probs, threshold)
+    _, settled = topp._top_p_from_candidates(probs, threshold)
     assert settled.tolist() == [True, True, False, True, True]
-    assert specdec._top_p_from_candidates(probs, threshold, n=QWEN3_V)[1].all()  # every token a candidate
+    assert topp._top_p_from_candidates(probs, threshold, n=QWEN3_V)[1].all()  # every token a candidate
     assert torch.equal(top_p_keep(probs, 0.95), top_p_keep(probs, 0.95, full_sort=True))
 
 
@@ -396,10 +397,10 @@ def test_small_vocabulary_top_p_sorts_only_the_rows_the_candidates_cannot_settle
     flat = (torch.randn(1, 640, generator=gen) * 0.1).softmax(-1)
     probs = torch.cat([peaked[:2], flat, peaked[2:]])             # (6, 640); row 2's nucleus > 64 tokens
     expected = top_p_keep(probs, 0.95, full_sort=True)
-    assert int(expected[2].sum()) > specdec.TOP_P_CANDIDATES_SMALL > int(expected[[0, 1, 3, 4, 5]].sum(-1).max())
+    assert int(expected[2].sum()) > topp.TOP_P_CANDIDATES_SMALL > int(expected[[0, 1, 3, 4, 5]].sum(-1).max())
     sorted_rows = []
-    real_sort = specdec._top_p_sorted
-    monkeypatch.setattr(specdec, "_top_p_sorted", lambda p, th: sorted_rows.append(p.shape[0]) or real_sort(p, th))
+    real_sort = topp._top_p_sorted
+    monkeypatch.setattr(topp, "_top_p_sorted", lambda p, th: sorted_rows.append(p.shape[0]) or real_sort(p, th))
     assert torch.equal(top_p_keep(probs, 0.95), expected)
     assert sorted_rows == [1]                                     # the flat row alone
 
@@ -413,10 +414,10 @@ def test_top_p_from_candidates_declines_a_boundary_inside_a_tie():
     p[0, :3] = 0.3                                         # M_0 = 0, M_1 = 0.3, M_2 = 0.6, M_3 = 0.9
     p[0, 3:] = 0.1 / (QWEN3_V - 3)
     after = 0.65 * p.sum(-1, keepdim=True, dtype=torch.float64)   # M_2 < 0.65 <= M_3: all three ties kept
-    v, settled = specdec._top_p_from_candidates(p, after)
+    v, settled = topp._top_p_from_candidates(p, after)
     assert settled.all() and torch.equal(p >= v, p >= 0.3)
     inside = 0.5 * p.sum(-1, keepdim=True, dtype=torch.float64)   # M_1 < 0.5 <= M_2: two of the three
-    assert not specdec._top_p_from_candidates(p, inside)[1].any()
+    assert not topp._top_p_from_candidates(p, inside)[1].any()
     assert torch.equal(top_p_keep(p, 0.5)[0, :4], torch.tensor([True, True, False, False]))
     assert int(top_p_keep(p, 0.5).sum()) == 2
 
@@ -455,12 +456,12 @@ def test_by_rows_gives_the_same_values_as_one_call():
     logits = torch.randn(7, 6, 5000, generator=gen) * 3                  # (b, k+1, V)
     q = torch.randn(7, 5, 5000, generator=gen).softmax(-1)               # (b, k, V)
     p = logits.softmax(-1)
-    assert torch.equal(specdec.by_rows(lambda x: x.softmax(-1), logits), p)
-    assert torch.equal(specdec.by_rows(lambda x: x.softmax(-1), logits.reshape(-1, 5000)),
+    assert torch.equal(cpu_memory.by_rows(lambda x: x.softmax(-1), logits), p)
+    assert torch.equal(cpu_memory.by_rows(lambda x: x.softmax(-1), logits.reshape(-1, 5000)),
                        p.reshape(-1, 5000))
     assert torch.equal(specdec.acceptance_prob(p[:, :5], q), torch.minimum(p[:, :5], q).sum(-1))
     assert torch.equal(specdec.entropy(p[:, :5]), -torch.special.xlogy(p[:, :5], p[:, :5]).sum(-1))
-    assert specdec.by_rows(lambda x: x.sum(-1), torch.ones(0, 5000)).shape == (0,)
+    assert cpu_memory.by_rows(lambda x: x.sum(-1), torch.ones(0, 5000)).shape == (0,)
 
 
 def test_processing_the_verifier_block_at_once_equals_row_by_row():
@@ -519,7 +520,7 @@ def test_sample_after_top_p_at_the_real_vocabulary():
     assert chi_square_p_value(counts, 1000 * probs.double()) > 1e-3
 
 
-def test_verify_block_residual_at_the_real_vocabulary():
+def test_accept_or_resample_residual_at_the_real_vocabulary():
     """After a certain rejection (p_1(x_1) = 0) the next token must come from norm(max(0, p - q)): at
     V = 151936, with p and q overlapping on part of their support, 500 draws pass a chi-square test
     against the residual, and tokens where q >= p are never emitted."""
@@ -536,7 +537,7 @@ def test_verify_block_residual_at_the_real_vocabulary():
     counts = torch.zeros(V, dtype=torch.float64)
     for _ in range(4):
         n = 125
-        acc, t = verify_block(p.expand(n, 2, V), q.expand(n, 1, V), draft.expand(n, 1),
+        acc, t = accept_or_resample(p.expand(n, 2, V), q.expand(n, 1, V), draft.expand(n, 1),
                               torch.ones(n, 1, dtype=torch.bool), generator=gen)
         assert not acc.any()
         counts += torch.bincount(t, minlength=V).double()
@@ -682,7 +683,7 @@ def one_round_with_a_rejection_at_position_2():
     counted = torch.tensor([[True, True, True]])
     acc = torch.tensor([[True, False, False]])
     emit = torch.tensor([[0, 1, 1, 1]])  # x_1, then the correction token
-    metrics.add(torch.tensor([0]), emit, torch.tensor([2]), counted, acc, p, q, p.log(), 1.0)
+    metrics.add(torch.tensor([0]), emit, torch.tensor([2]), counted, acc, p, q, p.log())
     return metrics.result(1.0).stats
 
 
@@ -853,14 +854,14 @@ def test_residual_of_equal_distributions_falls_back_to_p():
     assert torch.equal(residual(p, p.clone()), p)
 
 
-def test_verify_block_accepts_with_probability_min_1_p_over_q():
+def test_accept_or_resample_accepts_with_probability_min_1_p_over_q():
     """A draft x with q(x) = 0.8, p(x) = 0.2 must be accepted with probability p/q = 1/4 (the seed's rule
     min(1, p/q)); in 4000 independent rows the accepted share lies within 4 standard errors of 0.25."""
     n = 4000
     p = torch.stack([_dist(.2, .8, 0, 0), _dist(0, 0, 0, 1)])[None].expand(n, 2, 4)  # (n, k+1, V)
     q = _dist(.8, .2, 0, 0)[None, None].expand(n, 1, 4)  # (n, k, V)
     drafts = torch.zeros(n, 1, dtype=torch.long)  # x_1 = token 0
-    acc, t = verify_block(p, q, drafts, torch.ones(n, 1, dtype=torch.bool),
+    acc, t = accept_or_resample(p, q, drafts, torch.ones(n, 1, dtype=torch.bool),
                           generator=torch.Generator().manual_seed(0))
     share = acc.float().mean().item()
     assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
@@ -869,7 +870,7 @@ def test_verify_block_accepts_with_probability_min_1_p_over_q():
     assert torch.equal(t, torch.where(acc[:, 0], 3, 1))
 
 
-def test_verify_block_never_accepts_past_the_first_rejection_and_draws_the_bonus_from_p_k_plus_1():
+def test_accept_or_resample_never_accepts_past_the_first_rejection_and_draws_the_bonus_from_p_k_plus_1():
     """Drafts with p(x) >= q(x) are always accepted; one with p(x) = 0 always rejected, and nothing after it
     (the accepted drafts are a prefix). When all k are accepted t comes from p_{k+1} (the bonus)."""
     q = torch.stack([_dist(.5, .5, 0, 0)] * 3)  # (k, V)
@@ -878,7 +879,7 @@ def test_verify_block_never_accepts_past_the_first_rejection_and_draws_the_bonus
     p_reject[1] = _dist(0, .2, .8, 0)  # p_2(x_2 = 0) = 0
     p = torch.stack([p_accept, p_reject])  # (2, k+1, V)
     drafts = torch.tensor([[0, 1, 0], [1, 0, 1]])
-    acc, t = verify_block(p, torch.stack([q, q]), drafts, torch.ones(2, 3, dtype=torch.bool),
+    acc, t = accept_or_resample(p, torch.stack([q, q]), drafts, torch.ones(2, 3, dtype=torch.bool),
                           generator=torch.Generator().manual_seed(1))
     assert acc.tolist() == [[True, True, True], [True, False, False]]
     # row 1 after its rejection at x_2: norm(max(0, p_2 - q_2)) = norm((0, 0, .8, 0)) -> token 2 as well,
@@ -886,24 +887,24 @@ def test_verify_block_never_accepts_past_the_first_rejection_and_draws_the_bonus
     assert t.tolist() == [2, 2]
 
 
-def test_verify_block_refuses_drafts_that_do_not_count():
+def test_accept_or_resample_refuses_drafts_that_do_not_count():
     """A draft that does not count (past the budget, or after a stop id) must not be accepted even when p = q:
     the next token is then sampled in its place, from the residual of p and q at that position (= p)."""
     p = torch.stack([_dist(1, 0, 0, 0), _dist(0, 1, 0, 0), _dist(0, 0, 1, 0)])[None]  # (1, k+1, V)
     q = p[:, :2].clone()
-    acc, t = verify_block(p, q, torch.tensor([[0, 1]]), torch.tensor([[True, False]]),
+    acc, t = accept_or_resample(p, q, torch.tensor([[0, 1]]), torch.tensor([[True, False]]),
                           generator=torch.Generator().manual_seed(2))
     assert acc.tolist() == [[True, False]] and t.tolist() == [1]
 
 
-def test_verify_block_greedy_accepts_while_drafts_equal_argmax_p():
+def test_accept_or_resample_greedy_accepts_while_drafts_equal_argmax_p():
     """Greedy: x_i is accepted iff it is argmax p_i, up to the first mismatch; t = argmax p_{n+1}; no random
     number is drawn (the generator's state is untouched)."""
     p = torch.stack([_dist(.1, .7, .1, .1), _dist(.6, .2, .1, .1), _dist(.1, .1, .1, .7)])  # argmax 1, 0, 3
     q = torch.full((2, 4), .25)
     gen = torch.Generator().manual_seed(3)
     state = gen.get_state()
-    acc, t = verify_block(torch.stack([p, p]), torch.stack([q, q]), torch.tensor([[1, 0], [1, 2]]),
+    acc, t = accept_or_resample(torch.stack([p, p]), torch.stack([q, q]), torch.tensor([[1, 0], [1, 2]]),
                           torch.ones(2, 2, dtype=torch.bool), greedy=True, generator=gen)
     assert acc.tolist() == [[True, True], [True, False]]
     assert t.tolist() == [3, 0]  # the bonus argmax p_3, the correction argmax p_2
@@ -951,7 +952,7 @@ def test_join_left_pads_the_narrower_side_with_holes():
     shifted right by one hole (mask 0, zero keys), new rows unchanged, in both keys and values of every layer."""
     old = torch.tensor([[1., 2.]]).view(1, 1, 2, 1)
     new = torch.tensor([[3., 4., 5.], [0., 6., 7.]]).view(2, 1, 3, 1)
-    cache, mask = specdec._join(_cache([old, 10 * old]), torch.tensor([[1, 1]]),
+    cache, mask = kv_cache.join(_cache([old, 10 * old]), torch.tensor([[1, 1]]),
                                 _cache([new, 10 * new]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 1, 1]]
     expected = [[0., 1., 2.], [3., 4., 5.], [0., 6., 7.]]
@@ -964,7 +965,7 @@ def test_join_into_an_empty_batch_is_the_new_rows():
     """The batch starts empty (mask (0, 0)): joining must hand back the new rows as they are."""
     new = torch.tensor([[3., 4.]]).view(1, 1, 2, 1)
     new_cache = _cache([new])
-    cache, mask = specdec._join(DynamicCache(), torch.zeros(0, 0, dtype=torch.long), new_cache,
+    cache, mask = kv_cache.join(DynamicCache(), torch.zeros(0, 0, dtype=torch.long), new_cache,
                                 torch.tensor([[1, 1]]))
     assert cache is new_cache and mask.tolist() == [[1, 1]]
 
@@ -974,7 +975,7 @@ def test_compact_moves_valid_slots_right_in_order():
     valid slots a, c move right in order behind one hole, row 1 keeps b, c, d; keys and values move together."""
     keys = torch.tensor([[1., 2., 3., 4.], [5., 6., 7., 8.]]).view(2, 1, 4, 1)
     cache = _cache([keys])
-    mask = specdec._compact(cache, torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]]))
+    mask = kv_cache.compact(cache, torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]]))
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
     kept = cache.layers[0].keys.view(2, 3)
     assert kept[0, 1:].tolist() == [1., 3.] and kept[1].tolist() == [6., 7., 8.]  # row 0's slot 0 is a hole
@@ -982,12 +983,12 @@ def test_compact_moves_valid_slots_right_in_order():
 
 
 def test_freed_buffers_are_kept_for_reuse_on_glibc():
-    """Both generators keep freed CPU buffers for reuse (specdec.reuse_freed_memory): without it every
+    """Both generators keep freed CPU buffers for reuse (cpu_memory.reuse_freed_memory): without it every
     O(V) temporary of a sampling step is page-faulted in afresh, which tripled the sampler's cost at
     V = 151936. On Linux/glibc (this project's machines and CI) the setting must apply."""
     import sys
-    specdec.reuse_freed_memory.cache_clear()
-    applied = specdec.reuse_freed_memory()
+    cpu_memory.reuse_freed_memory.cache_clear()
+    applied = cpu_memory.reuse_freed_memory()
     assert applied is sys.platform.startswith("linux")
 
 
