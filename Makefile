@@ -37,22 +37,22 @@ train:  ## on-policy distillation: make train TASK=gsm8k DIV=rkl [PRESET=tiny|sm
 	    $(TORCHRUN) --standalone --nproc_per_node=$(NPROC) distill.py $(TRAIN_ARGS),$(PY) distill.py $(TRAIN_ARGS))
 
 eval:   ## acceptance and speedup of the baseline and every distilled student [TASK=...] [SOURCE= DATA=] [ARGS=]
-	$(PY) evaluate.py --preset $(PRESET) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--task $(TASK),) \
+	$(PY) -m study.evaluate --preset $(PRESET) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--task $(TASK),) \
 	    $(DATA_ARGS) $(ARGS)
 
 report: ## the whole study -> results/REPORT.md  (QUICK=1: two seeds, few steps; the CI smoke run) [SOURCE= DATA= TASK=] [ARGS=]
-	$(PY) report.py $(if $(QUICK),--quick,) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--tasks $(TASK),) \
+	$(PY) -m study.report $(if $(QUICK),--quick,) $(if $(or $(filter command line,$(origin TASK)),$(DATA)),--tasks $(TASK),) \
 	    $(DATA_ARGS) $(ARGS)
 
 curve:  ## which divergence wins vs the teacher's entropy, a controlled knob -> results/CURVE.md (QUICK=1: CI smoke run)
-	$(PY) curve.py $(if $(QUICK),--quick,)
+	$(PY) -m study.curve $(if $(QUICK),--quick,)
 
 real-study:  ## the seed's question on the real target (SmolLM2), temperature as the entropy knob -> results/REAL.md (cached, resumable; QUICK=1: CI smoke run) [ARGS=]
-	OMP_NUM_THREADS=1 $(PY) real_study.py $(if $(QUICK),--quick,) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m study.real_study $(if $(QUICK),--quick,) $(ARGS)
 
 # the full run continues the journal of an interrupted one (ARGS=--fresh starts over); the smoke run always decodes
 specbench:  ## Spec-Bench on the real pair (PRESET=smollm2 by default) -> results/SPECBENCH.md (QUICK=1: CI smoke run) [ARGS=]
-	$(PY) specbench.py --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --fresh --results results/quick,) $(ARGS)
+	$(PY) -m study.specbench --preset $(if $(filter command line,$(origin PRESET)),$(PRESET),smollm2) $(if $(QUICK),--quick --fresh --results results/quick,) $(ARGS)
 
 bench-loss:  ## the loss from hidden states (fused) vs on logits vs TRL's chunked kernel and GKD loss, V = 151936
 	$(PY) bench/bench_loss.py --suite fused

@@ -381,7 +381,7 @@ def check_options(cfg: Config):
     if cfg.fsdp and cfg.eval_every:
         raise ValueError(f"--eval-every {cfg.eval_every} is not supported with --fsdp yet (validation decodes "
                          "with the whole student on rank 0): drop --eval-every, or validate the checkpoints with "
-                         "evaluate.py")
+                         "python -m study.evaluate")
     if cfg.fsdp and cfg.lmbda < 1 and cfg.off_policy == "teacher":
         raise ValueError("--off-policy teacher is not allowed with --fsdp: sampling from the sharded teacher "
                          "would all-gather it once per decoded token, in lock-step over the ranks; use "

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import evaluate  # noqa: E402
+from study import evaluate  # noqa: E402
 import models  # noqa: E402
 import specdec  # noqa: E402
 

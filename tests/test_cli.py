@@ -10,7 +10,7 @@ import pytest
 
 import cli
 import distill
-import evaluate
+from study import evaluate
 import models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,13 +250,16 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_model(pair, tm
 # ----------------------------------------------------------------------------- --help (issue 31, item 14)
 
 def script_help(script: str) -> str:
-    r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, cwd=REPO,
+    """`script` is a file at the root (distill.py) or a module run with -m (study.report)."""
+    command = [str(REPO / script)] if script.endswith(".py") else ["-m", script]
+    r = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
-@pytest.mark.parametrize("script", ["distill.py", "evaluate.py", "report.py", "curve.py", "models.py", "data.py"])
+@pytest.mark.parametrize("script", ["distill.py", "study.evaluate", "study.report", "study.curve",
+                                    "models.py", "data.py"])
 def test_help_prints_option_texts_not_argparse_internals(script):
     """Issue 31: an unescaped % in evaluate.py's --speedup-repeats help made --help print argparse's
     internal dict ({'option_strings': ...}) in place of the sentence; --help is the first thing a user reads."""
@@ -264,7 +267,7 @@ def test_help_prints_option_texts_not_argparse_internals(script):
     assert "option_strings" not in text and "%(" not in text, text
 
 
-@pytest.mark.parametrize("script", ["report.py", "curve.py"])
+@pytest.mark.parametrize("script", ["study.report", "study.curve"])
 def test_help_description_is_a_whole_sentence(script):
     """Issue 31: curve.py's --help description stopped mid-sentence ('... as a function of the'): the first
     line of a wrapped docstring is not a sentence, its first paragraph is."""
@@ -289,8 +292,8 @@ def test_thousands_of_threads_are_refused_in_one_line_not_a_segfault(pair, tmp_p
     started: a segfault, exit status -11, no message. The shared check (cli.check_threads) bounds
     the count to a few threads per CPU (cli.max_threads), so every script with --threads refuses it
     in the one line that names what is allowed, before any work."""
-    import report
-    import specbench
+    from study import report
+    from study import specbench
     code, err = cli_run("distill.py", *train_args(pair, tmp_path / "run"), "--threads", 100000,
                         cwd=tmp_path)
     assert code == 2 and len(err) == 1, (code, err)
@@ -381,7 +384,7 @@ def test_runs_that_is_a_file_is_refused_before_any_model(pair, tmp_path, no_mode
     with the baseline draft alone, as if nothing had been trained (evaluate.py called the file 'no
     such folder'). --runs is the root of distill.py's runs: a file is refused, saying so, before any
     model loads (cli.check_runs_root, shared by both scripts)."""
-    import specbench
+    from study import specbench
     runs = tmp_path / "hostname"
     runs.write_text("a file, not a folder\n")
     if script == "specbench":

@@ -7,11 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import curve as C
+from study import curve as C
 import data
 import entropy
 import models
-import report
+from study import report
 
 
 # ----------------------------------------------------------------------------- the family

@@ -361,7 +361,7 @@ def test_distill_and_evaluate_keep_the_same_cnndm_rows(tmp_path, tokenizer, monk
     keep the same articles of the same file with the same (teacher's) tokenizer, print the counts, and do
     it before any model loads."""
     import distill
-    import evaluate
+    from study import evaluate
     import models
 
     tok_dir = _model_folder(tmp_path / "teacher", tokenizer)

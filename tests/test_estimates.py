@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-import estimates as E
+from study import estimates as E
 
 
 def write_run(tmp_path, name, train_alphas, val_alphas):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import entropy
-import evaluate
+from study import evaluate
 import models
 
 

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 import data
 import distill
-import evaluate
+from study import evaluate
 import models
 import rundir
 import specdec

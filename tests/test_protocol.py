@@ -10,9 +10,9 @@ import torch
 
 import data
 import distill
-import evaluate
+from study import evaluate
 import models
-import report
+from study import report
 import specdec
 
 KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "eos_token_id", "vocab_size")

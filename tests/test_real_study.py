@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import cli
-import curve
+from study import curve
 import distill
-import real_study as R
-import report
+from study import real_study as R
+from study import report
 
 
 def metrics(acceptance: list[float]) -> dict:

@@ -3,7 +3,7 @@ to write a partial report. No training here: the table-building is pure over loa
 import numpy as np
 import pytest
 
-import report as R
+from study import report as R
 
 
 def _entry(acc, alpha=None, length=None):
@@ -113,7 +113,7 @@ def test_report_reads_the_json_evaluate_writes(tmp_path):
     """The table is built from evaluate.py's real output format: write a doc with evaluate's own
     writer (a prompt with nothing drafted becomes null) and read it back; that prompt is left
     out of the mean, not counted as 0 (the seed's defect)."""
-    import evaluate
+    from study import evaluate
 
     def stats(drafted, accepted):
         return {"drafted": drafted, "tested": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else float("nan"),
@@ -305,7 +305,7 @@ def test_data_options_reach_training_and_evaluation(tmp_path, monkeypatch):
     """--source/--data-path are handed to every distill.py and evaluate.py call, so the report never
     trains on one data set and evaluates on another."""
     import distill
-    import evaluate
+    from study import evaluate
     calls = []
     monkeypatch.setattr(distill, "main", lambda argv: calls.append(argv))
     monkeypatch.setattr(evaluate, "main", lambda argv: calls.append(argv))
@@ -411,7 +411,7 @@ def test_study_options_are_refused_before_any_training(argv, match):
 
 
 def _study_parse(script):
-    import curve
+    from study import curve
     return {"report": R.parse_args, "curve": curve.parse_args}[script]
 
 
@@ -439,7 +439,7 @@ def test_out_a_file_the_script_did_not_write_is_refused_and_kept(script, tmp_pat
 def test_out_an_earlier_report_of_the_script_is_accepted(script, tmp_path):
     """Rerunning the study updates its own report in place (`make report` rewrites results/REPORT.md): the
     check that refuses foreign files must accept the script's own."""
-    import curve
+    from study import curve
     heading = {"report": R.HEADING, "curve": curve.HEADING}[script]
     old = tmp_path / "OLD.md"
     old.write_text(heading + " (tiny preset)\n\nold numbers\n")

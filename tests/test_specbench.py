@@ -17,7 +17,7 @@ import pytest
 import cli
 import data
 import models
-import specbench
+from study import specbench
 import specdec
 
 QUESTIONS = [
@@ -191,7 +191,7 @@ def test_bad_question_files_are_refused_before_any_model_loads(row, words, tmp_p
 def test_bad_question_file_is_one_line_and_exit_status_2(tmp_path):
     """From the command line the same refusal is the project's one `error:` line with exit status 2 (cli.py)."""
     path = write_questions(tmp_path / "question.jsonl", [{"question_id": 1, "category": "qa", "turns": []}])
-    proc = subprocess.run([sys.executable, "specbench.py", "--questions", str(path)], cwd=specbench.REPO,
+    proc = subprocess.run([sys.executable, "-m", "study.specbench", "--questions", str(path)], cwd=specbench.REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {path}, line 1: turns must be a non-empty list of user "
@@ -400,7 +400,7 @@ def test_an_interrupt_says_how_to_continue(bench, pair, tmp_path, capsys):
     journal = tmp_path / "results" / "tiny" / "specbench" / specbench.JOURNAL
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"terminated (SIGTERM) after 2/{N_ANSWERS} answers and 0/{N_BATCHED} batched chunk runs, every finished one "
-        f"kept in {journal}; continue with: python specbench.py {shlex.join(argv[:-1])}")
+        f"kept in {journal}; continue with: python -m study.specbench {shlex.join(argv[:-1])}")
     assert journal_rows(tmp_path / "results")[-1]["how"] == "terminated (SIGTERM)"
 
 
@@ -412,7 +412,8 @@ def test_a_journal_of_other_settings_is_refused_in_one_line(bench, pair, tmp_pat
     journal = tmp_path / "results" / "tiny" / "specbench" / specbench.JOURNAL
     before = journal.read_bytes()
     argv[argv.index("--max-new-tokens") + 1] = "6"
-    proc = subprocess.run([sys.executable, "specbench.py", *argv], cwd=specbench.REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "study.specbench", *argv], cwd=specbench.REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: {journal} holds a run with other settings (max_new_tokens 8 -> 6)")

@@ -3,9 +3,9 @@ report.py and curve.py (one implementation, imported by both)."""
 import numpy as np
 import pytest
 
-import curve
-import report
-import stats as S
+from study import curve
+from study import report
+from study import stats as S
 
 
 def test_report_and_curve_use_the_one_implementation():

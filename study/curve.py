@@ -56,9 +56,9 @@ import cli
 import data
 import divergences
 import models
-import stats
+from study import stats
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 TASK = "cnndm"          # the row format and system prompt the family is read through (see the docstring)
 
 # ----------------------------------------------------------------------------- the family
@@ -319,7 +319,7 @@ def evaluate_setting(cfg: CurveConfig, k: int, log) -> dict:
     (divergence, seed) draft. -> {"entropy": (mean, lo, hi), "tempered": float, "build": build.json,
     "per_prompt": {run_name: evaluate_draft's per-prompt metrics}}"""
     import distill
-    import evaluate
+    from study import evaluate
 
     pair = ensure_family_pair(k, cfg.root, cfg.scale)
     teacher, student, tok = models.load_pair(pair / "teacher", pair / "student")
@@ -364,7 +364,7 @@ def evaluate_setting(cfg: CurveConfig, k: int, log) -> dict:
 def collect(per_prompt: dict, divs=DIVS, seeds=(0, 1, 2, 3)) -> dict:
     """{k: {run_name: per-prompt metrics}} -> {k: {div: [per-seed metric arrays]}} (report.per_prompt_metrics).
     Raises report.MissingRunError naming EVERY missing draft: the curve is never drawn from part of it."""
-    import report
+    from study import report
 
     missing, out = [], {}
     for k, runs in per_prompt.items():
@@ -746,7 +746,7 @@ def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dic
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> CurveConfig:
-    p = cli.ArgumentParser(description=cli.description(__doc__))
+    p = cli.ArgumentParser(prog="python -m study.curve", description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="test-scale pairs, 3 settings, 2 seeds, few steps (CI)")
     p.add_argument("--settings", nargs="+", type=int, default=None, help=f"values of K in 1..{K_MAX}")
     p.add_argument("--divs", nargs="+", default=None, help="baseline and divergences of distill.py --div")
@@ -791,7 +791,7 @@ def check_config(cfg: CurveConfig):
 
 
 def main(argv=None) -> Path:
-    import report
+    from study import report
 
     argv = sys.argv[1:] if argv is None else list(argv)
     with cli.before_the_work():
@@ -814,7 +814,7 @@ def main(argv=None) -> Path:
         plots["claim"] = plot_claim(c, fig / "curve_seed_claim.png")
     plots = {key: p.relative_to(out_dir).as_posix() for key, p in plots.items()}
     meta = report._meta(t0, argv, commit)
-    meta["command"] = " ".join(["python curve.py", *argv])
+    meta["command"] = " ".join(["python -m study.curve", *argv])
     builds = {k: {**r["build"], "teacher_tokens": r["teacher_tokens"]} for k, r in results.items()}
     out = write_curve(cfg, c, builds, plots, meta)
     log(f"wrote {out}")

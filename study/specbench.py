@@ -72,7 +72,7 @@ the answer files specbench wrote, nothing else). A last line cut off mid-write (
 and its item redone. Ctrl-C / SIGTERM: one line with the command that continues. Progress lines count the items
 done and read back, with an ETA at the rate measured in this session. One run at a time per results folder (a lock).
 
-Run:  python specbench.py [--quick] [--preset smollm2] [--max-new-tokens 64] [--repeats 3] [--threads 1] [--fresh]
+Run:  python -m study.specbench [--quick] [--preset smollm2] [--max-new-tokens 64] [--repeats 3] [--threads 1] [--fresh]
       make specbench [QUICK=1] [ARGS=--fresh]
 """
 from __future__ import annotations
@@ -95,13 +95,13 @@ import torch
 import cli
 import data
 import entropy
-import evaluate
+from study import evaluate
 import models
-import report
+from study import report
 import rundir
 import specdec
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = REPO / "data" / "spec_bench" / "question.jsonl"
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 CATEGORIES = MT_BENCH + ("translation", "summarization", "qa", "math_reasoning", "rag")
@@ -380,7 +380,7 @@ def spec_bench_speed(records: list[dict], baseline: list[dict], categories=CATEG
 JOURNAL = "journal.jsonl"
 JOURNAL_VERSION = 1
 CODE = ("specdec.py", "plumbing/cpu_memory.py", "plumbing/decoding_args.py", "plumbing/kv_cache.py",
-        "plumbing/topp.py", "specbench.py", "models.py")   # the decoding code: recorded per session (code_versions)
+        "plumbing/topp.py", "study/specbench.py", "models.py")   # the decoding code: per session (code_versions)
 SUMMARY = "specbench.json"
 
 
@@ -673,7 +673,7 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
 
 def continue_command(argv: list[str]) -> str:
     """The command that continues an interrupted run: the same one, less --fresh."""
-    return shlex.join(["python", "specbench.py", *[a for a in argv if a != "--fresh"]])
+    return shlex.join(["python", "-m", "study.specbench", *[a for a in argv if a != "--fresh"]])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -1047,8 +1047,9 @@ def report_markdown(doc: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> Config:
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0],
-                           epilog="example: python specbench.py --quick  (CI's smoke run: a few minutes on 2 cores). A run can be "
+    p = cli.ArgumentParser(prog="python -m study.specbench", description=__doc__.split("\n")[0],
+                           epilog="example: python -m study.specbench --quick  (CI's smoke run: a few minutes on 2 "
+                           "cores). A run can be "
                            "stopped (Ctrl-C, SIGTERM, a crash) and continued: every finished answer is in "
                            "<results>/<preset>/specbench/journal.jsonl, and the same command goes on from there "
                            "(--fresh starts over)")
@@ -1194,7 +1195,7 @@ def run_and_report(cfg: Config, argv, inputs, methods, target, tokenizer, protoc
     entropies = teacher_entropies(target, results[0]["vanilla"], cfg.temperature, protocol.vocab_size)
     eq = ({m: equality(results, m, tokenizer, target, protocol) for m in spec} if cfg.temperature == 0 else {})
     batched = batched_run(cfg, methods, target, batched_prompts(results[0]["vanilla"]), protocol, log, journal)
-    doc = {"preset": cfg.preset, "command": " ".join(["python specbench.py", *argv]),
+    doc = {"preset": cfg.preset, "command": " ".join(["python -m study.specbench", *argv]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}", "threads": cfg.threads,
            "commit": commit, "minutes": math.nan, "sessions": journal.sessions, "code_versions": len(journal.code), "n_questions": len(questions),

@@ -57,10 +57,10 @@ from pathlib import Path
 import numpy as np
 
 import cli
-import curve
+from study import curve
 import data
 import divergences
-import estimates
+from study import estimates
 import models
 
 PRESET, TASK = "smollm2", "gsm8k"
@@ -242,7 +242,7 @@ def load_setting(cfg: StudyConfig, t: float) -> Setting:
     tok = models.load_tokenizer(target_dir)
     protocol = models.decoding_protocol(PRESET, tok, teacher, task=TASK, temperature=t,
                                         max_new_tokens=cfg.max_new_tokens)
-    import report
+    from study import report
 
     return Setting(teacher, eval_prompts(cfg, tok), protocol, file_sha256(target_dir / "model.safetensors"),
                    baseline_dir, report.source_commit())
@@ -268,7 +268,7 @@ def measure_setting_entropy(cfg: StudyConfig, t: float, setting: Setting, log) -
 
 def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, setting: Setting, log) -> dict:
     """One draft's per-prompt metrics and pooled alpha at T (evaluate.evaluate_draft), cached by fingerprint."""
-    import evaluate
+    from study import evaluate
 
     run_dir = setting_dir(cfg, t) / name
     path = run_dir / "real_eval.json"
@@ -462,7 +462,7 @@ def write_text(path: Path, text: str):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> StudyConfig:
-    p = cli.ArgumentParser(description=cli.description(__doc__))
+    p = cli.ArgumentParser(prog="python -m study.real_study", description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="CI's smoke run: one temperature, rkl and jsd, one seed, "
                    "2 steps of 2 prompts, 6 eval prompts")
     p.add_argument("--settings", nargs="+", type=float, default=None, help="sampling temperatures T (> 0)")
@@ -511,7 +511,7 @@ def check_config(cfg: StudyConfig):
 
 
 def main(argv=None) -> Path:
-    import report
+    from study import report
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     with cli.before_the_work():
@@ -534,7 +534,7 @@ def main(argv=None) -> Path:
                                                   fig / "real_estimates.png")
     plots = {key: Path(p).relative_to(out_dir).as_posix() for key, p in plots.items()}
     meta = report._meta(t0, argv, commit)
-    meta["command"] = " ".join(["python real_study.py", *argv])
+    meta["command"] = " ".join(["python -m study.real_study", *argv])
     out = write_report(cfg, c, results, plots, meta)
     log(f"wrote {out}")
     return out

@@ -44,9 +44,9 @@ Outputs: printed, and results/<preset>/<task>/eval.{md,json}; the JSON holds the
 and, with --record, speculative_generate's per-drafted-position records (teacher entropy, beta_i,
 accepted) for the entropy analysis (entropy.py / report.py).
 
-Run:  python evaluate.py [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
-      python evaluate.py --drafts elsewhere/rkl-s0 elsewhere/jsd-s0/best      (drafts by path, not under runs/)
-      python evaluate.py --preset paper --task gsm8k --source file --data-path data/gsm8k
+Run:  python -m study.evaluate [--preset tiny] [--task gsm8k] [--n-prompts 64] [--record]
+      python -m study.evaluate --drafts elsewhere/rkl-s0 elsewhere/jsd-s0/best      (drafts by path, not under runs/)
+      python -m study.evaluate --preset paper --task gsm8k --source file --data-path data/gsm8k
 """
 import json
 import math
@@ -619,8 +619,9 @@ def write_results(doc: dict, results_root: Path) -> Path:
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="Speculative-decoding acceptance of the baseline and distilled drafts.",
-                                epilog="example: python evaluate.py --preset tiny --task gsm8k --record")
+    p = cli.ArgumentParser(prog="python -m study.evaluate",
+                           description="Speculative-decoding acceptance of the baseline and distilled drafts.",
+                           epilog="example: python -m study.evaluate --preset tiny --task gsm8k --record")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(models.PRESETS)} (default %(default)s)")
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: every task with trained drafts)")
     p.add_argument("--teacher", default=None, help="override the preset's teacher (path or hub id)")

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from stats import EQUIV_MARGIN, crossed_bootstrap, difference_statement, metric_bootstrap
+from study.stats import EQUIV_MARGIN, crossed_bootstrap, difference_statement, metric_bootstrap
 
 DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd", "ajsd", "nla", "lk")   # jsd: beta = 0.5 (distill's default)
 FIXED = ("fkl", "rkl", "jsd", "tvd")      # the fixed divergences; ajsd, nla and lk are compared with their best
@@ -400,7 +400,7 @@ def read_eval(path) -> dict:
     """results/<preset>/<task>/eval.json (evaluate.py) -> its parsed document."""
     path = Path(path)
     if not path.exists():
-        raise MissingRunError(f"no evaluation file {path}: run evaluate.py for this task first")
+        raise MissingRunError(f"no evaluation file {path}: run python -m study.evaluate for this task first")
     return json.loads(path.read_text())
 
 
@@ -563,7 +563,7 @@ def tune_ajsd(cfg: ReportConfig, task: str, log) -> dict:
     prompts (token acceptance, crossed bootstrap). -> {"grid": {(floor, scale): (mean, lo, hi)},
     "selected": (floor, scale), "n_val": int}. The eval prompts are never touched."""
     import data
-    import evaluate
+    from study import evaluate
     import models
 
     grid_dir = Path(cfg.runs) / cfg.preset / "ajsd-grid" / task   # outside <runs>/<preset>/<task>: evaluate.py
@@ -616,7 +616,7 @@ def reusable_eval(cfg: ReportConfig, task: str, path: Path) -> bool:
 
 
 def evaluate_task(cfg: ReportConfig, task: str) -> Path:
-    import evaluate
+    from study import evaluate
 
     task_results = Path(cfg.results) / cfg.preset / task_group(cfg, task)
     if cfg.reuse and reusable_eval(cfg, task, task_results / "eval.json"):
@@ -710,7 +710,7 @@ def gain_sentences(task: str, analysis: dict) -> list[str]:
 def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grids, plots, protocols, meta,
                  paired=None, estimate_summaries=None, estimates_plot=None) -> Path:
     import entropy
-    import estimates
+    from study import estimates
 
     md = [f"{HEADING} ({cfg.preset} preset{', QUICK smoke run' if cfg.quick else ''})", ""]
     md += [f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}, "
@@ -835,13 +835,14 @@ def source_commit() -> str:
 
 
 def _meta(t0: float, argv, commit: str) -> dict:
-    return dict(command=" ".join(["python report.py", *argv]), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    return dict(command=" ".join(["python -m study.report", *argv]),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                 commit=commit, minutes=(time.time() - t0) / 60)
 
 
 def parse_args(argv=None) -> ReportConfig:
-    p = cli.ArgumentParser(description=cli.description(__doc__))
+    p = cli.ArgumentParser(prog="python -m study.report", description=cli.description(__doc__))
     p.add_argument("--quick", action="store_true", help="two seeds, few steps, a 2 x 2 ajsd grid (CI smoke test)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", default=None)
@@ -929,7 +930,7 @@ def main(argv=None):
         cfg = parse_args(argv)
     cli.set_threads(cfg.threads)
     import entropy
-    import estimates
+    from study import estimates
 
     t0, commit = time.time(), source_commit()
     log = progress_log(t0)

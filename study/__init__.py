@@ -1,0 +1,1 @@
+"""The study: evaluation, reports, the entropy curve, Spec-Bench, the real-target study."""
