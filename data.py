@@ -54,7 +54,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cli
+from plumbing import cli
 
 TASKS = ("gsm8k", "cnndm")
 SPLITS = ("train", "eval")

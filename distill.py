@@ -104,12 +104,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-import cli
+from plumbing import cli
 import data
 import divergences
 import models
-import rundir
-import sharding
+from plumbing import rundir
+from plumbing import sharding
 import specdec
 
 OFF_POLICY = ("dataset", "teacher")

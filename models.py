@@ -57,10 +57,10 @@ from pathlib import Path
 
 import torch
 
-import cli
+from plumbing import cli
 import data
 import entropy   # entropy.py and specdec.py never import models: no cycle
-import rundir
+from plumbing import rundir
 import specdec
 from plumbing.decoding_args import resolve_stop_ids
 
@@ -660,7 +660,7 @@ def check_config_json(folder, role: str = "model") -> dict:
 def config_model(path_or_id, role: str = "model") -> torch.nn.Module:
     """The model config.json describes, built on the meta device: every parameter's shape, no memory, no
     weight read. What the checks below compare the weights and the tokenizer with before any model loads."""
-    import sharding                               # sharding.py does not import models: no cycle
+    from plumbing import sharding                      # plumbing/sharding.py does not import models: no cycle
 
     try:
         return sharding.empty_model(str(path_or_id), torch.float32)

@@ -25,7 +25,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 import data  # noqa: E402
 import models  # noqa: E402
-import sharding  # noqa: E402
+from plumbing import sharding  # noqa: E402
 import specdec  # noqa: E402
 
 GATHERS = []

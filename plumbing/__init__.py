@@ -1,1 +1,2 @@
-"""The machinery of specdec.py: CPU fast paths, argument checks and the KV-cache plumbing."""
+"""The machinery under the method: specdec's fast paths and checks, the command line, run
+directories, checkpoints, FSDP sharding and the training run's checks."""

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
+from plumbing import cli
 import data
 import divergences
 import models

@@ -56,10 +56,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import cli
+from plumbing import cli
 import data
 import models
-import rundir
+from plumbing import rundir
 import specdec
 
 METRICS = ("token_acceptance", "alpha", "mean_accepted_length")

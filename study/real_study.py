@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from plumbing import cli
 from study import curve
 import data
 import divergences
@@ -164,7 +164,7 @@ def train_draft(cfg: StudyConfig, t: float, div: str, seed: int, log) -> Path:
 def wait_while_in_use(out: Path, log, poll_s: float = 60.0):
     """A run another process is training (a second study, or distill.py started by hand) is waited for, then
     found finished or resumed: two writers of one run directory never run at once (rundir.RunLock)."""
-    import rundir
+    from plumbing import rundir
 
     said = False
     while True:

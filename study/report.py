@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from plumbing import cli
 from study.stats import EQUIV_MARGIN, crossed_bootstrap, difference_statement, metric_bootstrap
 
 DIVS = ("baseline", "fkl", "rkl", "jsd", "tvd", "ajsd", "nla", "lk")   # jsd: beta = 0.5 (distill's default)
@@ -475,7 +475,7 @@ def task_group(cfg: ReportConfig, task: str) -> str:
     evaluate.py name it (rundir.task_group: the data in the name when it is not the preset's own)."""
     import data
     import models
-    import rundir
+    from plumbing import rundir
 
     preset_source = models.preset_data(cfg.preset, task)
     source, path = data.resolve_source(cfg.source, cfg.data_path, preset_source)

@@ -92,13 +92,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
+from plumbing import cli
 import data
 import entropy
 from study import evaluate
 import models
 from study import report
-import rundir
+from plumbing import rundir
 import specdec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from plumbing import cli
 import distill
 from study import evaluate
 import models

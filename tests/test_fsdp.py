@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import distill
 import models
-import sharding
+from plumbing import sharding
 import specdec
 from test_distill import REPO, free_port, read_losses, read_metric, run_args, state
 

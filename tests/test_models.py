@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import cli
+from plumbing import cli
 import data
 import models
 import specdec

@@ -18,7 +18,7 @@ import data
 import distill
 from study import evaluate
 import models
-import rundir
+from plumbing import rundir
 import specdec
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli
+from plumbing import cli
 from study import curve
 import distill
 from study import real_study as R
@@ -139,7 +139,7 @@ def test_a_run_another_process_trains_is_waited_for(tmp_path):
     """Two writers of one run directory must never run at once: the study waits while the lock is held."""
     import threading
 
-    import rundir
+    from plumbing import rundir
 
     out = tmp_path / "run"
     out.mkdir()

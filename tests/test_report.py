@@ -336,7 +336,7 @@ def test_hub_source_offline_is_one_line_before_training(tmp_path, monkeypatch, c
     was not taken as the user's. The user reads one line, exit status 2, before anything trains:
     the hub cannot be reached offline, and what to use instead (--source standin, or downloaded
     files with --source file)."""
-    import cli
+    from plumbing import cli
     import distill
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(distill, "main",

@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import cli
+from plumbing import cli
 import data
 import distill
 import models
-import rundir
+from plumbing import rundir
 import specdec
 from plumbing.decoding_args import NonFiniteLogits
 

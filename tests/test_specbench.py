@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from plumbing import cli
 import data
 import models
 from study import specbench

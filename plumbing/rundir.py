@@ -724,7 +724,7 @@ def resume_command(argv: list[str], out) -> str:
             args.append(a)
     world = int(os.environ.get("WORLD_SIZE", "1"))        # the sharding is part of the run: same launcher
     launcher = [venv_command("torchrun"), f"--nproc_per_node={world}"] if world > 1 else [venv_command("python")]
-    script = Path(__file__).resolve().with_name("distill.py")
+    script = Path(__file__).resolve().parents[1] / "distill.py"      # plumbing/ -> the root
     return shlex.join([*launcher, shown_path(script), *args, "--out", str(out), "--resume"])
 
 
