@@ -175,7 +175,7 @@ def test_a_second_writer_is_refused_before_loading_models(pair, tmp_path, no_mod
 def test_the_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     """A process killed with -9 cannot release its lock; the kernel drops its flock, so the next run takes
     the directory (and says so) instead of being locked out forever."""
-    script = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import rundir\n"
+    script = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from plumbing import rundir\n"
               "rundir.RunLock(sys.argv[2]).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", script, str(REPO), str(tmp_path)])
     assert proc.returncode == -signal.SIGKILL and (tmp_path / rundir.LOCK).exists()
