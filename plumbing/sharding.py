@@ -36,9 +36,17 @@ checksummed with the checkpoint, loaded with weights_only=True). Why gathered ra
 (torch.distributed.checkpoint): the student is the small model (a 1B draft's AdamW state is 8 GB in
 float32), and one self-contained folder keeps rundir.py's rules (atomic rename, checksums, last two kept)
 as they are. `load_optimizer_state` gives each rank its piece back.
+
+Also distill.py's processes: the process group (init_distributed), the sums over ranks
+(all_reduce_sum), the pair loaded and sharded for --fsdp, and <out>/sharding.json.
 """
+from __future__ import annotations
+
+import json
+import os
 import warnings
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -47,6 +55,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+from plumbing import rundir
+
+if TYPE_CHECKING:
+    from distill import Config, Run
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -216,3 +229,61 @@ def full_optimizer_state(model, optimizer) -> dict:
 def load_optimizer_state(model, optimizer, state: dict):
     """Restore a full_optimizer_state dict (held by every rank): each rank keeps its pieces."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------- distill.py's processes
+
+def init_distributed(fsdp: bool = False):
+    """(rank, world_size, local_rank); initialises the process group under torchrun (for --fsdp also with
+    one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and not fsdp:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def all_reduce_sum(x, world: int, device):
+    """The sum over the ranks of a number (-> float) or a tensor of counts (-> float64 tensor on the CPU)."""
+    if world == 1:
+        return x
+    t = (x if torch.is_tensor(x) else torch.tensor([x])).to(device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.cpu() if torch.is_tensor(x) else float(t)
+
+
+def load_pair_to_shard(cfg: Config, student_path: str, device, master: bool):
+    """--fsdp: rank 0 reads both models into CPU memory (the teacher in the dtype the device computes in,
+    bf16 on CUDA), the other ranks build them empty (meta device); shard_models then broadcasts rank 0's
+    weights piece by piece. An 8-bit teacher is read and quantised on the device by every rank, whole."""
+    from plumbing.train_checks import DTYPES   # imported here: no cycle
+    import models                               # models imports this module lazily too
+    teacher_dtype = DTYPES[cfg.dtype]
+    if master:                                 # load_pair checks the pair (tokenizers, lm_heads) once
+        teacher, student, tokenizer = models.load_pair(
+            cfg.teacher, student_path, device=device if cfg.teacher_8bit else "cpu", teacher_dtype=teacher_dtype,
+            load_in_8bit=cfg.teacher_8bit)
+        return teacher, student.to("cpu", torch.float32), tokenizer
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    teacher = (models.load_model(cfg.teacher, device=device, load_in_8bit=True) if cfg.teacher_8bit
+               else empty_model(cfg.teacher, teacher_dtype))
+    return teacher, empty_model(student_path, torch.float32), tokenizer
+
+
+def shard_models(cfg: Config, teacher, student, device):
+    """--fsdp: both models sharded per decoder layer (sharding.shard). The student computes in bf16 on CUDA
+    with float32 master pieces and reduction; the teacher in the dtype it was loaded in (bf16 on CUDA). An
+    8-bit teacher (bitsandbytes' Int8Params cannot be split into DTensor pieces) stays whole on every rank."""
+    if not cfg.teacher_8bit:
+        shard(teacher, from_rank0=True, device=device)
+    shard(student, mixed_precision(device, cfg.dtype == "bfloat16"), from_rank0=True, device=device)
+
+
+def write_sharding_record(run: Run):
+    """<out>/sharding.json: every rank's bytes of teacher weights, student weights, gradients and AdamW
+    state (local pieces, sharding.memory_record), measured after the first optimizer step of the process."""
+    records = gather_records(memory_record(run.teacher, run.student, run.optimizer), run.world)
+    if run.master:
+        rundir.write_atomic(run.out / "sharding.json", json.dumps({"world_size": run.world, "ranks": records},
+                                                                  indent=1))

@@ -140,6 +140,7 @@ def config_differences(run_dir: Path, argv: list[str]) -> list[str]:
 def train_draft(cfg: StudyConfig, t: float, div: str, seed: int, log) -> Path:
     """The run's final/ folder: trained now, resumed from its newest checkpoint, or found finished."""
     import distill
+    from plumbing import checkpoints
 
     out = setting_dir(cfg, t) / curve.run_name(div, seed)
     argv = distill_argv(cfg, t, div, seed, out)
@@ -149,7 +150,7 @@ def train_draft(cfg: StudyConfig, t: float, div: str, seed: int, log) -> Path:
     if out.exists():
         wait_while_in_use(out, log)
     if not (out / "final").exists():
-        resumable = distill.latest_checkpoint(out) if out.exists() else None
+        resumable = checkpoints.latest_checkpoint(out) if out.exists() else None
         if out.exists() and resumable is None:
             shutil.rmtree(out)               # a run that died before its first checkpoint: start it again
         t0 = time.time()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from plumbing import cli
 import distill
 from study import evaluate
 import models
+from plumbing import cli, train_checks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,8 +224,8 @@ def test_runs_on_other_data_get_their_own_default_folder(pair, tmp_path, monkeyp
     data_file.parent.mkdir()
     data_file.write_text(json.dumps({"question": "How many?", "answer": "Two.\n#### 2"}) + "\n")
     common = ["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1]]
-    standin = distill.resolve_config(distill.parse_args(common))
-    local = distill.resolve_config(distill.parse_args(common + ["--data-path", str(data_file.parent)]))
+    standin = train_checks.resolve_config(distill.parse_args(common))
+    local = train_checks.resolve_config(distill.parse_args(common + ["--data-path", str(data_file.parent)]))
     assert Path(standin.out) == Path("runs/tiny/gsm8k/rkl-s0")
     assert Path(local.out) == Path("runs/tiny/gsm8k-file-gsm8k/rkl-s0")
 
@@ -322,7 +322,7 @@ def test_a_gpu_index_the_machine_lacks_is_refused(monkeypatch):
     monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match=r"--device cuda:3 is cuda:3, but this machine has 2 CUDA GPU\(s\): cuda:0 to cuda:1"):
-        distill.check_device("cuda:3")
+        train_checks.check_device("cuda:3")
 
 
 def test_cuda_without_an_index_is_this_processs_gpu(monkeypatch):
@@ -331,9 +331,9 @@ def test_cuda_without_an_index_is_this_processs_gpu(monkeypatch):
     monkeypatch.setattr(distill.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distill.torch.cuda, "device_count", lambda: 2)
     cfg = distill.Config(device="cuda")
-    distill.check_device(cfg.device, local_rank=1)
-    assert distill.run_device(cfg, local_rank=1) == distill.torch.device("cuda", 1)
-    assert distill.run_device(distill.Config(device="cuda:0"), local_rank=1) == distill.torch.device("cuda", 0)
+    train_checks.check_device(cfg.device, local_rank=1)
+    assert train_checks.run_device(cfg, local_rank=1) == distill.torch.device("cuda", 1)
+    assert train_checks.run_device(distill.Config(device="cuda:0"), local_rank=1) == distill.torch.device("cuda", 0)
 
 
 # ----------------------------------------------------------------------------- model configs (issue 31, item 7)
@@ -461,7 +461,7 @@ def test_cuda_for_more_processes_than_gpus_is_refused_on_every_rank(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ValueError, match=r"--device cuda gives each of the 4 processes on this machine its own GPU "
                                          r"\(cuda:<local rank>\), but it has 2"):
-        distill.resolve_config(distill.parse_args(["--device", "cuda", "--out", "/tmp/unused-run"]))
+        train_checks.resolve_config(distill.parse_args(["--device", "cuda", "--out", "/tmp/unused-run"]))
 
 
 # ----------------------------------------------------------------------------- torchrun (issue 31, item 10)

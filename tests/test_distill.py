@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM
 import distill
 import divergences
 import models
+import reference
+from plumbing import checkpoints, train_checks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,8 +68,8 @@ def loss_of(student, teacher, batch, div="jsd", beta=0.5, temperature=1.0):
     """Our per-batch loss: sum of d over the completion tokens / their number."""
     mask = batch["loss_mask"][:, batch["prompt_width"]:]
     with torch.no_grad():
-        t = distill.completion_logits(teacher, batch)
-    s = distill.completion_logits(student, batch)
+        t = reference.completion_logits(teacher, batch)
+    s = reference.completion_logits(student, batch)
     return distill.batch_divergence_sum(s, t, mask, divergences.Divergence(div, beta, temperature)).total / mask.sum()
 
 
@@ -147,17 +149,17 @@ def test_accumulated_normaliser_is_the_full_batch_mean_unlike_trl(pair, loaded):
     def ours(student, b):
         mask = b["loss_mask"][:, b["prompt_width"]:]
         with torch.no_grad():
-            t = distill.completion_logits(teacher, b)
+            t = reference.completion_logits(teacher, b)
         rkl = divergences.Divergence("rkl")
-        sums = distill.batch_divergence_sum(distill.completion_logits(student, b), t, mask, rkl)
+        sums = distill.batch_divergence_sum(reference.completion_logits(student, b), t, mask, rkl)
         return sums.total / n_total
 
     def trl_per_micro_mean(student, b):
         P = b["prompt_width"]
         labels = b["input_ids"].masked_fill(~b["loss_mask"], -100)[:, P:]
         with torch.no_grad():
-            t = distill.completion_logits(teacher, b)
-        return GKDTrainer.generalized_jsd_loss(distill.completion_logits(student, b), t, labels, beta=1.0) / 2
+            t = reference.completion_logits(teacher, b)
+        return GKDTrainer.generalized_jsd_loss(reference.completion_logits(student, b), t, labels, beta=1.0) / 2
 
     student = fresh_student(pair)
     full = loss_of(student, teacher, distill.build_batch(prompts, completions, tok.pad_token_id), "rkl")
@@ -199,8 +201,8 @@ def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, 
         assert student.get_output_embeddings().weight is student.get_input_embeddings().weight   # tied
         if path == "logits":
             with torch.no_grad():
-                t = distill.completion_logits(teacher, batch)
-            total, ent, _ = distill.batch_divergence_sum(distill.completion_logits(student, batch), t, mask,
+                t = reference.completion_logits(teacher, batch)
+            total, ent, _ = distill.batch_divergence_sum(reference.completion_logits(student, batch), t, mask,
                                                          divergences.Divergence(div, 0.5, 0.6), vocab,
                                                          return_teacher_entropy=True)
             total.backward()
@@ -283,7 +285,7 @@ def test_left_padded_rows_give_the_same_loss_as_each_row_alone(loaded):
         def row_sums(ps, cs):
             b = distill.build_batch(ps, cs, tok.pad_token_id)
             mask = b["loss_mask"][:, b["prompt_width"]:]
-            s, t = distill.completion_logits(student, b), distill.completion_logits(teacher, b)
+            s, t = reference.completion_logits(student, b), reference.completion_logits(teacher, b)
             return (divergences.token_divergence(s, t, divergences.Divergence("jsd")) * mask).sum(-1)
         batched = row_sums(prompts, comps)
         alone = torch.cat([row_sums([p], [c]) for p, c in zip(prompts, comps)])
@@ -306,8 +308,8 @@ def test_a_few_steps_reduce_the_divergence_on_a_fixed_batch(pair, tmp_path, div)
 
 def step_batches(pair, out, *extra):
     """The micro-batches of step 0 of a run with these arguments, rebuilt as the loop builds them, and the run."""
-    cfg = distill.resolve_config(distill.parse_args(run_args(pair, out, *extra)))
-    run = distill.set_up(cfg, distill.check_inputs(cfg, True))
+    cfg = train_checks.resolve_config(distill.parse_args(run_args(pair, out, *extra)))
+    run = distill.set_up(cfg, train_checks.check_inputs(cfg, True))
     run.metrics.close()
     return cfg, run, distill.sample_step(cfg, run, 0)[1]
 
@@ -327,7 +329,7 @@ def test_train_alpha_is_the_step_wide_mean_alpha_at_the_loss_temperature(pair, t
         for b in micro_batches:
             mask = b["loss_mask"][:, b["prompt_width"]:]
             with torch.no_grad():
-                s, t = (distill.completion_logits(m, b)[..., :run.vocab][mask].double()
+                s, t = (reference.completion_logits(m, b)[..., :run.vocab][mask].double()
                         for m in (run.student, run.teacher))
             q, p = (distill.specdec.process_logits(x, tau, 0, top_p) for x in (s, t))
             out.append(torch.minimum(p, q).sum(-1))
@@ -432,9 +434,9 @@ def test_best_is_the_student_of_the_best_validation_step(pair, loaded, tmp_path)
     info = json.loads((out / "best" / "best.json").read_text())
     assert info["step"] == top["step"] and info["val_acceptance_rate"] == top["val_acceptance_rate"]
     assert distill.rundir.verify_checkpoint(out / "best") is None
-    cfg = distill.resolve_config(distill.parse_args(run_args(pair, tmp_path / "re", "--eval-every", 1,
+    cfg = train_checks.resolve_config(distill.parse_args(run_args(pair, tmp_path / "re", "--eval-every", 1,
                                                              "--eval-prompts", 4)))
-    run = distill.set_up(cfg, distill.check_inputs(cfg, True))
+    run = distill.set_up(cfg, train_checks.check_inputs(cfg, True))
     run.metrics.close()
     run.student = AutoModelForCausalLM.from_pretrained(out / "best")
     again = distill.validate(run)
@@ -484,7 +486,7 @@ def test_a_damaged_best_is_removed_on_resume(pair, tmp_path):
     with open(out / "best" / "model.safetensors", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    assert distill.load_best(out, start=2) == distill.Best()
+    assert checkpoints.load_best(out, start=2) == checkpoints.Best()
     assert not (out / "best").exists() and step >= 1
 
 
@@ -539,9 +541,9 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(pair, loa
 
     monkeypatch.setattr(distill.torch, "save", crash)
     with pytest.raises(OSError):
-        distill.save_checkpoint(out, 4, student, loaded[2], opt, sched)
+        checkpoints.save_checkpoint(out, 4, student, loaded[2], opt, sched)
     monkeypatch.undo()
-    ckpt = distill.latest_checkpoint(out)
+    ckpt = checkpoints.latest_checkpoint(out)
     assert ckpt.name == "ckpt-0000002"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 2
     AutoModelForCausalLM.from_pretrained(ckpt)
@@ -628,7 +630,7 @@ def test_dtype_defaults_to_the_devices_and_bad_values_are_named(pair, monkeypatc
     """No --dtype: float32 on the CPU, bfloat16 on CUDA (resolved, so config.json records what ran);
     anything else is refused with the valid choices."""
     def resolved(*extra):
-        return distill.resolve_config(distill.parse_args(run_args(pair, "unused", *extra))).dtype
+        return train_checks.resolve_config(distill.parse_args(run_args(pair, "unused", *extra))).dtype
     assert resolved("--device", "cpu") == "float32"
     with monkeypatch.context() as m:          # a CUDA machine (a device that is not there is refused: issue 31)
         m.setattr(distill.torch.cuda, "is_available", lambda: True)
@@ -645,7 +647,7 @@ def test_loss_temperature_defaults_to_the_sampling_temperature(pair):
     """The draft is judged at the sampling temperature (acceptance = sum min(p_T, q_T)), so by default the
     loss compares the same tempered distributions; greedy sampling (T = 0) falls back to 1; explicit wins."""
     def resolved(*extra):
-        return distill.resolve_config(distill.parse_args(run_args(pair, "unused", *extra)))
+        return train_checks.resolve_config(distill.parse_args(run_args(pair, "unused", *extra)))
     assert resolved("--temperature", 0.6).loss_temperature == 0.6
     assert resolved("--temperature", 0).loss_temperature == 1.0
     assert resolved("--temperature", 0.6, "--loss-temperature", 1.0).loss_temperature == 1.0
@@ -765,7 +767,7 @@ def test_validation_is_refused_with_fsdp(pair, monkeypatch):
     --fsdp is refused before any work, naming both flags, instead of hanging the other ranks."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--eval-every 5 is not supported with --fsdp"):
-        distill.resolve_config(distill.parse_args(run_args(pair, "unused", "--fsdp", "--eval-every", 5)))
+        train_checks.resolve_config(distill.parse_args(run_args(pair, "unused", "--fsdp", "--eval-every", 5)))
 
 
 # ----------------------------------------------------------------------------- which preset's settings apply
@@ -780,8 +782,8 @@ def test_a_model_outside_the_tiny_pairs_needs_lr_under_the_tiny_preset(pair, tmp
     argv = ["--task", "gsm8k", "--teacher", pair[0], "--student", str(other), "--out", str(tmp_path / "run")]
     with pytest.raises(ValueError, match=r"--student .*my-student is not a tiny pair's model.*--preset tiny.*"
                                          r"lr 0\.002.*pass --lr"):
-        distill.resolve_config(distill.parse_args(argv))
-    assert distill.resolve_config(distill.parse_args(argv + ["--lr", "1e-5"])).lr == 1e-5
+        train_checks.resolve_config(distill.parse_args(argv))
+    assert train_checks.resolve_config(distill.parse_args(argv + ["--lr", "1e-5"])).lr == 1e-5
 
 
 def test_the_run_says_which_presets_settings_apply(pair, tmp_path, monkeypatch, capsys):
@@ -789,7 +791,7 @@ def test_the_run_says_which_presets_settings_apply(pair, tmp_path, monkeypatch, 
     replaced them, so a run on the default preset is never silently on the tiny pair's learning rate."""
     def stop(*a, **k):
         raise KeyboardInterrupt                                    # stop before any model loads
-    monkeypatch.setattr(distill, "check_inputs", stop)
+    monkeypatch.setattr(train_checks, "check_inputs", stop)
     with pytest.raises(KeyboardInterrupt):
         distill.main(["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--out", str(tmp_path / "r"),
                       "--batch-size", "4"])

@@ -382,13 +382,14 @@ def test_training_on_a_train_file_and_evaluating_on_its_test_file_share_a_task_f
     put the runs in runs/tiny/gsm8k-file-train and looked for them in gsm8k-file-test: make eval found no draft.
     The two files of one data set name one task folder, the same as the folder itself."""
     import distill
+    from plumbing import train_checks
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "d" / "gsm8k"
     folder.mkdir(parents=True)
     for split in ("train", "test"):
         (folder / f"{split}.jsonl").write_text(json.dumps({"question": "How many?", "answer": "Two.\n#### 2"}) + "\n")
-    trained = distill.resolve_config(distill.parse_args(["--task", "gsm8k", "--teacher", pair[0], "--student",
-                                                         pair[1], "--data-path", str(folder / "train.jsonl")]))
+    trained = train_checks.resolve_config(distill.parse_args(["--task", "gsm8k", "--teacher", pair[0],
+                                                              "--student", pair[1], "--data-path", str(folder / "train.jsonl")]))
     evaluated = evaluate.parse_args(["--task", "gsm8k", "--data-path", str(folder / "test.jsonl")])
     group = evaluate.task_group(evaluated, "gsm8k")
     assert Path(trained.out).parent == Path("runs") / "tiny" / group

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 import distill
 import models
-from plumbing import sharding
+import reference
+from plumbing import sharding, train_checks
 import specdec
 from test_distill import REPO, free_port, read_losses, read_metric, run_args, state
 
@@ -140,12 +141,12 @@ def test_resume_refuses_another_world_size_or_sharding(runs, pair, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="--fsdp: True -> False"):
-        distill.resolve_config(distill.parse_args(args))
+        train_checks.resolve_config(distill.parse_args(args))
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match=r"world size .*: 2 -> 1"):
-        distill.resolve_config(distill.parse_args(args + ["--fsdp"]))
+        train_checks.resolve_config(distill.parse_args(args + ["--fsdp"]))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distill.resolve_config(distill.parse_args(args + ["--fsdp"])).fsdp
+    assert train_checks.resolve_config(distill.parse_args(args + ["--fsdp"])).fsdp
 
 
 def test_kill_9_at_a_random_step_and_resume_under_fsdp_equals_the_uninterrupted_run(runs, pair):
@@ -241,7 +242,7 @@ def test_the_fused_loss_under_fsdp_reads_whole_heads_and_builds_no_logits(pair, 
                                                          autocast=nullcontext(), vocab=len(tok)), batch, scale=1.0)
     sharding.shard(teacher)
     sharding.shard(student)
-    monkeypatch.setattr(distill, "completion_logits", lambda *a, **k: pytest.fail("logits built under --fsdp"))
+    monkeypatch.setattr(reference, "completion_logits", lambda *a, **k: pytest.fail("logits built under --fsdp"))
     got = distill.loss_and_backward(cfg, SimpleNamespace(student=student, teacher=teacher, model=student,
                                                          autocast=nullcontext(), vocab=len(tok)), batch, scale=1.0)
     for a, b in zip(got, ref):

@@ -21,7 +21,7 @@ from plumbing import cli
 import data
 import distill
 import models
-from plumbing import rundir
+from plumbing import checkpoints, rundir
 import specdec
 from plumbing.decoding_args import NonFiniteLogits
 
@@ -322,7 +322,7 @@ def test_a_full_disk_during_a_checkpoint_says_so(pair, full, tmp_path, monkeypat
             raise exc
         monkeypatch.setattr(distill.torch, "save", full_disk)
         with pytest.raises(OSError, match="disk is full while writing .*ckpt-0000006.*--resume") as e:
-            distill.save_checkpoint(tmp_path, 6, student, tok, opt, sched)
+            checkpoints.save_checkpoint(tmp_path, 6, student, tok, opt, sched)
         assert e.value.errno == errno.ENOSPC
         assert not list(tmp_path.glob(".ckpt-*"))
 
@@ -562,14 +562,14 @@ def test_a_run_dir_that_turns_unwritable_is_one_line_and_keeps_the_checkpoints(p
     """A run directory that turns unwritable mid-run (permissions taken away, a read-only remount: here the
     step-4 checkpoint's write fails with EACCES) ends with one line saying so and how to resume, exit 2; the
     step-2 checkpoint stays whole."""
-    real, calls = distill.save_model, []
+    real, calls = checkpoints.save_model, []
 
     def denied(student, path, *a, **k):
         calls.append(path)
         if len(calls) == 2:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(student, path, *a, **k)
-    monkeypatch.setattr(distill, "save_model", denied)
+    monkeypatch.setattr(checkpoints, "save_model", denied)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         cli.script_main(distill.main, run_args(pair, out))
