@@ -1,90 +1,78 @@
-"""On-policy distillation of a speculative-decoding draft (the student q) from a frozen target (the teacher p).
+"""On-policy distillation of a speculative-decoding draft (the student q) from a frozen target
+(the teacher p).
 
 The objective is GKD's (Agarwal et al. 2024, arXiv 2306.13649):
 
-    L(theta) = (1 - lmbda) * E_{(x, y) ~ data}[ D(x, y) ]  +  lmbda * E_{x ~ prompts, y ~ q_theta(.|x)}[ D(x, y) ]
+    L(theta) = (1 - lmbda) * E_{(x, y) ~ data}[ D(x, y) ]
+               + lmbda * E_{x ~ prompts, y ~ q_theta(.|x)}[ D(x, y) ]
 
-    D(x, y) = sum_t  d( p(. | x, y_<t), q_theta(. | x, y_<t) )   summed over the completion tokens y_t,
+    D(x, y) = sum_t  d( p(. | x, y_<t), q_theta(. | x, y_<t) )   summed over the completion
+                                                                   tokens y_t,
 
 and no gradient flows through the sampling of y (the samples are data, drawn under torch.no_grad).
 lmbda = 1 (the default, as in the seed project) is purely on-policy and needs no dataset answers
 ("zero-label"). The off-policy share (1 - lmbda) uses the dataset's reference answers, or, with
---off-policy teacher, completions sampled from the teacher (sequence-level KD). --off-policy-warmup W makes
-the first W steps all off-policy: a draft far from its target (the real preset's truncated SmolLM2) samples
-degenerate text that the teacher also predicts, so on-policy steps would teach it little until it has
-learnt from real answers.
+--off-policy teacher, completions sampled from the teacher (sequence-level KD).
+--off-policy-warmup W makes the first W steps all off-policy: a draft far from its target (the real
+preset's truncated SmolLM2) samples degenerate text that the teacher also predicts, so on-policy
+steps would teach it little until it has learnt from real answers.
 
-The per-token divergence d is chosen with --div (implemented in divergences.py; p = teacher, q = student):
+The per-token divergence d is chosen with --div (implemented in divergences.py; p = teacher,
+q = student):
     fkl   forward KL   KL(p || q) = sum_x p log(p / q)    mean-seeking: q must cover all of p's mass
     rkl   reverse KL   KL(q || p) = sum_x q log(q / p)    mode-seeking: q may drop p's minor modes
     jsd   generalized JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
           (TRL's convention: beta = 0 is exactly fkl, beta = 1 exactly rkl)
-    tvd   total variation  0.5 * sum_x |p - q|  = 1 - sum_x min(p, q) = 1 - (the acceptance probability)
+    tvd   total variation  0.5 * sum_x |p - q|  = 1 - sum_x min(p, q)
+          = 1 - (the acceptance probability)
     ajsd  JSD with a per-token beta that falls with the teacher's entropy (see divergences.py)
-    nla   -log alpha, alpha = sum_x min(p, q): the acceptance probability itself (LK losses' "alpha")
-    lk    w KL(p || q) + (1 - w)(1 - alpha), w = lk_scale exp(-lk_decay mean alpha): KL -> TV as alpha grows
+    nla   -log alpha, alpha = sum_x min(p, q): the acceptance probability itself
+          (LK losses' "alpha")
+    lk    w KL(p || q) + (1 - w)(1 - alpha), w = lk_scale exp(-lk_decay mean alpha):
+          KL -> TV as alpha grows
 
-Both distributions are softmax(logits / tau) with tau = --loss-temperature. Default: tau = the sampling
-temperature (the task's, e.g. 0.6 for gsm8k). Why: speculative decoding is evaluated at that temperature,
-and the acceptance probability of a drafted token is sum_x min(p_tau, q_tau), so the distributions the
-draft must match are the tempered ones; also the on-policy samples come from q_tau, so with tau equal to
-the sampling temperature E_{y ~ q_tau}[KL(q_tau || p_tau)] is exactly the sequence-level reverse KL of the
-distributions being sampled. (TRL's GKDTrainer samples at T but computes the loss at 1.0 - an accident.)
-With sampling temperature 0 (greedy) the default falls back to tau = 1. Top-p is not applied in the loss.
+Both distributions are softmax(logits / tau) with tau = --loss-temperature. Default: tau = the
+sampling temperature (the task's, e.g. 0.6 for gsm8k). Why: speculative decoding is evaluated at
+that temperature, and the acceptance probability of a drafted token is sum_x min(p_tau, q_tau), so
+the distributions the draft must match are the tempered ones; also the on-policy samples come from
+q_tau, so with tau equal to the sampling temperature E_{y ~ q_tau}[KL(q_tau || p_tau)] is exactly
+the sequence-level reverse KL of the distributions being sampled. (TRL's GKDTrainer samples at T but
+computes the loss at 1.0 - an accident.) With sampling temperature 0 (greedy) the default falls
+back to tau = 1. Top-p is not applied in the loss.
 
 Loss normaliser: the sum of d over every completion token of the whole optimizer step (all
 gradient-accumulation micro-batches, all ranks), divided by the number of those tokens. Every token
-weighs the same however the batch is split; per-micro-batch means (TRL) weigh short micro-batches more.
-Under DDP each rank samples its own shard of the step's prompts; the token count is all-reduced first.
+weighs the same however the batch is split; per-micro-batch means (TRL) weigh short
+micro-batches more. Under DDP each rank samples its own shard of the step's prompts; the token
+count is all-reduced first.
 
-Each step: sample -> build the batch (left-padded prompt | completion, loss only on the completion, its
-first stop token included) -> teacher forward (frozen, no grad) -> student forward -> loss -> backward ->
-clip -> AdamW -> warm-up + cosine schedule. Both forwards stop at the last hidden state; the loss
-(divergences.hidden_divergence_sum) projects it through each lm_head itself, in float32, a block of
-positions at a time, so neither model's (B, C, V) logits exist and a bf16 model's loss is not read from
-bf16-rounded logits (divergences.py, "bf16 logits").
+Each step: sample -> build the batch (left-padded prompt | completion, loss only on the completion,
+its first stop token included) -> teacher forward (frozen, no grad) -> student forward -> loss ->
+backward -> clip -> AdamW -> warm-up + cosine schedule. Both forwards stop at the last hidden state;
+the loss (divergences.hidden_divergence_sum) projects it through each lm_head itself, in float32,
+a block of positions at a time, so neither model's (B, C, V) logits exist and a bf16 model's loss
+is not read from bf16-rounded logits (divergences.py, "bf16 logits").
 
-Precision (--dtype): float32 runs everything in float32. bfloat16 (the default on CUDA) runs the forward
-passes, sampling included, under bf16 autocast on any device, with the student's float32 master weights
-and the teacher's weights in bf16; the loss, the processing of the sampling logits (specdec) and AdamW's
-state stay float32. config.json records the resolved value and --resume refuses another. Checkpoints <out>/ckpt-<step> (student via save_pretrained,
-optimizer/scheduler/step/RNG via torch.save of plain tensors, loaded with weights_only=True) are written
-atomically with checksums, the last two kept (the run directory's rules: rundir.py). Every step's batch is
-a pure function of (seed, step), and each prompt's sample of (seed, step, the prompt's position in the
-step's batch): its own generator, whichever rank or micro-batch it lands in. So --resume reproduces the
-uninterrupted run exactly on the CPU, and 1, 2 or N processes (DDP or --fsdp) sample the same completions
-and train the same way (up to float rounding). <out>/final is a plain Hugging Face model directory.
-<out>/metrics.jsonl, one row per step: loss, lr, grad_norm, completion_len, tokens_per_s, source and
-loss_teacher_entropy = the mean over completion tokens of H(p_T) at the loss temperature tau WITHOUT top-p
-(computed inside the loss sweep) -- not the processed H(p) (temperature + top-p) of evaluate.py's records;
-train_alpha = the mean over the step's completion tokens (all micro-batches, all ranks) of
-alpha = sum_x min(p_tau, q_tau), again at tau without top-p and from the loss's own sweep, and
-train_accepted_length = (1 - a^(gamma+1)) / (1 - a) at a = train_alpha and the protocol's gamma: an ESTIMATE
-of the mean accepted length (it assumes i.i.d. acceptances at the training tokens' mean alpha, on the
-student's own samples, without top-p); the validation rows below measure the real thing.
-sample_stop_rate = the share of the step's completions that ended with a stop id, sample_repetition = the share
-of their 4-grams that already occurred earlier in the same completion: when a student's own samples loop
-(above DEGENERATE_REPETITION) the loop warns, since the teacher predicts the loop too and train_alpha on such
-samples says nothing about acceptance on real text.
-Validation (--eval-every N, off by default): after every N-th optimizer step and after the last, rank 0 runs
-exact speculative decoding (specdec.speculative_generate, the decoding protocol, one fixed sampling seed) of the
-current student against the teacher on --eval-prompts K held-out validation prompts: train-split prompts that
-training never sees and that are not in evaluate.py's eval split (data.held_out_split; checked). That step's
-row gets val_acceptance_rate (accepted / drafted), val_alpha (mean sum_x min(p, q) over TESTED positions:
-those up to and including each round's first rejection, the processed p and q), val_mean_accepted_length
-(tokens per target call), val_per_position_acceptance (at draft positions 1..gamma: accepted / tested there,
-i.e. the acceptance given every earlier draft of the round accepted), all pooled over the K prompts (specdec's
-alpha and per_position_acceptance), and val_seconds. <out>/best/ holds the student
-of the highest val_acceptance_rate so far (the first on ties) and best.json (its step and val row), written
-atomically with checksums; a checkpoint of that step is written first, so best/ is never newer than the
-checkpoint a --resume starts from, and the resumed run keeps it.
-Sampling uses models.decoding_protocol: the same temperature, top-p, stop ids and vocabulary (len(tokenizer))
-as evaluate.py and report.py.
+What a run writes -- see docs/training-run.md for each file and metrics.jsonl column by column:
+  - Precision (--dtype): float32, or bfloat16 autocast over float32 master weights (the default on
+    CUDA); the loss, the sampling logits and AdamW's state stay float32.
+  - <out>/ckpt-<step> (atomic, checksummed, the last two kept; plumbing/checkpoints.py) and
+    <out>/final, a plain Hugging Face model directory. Every step's batch is a pure function of
+    (seed, step), and each prompt's sample has its own generator, so --resume reproduces the
+    uninterrupted run exactly on the CPU, and 1, 2 or N processes train the same way.
+  - <out>/metrics.jsonl, one row per step: loss, lr, grad_norm, the training-time acceptance
+    estimates (train_alpha, train_accepted_length) and the health of the samples.
+  - Validation (--eval-every N, off by default): exact speculative decoding of the current student
+    on held-out prompts adds val_* columns to that step's row; <out>/best/ keeps the best student.
+Sampling uses models.decoding_protocol: the same temperature, top-p, stop ids and vocabulary
+(len(tokenizer)) as evaluate.py and report.py.
 
-Run:  python distill.py --task gsm8k --div rkl            (one process; the offline tiny pair by default)
-      torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl     (DDP: each rank samples its shard)
-      torchrun --nproc_per_node=2 distill.py --fsdp --task gsm8k --div rkl   (FSDP2: both models sharded,
-                                                                     sharding.py; README "Several devices")
+Run:  python distill.py --task gsm8k --div rkl
+          (one process; the offline tiny pair by default)
+      torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl
+          (DDP: each rank samples its shard)
+      torchrun --nproc_per_node=2 distill.py --fsdp --task gsm8k --div rkl
+          (FSDP2: both models sharded, sharding.py; README "Several devices")
 """
 import argparse
 import json
