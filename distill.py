@@ -78,23 +78,21 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 import data
 import divergences
 import models
 import specdec
-from plumbing import checkpoints, cli, rundir, sharding, train_checks
+from plumbing import checkpoints, cli, rundir, sharding, train_checks, train_setup
 
 
 # ----------------------------------------------------------------------------- config
@@ -367,7 +365,7 @@ def train(cfg: Config, inputs: train_checks.Inputs):
                     run.best = checkpoints.save_best(run.out, step + 1, student, run.tokenizer, val)
             if world > 1:
                 dist.barrier()
-    return finish(run)
+    return train_setup.finish(run)
 
 
 # -------------------------------------------------------------------- 1) sample: the step's batches
@@ -644,9 +642,12 @@ def set_up(cfg: Config, inputs: train_checks.Inputs) -> Run:
     rank, world, device = train_checks.set_up_process(cfg)
     out, master = Path(cfg.out), rank == 0
     examples, prompts, ckpt = inputs.examples, inputs.prompts, inputs.ckpt
-    teacher, student, tokenizer = load_models(cfg, device, ckpt)
-    if cfg.fsdp:                             # before the optimizer: AdamW then holds each rank's pieces only
+    teacher, student, tokenizer = train_setup.load_models(cfg, device, ckpt)
+    if cfg.fsdp:                     # before the optimizer: AdamW then holds each rank's pieces only
         sharding.shard_models(cfg, teacher, student, device)
+    else:                            # each lm_head one the loss can project with
+        lm_head_weight(teacher, "teacher")
+        lm_head_weight(student, "student")
     # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py / report.py
     protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer, teacher,
                                         temperature=cfg.temperature, top_p=cfg.top_p,
@@ -663,76 +664,14 @@ def set_up(cfg: Config, inputs: train_checks.Inputs) -> Run:
     if cfg.steps is None:                                          # the paper preset: epochs over the prompts
         cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
 
-    optimizer, scheduler, start = make_optimizer(cfg, student, ckpt, device)
+    optimizer, scheduler, start = train_setup.make_optimizer(cfg, student, ckpt, device)
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 and not cfg.fsdp else student
-    # best/ of a resumed run, before the clean-up
-    best = checkpoints.load_best(out, start) if master and ckpt else checkpoints.Best()
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):                         # interrupted writes of a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        rundir.write_config(out, asdict(cfg))
-    # append-only log: a resumed run first drops the rows after its checkpoint (atomically); a fresh one
-    # starts empty
-    metrics = rundir.open_log(out, start if ckpt else None) if master else None
+    # rank 0: best/ of a resumed run, config.json, metrics.jsonl open for appending
+    best, metrics = (train_setup.open_run_dir(cfg, out, ckpt, start) if master
+                     else (checkpoints.Best(), None))
     return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol, stop_ids,
                tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references, optimizer,
                scheduler, start, metrics, inputs.val_prompts, best, cfg.fsdp)
-
-
-def load_models(cfg: Config, device, ckpt: Path | None):
-    """The frozen teacher (eval, no grad) and the trainable student (--resume: from the checkpoint, named
-    here). -> teacher, student, tokenizer."""
-    if ckpt is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming from {ckpt} (step {rundir.checkpoint_step(ckpt)})", flush=True)
-    student_path = str(ckpt) if ckpt else cfg.student
-    if cfg.fsdp:
-        teacher, student, tokenizer = sharding.load_pair_to_shard(cfg, student_path, device,
-                                                                  int(os.environ.get("RANK", "0")) == 0)
-    else:
-        teacher, student, tokenizer = models.load_pair(cfg.teacher, student_path, device=device,
-                                                       load_in_8bit=cfg.teacher_8bit,
-                                                       teacher_dtype=train_checks.DTYPES[cfg.dtype],
-                                                       student_dtype=torch.float32)
-    teacher.eval().requires_grad_(False)
-    if not cfg.fsdp:                              # --fsdp: float32 already, placed piece by piece by shard_models
-        student.to(device=device, dtype=torch.float32)            # fp32 master weights; bf16 via autocast
-        for name, model in (("teacher", teacher), ("student", student)):
-            lm_head_weight(model, name)                            # a head the loss can project with
-    student.train()
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    return teacher, student, tokenizer
-
-
-def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
-    """AdamW and its schedule (linear warm-up, then cosine to 0), restored with the RNG states from a
-    checkpoint. -> optimizer, scheduler, the first step to run."""
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
-    if ckpt is None:
-        return optimizer, scheduler, 0
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu" if cfg.fsdp else device)
-    if cfg.fsdp:                               # the full, name-keyed state: each rank keeps its pieces
-        sharding.load_optimizer_state(student, optimizer, state["optimizer"])
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    checkpoints.set_rng_state(state["rng"])
-    return optimizer, scheduler, state["step"]
-
-
-def finish(run: Run) -> Path:
-    """After the last step: close the log, write <out>/final (rank 0), end the process group."""
-    state_dict = sharding.full_state_dict(run.student) if run.fsdp else None     # FSDP: a collective
-    if run.master:
-        run.metrics.close()
-        final = checkpoints.save_final(run.out, run.student, run.tokenizer, state_dict)
-        print(f"final student: {final}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return run.out
 
 
 if __name__ == "__main__":
