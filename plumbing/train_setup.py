@@ -40,7 +40,7 @@ def load_models(cfg: Config, device, ckpt: Path | None):
             teacher_dtype=train_checks.DTYPES[cfg.dtype], student_dtype=torch.float32)
     teacher.eval().requires_grad_(False)
     if not cfg.fsdp:                # --fsdp: float32 already, placed piece by piece by shard_models
-        student.to(device=device, dtype=torch.float32)        # fp32 master weights; bf16 via autocast
+        student.to(device=device, dtype=torch.float32)    # fp32 master weights; bf16 via autocast
     student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
@@ -48,15 +48,15 @@ def load_models(cfg: Config, device, ckpt: Path | None):
 
 
 def make_optimizer(cfg: Config, student, ckpt: Path | None, device):
-    """AdamW and its schedule (linear warm-up, then cosine to 0), restored with the RNG states from a
-    checkpoint. -> optimizer, scheduler, the first step to run."""
+    """AdamW and its schedule (linear warm-up, then cosine to 0), restored with the RNG states from
+    a checkpoint. -> optimizer, scheduler, the first step to run."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.steps), cfg.steps)
     if ckpt is None:
         return optimizer, scheduler, 0
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True,
                        map_location="cpu" if cfg.fsdp else device)
-    if cfg.fsdp:                               # the full, name-keyed state: each rank keeps its pieces
+    if cfg.fsdp:                        # the full, name-keyed state: each rank keeps its pieces
         sharding.load_optimizer_state(student, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
