@@ -367,12 +367,11 @@ def train(cfg: Config, inputs: train_checks.Inputs):
         dt = sharding.all_reduce_sum(dt, world, run.device) / world
         health = sum(b["health"] for b in micro_batches)                 # (4,) the step's
         health = sharding.all_reduce_sum(health, world, run.device)
+        accepted = specdec.expected_accepted_length(train_alpha, run.protocol.gamma)   # estimate
         row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=grad_norm,
                    completion_len=n_tokens / cfg.batch_size,
                    loss_teacher_entropy=ent_sum / max(n_tokens, 1.0), train_alpha=train_alpha,
-                   train_accepted_length=specdec.expected_accepted_length(train_alpha,
-                                                                          run.protocol.gamma),
-                   tokens_per_s=n_tokens / dt, source=source,
+                   train_accepted_length=accepted, tokens_per_s=n_tokens / dt, source=source,
                    sample_stop_rate=float(health[0] / max(health[1], 1)),
                    sample_repetition=float(health[2] / max(health[3], 1)), **val)
         if run.master and source == "student" and row["sample_repetition"] > DEGENERATE_REPETITION:
