@@ -42,8 +42,8 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler, *, model_state=None,
-                    optimizer_state=None):
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler, *,
+                    model_state=None, optimizer_state=None):
     """Write ckpt-<step> atomically: everything, and the checksums of its files, into a temporary
     directory, then one rename; then keep the newest two (rundir.KEEP_CHECKPOINTS), so that a
     damaged newest one has a predecessor. A crash at any point leaves the previous checkpoints
@@ -56,17 +56,20 @@ def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, schedul
     try:
         save_model(student, tmp, model_state)                     # safetensors
         tokenizer.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+        if optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
+        state = {"step": step, "optimizer": optimizer_state,
                  "scheduler": scheduler.state_dict(), "rng": rng_state()}
         torch.save(state, tmp / "trainer_state.pt")               # plain tensors / dicts only
         rundir.write_checksums(tmp)                               # verified by --resume
     except (OSError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)                    # give back the space a full disk needs
+        shutil.rmtree(tmp, ignore_errors=True)          # give back the space a full disk needs
         full = rundir.disk_full(e, tmp)
         if full is not None:
             raise full from e
         raise
-    rundir.set_aside(final)                   # only a damaged ckpt-<step> (skipped by --resume) is in the way
+    # only a damaged ckpt-<step> (skipped by --resume) is in the way
+    rundir.set_aside(final)
     os.replace(tmp, final)
     rundir.fsync_dir(out)
     rundir.prune_checkpoints(out)
@@ -79,11 +82,12 @@ def save_model(student, path: Path, state_dict=None):
     if state_dict is None:
         student.save_pretrained(path)
         return
-    # the gathered copies of tied weights (lm_head = embed_tokens) are separate tensors: keep the first name,
-    # as save_pretrained does for the model's own (shared) parameters
+    # the gathered copies of tied weights (lm_head = embed_tokens) are separate tensors: keep the
+    # first name, as save_pretrained does for the model's own (shared) parameters
     aliases = ({n for n, _ in student.named_parameters(remove_duplicate=False)}
                - {n for n, _ in student.named_parameters()})
-    student.save_pretrained(path, state_dict={k: v for k, v in state_dict.items() if k not in aliases})
+    student.save_pretrained(path,
+                            state_dict={k: v for k, v in state_dict.items() if k not in aliases})
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []]
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -95,7 +99,7 @@ def save_final(out: Path, student, tokenizer, state_dict=None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(student, tmp, state_dict)
     tokenizer.save_pretrained(tmp)
-    rundir.write_checksums(tmp)               # verified wherever final/ is loaded (models.check_model_files)
+    rundir.write_checksums(tmp)     # verified wherever final/ is loaded (models.check_model_files)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -119,7 +123,7 @@ def save_best(out: Path, step: int, student, tokenizer, val: dict) -> Best:
     (tmp / "best.json").write_text(json.dumps({"step": step, **val}, indent=1))
     rundir.write_checksums(tmp)
     if best.exists():
-        os.replace(best, old)                 # two renames: no moment without a whole best (old or new)
+        os.replace(best, old)           # two renames: no moment without a whole best (old or new)
     os.replace(tmp, best)
     rundir.fsync_dir(out)
     shutil.rmtree(old, ignore_errors=True)
@@ -132,7 +136,7 @@ def load_best(out: Path, start: int) -> Best:
     otherwise best/ is removed, saying why, and the next validation makes it again."""
     best = out / "best"
     if not best.exists():
-        old = out / ".best-old.tmp"                # killed between best/'s two renames: the old one is whole
+        old = out / ".best-old.tmp"     # killed between best/'s two renames: the old one is whole
         if not old.exists():
             return Best()
         os.replace(old, best)
@@ -140,7 +144,8 @@ def load_best(out: Path, start: int) -> Best:
     info = json.loads((best / "best.json").read_text()) if problem is None else {}
     if problem is None and info["step"] <= start:
         return Best(info["step"], info["val_acceptance_rate"])
-    why = problem or f"it is from step {info['step']}, after the checkpoint resumed from (step {start})"
+    why = problem or (f"it is from step {info['step']}, after the checkpoint resumed from "
+                      f"(step {start})")
     rundir.say(f"{best} removed: {why}; the next validation writes it again")
     shutil.rmtree(best)
     return Best()
@@ -151,4 +156,5 @@ def gather_for_checkpoint(run: Run):
     else (None, None): save_checkpoint then reads the plain student and optimizer."""
     if not run.fsdp:
         return None, None
-    return sharding.full_state_dict(run.student), sharding.full_optimizer_state(run.student, run.optimizer)
+    return (sharding.full_state_dict(run.student),
+            sharding.full_optimizer_state(run.student, run.optimizer))

@@ -45,7 +45,8 @@ def resolve_config(cfg: Config) -> Config:
             raise ValueError(f"--{name} {v} is outside [0, 1]")
     if cfg.off_policy is not None and cfg.off_policy not in OFF_POLICY:
         raise ValueError(f"unknown --off-policy {cfg.off_policy!r}; valid: {', '.join(OFF_POLICY)}")
-    # the largest local rank: every rank's device is checked on each (rank 0 says it, cli.report_bad_input)
+    # the largest local rank: every rank's device is checked on each (rank 0 says it,
+    # cli.report_bad_input)
     check_device(cfg.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
     if cfg.dtype is None:                     # the device's natural precision, recorded as resolved
         cuda = torch.device(cfg.device).type == "cuda" if cfg.device else torch.cuda.is_available()
@@ -68,7 +69,8 @@ def resolve_config(cfg: Config) -> Config:
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {cfg.temperature}, {cfg.top_p}")
+        raise ValueError(f"need --temperature >= 0 and 0 < --top-p <= 1, "
+                         f"got {cfg.temperature}, {cfg.top_p}")
     if cfg.off_policy_warmup < 0:
         raise ValueError(f"--off-policy-warmup must be >= 0 steps, got {cfg.off_policy_warmup}")
     for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "n_train", "save_every"):
@@ -77,11 +79,12 @@ def resolve_config(cfg: Config) -> Config:
     cli.check_threads(cfg.threads)
     cfg.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (cfg.world_size * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size {cfg.world_size} "
-                         f"x --grad-accum {cfg.grad_accum}")
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by world size "
+                         f"{cfg.world_size} x --grad-accum {cfg.grad_accum}")
     if cfg.out is None:
         tag = cfg.div if cfg.div != "jsd" or cfg.beta == 0.5 else f"jsd{cfg.beta:g}"
-        group = rundir.task_group(cfg.task, cfg.source, cfg.data_path, preset_source)   # the task, or e.g. gsm8k-file-x
+        # the task, or e.g. gsm8k-file-x
+        group = rundir.task_group(cfg.task, cfg.source, cfg.data_path, preset_source)
         cfg.out = str(Path("runs") / cfg.preset / group / f"{tag}-s{cfg.seed}")
     check_options(cfg)
     if cfg.resume:
@@ -90,7 +93,8 @@ def resolve_config(cfg: Config) -> Config:
     return cfg
 
 
-SCHEDULE_FIELDS = ("lr", "warmup", "steps", "epochs", "batch_size", "grad_accum")   # the optimisation a preset tunes
+# the optimisation a preset tunes
+SCHEDULE_FIELDS = ("lr", "warmup", "steps", "epochs", "batch_size", "grad_accum")
 
 
 def check_models_fit_preset(cfg: Config, preset: dict):
@@ -105,11 +109,12 @@ def check_models_fit_preset(cfg: Config, preset: dict):
         model = getattr(cfg, role)
         local = Path(str(model)).expanduser()
         if model is None or (local.is_dir() and not (local / "config.json").is_file()):
-            continue                                 # not a model folder: check_inputs names what is wrong with it
+            continue             # not a model folder: check_inputs names what is wrong with it
         if not models.is_tiny_pair_model(model):
-            raise ValueError(f"--{role} {model} is not a tiny pair's model, and --preset tiny (the default) would "
-                             f"train it with the tiny preset's lr {preset.get('lr'):g} and schedule, tuned for the "
-                             f"offline tiny pair: pass --lr (and --steps / --warmup as wanted), or --preset smollm2 / "
+            raise ValueError(f"--{role} {model} is not a tiny pair's model, and --preset tiny (the "
+                             f"default) would train it with the tiny preset's lr "
+                             f"{preset.get('lr'):g} and schedule, tuned for the offline tiny pair: "
+                             f"pass --lr (and --steps / --warmup as wanted), or --preset smollm2 / "
                              f"paper")
 
 
@@ -134,8 +139,8 @@ def check_options(cfg: Config):
         flag = "--" + name.replace("_", "-")
         raise ValueError(f"{flag} {getattr(cfg, name)!r} is not allowed; {flag} must be {allowed}")
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)   # noqa: E731
-    for name in ("beta", "ajsd_scale", "ajsd_floor", "lk_scale", "lk_decay", "lmbda", "temperature", "top_p",
-                 "loss_temperature",
+    for name in ("beta", "ajsd_scale", "ajsd_floor", "lk_scale", "lk_decay", "lmbda", "temperature",
+                 "top_p", "loss_temperature",
                  "lr", "warmup", "weight_decay", "max_grad_norm", "epochs"):
         if getattr(cfg, name) is not None and not finite(getattr(cfg, name)):
             bad(name, "a finite number")
@@ -160,18 +165,19 @@ def check_options(cfg: Config):
     if cfg.eval_prompts < 1:
         bad("eval_prompts", ">= 1")
     if cfg.overwrite and cfg.resume:
-        raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: "
+                         "pass one of them")
     if cfg.fsdp and "WORLD_SIZE" not in os.environ:
         raise ValueError("--fsdp shards the models over torchrun's processes: launch with "
                          "torchrun --nproc_per_node=N distill.py --fsdp ...")
     if cfg.fsdp and cfg.eval_every:
-        raise ValueError(f"--eval-every {cfg.eval_every} is not supported with --fsdp yet (validation decodes "
-                         "with the whole student on rank 0): drop --eval-every, or validate the checkpoints with "
-                         "python -m study.evaluate")
+        raise ValueError(f"--eval-every {cfg.eval_every} is not supported with --fsdp yet "
+                         "(validation decodes with the whole student on rank 0): drop "
+                         "--eval-every, or validate the checkpoints with python -m study.evaluate")
     if cfg.fsdp and cfg.lmbda < 1 and cfg.off_policy == "teacher":
-        raise ValueError("--off-policy teacher is not allowed with --fsdp: sampling from the sharded teacher "
-                         "would all-gather it once per decoded token, in lock-step over the ranks; use "
-                         "--off-policy dataset (or --lmbda 1)")
+        raise ValueError("--off-policy teacher is not allowed with --fsdp: sampling from the "
+                         "sharded teacher would all-gather it once per decoded token, in lock-step "
+                         "over the ranks; use --off-policy dataset (or --lmbda 1)")
 
 
 def check_run_dir(cfg: Config):
@@ -183,8 +189,10 @@ def check_run_dir(cfg: Config):
         return
     rundir.check_unlocked(Path(cfg.out))
     if cfg.resume:
-        # the thread count changes floating-point sums on the CPU only (CUDA kernels do not use the pool)
-        on_cuda = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+        # the thread count changes floating-point sums on the CPU only (CUDA kernels do not use
+        # the pool)
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        on_cuda = torch.device(cfg.device or default).type == "cuda"
         rundir.check_same_run(Path(cfg.out), asdict(cfg), may_change={"threads"} if on_cuda else ())
     else:
         rundir.check_fresh(Path(cfg.out), cfg.overwrite)
@@ -209,21 +217,23 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     if cfg.teacher is None or cfg.student is None:
         teacher_id, student_id = models.resolve_pair(cfg.task, cfg.preset)
         cfg.teacher, cfg.student = cfg.teacher or teacher_id, cfg.student or student_id
-    models.check_gguf_paths(teacher=cfg.teacher, student=cfg.student)       # a .gguf: one line if it is not one
+    # a .gguf: one line if it is not one
+    models.check_gguf_paths(teacher=cfg.teacher, student=cfg.student)
     cfg.teacher, cfg.student = models.model_folder(cfg.teacher), models.model_folder(cfg.student)
     tokenizer = models.load_tokenizer(cfg.teacher, "teacher")
     if cfg.eval_every:
         try:
-            examples, val_examples = data.held_out_split(cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source,
-                                                         path=cfg.data_path, seed=cfg.seed, tokenizer=tokenizer,
-                                                         verbose=master)
+            examples, val_examples = data.held_out_split(
+                cfg.task, cfg.n_train, cfg.eval_prompts, source=cfg.source, path=cfg.data_path,
+                seed=cfg.seed, tokenizer=tokenizer, verbose=master)
         except data.DataError as e:
             if "validation prompts asked" not in str(e):
                 raise
             raise data.DataError(f"--eval-prompts {cfg.eval_prompts} is too many: {e}") from None
     else:
-        examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path, n=cfg.n_train,
-                                      seed=cfg.seed, tokenizer=tokenizer, verbose=master)
+        examples = data.load_examples(cfg.task, "train", source=cfg.source, path=cfg.data_path,
+                                      n=cfg.n_train, seed=cfg.seed, tokenizer=tokenizer,
+                                      verbose=master)
         val_examples = []
     cfg.data_sha256 = data_fingerprint(examples, val_examples)
     if cfg.resume and master:
@@ -233,11 +243,13 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
     for role, path in folders.items():
         models.check_model_files(path, role)
     models.check_tokenizers(*folders.values())
-    for role, path in folders.items():             # the lm_heads cover the tokenizer, read from config.json
+    for role, path in folders.items():     # the lm_heads cover the tokenizer, read from config.json
         models.check_vocabulary(path, tokenizer, role)
     device = run_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
-    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):   # CUDA, and CPU with bitsandbytes >= 0.45
-        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: {why}")
+    # CUDA, and CPU with bitsandbytes >= 0.45
+    if cfg.teacher_8bit and (why := models.int8_unsupported(device)):
+        raise ValueError(f"--teacher-8bit needs bitsandbytes' 8-bit matmul on device {device}: "
+                         f"{why}")
     context = models.context_length(*folders.values())
     for rows in (examples, val_examples):      # a huge row is refused before it is tokenized whole
         data.check_prompt_chars(tokenizer, cfg.task, rows, context, cfg.max_new_tokens)
@@ -251,8 +263,9 @@ def check_inputs(cfg: Config, master: bool) -> Inputs:
 def check_summary(cfg: Config, inputs: Inputs) -> str:
     """--check's one line: what the checked run would do, and that nothing was written."""
     start = f"resume from {inputs.ckpt}" if inputs.ckpt else f"a fresh run in {cfg.out}"
-    return (f"checked: {cfg.div} on {len(inputs.prompts)} {cfg.task} prompts, teacher {cfg.teacher}, student "
-            f"{cfg.student}, {cfg.world_size} process(es); {start}. Nothing was written.")
+    return (f"checked: {cfg.div} on {len(inputs.prompts)} {cfg.task} prompts, teacher "
+            f"{cfg.teacher}, student {cfg.student}, {cfg.world_size} process(es); {start}. "
+            f"Nothing was written.")
 
 
 def data_fingerprint(examples: list[data.Example], val_examples: list[data.Example]) -> str:
@@ -262,7 +275,8 @@ def data_fingerprint(examples: list[data.Example], val_examples: list[data.Examp
     h = hashlib.sha256()
     for part, rows in (("train", examples), ("val", val_examples)):
         for ex in rows:
-            h.update(json.dumps([part, ex.prompt, ex.reference]).encode("utf-8", "surrogatepass") + b"\n")
+            row = json.dumps([part, ex.prompt, ex.reference])
+            h.update(row.encode("utf-8", "surrogatepass") + b"\n")
     return h.hexdigest()
 
 
@@ -280,7 +294,9 @@ def run_device(cfg: Config, local_rank: int) -> torch.device:
     if cfg.device is None:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(cfg.device)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 def check_device(name: str | None, local_rank: int = 0):
@@ -294,25 +310,29 @@ def check_device(name: str | None, local_rank: int = 0):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; valid: cpu, cuda (this process's GPU: "
-                         f"cuda:<local rank>) or cuda:N") from None
+        raise ValueError(f"--device {name!r} is not a device; valid: cpu, cuda (this process's "
+                         f"GPU: cuda:<local rank>) or cuda:N") from None
     if device.type == "cpu":
         return
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} is not available: torch sees no CUDA GPU on this machine "
-                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
-        index, count = local_rank if device.index is None else device.index, torch.cuda.device_count()
+            raise ValueError(f"--device {name} is not available: torch sees no CUDA GPU on this "
+                             f"machine (torch {torch.__version__}, CUDA build "
+                             f"{torch.version.cuda}); use --device cpu")
+        index = local_rank if device.index is None else device.index
+        count = torch.cuda.device_count()
         if index >= count and device.index is None:
-            raise ValueError(f"--device {name} gives each of the {local_rank + 1} processes on this machine its "
-                             f"own GPU (cuda:<local rank>), but it has {count}: start at most {count} processes")
+            raise ValueError(f"--device {name} gives each of the {local_rank + 1} processes on "
+                             f"this machine its own GPU (cuda:<local rank>), but it has {count}: "
+                             f"start at most {count} processes")
         if index >= count:
-            raise ValueError(f"--device {name} is cuda:{index}, but this machine has {count} CUDA GPU(s): "
-                             f"cuda:0 to cuda:{count - 1}")
+            raise ValueError(f"--device {name} is cuda:{index}, but this machine has {count} CUDA "
+                             f"GPU(s): cuda:0 to cuda:{count - 1}")
         return
     if device.type == "mps" and torch.backends.mps.is_available():
         return
-    raise ValueError(f"--device {name} is not available here; valid: cpu, cuda or cuda:N (with a CUDA GPU)")
+    raise ValueError(f"--device {name} is not available here; valid: cpu, cuda or cuda:N (with a "
+                     f"CUDA GPU)")
 
 
 def set_up_process(cfg: Config):
@@ -322,7 +342,7 @@ def set_up_process(cfg: Config):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cli.set_threads(cfg.threads)
-    if rank != 0:                             # one set of progress bars: rank 0's (the loop's, below)
+    if rank != 0:                         # one set of progress bars: rank 0's (the loop's, below)
         import transformers
         transformers.utils.logging.disable_progress_bar()
     random.seed(cfg.seed + rank)
