@@ -727,7 +727,7 @@ def task_prompts(task: str, tokenizer, split: str = "eval", n: int = 64, source:
 def main(argv=None):
     """Check a task's data: every row, CNN/DM's length filter (with --tokenizer), and with a model folder as
     --tokenizer (or --context) every prompt + --max-new-tokens against the model's context. Bad input is one
-    `error:` line, exit 2 (cli.py)."""
+    `error:` line, exit 2 (plumbing/cli.py)."""
     ap = cli.ArgumentParser(description="Check a task's data and print a few examples.")
     ap.add_argument("--task", default="gsm8k", choices=TASKS)
     ap.add_argument("--split", default="eval", choices=SPLITS)

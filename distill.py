@@ -72,7 +72,7 @@ Run:  python distill.py --task gsm8k --div rkl
       torchrun --nproc_per_node=2 distill.py --task gsm8k --div rkl
           (DDP: each rank samples its shard)
       torchrun --nproc_per_node=2 distill.py --fsdp --task gsm8k --div rkl
-          (FSDP2: both models sharded, sharding.py; README "Several devices")
+          (FSDP2: both models sharded, plumbing/sharding.py; README "Several devices")
 """
 import argparse
 import json
@@ -207,7 +207,7 @@ class Config:
     teacher_8bit: bool = option(False, "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU "
                                        "where it runs); default off")
     fsdp: bool = option(False, "under torchrun: shard the teacher and the student over the ranks "
-                               "with FSDP2, per decoder layer (sharding.py); an 8-bit teacher "
+                               "with FSDP2, per decoder layer (plumbing/sharding.py); an 8-bit teacher "
                                "stays whole on every rank; default off (DDP: every rank holds both "
                                "models whole)")
     save_every: int | None = option(None, "checkpoint every N steps (and always at the end); "

@@ -480,11 +480,11 @@ def plot_bin_differences(panels: dict, path, title: str = "", ylabel: str = "acc
 
 def main(argv=None):
     """python entropy.py results/tiny/gsm8k/eval.json [--out DIR]: acceptance-vs-entropy tables of
-    every run in an `evaluate.py --record` output, and the bubble chart as DIR/acceptance_vs_entropy.png."""
+    every run in a `python -m study.evaluate --record` output, and the bubble chart as DIR/acceptance_vs_entropy.png."""
     import argparse
     import json
 
-    p = argparse.ArgumentParser(description="Acceptance vs teacher entropy from evaluate.py --record output.")
+    p = argparse.ArgumentParser(description="Acceptance vs teacher entropy from `python -m study.evaluate --record` output.")
     p.add_argument("eval_json")
     p.add_argument("--out", default=None, help="folder for the PNG (default: next to the JSON)")
     p.add_argument("--min-count", type=int, default=30)

@@ -1,4 +1,4 @@
-"""What every script (distill.py, evaluate.py, report.py, data.py, models.py) does with its command line.
+"""What every script (distill.py, data.py, models.py and the study/ scripts) does with its command line.
 
 Bad input is one line on stderr, `error: <what is wrong and what is allowed>`, exit status 2, and it comes
 before the work: each script runs its checks (options, paths, data rows, model folders, prompt lengths)

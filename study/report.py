@@ -428,7 +428,7 @@ def records_of(entry: dict):
     """The per-drafted-token records of one eval entry (evaluate.py --record)."""
     rec = entry.get("records")
     if rec is None:
-        raise MissingRunError("eval entry has no 'records': evaluate.py must run with --record")
+        raise MissingRunError("eval entry has no 'records': run python -m study.evaluate with --record")
     return rec
 
 

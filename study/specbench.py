@@ -61,7 +61,7 @@ drafted / accepted, wall time) and every (repeat, chunk, method) of the batched 
 fingerprint of everything the records depend on: the selected questions, the sha256 of the target's and each
 draft's files, the decoding settings (gamma, temperature, top-p, top-k, max_new_tokens, the preset's stop tokens:
 with the target's tokenizer and generation config they fix the stop ids), repeats, batch size, seed, threads and torch's
-and transformers' versions. The decoding code (specdec.py and plumbing/, specbench.py, models.py) is recorded per session
+and transformers' versions. The decoding code (specdec.py and plumbing/, study/specbench.py, models.py) is recorded per session
 instead: a commit that changes it mid-run is continued with a warning and the report counts the versions. A rerun with the same settings continues it: what the journal holds is read back, the rest
 runs in the same order, and the answer files and the report are written from the journal, the same records as an
 uninterrupted run (wall times aside; the report's run time sums the sessions). A journal of other settings is
