@@ -393,6 +393,9 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     if cfg.quick:
         md += ["**QUICK run: one setting, few steps, prompts and tokens. A smoke test of the pipeline, not a "
                "result.**", ""]
+    elif (missing := missing_from_study(cfg)):
+        md += [f"**Partial study: {'; '.join(missing)}. The rest is being measured (the ledger, "
+               f"results/real-study/, grows session by session); read these numbers as a first look.**", ""]
     md += ["## Answer", ""] + [f"- {x}" for x in curve.answer_sentences(c)]
     synthetic = curve_verdict(Path(cfg.out).parent / "CURVE.md")
     if synthetic:
@@ -439,6 +442,20 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
            "and models with the teacher's entropy raised by T.", ""]
     out = Path(cfg.out)
     write_text(out, "\n".join(md) + "\n")
+    return out
+
+
+def missing_from_study(cfg: StudyConfig) -> list[str]:
+    """What this report lacks of the whole study (StudyConfig's defaults), in words: [] when complete."""
+    full, out = StudyConfig(), []
+    for name, what in (("settings", "temperatures"), ("divs", "divergences"), ("extra_divs",
+                       f"acceptance objectives at T = {PRESET_T:g}"), ("seeds", "seeds")):
+        lacking = [x for x in getattr(full, name) if x not in getattr(cfg, name)]
+        if lacking:
+            out.append(f"{what} {', '.join(f'{x:g}' if isinstance(x, float) else str(x) for x in lacking)} "
+                       f"not yet in it")
+    if cfg.n_prompts < full.n_prompts:
+        out.append(f"{cfg.n_prompts} of {full.n_prompts} prompts")
     return out
 
 

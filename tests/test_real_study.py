@@ -225,3 +225,13 @@ def test_a_measured_draft_is_written_to_the_ledger_once(tmp_path, monkeypatch):
     assert calls == ["baseline", "rkl"]
     entry = json.loads(R.ledger_path(cfg, 0.6, "rkl-s0").read_text())
     assert entry["commit"] == "c" and entry["result"]["draft_sha256"] == "d"
+
+
+def test_a_report_of_part_of_the_study_says_what_it_lacks():
+    """REAL.md is committed while the study grows over sessions: a report of one temperature and one seed must
+    say so in its header, naming what is missing, and the whole study must say nothing of the kind."""
+    part = R.StudyConfig(settings=(0.6,), divs=("baseline", "fkl", "rkl"), extra_divs=(), seeds=(0,))
+    missing = R.missing_from_study(part)
+    assert missing == ["temperatures 0.3, 1, 1.3 not yet in it", "divergences jsd, tvd not yet in it",
+                       "acceptance objectives at T = 0.6 nla, lk not yet in it", "seeds 1 not yet in it"]
+    assert R.missing_from_study(R.StudyConfig()) == []
