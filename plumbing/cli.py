@@ -245,3 +245,14 @@ def apply_overrides(cfg, args, preset: dict | None, sequences=(), values=()):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     return cfg
+
+
+def write_markdown(out, lines: list[str]) -> Path:
+    """A report's lines to `out`, atomically (<out>.md.tmp, then a rename): a crash leaves the old report or
+    the new one, never half of one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    return out

@@ -735,12 +735,7 @@ def write_curve(cfg: CurveConfig, c: Curve, builds: dict, plots: dict, meta: dic
         md += [f"| {k} | {_h(c, k)} | {_pts(c.claim[k])}{'' if separated(c.claim[k]) else ' (tied)'} |"
                for k in c.order]
         md.append("")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(out)
-    return out
+    return cli.write_markdown(cfg.out, md)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -440,9 +440,7 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
            "(yizhongw/self-instruct's 200 CNN/DM rows, 157 of them cut at ~2,000 characters), too few (its 427 "
            "written instructions) or without a license. The temperature knob stands in for it: the same prompts "
            "and models with the teacher's entropy raised by T.", ""]
-    out = Path(cfg.out)
-    write_text(out, "\n".join(md) + "\n")
-    return out
+    return cli.write_markdown(cfg.out, md)
 
 
 def missing_from_study(cfg: StudyConfig) -> list[str]:
@@ -468,13 +466,6 @@ def command_template(cfg: StudyConfig) -> str:
     argv = distill_argv(cfg, PRESET_T, "DIV", 0, Path(cfg.runs) / "T<T>" / "DIV-s<SEED>")
     named = {"--temperature": "T", "--seed": "SEED"}
     return " ".join(named.get(argv[i - 1], a) if i else a for i, a in enumerate(argv))
-
-
-def write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -812,12 +812,7 @@ def write_report(cfg: ReportConfig, rows, profiles, analysis, diffs, heads, grid
             for div, bins in res["bins"].items():
                 md += [f"**{div}, {view} view**", "", entropy.bins_markdown(bins), ""]
         md += ["</details>", ""]
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(out)
-    return out
+    return cli.write_markdown(cfg.out, md)
 
 
 def source_commit() -> str:
