@@ -54,6 +54,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from plumbing import cli
 
 TASKS = ("gsm8k", "cnndm")
@@ -722,6 +724,86 @@ def task_prompts(task: str, tokenizer, split: str = "eval", n: int = 64, source:
     exs = load_examples(task, split, source=source, path=path, n=n, seed=seed, tokenizer=tokenizer,
                         verbose=verbose)
     return [build_prompt_ids(tokenizer, task, e) for e in exs]
+
+
+# --------------------------------------------------------------------------------------------
+# Training batches: left-padded prompt | completion (distill.py's sample phase)
+# --------------------------------------------------------------------------------------------
+
+def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
+    """The global batch of prompt indices for an optimizer step: consecutive slices of one seeded
+    permutation per epoch. A pure function of the step, so a resumed run sees the same batches."""
+    out = []
+    start = step * batch_size
+    for k in range(start, start + batch_size):
+        epoch, i = divmod(k, n_prompts)
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_prompts, generator=gen)
+        out.append(int(perm[i]))
+    return out
+
+
+def prompt_generator(seed: int, step: int, position: int, device) -> torch.Generator:
+    """The sampling RNG of one prompt: (run seed, step, the prompt's position in the step's global
+    batch). Reproducible across --resume without replaying, and the same whichever rank and
+    micro-batch sample it."""
+    key = ((seed * 1_000_003 + step) * 1009 + position) % 2**63
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def cut_at_stop(tokens: list[int], stop_ids, max_new_tokens: int) -> list[int]:
+    """Keep tokens up to and including the first stop id, and at most max_new_tokens of them."""
+    tokens = list(tokens)[:max_new_tokens]
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
+    """One row per sample: [pad ... pad | prompt | completion | pad ... pad].
+
+    Prompts are left-padded to width P and completions right-padded to width C, so every completion
+    starts at column P. loss_mask is True exactly on the completion tokens (the stop token included,
+    nothing after it); position_ids count real tokens only, so padding never shifts a row.
+    """
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)   # (B, P + C)
+    attention_mask = torch.zeros((B, P + C), dtype=torch.long)
+    loss_mask = torch.zeros((B, P + C), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p): P + len(c)] = 1
+        if c:
+            input_ids[i, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
+            loss_mask[i, P: P + len(c)] = True
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                loss_mask=loss_mask, prompt_width=P)
+
+DEGENERATE_REPETITION = 0.5      # above this share of repeated 4-grams, on-policy samples are loops
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> tuple[int, int]:
+    """(n-grams that already occurred earlier in the same completion, all n-grams): a completion
+    stuck in a loop (" ( ( (") repeats nearly every n-gram; fluent text almost none."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def sample_health(completions: list[list[int]], stop_ids) -> torch.Tensor:
+    """(completions that stopped, completions, repeated 4-grams, 4-grams) of a micro-batch's
+    samples, summed: the loop logs sample_stop_rate and sample_repetition from them and warns when
+    the student's samples degenerate (a draft far from its target loops and never stops, and the
+    teacher, which predicts the loop too, then agrees with it: train_alpha rises while the real
+    acceptance does not)."""
+    stops = set(stop_ids)
+    stopped = sum(bool(c) and c[-1] in stops for c in completions)
+    counts = [repeated_ngrams(c) for c in completions]            # (repeated, all) per completion
+    repeated, grams = map(sum, zip(*counts)) if counts else (0, 0)
+    return torch.tensor([stopped, len(completions), repeated, grams], dtype=torch.float64)
 
 
 def main(argv=None):

@@ -74,7 +74,6 @@ Run:  python distill.py --task gsm8k --div rkl
       torchrun --nproc_per_node=2 distill.py --fsdp --task gsm8k --div rkl
           (FSDP2: both models sharded, plumbing/sharding.py; README "Several devices")
 """
-import argparse
 import json
 import math
 import os
@@ -85,7 +84,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -207,9 +205,9 @@ class Config:
     teacher_8bit: bool = option(False, "load the teacher in 8 bits with bitsandbytes (CUDA, or CPU "
                                        "where it runs); default off")
     fsdp: bool = option(False, "under torchrun: shard the teacher and the student over the ranks "
-                               "with FSDP2, per decoder layer (plumbing/sharding.py); an 8-bit teacher "
-                               "stays whole on every rank; default off (DDP: every rank holds both "
-                               "models whole)")
+                               "with FSDP2, per decoder layer (plumbing/sharding.py); an 8-bit "
+                               "teacher stays whole on every rank; default off (DDP: every "
+                               "rank holds both models whole)")
     save_every: int | None = option(None, "checkpoint every N steps (and always at the end); "
                                           "default: the preset's (50 if unset)",
                                     preset=True, fallback=50)
@@ -231,29 +229,18 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    """Every Config field is a flag: --max-new-tokens 64, --resume / --no-resume."""
-    p = cli.ArgumentParser(description="On-policy distillation of a speculative-decoding draft.",
-                           epilog="example: python distill.py --task gsm8k --div rkl --seed 0")
-    for f in fields(Config):
-        if not f.metadata["flag"]:
-            continue
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=help)
-        else:                                     # `int | None` -> int
-            typ = next(a for a in getattr(f.type, "__args__", (f.type,)) if a is not type(None))
-            p.add_argument(flag, type=typ, default=f.default, help=help)
-    return Config(**vars(p.parse_args(argv)))
+    """Every Config field with flag=True is an option: --max-new-tokens 64, --resume / --no-resume."""
+    return cli.parse_dataclass(Config, argv, description="On-policy distillation of a "
+                               "speculative-decoding draft.",
+                               epilog="example: python distill.py --task gsm8k --div rkl --seed 0")
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv=None):
     """Check everything before any model loads (bad input: cli.BadInput, one line from the command
-    line), take the run directory's lock (rank 0), train. A fresh run that stops before its first
-    logged step leaves nothing behind that would block a retry. Ctrl-C: one line saying where the
-    run stopped and the command that resumes it (then the KeyboardInterrupt goes on)."""
+    line), claim the run directory (rundir.claimed: its lock; a fresh run that stops before its
+    first logged step leaves nothing behind; Ctrl-C says how to resume), train."""
     master = int(os.environ.get("RANK", "0")) == 0
     with cli.before_the_work():
         cfg = parse_args(argv)
@@ -268,47 +255,14 @@ def main(argv=None):
             print(train_checks.check_summary(cfg, inputs), flush=True)
         return 0
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    out = Path(cfg.out)
-    lock = rundir.RunLock(out) if master else None
-    # a run that started on this --out since the check: one line
-    with cli.before_the_work():
-        if lock is not None:
-            lock.acquire()
-    try:
-        # checked again under the lock (another run may have written)
-        with cli.before_the_work():
-            if master and not cfg.resume:
-                rundir.start_fresh(out, cfg.overwrite)
-        try:
-            return train(cfg, inputs)
-        except BaseException:
-            if master and not cfg.resume:
-                try:
-                    rundir.discard_unstarted(out)
-                except OSError:      # an unwritable directory: what is there stays, said below
-                    pass
-            raise
-    except KeyboardInterrupt as e:
-        if master:
-            how = "terminated (SIGTERM)" if isinstance(e, cli.Terminated) else "interrupted"
-            print(rundir.interrupted_message(out, argv, how), file=sys.stderr, flush=True)
-        raise
-    except OSError as e:
-        message = rundir.write_failure(e, out, argv) if master else None
-        if message is None:
-            raise
-        failure = rundir.RunDirError(message)
-        failure.bad_input = True             # not a bug: one line (cli.script_main), exit 2
-        raise failure from e
-    finally:
-        if lock is not None:
-            lock.release()
+    with rundir.claimed(Path(cfg.out), argv, master=master, fresh=not cfg.resume,
+                        overwrite=cfg.overwrite):
+        return train(cfg, inputs)
 
 
 def train(cfg: Config, inputs: train_checks.Inputs):
-    """The training loop of a checked config (main) in its locked run directory (set-up: set_up)."""
-    run = set_up(cfg, inputs)
-    student, model, world = run.student, run.model, run.world
+    """The training loop of a checked config (main) in its claimed run directory."""
+    run = train_setup.set_up(cfg, inputs)
     bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps,
                disable=not run.master, desc=f"{cfg.task}/{cfg.div}")
     for step in bar:
@@ -319,28 +273,14 @@ def train(cfg: Config, inputs: train_checks.Inputs):
 
         # 2) the normaliser: completion tokens in the whole step (all micro-batches, all ranks)
         n_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
-        n_tokens = sharding.all_reduce_sum(n_tokens, world, run.device)
+        n_tokens = sharding.all_reduce_sum(n_tokens, run.world, run.device)
+        denom = max(n_tokens, 1.0)           # 1 where every completion is empty
 
-        # 3) teacher forward (frozen) and student forward to the last hidden states; the loss
-        #    projects them through both lm_heads itself, in float32, a block of positions at a time
-        #    (no (B, C, V) logits, under --fsdp too); loss = sum of d / n_tokens, backward
-        loss_sum, ent_sum, alpha_sum = 0.0, 0.0, 0.0
-        for m, batch in enumerate(micro_batches):
-            # DDP: all-reduce the gradients once, after the last micro-batch. FSDP reduce-scatters
-            # after every micro-batch, so that no rank ever holds the whole gradient.
-            last = m == cfg.grad_accum - 1
-            sync = nullcontext() if world == 1 or last or run.fsdp else model.no_sync()
-            # DDP and FSDP average gradients over ranks; * world turns that average into the
-            # global sum
-            with sync:
-                div_sum, ent, alpha = loss_and_backward(cfg, run, batch,
-                                                        scale=world / max(n_tokens, 1.0))
-            loss_sum += float(div_sum)
-            ent_sum += float(ent)         # H(p_T) at the loss temperature, from the loss's sweep
-            alpha_sum += float(alpha)     # sum_x min(p_T, q_T) at the loss temperature, likewise
+        # 3) teacher and student forwards, loss = sum of d / n_tokens, backward: per micro-batch
+        sums = step_loss(cfg, run, micro_batches, denom)
 
         # 4) clip, AdamW step, schedule (under FSDP each rank clips and updates its own pieces)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.max_grad_norm)
         grad_norm = sharding.to_float(grad_norm)
         lr = run.scheduler.get_last_lr()[0]
         run.optimizer.step()
@@ -348,7 +288,7 @@ def train(cfg: Config, inputs: train_checks.Inputs):
         if run.fsdp and step == run.start:    # what each rank holds, once the AdamW state exists
             sharding.write_sharding_record(run)
         run.optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0             # the step's time, without validation
+        dt = sharding.all_reduce_sum(time.perf_counter() - t0, run.world, run.device) / run.world
 
         # 5) validate the updated student (rank 0): exact speculative decoding on held-out prompts
         final_step = step + 1 == cfg.steps
@@ -357,60 +297,54 @@ def train(cfg: Config, inputs: train_checks.Inputs):
         new_best = (val.get("val_acceptance_rate") is not None
                     and val["val_acceptance_rate"] > run.best.value)
         # every rank checkpoints with it
-        new_best = sharding.all_reduce_sum(float(new_best), world, run.device) > 0
+        new_best = sharding.all_reduce_sum(float(new_best), run.world, run.device) > 0
 
-        # 6) log: global mean loss per completion token, tokens/s of the whole step (sampling
-        #    included)
-        loss_sum = sharding.all_reduce_sum(loss_sum, world, run.device)
-        ent_sum = sharding.all_reduce_sum(ent_sum, world, run.device)
-        train_alpha = sharding.all_reduce_sum(alpha_sum, world, run.device) / max(n_tokens, 1.0)
-        dt = sharding.all_reduce_sum(dt, world, run.device) / world
-        health = sum(b["health"] for b in micro_batches)                 # (4,) the step's
-        health = sharding.all_reduce_sum(health, world, run.device)
-        accepted = specdec.expected_accepted_length(train_alpha, run.protocol.gamma)   # estimate
-        row = dict(step=step + 1, loss=loss_sum / max(n_tokens, 1.0), lr=lr, grad_norm=grad_norm,
+        # 6) log: the global mean loss per completion token, tokens/s of the whole step (sampling
+        #    included, validation not), the training-time acceptance estimates, the samples' health
+        train_alpha = sums.alpha / denom
+        health = sharding.all_reduce_sum(sum(b["health"] for b in micro_batches), run.world,
+                                         run.device)                            # (4,) the step's
+        row = dict(step=step + 1, loss=sums.total / denom, lr=lr, grad_norm=grad_norm,
                    completion_len=n_tokens / cfg.batch_size,
-                   loss_teacher_entropy=ent_sum / max(n_tokens, 1.0), train_alpha=train_alpha,
-                   train_accepted_length=accepted, tokens_per_s=n_tokens / dt, source=source,
+                   loss_teacher_entropy=sums.teacher_entropy / denom, train_alpha=train_alpha,
+                   train_accepted_length=specdec.expected_accepted_length(train_alpha,
+                                                                          run.protocol.gamma),
+                   tokens_per_s=n_tokens / dt, source=source,
                    sample_stop_rate=float(health[0] / max(health[1], 1)),
                    sample_repetition=float(health[2] / max(health[3], 1)), **val)
-        if run.master and source == "student" and row["sample_repetition"] > DEGENERATE_REPETITION:
-            tqdm.write(f"warning: step {step + 1}: the student's samples degenerate "
-                       f"({row['sample_repetition']:.0%} repeated 4-grams, "
-                       f"{row['sample_stop_rate']:.0%} stopped), so train_alpha "
-                       f"{train_alpha:.2f} is measured on loops the teacher predicts too and "
-                       f"overstates the acceptance; give the draft more off-policy steps first "
-                       f"(--off-policy-warmup, a lower --lmbda) and watch val_alpha (--eval-every)")
         if run.master:
-            run.metrics.write(json.dumps(row) + "\n")
-            run.metrics.flush()
+            write_row(run, row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
         # 7) checkpoint (atomic), every save_every steps, at the end and at a new best; then best/
         if (step + 1) % cfg.save_every == 0 or final_step or new_best:
-            # under FSDP a collective: every rank gathers
-            model_state, optimizer_state = checkpoints.gather_for_checkpoint(run)
-            if run.master:
-                checkpoints.save_checkpoint(run.out, step + 1, student, run.tokenizer,
-                                            run.optimizer, run.scheduler, model_state=model_state,
-                                            optimizer_state=optimizer_state)
-                # never under --fsdp (train_checks.check_options refuses --eval-every)
-                if new_best:
-                    run.best = checkpoints.save_best(run.out, step + 1, student, run.tokenizer, val)
-            if world > 1:
-                dist.barrier()
+            checkpoints.save_step(run, step + 1, val if new_best else None)
     return train_setup.finish(run)
+
+
+def write_row(run: train_setup.Run, row: dict):
+    """Append the step's row to metrics.jsonl (rank 0), warning first when the student's samples
+    are loops (data.sample_health): train_alpha then measures agreement on loops."""
+    if row["source"] == "student" and row["sample_repetition"] > data.DEGENERATE_REPETITION:
+        tqdm.write(f"warning: step {row['step']}: the student's samples degenerate "
+                   f"({row['sample_repetition']:.0%} repeated 4-grams, "
+                   f"{row['sample_stop_rate']:.0%} stopped), so train_alpha "
+                   f"{row['train_alpha']:.2f} is measured on loops the teacher predicts too and "
+                   f"overstates the acceptance; give the draft more off-policy steps first "
+                   f"(--off-policy-warmup, a lower --lmbda) and watch val_alpha (--eval-every)")
+    run.metrics.write(json.dumps(row) + "\n")
+    run.metrics.flush()
 
 
 # -------------------------------------------------------------------- 1) sample: the step's batches
 
-def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
+def sample_step(cfg: Config, run: train_setup.Run, step: int) -> tuple[str, list[dict]]:
     """The step's source ("student", "dataset" or "teacher": one seeded coin per step, the same on
-    every rank) and this rank's grad_accum micro-batches (build_batch dicts on the device) of its
-    shard of the step's prompts. Every choice is a pure function of (seed, step) and of each
+    every rank) and this rank's grad_accum micro-batches (data.build_batch dicts on the device) of
+    its shard of the step's prompts. Every choice is a pure function of (seed, step) and of each
     prompt's position in the step's batch (its sampling generator), so --resume reproduces it and
     the split over ranks and micro-batches does not change it."""
-    batch_rows = step_prompt_indices(step, cfg.batch_size, len(run.prompts), cfg.seed)
+    batch_rows = data.step_prompt_indices(step, cfg.batch_size, len(run.prompts), cfg.seed)
     shard = batch_rows[run.rank::run.world]
     coin = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).item()
     # the warm-up's steps are all off-policy
@@ -430,7 +364,7 @@ def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
             if sampler is None:
                 completions = [run.references[r] for r in rows]
             else:
-                gens = [prompt_generator(cfg.seed, step, k, run.device)
+                gens = [data.prompt_generator(cfg.seed, step, k, run.device)
                         for k in positions[m * micro:(m + 1) * micro]]
                 sampler.eval()
                 with torch.no_grad(), run.autocast:
@@ -438,94 +372,39 @@ def sample_step(cfg: Config, run, step: int) -> tuple[str, list[dict]]:
                         sampler, prompt_ids, generator=gens,
                         **run.protocol.generate_kwargs()).tokens
                 run.student.train()
-            completions = [cut_at_stop(c, run.stop_ids, cfg.max_new_tokens) for c in completions]
+            completions = [data.cut_at_stop(c, run.stop_ids, cfg.max_new_tokens)
+                           for c in completions]
             batch = {k: (v.to(run.device) if torch.is_tensor(v) else v)
-                     for k, v in build_batch(prompt_ids, completions, run.pad_id).items()}
-            batch["health"] = sample_health(completions, run.stop_ids)
+                     for k, v in data.build_batch(prompt_ids, completions, run.pad_id).items()}
+            batch["health"] = data.sample_health(completions, run.stop_ids)
             micro_batches.append(batch)
     return source, micro_batches
 
 
-def step_prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
-    """The global batch of prompt indices for an optimizer step: consecutive slices of one seeded
-    permutation per epoch. A pure function of the step, so a resumed run sees the same batches."""
-    out = []
-    start = step * batch_size
-    for k in range(start, start + batch_size):
-        epoch, i = divmod(k, n_prompts)
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n_prompts, generator=gen)
-        out.append(int(perm[i]))
-    return out
-
-
-def prompt_generator(seed: int, step: int, position: int, device) -> torch.Generator:
-    """The sampling RNG of one prompt: (run seed, step, the prompt's position in the step's global
-    batch). Reproducible across --resume without replaying, and the same whichever rank and
-    micro-batch sample it."""
-    key = ((seed * 1_000_003 + step) * 1009 + position) % 2**63
-    return torch.Generator(device=device).manual_seed(key)
-
-
-def cut_at_stop(tokens: list[int], stop_ids, max_new_tokens: int) -> list[int]:
-    """Keep tokens up to and including the first stop id, and at most max_new_tokens of them."""
-    tokens = list(tokens)[:max_new_tokens]
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[: i + 1]
-    return tokens
-
-
-def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
-    """One row per sample: [pad ... pad | prompt | completion | pad ... pad].
-
-    Prompts are left-padded to width P and completions right-padded to width C, so every completion
-    starts at column P. loss_mask is True exactly on the completion tokens (the stop token included,
-    nothing after it); position_ids count real tokens only, so padding never shifts a row.
-    """
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    C = max(1, max(len(c) for c in completions))
-    input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)   # (B, P + C)
-    attention_mask = torch.zeros((B, P + C), dtype=torch.long)
-    loss_mask = torch.zeros((B, P + C), dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, P - len(p): P + len(c)] = 1
-        if c:
-            input_ids[i, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
-            loss_mask[i, P: P + len(c)] = True
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                loss_mask=loss_mask, prompt_width=P)
-
-
-DEGENERATE_REPETITION = 0.5      # above this share of repeated 4-grams, on-policy samples are loops
-
-
-def repeated_ngrams(tokens: list[int], n: int = 4) -> tuple[int, int]:
-    """(n-grams that already occurred earlier in the same completion, all n-grams): a completion
-    stuck in a loop (" ( ( (") repeats nearly every n-gram; fluent text almost none."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return len(grams) - len(set(grams)), len(grams)
-
-
-def sample_health(completions: list[list[int]], stop_ids) -> torch.Tensor:
-    """(completions that stopped, completions, repeated 4-grams, 4-grams) of a micro-batch's
-    samples, summed: the loop logs sample_stop_rate and sample_repetition from them and warns when
-    the student's samples degenerate (a draft far from its target loops and never stops, and the
-    teacher, which predicts the loop too, then agrees with it: train_alpha rises while the real
-    acceptance does not)."""
-    stops = set(stop_ids)
-    stopped = sum(bool(c) and c[-1] in stops for c in completions)
-    counts = [repeated_ngrams(c) for c in completions]            # (repeated, all) per completion
-    repeated, grams = map(sum, zip(*counts)) if counts else (0, 0)
-    return torch.tensor([stopped, len(completions), repeated, grams], dtype=torch.float64)
-
-
 # ------------------------------------------------------ 3) the loss: hidden states in, sum of d out
 
-def loss_and_backward(cfg: "Config", run: "Run", batch: dict, scale: float):
+def step_loss(cfg: Config, run: train_setup.Run, micro_batches: list[dict],
+              n_tokens: float) -> divergences.LossSums:
+    """Every micro-batch of the step through loss_and_backward, its gradient scaled by 1 / n_tokens
+    (the step's completion tokens, all ranks). -> the step's sums over all ranks, as floats: of d,
+    of H(p_T) and of alpha at the loss temperature (from the loss's own sweep)."""
+    total, ent, alpha = 0.0, 0.0, 0.0
+    for m, batch in enumerate(micro_batches):
+        # DDP: all-reduce the gradients once, after the last micro-batch. FSDP reduce-scatters
+        # after every micro-batch, so that no rank ever holds the whole gradient.
+        last = m == cfg.grad_accum - 1
+        sync = nullcontext() if run.world == 1 or last or run.fsdp else run.model.no_sync()
+        # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
+        with sync:
+            sums = loss_and_backward(cfg, run, batch, scale=run.world / n_tokens)
+        total, ent, alpha = total + float(sums.total), ent + float(sums.teacher_entropy), \
+            alpha + float(sums.alpha)
+    return divergences.LossSums(*(sharding.all_reduce_sum(x, run.world, run.device)
+                                  for x in (total, ent, alpha)))
+
+
+def loss_and_backward(cfg: Config, run: train_setup.Run, batch: dict,
+                      scale: float) -> divergences.LossSums:
     """One micro-batch's loss: the frozen teacher and the student run to their last hidden states,
     the loss projects them through both lm_heads itself, in float32, a block of positions at a time
     (no (B, C, V) logits), and (sum of d) * scale is backpropagated. -> (sum of d, sum of H(p_T),
@@ -537,101 +416,23 @@ def loss_and_backward(cfg: "Config", run: "Run", batch: dict, scale: float):
     with sharding.head_kept(student):
         with sharding.head_kept(teacher):
             with torch.no_grad(), run.autocast:
-                t_hidden = teacher_hidden(teacher, batch)                        # (B, C, H_t)
+                t_hidden = models.teacher_hidden(teacher, batch)            # (B, C, H_t)
             with run.autocast:
-                s_hidden = completion_hidden(run.model, batch)                   # (B, C, H_s)
+                s_hidden = models.completion_hidden(run.model, batch)       # (B, C, H_s)
             div_sum, ent, alpha = divergences.hidden_divergence_sum(
-                divergences.HiddenAndHead(s_hidden, lm_head_weight(student)),
-                divergences.HiddenAndHead(t_hidden, lm_head_weight(teacher)), mask,
+                divergences.HiddenAndHead(s_hidden, models.lm_head_weight(student)),
+                divergences.HiddenAndHead(t_hidden, models.lm_head_weight(teacher)), mask,
                 loss_divergence(cfg), vocab_size=run.vocab, return_teacher_entropy=True,
                 return_alpha=True)
             del t_hidden                           # not needed by the backward: freed before it
         (div_sum * scale).backward()
-    return div_sum.detach(), ent, alpha
+    return divergences.LossSums(div_sum.detach(), ent, alpha)
 
 
-def loss_divergence(cfg: "Config") -> divergences.Divergence:
+def loss_divergence(cfg: Config) -> divergences.Divergence:
     """The per-token divergence d of the loss: --div with its options, at the loss temperature."""
     return divergences.Divergence(cfg.div, cfg.beta, cfg.loss_temperature, cfg.ajsd_scale,
                                   cfg.ajsd_floor, cfg.lk_scale, cfg.lk_decay)
-
-
-def completion_hidden(model, batch: dict):
-    """The last hidden states (after the final norm) at the columns that predict the completion
-    tokens: (B, C, H). Column P - 1 + j predicts completion token j.
-
-    The model's own forward -- through a DDP wrapper, which must see it to all-reduce the
-    gradients -- with no logits column kept (logits_to_keep = an empty index): the lm_head projects
-    nothing, the loss does it (divergences.hidden_divergence_sum). output_hidden_states returns
-    every layer's output, which autograd keeps for the student's backward anyway; the frozen teacher
-    runs its decoder alone (teacher_hidden)."""
-    P = batch["prompt_width"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=no_logits_column(batch),
-                output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1][:, P - 1:-1]                      # (B, C, H)
-
-
-def teacher_hidden(teacher, batch: dict):
-    """completion_hidden of the frozen teacher, from its decoder (get_decoder()) alone: under
-    no_grad no layer's output is kept, so none is collected either. (B, C, H_t)
-    Under --fsdp the root's own forward must run (it gathers the embeddings and the final norm): the
-    whole model with no logits column kept, the decoder's last hidden state read as it leaves the
-    decoder."""
-    P = batch["prompt_width"]
-    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=batch["position_ids"], use_cache=False)
-    decoder = teacher.get_decoder()
-    if not sharding.is_sharded(teacher):
-        return decoder(**kw).last_hidden_state[:, P - 1:-1]       # (B, C, H_t)
-    seen = {}
-    hook = decoder.register_forward_hook(
-        lambda module, args, out: seen.update(hidden=out.last_hidden_state))
-    try:
-        teacher(**kw, logits_to_keep=no_logits_column(batch))
-    finally:
-        hook.remove()
-    return seen["hidden"][:, P - 1:-1]                              # (B, C, H_t)
-
-
-def no_logits_column(batch: dict) -> torch.Tensor:
-    """logits_to_keep = an empty index: the lm_head projects no position (the loss does it)."""
-    return torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
-
-
-def lm_head_weight(model, name: str = "model") -> torch.Tensor:
-    """The lm_head weight (V, H) that hidden_divergence_sum projects with (tied: the embedding
-    matrix itself, so its gradient lands on that one parameter). Refused, naming why, where a plain
-    projection of the last hidden state is not the model's logits: a bias, a logit scale or a final
-    soft-capping."""
-    head = model.get_output_embeddings()
-    cfg = getattr(model, "config", None)
-    extra = [k for k in ("final_logit_softcapping", "logit_scale")
-             if getattr(cfg, k, None) not in (None, 1.0)]
-    if getattr(head, "bias", None) is not None:
-        extra.append("an lm_head bias")
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or extra:
-        raise ValueError(f"the {name}'s lm_head is not a plain float projection "
-                         f"({', '.join(extra) or type(head)}): "
-                         "the loss computes logits as hidden @ weight^T")
-    return head.weight
-
-
-def batch_divergence_sum(student_logits, teacher_logits, mask, divergence: divergences.Divergence,
-                         vocab_size: int | None = None, return_teacher_entropy: bool = False,
-                         return_alpha: bool = False) -> divergences.LossSums:
-    """Sum of the per-token divergence d(p, q) over the masked completion tokens (LossSums.total, a
-    scalar). vocab_size: compare only the tokenizer's real tokens (lm_heads may carry padding rows).
-    return_teacher_entropy=True / return_alpha=True (passed on to divergences.divergence_sum) also
-    fill the sums of H(p_T) and of alpha at the loss temperature, without top-p: logged as
-    loss_teacher_entropy and train_alpha."""
-    if vocab_size is not None or student_logits.shape[-1] != teacher_logits.shape[-1]:
-        student_logits, teacher_logits = divergences.shared_vocab(student_logits, teacher_logits,
-                                                                  vocab_size)
-    return divergences.divergence_sum(student_logits, teacher_logits, mask, divergence,
-                                      return_teacher_entropy=return_teacher_entropy,
-                                      return_alpha=return_alpha)
 
 
 # ------------------------------------------------------ 5) validation by exact speculative decoding
@@ -643,7 +444,7 @@ VAL_KEYS = ("val_acceptance_rate", "val_alpha", "val_mean_accepted_length",
 VAL_SAMPLING_SEED = 0
 
 
-def validate(run) -> dict:
+def validate(run: train_setup.Run) -> dict:
     """The val_* keys of a row: exact speculative decoding of the current student drafting for the
     teacher on the validation prompts, with the decoding protocol and one fixed sampling seed (the
     same at every validation, so the rows differ by the student only); pooled over the prompts
@@ -662,79 +463,6 @@ def validate(run) -> dict:
     val["val_per_position_acceptance"] = [clean(x) for x in stats["per_position_acceptance"]]
     val["val_seconds"] = time.perf_counter() - t0
     return val
-
-
-# --------------------------------------------------------- set-up: everything before the first step
-
-@dataclass
-class Run:
-    """What the loop needs, built by set_up: the process, models, data, optimiser and log."""
-    rank: int
-    world: int
-    device: torch.device
-    out: Path
-    master: bool
-    teacher: torch.nn.Module            # frozen target p (--fsdp: sharded, sharding.py)
-    student: torch.nn.Module            # trainable draft q (fp32 master weights; --fsdp: sharded)
-    model: torch.nn.Module              # the student, wrapped in DDP when world > 1 without --fsdp
-    tokenizer: object
-    protocol: models.DecodingProtocol   # sampling settings shared with evaluate.py / report.py
-    stop_ids: list[int]
-    pad_id: int
-    vocab: int                          # len(tokenizer): no lm_head padding rows
-    autocast: object                    # bf16 autocast (--dtype bfloat16, any device), else a no-op
-    prompts: list[list[int]]            # chat-templated prompt ids
-    references: list[list[int]]         # dataset answers + a stop token (off-policy batches)
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    start: int                          # the first step to run (the checkpoint's on --resume)
-    metrics: object                     # <out>/metrics.jsonl, open to append (rank 0; else None)
-    val_prompts: list[list[int]]        # held-out validation prompts ([] without --eval-every)
-    best: "Best"                        # the best validation so far (<out>/best/)
-    fsdp: bool = False                  # teacher and student sharded over the ranks (FSDP2)
-
-
-def set_up(cfg: Config, inputs: train_checks.Inputs) -> Run:
-    """Everything before the first step, in this order (the RNG seeds are set before any model
-    exists): process and device, models, optimiser and schedule (restored on --resume), the run
-    directory."""
-    rank, world, device = train_checks.set_up_process(cfg)
-    out, master = Path(cfg.out), rank == 0
-    examples, prompts, ckpt = inputs.examples, inputs.prompts, inputs.ckpt
-    teacher, student, tokenizer = train_setup.load_models(cfg, device, ckpt)
-    if cfg.fsdp:                    # before the optimizer: AdamW then holds each rank's pieces only
-        sharding.shard_models(cfg, teacher, student, device)
-    else:                           # each lm_head one the loss can project with
-        lm_head_weight(teacher, "teacher")
-        lm_head_weight(student, "student")
-    # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py /
-    # report.py
-    protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer,
-                                        teacher, temperature=cfg.temperature, top_p=cfg.top_p,
-                                        max_new_tokens=cfg.max_new_tokens)
-    stop_ids = list(protocol.stop_ids)
-    # --dtype bfloat16: the forwards (sampling included) under bf16 autocast on every device; the
-    # loss projects in float32 itself, sampling processes the logits in float32, AdamW's state is
-    # float32
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
-                else nullcontext())
-
-    # -- for dataset batches, the reference answers + a stop token (the prompts:
-    #    train_checks.check_inputs)
-    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
-    references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]
-    if cfg.steps is None:                         # the paper preset: epochs over the prompts
-        cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
-
-    optimizer, scheduler, start = train_setup.make_optimizer(cfg, student, ckpt, device)
-    ddp = world > 1 and not cfg.fsdp
-    model = torch.nn.parallel.DistributedDataParallel(student) if ddp else student
-    # rank 0: best/ of a resumed run, config.json, metrics.jsonl open for appending
-    best, metrics = (train_setup.open_run_dir(cfg, out, ckpt, start) if master
-                     else (checkpoints.Best(), None))
-    return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol,
-               stop_ids, tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references,
-               optimizer, scheduler, start, metrics, inputs.val_prompts, best, cfg.fsdp)
 
 
 if __name__ == "__main__":

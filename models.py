@@ -1070,6 +1070,73 @@ def ensure_smollm2_pair(k: int, root="checkpoints") -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------------------------
+# Forwards to the last hidden state: the loss projects it through the lm_head itself
+# --------------------------------------------------------------------------------------------
+
+def completion_hidden(model, batch: dict):
+    """The last hidden states (after the final norm) at the columns that predict the completion
+    tokens: (B, C, H). Column P - 1 + j predicts completion token j.
+
+    The model's own forward -- through a DDP wrapper, which must see it to all-reduce the
+    gradients -- with no logits column kept (logits_to_keep = an empty index): the lm_head projects
+    nothing, the loss does it (divergences.hidden_divergence_sum). output_hidden_states returns
+    every layer's output, which autograd keeps for the student's backward anyway; the frozen teacher
+    runs its decoder alone (teacher_hidden)."""
+    P = batch["prompt_width"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=no_logits_column(batch),
+                output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1][:, P - 1:-1]                      # (B, C, H)
+
+
+def teacher_hidden(teacher, batch: dict):
+    """completion_hidden of the frozen teacher, from its decoder (get_decoder()) alone: under
+    no_grad no layer's output is kept, so none is collected either. (B, C, H_t)
+    Under --fsdp the root's own forward must run (it gathers the embeddings and the final norm): the
+    whole model with no logits column kept, the decoder's last hidden state read as it leaves the
+    decoder."""
+    P = batch["prompt_width"]
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch["position_ids"], use_cache=False)
+    from plumbing import sharding               # sharding imports models: imported on use, no cycle
+    decoder = teacher.get_decoder()
+    if not sharding.is_sharded(teacher):
+        return decoder(**kw).last_hidden_state[:, P - 1:-1]       # (B, C, H_t)
+    seen = {}
+    hook = decoder.register_forward_hook(
+        lambda module, args, out: seen.update(hidden=out.last_hidden_state))
+    try:
+        teacher(**kw, logits_to_keep=no_logits_column(batch))
+    finally:
+        hook.remove()
+    return seen["hidden"][:, P - 1:-1]                              # (B, C, H_t)
+
+
+def no_logits_column(batch: dict) -> torch.Tensor:
+    """logits_to_keep = an empty index: the lm_head projects no position (the loss does it)."""
+    return torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+
+
+def lm_head_weight(model, name: str = "model") -> torch.Tensor:
+    """The lm_head weight (V, H) that hidden_divergence_sum projects with (tied: the embedding
+    matrix itself, so its gradient lands on that one parameter). Refused, naming why, where a plain
+    projection of the last hidden state is not the model's logits: a bias, a logit scale or a final
+    soft-capping."""
+    head = model.get_output_embeddings()
+    cfg = getattr(model, "config", None)
+    extra = [k for k in ("final_logit_softcapping", "logit_scale")
+             if getattr(cfg, k, None) not in (None, 1.0)]
+    if getattr(head, "bias", None) is not None:
+        extra.append("an lm_head bias")
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or extra:
+        raise ValueError(f"the {name}'s lm_head is not a plain float projection "
+                         f"({', '.join(extra) or type(head)}): "
+                         "the loss computes logits as hidden @ weight^T")
+    return head.weight
+
+
+# --------------------------------------------------------------------------------------------
 # Summary: teacher entropy on its own samples, analytic alpha of the student as a draft
 # --------------------------------------------------------------------------------------------
 

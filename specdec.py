@@ -299,17 +299,12 @@ def speculative_generate(target, draft, prompts, *, gamma=5, max_new_tokens=128,
     B = len(prompts)
     metrics = SpecMetrics(B, gamma, max_new_tokens, device, record, temperature)
     batch = RunningBatch(device)  # starts empty
-    slots = B if batch_size is None else batch_size
-    refill_at = max(1, slots // 4)  # admitting costs a prefill call per model: wait for a quarter
-    admitted = 0 if max_new_tokens > 0 else B  # prompts[:admitted] have entered the batch
+    waiting = PromptQueue(B if max_new_tokens > 0 else 0, B if batch_size is None else batch_size)
     first_round = True  # where sampling starts: both models' logits are checked once (check_logits)
 
-    while admitted < B or len(batch) > 0:
+    while waiting or len(batch) > 0:
         # 0. admit prompts into free slots
-        free = slots - len(batch)
-        if admitted < B and (free >= refill_at or len(batch) == 0):
-            new = list(range(admitted, min(B, admitted + free)))
-            admitted += len(new)
+        if new := waiting.admit(len(batch)):
             metrics.start[new] = time.perf_counter() - t0
             batch.admit(target, draft, prompts, new)
         budget = max_new_tokens - metrics.n_gen[batch.rows]  # (b,) tokens each row may still emit
@@ -366,6 +361,28 @@ class Sampling:
         """One token per row of probs (b, V) -> (b,): argmax when greedy (no random number), else a
         sample."""
         return probs.argmax(-1) if self.greedy else sample(probs, self.generator)
+
+
+@dataclass
+class PromptQueue:
+    """The prompts not yet in the batch (continuous batching): prompts[admitted:n] wait for one of
+    the batch's `slots`. Admitting costs a prefill call per model, so they enter together, once a
+    quarter of the slots is free (or the batch is empty)."""
+    n: int
+    slots: int
+    admitted: int = 0
+
+    def __bool__(self) -> bool:
+        return self.admitted < self.n
+
+    def admit(self, in_batch: int) -> list[int]:
+        """The prompt indices that enter a batch of `in_batch` rows now ([] for none)."""
+        free = self.slots - in_batch
+        if not self or (free < max(1, self.slots // 4) and in_batch > 0):
+            return []
+        new = list(range(self.admitted, min(self.n, self.admitted + free)))
+        self.admitted += len(new)
+        return new
 
 
 class RunningBatch:

@@ -162,8 +162,9 @@ def step_phases(teacher, student, prompts, *, new_tokens: int, repeats: int, voc
     float32 in train mode. -> (mean seconds of each phase over `repeats` steps after one warm-up step,
     completion tokens per step)."""
     import torch
-    import distill
+    import data
     import divergences
+    import models
     import specdec
     teacher.eval().requires_grad_(False)
     student.float().train()
@@ -185,16 +186,16 @@ def step_phases(teacher, student, prompts, *, new_tokens: int, repeats: int, voc
             c = specdec.autoregressive_generate(student, prompts, max_new_tokens=new_tokens, temperature=temperature,
                                                 top_p=top_p, eos_token_id=[], seed=step, vocab_size=vocab_size).tokens
         student.train()
-        b = distill.build_batch(prompts, c, pad_id)
+        b = data.build_batch(prompts, c, pad_id)
         mask = b["loss_mask"][:, b["prompt_width"]:]
         t0 = lap("sampling", t0)
         with torch.no_grad():
-            t_hidden = distill.teacher_hidden(teacher, b)                # (B, C, H_t): no logits
+            t_hidden = models.teacher_hidden(teacher, b)                # (B, C, H_t): no logits
         t0 = lap("teacher forward", t0)
-        s_hidden = distill.completion_hidden(student, b)                 # (B, C, H_s)
+        s_hidden = models.completion_hidden(student, b)                 # (B, C, H_s)
         t0 = lap("student forward", t0)
         div_sum, _, _ = divergences.hidden_divergence_sum(               # as distill.train: lm_heads fused in
-            (s_hidden, distill.lm_head_weight(student)), (t_hidden, distill.lm_head_weight(teacher)), mask,
+            (s_hidden, models.lm_head_weight(student)), (t_hidden, models.lm_head_weight(teacher)), mask,
             divergences.Divergence(div, 0.5, temperature), vocab_size=vocab_size, return_teacher_entropy=True)
         loss = div_sum / mask.sum()
         t0 = lap("loss + logged teacher entropy", t0)

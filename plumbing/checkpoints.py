@@ -20,7 +20,8 @@ import torch
 from plumbing import rundir, sharding
 
 if TYPE_CHECKING:
-    from distill import Run
+    from plumbing.train_setup import Run
+
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (ckpt-<step>; a .tmp directory is an interrupted write)."""
@@ -158,3 +159,17 @@ def gather_for_checkpoint(run: Run):
         return None, None
     return (sharding.full_state_dict(run.student),
             sharding.full_optimizer_state(run.student, run.optimizer))
+
+
+def save_step(run: Run, step: int, best_val: dict | None):
+    """The loop's checkpoint after `step` steps (every rank calls: under --fsdp the state is gathered
+    first); best_val, the validation row of a new best, also writes <out>/best/ (never under --fsdp:
+    train_checks.check_options refuses --eval-every there)."""
+    model_state, optimizer_state = gather_for_checkpoint(run)
+    if run.master:
+        save_checkpoint(run.out, step, run.student, run.tokenizer, run.optimizer, run.scheduler,
+                        model_state=model_state, optimizer_state=optimizer_state)
+        if best_val is not None:
+            run.best = save_best(run.out, step, run.student, run.tokenizer, best_val)
+    if run.world > 1:
+        torch.distributed.barrier()

@@ -154,7 +154,7 @@ MAX_SEED = 2**32 - 1      # the seeds derived from a run's (seed * 1_000_003 + s
 
 def check_seed(seed: int, flag: str = "--seed") -> int:
     """A seed is an integer in [0, MAX_SEED]: torch's generators take 64 bits, and every seed the scripts derive
-    from it (distill.prompt_generator, step_prompt_indices: seed times a constant near 10^6, plus the step) must
+    from it (data.prompt_generator, step_prompt_indices: seed times a constant near 10^6, plus the step) must
     fit them too."""
     if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise BadInput(f"{flag} {seed!r} is not allowed; {flag} must be an integer >= 0 and <= {MAX_SEED} (2^32 - 1)")
@@ -256,3 +256,22 @@ def write_markdown(out, lines: list[str]) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out)
     return out
+
+
+def parse_dataclass(config_class, argv=None, **parser_kwargs):
+    """A config dataclass from the command line: each field whose metadata has flag=True is an
+    option named after it (max_new_tokens -> --max-new-tokens; a bool -> --x / --no-x), with the
+    metadata's help and the field's default; the other fields keep their defaults."""
+    from dataclasses import fields
+    p = ArgumentParser(**parser_kwargs)
+    for f in fields(config_class):
+        if not f.metadata["flag"]:
+            continue
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=help)
+        else:                                     # `int | None` -> int
+            typ = next(a for a in getattr(f.type, "__args__", (f.type,)) if a is not type(None))
+            p.add_argument(flag, type=typ, default=f.default, help=help)
+    return config_class(**vars(p.parse_args(argv)))

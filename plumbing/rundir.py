@@ -29,8 +29,11 @@ import re
 import shlex
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from plumbing import cli
 
 LOG, CONFIG, LOCK, CHECKSUMS = "metrics.jsonl", "config.json", ".lock", "checksums.json"
 KEEP_CHECKPOINTS = 2
@@ -418,6 +421,49 @@ def start_fresh(out: Path, overwrite: bool):
     for p in run_files(out):
         say(f"--overwrite: removing {p}")
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+
+@contextmanager
+def claimed(out: Path, argv: list[str], *, master: bool, fresh: bool, overwrite: bool):
+    """distill.py's run directory for the length of a run: rank 0 takes its lock (another run that
+    started on it since the checks: one line) and, for a fresh run, clears it (--overwrite) under
+    the lock. Inside, a fresh run that stops before its first logged step leaves nothing behind that
+    would block a retry (discard_unstarted); Ctrl-C / SIGTERM prints one line with the command that
+    resumes; a failed write becomes one line naming the file (write_failure; exit 2)."""
+
+    lock = RunLock(out) if master else None
+    with cli.before_the_work():
+        if lock is not None:
+            lock.acquire()
+    try:
+        with cli.before_the_work():          # checked again under the lock (another run may have written)
+            if master and fresh:
+                start_fresh(out, overwrite)
+        try:
+            yield
+        except BaseException:
+            if master and fresh:
+                try:
+                    discard_unstarted(out)
+                except OSError:              # an unwritable directory: what is there stays, said below
+                    pass
+            raise
+    except KeyboardInterrupt as e:
+        if master:
+            how = "terminated (SIGTERM)" if isinstance(e, cli.Terminated) else "interrupted"
+            print(interrupted_message(out, argv, how), file=sys.stderr, flush=True)
+        raise
+    except OSError as e:
+        message = write_failure(e, out, argv) if master else None
+        if message is None:
+            raise
+        failure = RunDirError(message)
+        failure.bad_input = True             # not a bug: one line (cli.script_main), exit 2
+        raise failure from e
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def check_out_dir(out: Path, flag: str = "--out"):

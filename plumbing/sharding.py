@@ -59,7 +59,8 @@ from torch.distributed.tensor import DTensor
 from plumbing import rundir
 
 if TYPE_CHECKING:
-    from distill import Config, Run
+    from distill import Config
+    from plumbing.train_setup import Run
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -1,15 +1,18 @@
 """distill.py's set-up and tear-down around the loop: the models, the optimiser, the run directory.
 
-distill.set_up calls these in order before the first step (load_models, make_optimizer,
-open_run_dir); distill.train calls finish after the last. What a run writes, file by file:
-docs/training-run.md. The Config and Run are distill's: these functions take them as arguments
-(no import of distill, no cycle).
+distill.train calls set_up before the first step (it calls load_models, make_optimizer and
+open_run_dir in that order and returns a Run: everything the loop needs, under one name) and finish
+after the last. What a run writes, file by file: docs/training-run.md. The Config is distill's:
+these functions take it as an argument (no import of distill, no cycle).
 """
 from __future__ import annotations
 
+import gc
+import math
 import os
 import shutil
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,13 +24,84 @@ import models
 from plumbing import checkpoints, rundir, sharding, train_checks
 
 if TYPE_CHECKING:
-    from distill import Config, Run
+    from distill import Config
+
+
+@dataclass
+class Run:
+    """What the loop needs, built by set_up: the process, models, data, optimiser and log."""
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    master: bool
+    teacher: torch.nn.Module            # frozen target p (--fsdp: sharded, sharding.py)
+    student: torch.nn.Module            # trainable draft q (fp32 master weights; --fsdp: sharded)
+    model: torch.nn.Module              # the student, wrapped in DDP when world > 1 without --fsdp
+    tokenizer: object
+    protocol: models.DecodingProtocol   # sampling settings shared with evaluate.py / report.py
+    stop_ids: list[int]
+    pad_id: int
+    vocab: int                          # len(tokenizer): no lm_head padding rows
+    autocast: object                    # bf16 autocast (--dtype bfloat16, any device), else a no-op
+    prompts: list[list[int]]            # chat-templated prompt ids
+    references: list[list[int]]         # dataset answers + a stop token (off-policy batches)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start: int                          # the first step to run (the checkpoint's on --resume)
+    metrics: object                     # <out>/metrics.jsonl, open to append (rank 0; else None)
+    val_prompts: list[list[int]]        # held-out validation prompts ([] without --eval-every)
+    best: checkpoints.Best                        # the best validation so far (<out>/best/)
+    fsdp: bool = False                  # teacher and student sharded over the ranks (FSDP2)
+
+
+def set_up(cfg: Config, inputs: train_checks.Inputs) -> Run:
+    """Everything before the first step, in this order (the RNG seeds are set before any model
+    exists): process and device, models, optimiser and schedule (restored on --resume), the run
+    directory."""
+    rank, world, device = train_checks.set_up_process(cfg)
+    out, master = Path(cfg.out), rank == 0
+    examples, prompts, ckpt = inputs.examples, inputs.prompts, inputs.ckpt
+    teacher, student, tokenizer = load_models(cfg, device, ckpt)
+    if cfg.fsdp:                    # before the optimizer: AdamW then holds each rank's pieces only
+        sharding.shard_models(cfg, teacher, student, device)
+    else:                           # each lm_head one the loss can project with
+        models.lm_head_weight(teacher, "teacher")
+        models.lm_head_weight(student, "student")
+    # one decoding protocol (models.decoding_protocol) for sampling here and for evaluate.py /
+    # report.py
+    protocol = models.decoding_protocol(models.preset_config(cfg.preset, cfg.task), tokenizer,
+                                        teacher, temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens)
+    stop_ids = list(protocol.stop_ids)
+    # --dtype bfloat16: the forwards (sampling included) under bf16 autocast on every device; the
+    # loss projects in float32 itself, sampling processes the logits in float32, AdamW's state is
+    # float32
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+                else nullcontext())
+
+    # -- for dataset batches, the reference answers + a stop token (the prompts:
+    #    train_checks.check_inputs)
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else stop_ids[:1]
+    references = [tokenizer.encode(ex.reference, add_special_tokens=False) + end for ex in examples]
+    if cfg.steps is None:                         # the paper preset: epochs over the prompts
+        cfg.steps = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
+
+    optimizer, scheduler, start = make_optimizer(cfg, student, ckpt, device)
+    ddp = world > 1 and not cfg.fsdp
+    model = torch.nn.parallel.DistributedDataParallel(student) if ddp else student
+    # rank 0: best/ of a resumed run, config.json, metrics.jsonl open for appending
+    best, metrics = (open_run_dir(cfg, out, ckpt, start) if master
+                     else (checkpoints.Best(), None))
+    return Run(rank, world, device, out, master, teacher, student, model, tokenizer, protocol,
+               stop_ids, tokenizer.pad_token_id, protocol.vocab_size, autocast, prompts, references,
+               optimizer, scheduler, start, metrics, inputs.val_prompts, best, cfg.fsdp)
 
 
 def load_models(cfg: Config, device, ckpt: Path | None):
     """The frozen teacher (eval, no grad) and the trainable student (--resume: from the checkpoint,
     named here). -> teacher, student, tokenizer. The caller checks that each lm_head is one the loss
-    can project with (distill.lm_head_weight)."""
+    can project with (models.lm_head_weight)."""
     if ckpt is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming from {ckpt} (step {rundir.checkpoint_step(ckpt)})", flush=True)
     student_path = str(ckpt) if ckpt else cfg.student
@@ -87,6 +161,10 @@ def finish(run: Run) -> Path:
         final = checkpoints.save_final(run.out, run.student, run.tokenizer, state_dict)
         print(f"final student: {final}")
     if dist.is_initialized():
+        # the DDP wrapper goes first: destroyed after its process group, its reducer could wait
+        # forever on a rank that has already exited (a hang seen in about 1 run in 10 on gloo)
+        run.model = run.student
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return run.out

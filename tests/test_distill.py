@@ -17,11 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import data
 import distill
 import divergences
 import models
 import reference
-from plumbing import checkpoints, train_checks
+from plumbing import checkpoints, train_checks, train_setup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def loss_of(student, teacher, batch, div="jsd", beta=0.5, temperature=1.0):
     with torch.no_grad():
         t = reference.completion_logits(teacher, batch)
     s = reference.completion_logits(student, batch)
-    return distill.batch_divergence_sum(s, t, mask, divergences.Divergence(div, beta, temperature)).total / mask.sum()
+    return reference.batch_divergence_sum(s, t, mask, divergences.Divergence(div, beta, temperature)).total / mask.sum()
 
 
 def prompts_of(tok, n=3):
@@ -117,9 +118,9 @@ def test_loss_and_grads_match_trl_gkd(pair, loaded, tmp_path, beta):
     trl_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
 
-    completions = [distill.cut_at_stop(row[P:].tolist(), stop_ids, 8) for row in ids]
+    completions = [data.cut_at_stop(row[P:].tolist(), stop_ids, 8) for row in ids]
     assert any(len(c) < 8 for c in completions) and any(c[-1] in stop_ids for c in completions)
-    batch = distill.build_batch(prompts, completions, pad)
+    batch = data.build_batch(prompts, completions, pad)
     ours = loss_of(student, teacher, batch, "jsd", beta, 1.0)
     ours.backward()
     torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
@@ -143,7 +144,7 @@ def test_accumulated_normaliser_is_the_full_batch_mean_unlike_trl(pair, loaded):
     def grads(loss_fn):
         student = fresh_student(pair)
         for p, c in halves:
-            loss_fn(student, distill.build_batch(p, c, tok.pad_token_id)).backward()
+            loss_fn(student, data.build_batch(p, c, tok.pad_token_id)).backward()
         return torch.cat([q.grad.flatten() for q in student.parameters()])
 
     def ours(student, b):
@@ -151,7 +152,7 @@ def test_accumulated_normaliser_is_the_full_batch_mean_unlike_trl(pair, loaded):
         with torch.no_grad():
             t = reference.completion_logits(teacher, b)
         rkl = divergences.Divergence("rkl")
-        sums = distill.batch_divergence_sum(reference.completion_logits(student, b), t, mask, rkl)
+        sums = reference.batch_divergence_sum(reference.completion_logits(student, b), t, mask, rkl)
         return sums.total / n_total
 
     def trl_per_micro_mean(student, b):
@@ -162,7 +163,7 @@ def test_accumulated_normaliser_is_the_full_batch_mean_unlike_trl(pair, loaded):
         return GKDTrainer.generalized_jsd_loss(reference.completion_logits(student, b), t, labels, beta=1.0) / 2
 
     student = fresh_student(pair)
-    full = loss_of(student, teacher, distill.build_batch(prompts, completions, tok.pad_token_id), "rkl")
+    full = loss_of(student, teacher, data.build_batch(prompts, completions, tok.pad_token_id), "rkl")
     full.backward()
     g_full = torch.cat([q.grad.flatten() for q in student.parameters()])
     torch.testing.assert_close(grads(ours), g_full, rtol=1e-4, atol=1e-7)
@@ -191,7 +192,7 @@ def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, 
     lookup's and the loss's."""
     teacher, _, tok = loaded
     prompts = prompts_of(tok, 3)
-    batch = distill.build_batch([prompts[0][:15], prompts[1], prompts[2][:30]], [[9, 10, 11, 2], [12], [13, 14]],
+    batch = data.build_batch([prompts[0][:15], prompts[1], prompts[2][:30]], [[9, 10, 11, 2], [12], [13, 14]],
                                 tok.pad_token_id)
     mask = batch["loss_mask"][:, batch["prompt_width"]:]
     vocab = len(tok)
@@ -202,7 +203,7 @@ def test_the_loops_loss_from_hidden_states_equals_the_logits_path(pair, loaded, 
         if path == "logits":
             with torch.no_grad():
                 t = reference.completion_logits(teacher, batch)
-            total, ent, _ = distill.batch_divergence_sum(reference.completion_logits(student, batch), t, mask,
+            total, ent, _ = reference.batch_divergence_sum(reference.completion_logits(student, batch), t, mask,
                                                          divergences.Divergence(div, 0.5, 0.6), vocab,
                                                          return_teacher_entropy=True)
             total.backward()
@@ -237,15 +238,15 @@ def test_gradient_checkpointing_makes_the_same_update(pair, tmp_path):
 
 def test_cut_at_stop_keeps_the_first_stop_and_drops_the_rest():
     """The student must learn to stop: the first stop token is a training target, what follows is not."""
-    assert distill.cut_at_stop([5, 6, 2, 7, 2], [2, 3], 10) == [5, 6, 2]
-    assert distill.cut_at_stop([5, 3, 2], [2, 3], 10) == [5, 3]
-    assert distill.cut_at_stop([5, 6, 7, 8], [2], 3) == [5, 6, 7]
+    assert data.cut_at_stop([5, 6, 2, 7, 2], [2, 3], 10) == [5, 6, 2]
+    assert data.cut_at_stop([5, 3, 2], [2, 3], 10) == [5, 3]
+    assert data.cut_at_stop([5, 6, 7, 8], [2], 3) == [5, 6, 7]
 
 
 def test_build_batch_masks_prompt_and_padding_but_not_the_stop_token():
     """loss_mask marks exactly the completion tokens (stop included); padding is out of attention;
     position ids count real tokens only, so a row's positions do not depend on its neighbours."""
-    b = distill.build_batch([[1, 2, 3], [4]], [[7, 2], [8, 9, 2]], pad_id=0)
+    b = data.build_batch([[1, 2, 3], [4]], [[7, 2], [8, 9, 2]], pad_id=0)
     assert b["prompt_width"] == 3
     assert b["input_ids"].tolist() == [[1, 2, 3, 7, 2, 0], [0, 0, 4, 8, 9, 2]]
     assert b["loss_mask"].int().tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
@@ -259,7 +260,7 @@ def test_loss_ignores_prompt_padding_and_post_stop_tokens(pair, loaded):
     teacher, student, tok = loaded
     prompts = prompts_of(tok, 2)
     prompts = [prompts[0][:12], prompts[1]]
-    b = distill.build_batch(prompts, [[9, 10, 2], [11]], tok.pad_token_id)
+    b = data.build_batch(prompts, [[9, 10, 2], [11]], tok.pad_token_id)
     with torch.no_grad():
         base = loss_of(student, teacher, b, "fkl")
         b2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
@@ -283,7 +284,7 @@ def test_left_padded_rows_give_the_same_loss_as_each_row_alone(loaded):
     comps = [[9, 10, 11, 2], [12], [13, 14]]
     with torch.no_grad():
         def row_sums(ps, cs):
-            b = distill.build_batch(ps, cs, tok.pad_token_id)
+            b = data.build_batch(ps, cs, tok.pad_token_id)
             mask = b["loss_mask"][:, b["prompt_width"]:]
             s, t = reference.completion_logits(student, b), reference.completion_logits(teacher, b)
             return (divergences.token_divergence(s, t, divergences.Divergence("jsd")) * mask).sum(-1)
@@ -309,7 +310,7 @@ def test_a_few_steps_reduce_the_divergence_on_a_fixed_batch(pair, tmp_path, div)
 def step_batches(pair, out, *extra):
     """The micro-batches of step 0 of a run with these arguments, rebuilt as the loop builds them, and the run."""
     cfg = train_checks.resolve_config(distill.parse_args(run_args(pair, out, *extra)))
-    run = distill.set_up(cfg, train_checks.check_inputs(cfg, True))
+    run = train_setup.set_up(cfg, train_checks.check_inputs(cfg, True))
     run.metrics.close()
     return cfg, run, distill.sample_step(cfg, run, 0)[1]
 
@@ -436,7 +437,7 @@ def test_best_is_the_student_of_the_best_validation_step(pair, loaded, tmp_path)
     assert distill.rundir.verify_checkpoint(out / "best") is None
     cfg = train_checks.resolve_config(distill.parse_args(run_args(pair, tmp_path / "re", "--eval-every", 1,
                                                              "--eval-prompts", 4)))
-    run = distill.set_up(cfg, train_checks.check_inputs(cfg, True))
+    run = train_setup.set_up(cfg, train_checks.check_inputs(cfg, True))
     run.metrics.close()
     run.student = AutoModelForCausalLM.from_pretrained(out / "best")
     again = distill.validate(run)

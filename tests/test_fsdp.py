@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import data
 import distill
 import models
 import reference
@@ -236,7 +237,7 @@ def test_the_fused_loss_under_fsdp_reads_whole_heads_and_builds_no_logits(pair, 
     teacher, student, tok = models.load_pair(*pair, device="cpu")
     _, plain, _ = models.load_pair(*pair, device="cpu")
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
-    batch = distill.build_batch(prompts, [[13, 14, 2], [15]], tok.pad_token_id)
+    batch = data.build_batch(prompts, [[13, 14, 2], [15]], tok.pad_token_id)
     cfg = distill.Config(div="jsd", beta=0.5, loss_temperature=0.6)
     ref = distill.loss_and_backward(cfg, SimpleNamespace(student=plain, teacher=teacher, model=plain,
                                                          autocast=nullcontext(), vocab=len(tok)), batch, scale=1.0)

@@ -19,6 +19,7 @@ import distill
 from study import evaluate
 import models
 from plumbing import rundir
+import reference
 import specdec
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -81,9 +82,9 @@ def test_first_stop_id_is_kept_in_the_loss_and_nothing_after(loaded):
     teacher, _, tok = loaded
     stop = models.generation_stop_ids(tok, teacher)
     for first in (IM_END, ENDOFTEXT):
-        c = distill.cut_at_stop([11, 22, first, 33, IM_END], stop, 10)
+        c = data.cut_at_stop([11, 22, first, 33, IM_END], stop, 10)
         assert c == [11, 22, first]
-        batch = distill.build_batch([[1, 2, 3], [4]], [c, [11]], tok.pad_token_id)
+        batch = data.build_batch([[1, 2, 3], [4]], [c, [11]], tok.pad_token_id)
         P = batch["prompt_width"]
         assert batch["loss_mask"][0, P:].tolist() == [True, True, True]
         assert batch["input_ids"][0, P + 2] == first
@@ -125,10 +126,10 @@ def test_padding_rows_never_enter_the_loss(loaded):
     mask = torch.tensor([[True, True, False], [True, False, False]])
     for div in ("fkl", "rkl", "jsd", "tvd"):
         divergence = distill.divergences.Divergence(div, 0.5, 0.6)
-        base = distill.batch_divergence_sum(s, t, mask, divergence, V_TOKENS).total
+        base = reference.batch_divergence_sum(s, t, mask, divergence, V_TOKENS).total
         s2, t2 = s.clone(), t.clone()
         s2[..., V_TOKENS:], t2[..., V_TOKENS:] = 100.0, 100.0
-        assert torch.allclose(distill.batch_divergence_sum(s2, t2, mask, divergence, V_TOKENS).total, base)
+        assert torch.allclose(reference.batch_divergence_sum(s2, t2, mask, divergence, V_TOKENS).total, base)
 
 
 def test_paper_preset_end_to_end(pair, tmp_path, monkeypatch):

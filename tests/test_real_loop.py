@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import distill
 import models
 from test_distill import REPO, free_port, read_losses, read_metric
@@ -98,15 +99,15 @@ def test_the_distilled_real_draft_works_as_assistant_model(straight):
 
 def test_repeated_ngrams_counts_a_loop_and_not_fluent_text():
     """A completion stuck in a loop repeats nearly every 4-gram; one with no repeated 4-gram repeats none."""
-    assert distill.repeated_ngrams([7, 8] * 10) == (15, 17)
-    assert distill.repeated_ngrams(list(range(20))) == (0, 17)
-    assert distill.repeated_ngrams([1, 2, 3]) == (0, 0)
+    assert data.repeated_ngrams([7, 8] * 10) == (15, 17)
+    assert data.repeated_ngrams(list(range(20))) == (0, 17)
+    assert data.repeated_ngrams([1, 2, 3]) == (0, 0)
 
 
 def test_sample_health_counts_stopped_and_repeated_samples():
     """(stopped, completions, repeated 4-grams, 4-grams): only a completion whose last token is a stop id
     stopped (cut_at_stop keeps the stop id last)."""
-    health = distill.sample_health([[5, 6, 7, 2], [9, 9, 9, 9, 9, 9], []], stop_ids=[2, 0])
+    health = data.sample_health([[5, 6, 7, 2], [9, 9, 9, 9, 9, 9], []], stop_ids=[2, 0])
     assert health.tolist() == [1, 3, 2, 4]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import data
 import distill
 import models
 import reference
@@ -75,10 +76,10 @@ def test_8bit_teacher_keeps_a_float_lm_head_the_loss_projects_with(pair):
     import torch
     teacher, _, tok = models.load_pair(*pair, device="cpu", load_in_8bit=True)
     assert any("8bit" in type(m).__name__ for m in teacher.modules())
-    head = distill.lm_head_weight(teacher, "teacher")
+    head = models.lm_head_weight(teacher, "teacher")
     assert head.is_floating_point()
-    batch = distill.build_batch([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], tok.pad_token_id)
+    batch = data.build_batch([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], tok.pad_token_id)
     with torch.no_grad():
-        hidden = distill.teacher_hidden(teacher, batch)                # (B, C, H)
+        hidden = models.teacher_hidden(teacher, batch)                # (B, C, H)
         logits = reference.completion_logits(teacher, batch)             # (B, C, V)
     torch.testing.assert_close(hidden.float() @ head.float().t(), logits.float(), rtol=1e-4, atol=1e-4)
