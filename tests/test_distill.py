@@ -580,7 +580,7 @@ def test_two_process_torchrun_equals_one_process_on_the_combined_batch(pair, tmp
     args = run_args(pair, tmp_path / "ddp", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(REPO / "distill.py"), *args], check=True, env=env,
+                        f"--master_port={free_port()}", str(REPO / "distill.py"), *args], check=True, env=env, timeout=300,
                        cwd=tmp_path, capture_output=True, text=True)
     assert "gsm8k/rkl: 100%" in r.stderr                   # rank 0's progress bar (issue 19: none under torchrun)
     one = distill.main(run_args(pair, tmp_path / "one", "--lmbda", 0, "--steps", 1, "--max-new-tokens", 64))
