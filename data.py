@@ -42,6 +42,12 @@ user turn, rendered by the tokenizer's own chat template with the assistant turn
 (``add_generation_prompt=True``). One length filter (``length_filter``): CNN/DM articles longer
 than 512 tokens of the run's teacher's tokenizer are left out, as in the seed, in training,
 evaluation and the report alike, and the kept/dropped counts are printed.
+
+Training batches (distill.py's sample phase): ``build_batch`` lays out one row per sample as
+[pad | prompt | completion | pad], prompts left-padded so that every completion starts at the same
+column, the loss mask on the completion tokens only. Which prompts a step draws
+(``step_prompt_indices``) and each prompt's sampling generator (``prompt_generator``) are pure
+functions of (seed, step, position), so a resumed or multi-process run draws the same batches.
 """
 from __future__ import annotations
 

@@ -39,6 +39,10 @@ on CPU, bfloat16 on CUDA; ``load_in_8bit`` quantises the teacher with bitsandbyt
 which also runs on CPU); ``trust_remote_code`` stays off unless asked. A tokenizer that pads with
 eos gets another pad token (see ``load_tokenizer``).
 
+Forwards to the last hidden state (``completion_hidden``, ``teacher_hidden``): distill.py's loss
+projects the hidden states through each lm_head itself (``lm_head_weight``), so no (B, C, V)
+logits are built.
+
 Why a module of its own: data.py is about text, distill.py about the loss and loop; building and
 loading models is used by both, by specdec benchmarks and by evaluate.py.
 """
