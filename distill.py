@@ -388,7 +388,7 @@ def step_loss(cfg: Config, run: train_setup.Run, micro_batches: list[dict],
     """Every micro-batch of the step through loss_and_backward, its gradient scaled by 1 / n_tokens
     (the step's completion tokens, all ranks). -> the step's sums over all ranks, as floats: of d,
     of H(p_T) and of alpha at the loss temperature (from the loss's own sweep)."""
-    total, ent, alpha = 0.0, 0.0, 0.0
+    totals = [0.0, 0.0, 0.0]                      # of d, H(p_T), alpha
     for m, batch in enumerate(micro_batches):
         # DDP: all-reduce the gradients once, after the last micro-batch. FSDP reduce-scatters
         # after every micro-batch, so that no rank ever holds the whole gradient.
@@ -397,10 +397,9 @@ def step_loss(cfg: Config, run: train_setup.Run, micro_batches: list[dict],
         # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
         with sync:
             sums = loss_and_backward(cfg, run, batch, scale=run.world / n_tokens)
-        total, ent, alpha = total + float(sums.total), ent + float(sums.teacher_entropy), \
-            alpha + float(sums.alpha)
+        totals = [total + float(x) for total, x in zip(totals, sums)]
     return divergences.LossSums(*(sharding.all_reduce_sum(x, run.world, run.device)
-                                  for x in (total, ent, alpha)))
+                                  for x in totals))
 
 
 def loss_and_backward(cfg: Config, run: train_setup.Run, batch: dict,
