@@ -789,6 +789,7 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: 
     return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 loss_mask=loss_mask, prompt_width=P)
 
+
 DEGENERATE_REPETITION = 0.5      # above this share of repeated 4-grams, on-policy samples are loops
 
 

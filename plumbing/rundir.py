@@ -423,7 +423,6 @@ def start_fresh(out: Path, overwrite: bool):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-
 @contextmanager
 def claimed(out: Path, argv: list[str], *, master: bool, fresh: bool, overwrite: bool):
     """distill.py's run directory for the length of a run: rank 0 takes its lock (another run that

@@ -200,7 +200,7 @@ def check_run_dir(cfg: Config):
 
 @dataclass
 class Inputs:
-    """What main checks before any model loads, for set_up: the data, its prompts, the checkpoint.
+    """What main checks before any model loads, for train_setup.set_up: the data, its prompts, the checkpoint.
     """
     examples: list[data.Example]
     prompts: list[list[int]]            # chat-templated prompt ids, each within the models' context
