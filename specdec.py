@@ -687,11 +687,12 @@ def autoregressive_generate(model, prompts, *, max_new_tokens=128, temperature=1
     wall = time.perf_counter() - t0
     n_gen, calls = n_gen.cpu(), calls.cpu()
     tokens = [row[:n] for row, n in zip(out.tolist(), n_gen.tolist())]
-
-    def summary(gen_, calls_, seconds):
-        return {"generated": int(gen_), "target_calls": int(calls_), "wall_time_s": seconds,
-                "tokens_per_s": _rate(int(gen_), seconds)}
-
-    stats = summary(n_gen.sum(), batched_calls, wall)
-    stats["per_row"] = [summary(n_gen[r], calls[r], float(finish[r]) or wall) for r in range(B)]
+    stats = _ar_summary(n_gen.sum(), batched_calls, wall)
+    stats["per_row"] = [_ar_summary(n_gen[r], calls[r], float(finish[r]) or wall) for r in range(B)]
     return GenerationResult(tokens, stats)
+
+
+def _ar_summary(generated, calls, seconds: float) -> dict:
+    """autoregressive_generate's stats of the batch or of one row: tokens, model calls, time."""
+    return {"generated": int(generated), "target_calls": int(calls), "wall_time_s": seconds,
+            "tokens_per_s": _rate(int(generated), seconds)}
