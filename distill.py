@@ -276,7 +276,7 @@ def train(cfg: Config, inputs: train_checks.Inputs):
         n_tokens = sharding.all_reduce_sum(n_tokens, run.world, run.device)
         denom = max(n_tokens, 1.0)           # 1 where every completion is empty
 
-        # 3) teacher and student forwards, loss = sum of d / n_tokens, backward: per micro-batch
+        # 3) teacher and student forwards, loss = sum of d / denom, backward: per micro-batch
         sums = step_loss(cfg, run, micro_batches, denom)
 
         # 4) clip, AdamW step, schedule (under FSDP each rank clips and updates its own pieces)
@@ -384,9 +384,9 @@ def sample_step(cfg: Config, run: train_setup.Run, step: int) -> tuple[str, list
 # ------------------------------------------------------ 3) the loss: hidden states in, sum of d out
 
 def step_loss(cfg: Config, run: train_setup.Run, micro_batches: list[dict],
-              n_tokens: float) -> divergences.LossSums:
-    """Every micro-batch of the step through loss_and_backward, its gradient scaled by 1 / n_tokens
-    (the step's completion tokens, all ranks). -> the step's sums over all ranks, as floats: of d,
+              denom: float) -> divergences.LossSums:
+    """Every micro-batch of the step through loss_and_backward, its gradient scaled by 1 / denom
+    (the step's completion tokens, all ranks; at least 1). -> the step's sums over all ranks, as floats: of d,
     of H(p_T) and of alpha at the loss temperature (from the loss's own sweep)."""
     totals = [0.0, 0.0, 0.0]                      # of d, H(p_T), alpha
     for m, batch in enumerate(micro_batches):
@@ -396,7 +396,7 @@ def step_loss(cfg: Config, run: train_setup.Run, micro_batches: list[dict],
         sync = nullcontext() if run.world == 1 or last or run.fsdp else run.model.no_sync()
         # DDP and FSDP average gradients over ranks; * world turns that average into the global sum
         with sync:
-            sums = loss_and_backward(cfg, run, batch, scale=run.world / n_tokens)
+            sums = loss_and_backward(cfg, run, batch, scale=run.world / denom)
         totals = [total + float(x) for total, x in zip(totals, sums)]
     return divergences.LossSums(*(sharding.all_reduce_sum(x, run.world, run.device)
                                   for x in totals))

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 DEFAULT_THREADS = 1
@@ -262,7 +263,6 @@ def parse_dataclass(config_class, argv=None, **parser_kwargs):
     """A config dataclass from the command line: each field whose metadata has flag=True is an
     option named after it (max_new_tokens -> --max-new-tokens; a bool -> --x / --no-x), with the
     metadata's help and the field's default; the other fields keep their defaults."""
-    from dataclasses import fields
     p = ArgumentParser(**parser_kwargs)
     for f in fields(config_class):
         if not f.metadata["flag"]:

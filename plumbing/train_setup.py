@@ -51,7 +51,7 @@ class Run:
     start: int                          # the first step to run (the checkpoint's on --resume)
     metrics: object                     # <out>/metrics.jsonl, open to append (rank 0; else None)
     val_prompts: list[list[int]]        # held-out validation prompts ([] without --eval-every)
-    best: checkpoints.Best                        # the best validation so far (<out>/best/)
+    best: checkpoints.Best              # the best validation so far (<out>/best/)
     fsdp: bool = False                  # teacher and student sharded over the ranks (FSDP2)
 
 

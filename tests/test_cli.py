@@ -165,8 +165,11 @@ def test_resume_and_overwrite_advice_agree_on_a_run_without_checkpoint(pair, tmp
 # ----------------------------------------------------------------------------- evaluate.py: before any model
 
 def eval_args(pair, tmp_path, *extra):
+    """evaluate's command line on the pair, with a runs folder of its own: the checkout's runs/ (drafts a user
+    trained) must not change what a test sees."""
+    (tmp_path / "no-runs").mkdir(exist_ok=True)
     return ["--task", "gsm8k", "--teacher", pair[0], "--student", pair[1], "--results", str(tmp_path / "res"),
-            "--n-prompts", "2", *map(str, extra)]
+            "--runs", str(tmp_path / "no-runs"), "--n-prompts", "2", *map(str, extra)]
 
 
 @pytest.mark.parametrize("extra, words", [
