@@ -1,4 +1,4 @@
-"""Tasks, prompts and data: GSM8k (low teacher entropy) and CNN/DailyMail (high teacher entropy).
+"""Tasks, prompts and data: GSM8k (low teacher entropy), CNN/DailyMail and DialogSum (high teacher entropy).
 
 The study asks how the teacher's next-token entropy H(p) (p = target/teacher, q = draft/student)
 changes which divergence distils the best draft. Two tasks sit at the two ends:
@@ -7,10 +7,13 @@ changes which divergence distils the best draft. Two tasks sit at the two ends:
   so the teacher is confident: H(p) is low at most positions.
 - ``cnndm``: news summarisation. Many summaries are equally good (which facts, in which order,
   in which words), so the teacher spreads its mass: H(p) is high at many positions.
+- ``dialogsum``: summaries of everyday spoken dialogues (DialogSum, Chen et al. 2021), the same kind
+  of open-ended task as ``cnndm``, and the real one this project can ship: its files are vendored in
+  data/dialogsum/ (CC BY-NC-SA 4.0; data/dialogsum/README.md), where CNN/DM must be brought by the user.
 
 Every example is an ``Example(prompt, reference)``: ``prompt`` is the user turn (the question /
 the article), ``reference`` the dataset's answer (GSM8k ``answer`` with its ``<<a*b=c>>``
-calculator notes and final ``#### N``; CNN/DM ``highlights``). On-policy distillation never trains
+calculator notes and final ``#### N``; CNN/DM ``highlights``; DialogSum ``summary``). On-policy distillation never trains
 on the reference; the tiny offline teacher (models.py) does, to learn the task.
 
 Sources (``load_examples(..., source=...)``):
@@ -19,7 +22,8 @@ Sources (``load_examples(..., source=...)``):
   entropy contrast. GSM8k-like: multi-step arithmetic word problems whose worked solution is a
   fixed function of the question (one right wording, one right answer). CNN/DM-like: short
   "articles" of facts whose reference summary picks 2-3 facts, orders them at random and words
-  each one in one of several equivalent ways (many right answers). An example belongs to the
+  each one in one of several equivalent ways (many right answers). DialogSum-like: the same facts
+  told in a two-person conversation, summarised the same way. An example belongs to the
   eval split iff a hash of its prompt says so, so train and eval can never share a prompt.
 - ``"file"``: local files in the datasets' own columns: ``.jsonl`` (a UTF-8 BOM is fine), ``.json``
   (JSON lines or one array of objects) or ``.parquet``. A file path is read as given (for either
@@ -33,15 +37,16 @@ Sources (``load_examples(..., source=...)``):
 
 ``resolve_source`` is the one rule behind every script's ``--source`` / ``--data-path``.
 Strict rows (``row_example``): every row must be an object whose task columns (GSM8k ``question``,
-``answer`` ending in ``#### <number>``; CNN/DM ``article``, ``highlights``) are non-empty strings;
+``answer`` ending in ``#### <number>``; CNN/DM ``article``, ``highlights``; DialogSum ``dialogue``,
+``summary``) are non-empty strings;
 anything else raises ``DataError`` (a ValueError) naming the file, the 1-based line / item / row,
 the column and the problem, before any model is loaded. Zero rows is an error too.
 
 Prompts are the seed's: a system prompt (``SYSTEM_PROMPTS``, the one place the text lives) and the
 user turn, rendered by the tokenizer's own chat template with the assistant turn opened
-(``add_generation_prompt=True``). One length filter (``length_filter``): CNN/DM articles longer
-than 512 tokens of the run's teacher's tokenizer are left out, as in the seed, in training,
-evaluation and the report alike, and the kept/dropped counts are printed.
+(``add_generation_prompt=True``). One length filter (``length_filter``): CNN/DM articles (and
+DialogSum dialogues) longer than 512 tokens of the run's teacher's tokenizer are left out, as in the
+seed, in training, evaluation and the report alike, and the kept/dropped counts are printed.
 
 Training batches (distill.py's sample phase): ``build_batch`` lays out one row per sample as
 [pad | prompt | completion | pad], prompts left-padded so that every completion starts at the same
@@ -64,14 +69,18 @@ import torch
 
 from plumbing import cli
 
-TASKS = ("gsm8k", "cnndm")
+TASKS = ("gsm8k", "cnndm", "dialogsum")
+SUMMARY_TASKS = {"cnndm": "article", "dialogsum": "dialogue"}   # the user turn is a text to summarise (what
+                                                                # it is called): the length filter applies
 SPLITS = ("train", "eval")
 SOURCES = ("standin", "file", "hub")
 
-# The seed's system prompts, verbatim. The only place the prompt text lives.
+# The seed's system prompts, verbatim (dialogsum: the seed has none; its cnndm prompt with "article" read
+# "dialogue"). The only place the prompt text lives.
 SYSTEM_PROMPTS = {
     "gsm8k": "In math word problem given by the user, reason step by step and put your final answer within \\boxed{}.",
     "cnndm": "Write a very short summary for the user's article.",
+    "dialogsum": "Write a very short summary for the user's dialogue.",
 }
 
 # The real datasets: hub id, config, the two columns (user turn, reference), split names.
@@ -80,6 +89,8 @@ HUB_DATASETS = {
               "splits": {"train": "train", "eval": "test"}},
     "cnndm": {"id": "abisee/cnn_dailymail", "config": "3.0.0", "prompt": "article", "reference": "highlights",
               "splits": {"train": "train", "eval": "test"}},
+    "dialogsum": {"id": "knkarthick/dialogsum", "config": None, "prompt": "dialogue", "reference": "summary",
+                  "splits": {"train": "train", "eval": "test"}},
 }
 MAX_ARTICLE_TOKENS = 512           # the seed drops CNN/DM articles longer than this
 STANDIN_SIZES = {"train": 2000, "eval": 200}   # default n for the generated stand-ins
@@ -245,7 +256,25 @@ def _cnndm_standin(rng: random.Random) -> Example:
     return Example(prompt=article, reference=cnndm_summary(facts, rng))
 
 
-_STANDIN = {"gsm8k": _gsm8k_standin, "cnndm": _cnndm_standin}
+_DIALOGUE = [   # the stand-in conversation: #Person1# asks, #Person2# tells the article's facts
+    "Did you hear that the {group} of {city} voted on {day}?",
+    "Yes, they are going to build a new {project}.",
+    "How much will the {project} cost?",
+    "About {cost} million dollars, I read.",
+    "And when does the work start?",
+    "In {month}. {title} {person} says it is good news for the town.",
+    "Were many people at the meeting?",
+    "About {crowd} residents came.",
+]
+
+
+def _dialogsum_standin(rng: random.Random) -> Example:
+    facts, _ = cnndm_article(rng)
+    lines = [f"#Person{i % 2 + 1}#: {line.format(**facts)}" for i, line in enumerate(_DIALOGUE)]
+    return Example(prompt="\n".join(lines), reference=cnndm_summary(facts, rng))
+
+
+_STANDIN = {"gsm8k": _gsm8k_standin, "cnndm": _cnndm_standin, "dialogsum": _dialogsum_standin}
 
 
 def _split_of(prompt: str) -> str:
@@ -318,11 +347,18 @@ FILE_SPLITS = {"train": ("train",), "eval": ("test", "validation")}
 _GSM8K_FINAL = re.compile(r"####\s*-?[\d,]*\.?\d")   # the final answer line '#### 1,234'
 
 
+def _hub_name(task: str) -> str:
+    """'openai/gsm8k (main)': the hub dataset and its configuration, where it has one."""
+    d = HUB_DATASETS[task]
+    return d["id"] + (f" ({d['config']})" if d["config"] else "")
+
+
 def _get_instructions(task: str) -> str:
     d = HUB_DATASETS[task]
+    where = f" (the Parquet files lie under {d['config']}/)" if d["config"] else ""
     return (f"download the {task} files once with network access, e.g. "
-            f"`huggingface-cli download {d['id']} --repo-type dataset --local-dir data/{task}` "
-            f"(the Parquet files lie under {d['config']}/), then pass --source file --data-path "
+            f"`huggingface-cli download {d['id']} --repo-type dataset --local-dir data/{task}`"
+            f"{where}, then pass --source file --data-path "
             f"data/{task} (a .jsonl, .json or .parquet file, or a folder of them) with columns "
             f"{d['prompt']!r} and {d['reference']!r}")
 
@@ -348,8 +384,9 @@ def _config_folder(path: Path, task: str) -> tuple[Path, str]:
     if not subs:
         raise DataError(f"no .jsonl, .json or .parquet files in {str(path)!r} or its subfolders; "
                         f"{_get_instructions(task)}")
-    raise DataError(f"{str(path)!r} holds several configurations ({', '.join(d.name + '/' for d in subs)}) "
-                    f"and no {config}/ folder; pass the folder of the one you mean as --data-path")
+    raise DataError(f"{str(path)!r} holds several configurations ({', '.join(d.name + '/' for d in subs)})"
+                    + (f" and no {config}/ folder" if config else "")
+                    + "; pass the folder of the one you mean as --data-path")
 
 
 def _split_files(folder: Path, name: str) -> tuple[list[Path], list[Path]]:
@@ -499,7 +536,7 @@ def hub_examples(task: str, split: str) -> list[Example]:
     """The real dataset from the hub (needs the optional `datasets` package and the network)."""
     d = HUB_DATASETS[task]
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise RuntimeError(f"--source hub reads {d['id']} ({d['config']}) from the Hugging Face "
+        raise RuntimeError(f"--source hub reads {_hub_name(task)} from the Hugging Face "
                            f"hub, which cannot be reached: HF_HUB_OFFLINE is set (offline). Use "
                            f"--source standin (generated stand-in prompts), or local files: "
                            f"{_get_instructions(task)}")
@@ -510,9 +547,9 @@ def hub_examples(task: str, split: str) -> list[Example]:
     try:
         ds = datasets.load_dataset(d["id"], d["config"], split=d["splits"][split])
     except Exception as e:                          # offline, no cache, hub down ...
-        raise RuntimeError(f"could not load {d['id']} ({d['config']}) from the hub: {e}; "
+        raise RuntimeError(f"could not load {_hub_name(task)} from the hub: {e}; "
                            f"{_get_instructions(task)}") from e
-    return [row_example(task, row, f"{d['id']} ({d['config']}, {d['splits'][split]}), row {i}")
+    return [row_example(task, row, f"{_hub_name(task)}, {d['splits'][split]} split, row {i}")
             for i, row in enumerate(ds, 1)]
 
 
@@ -530,13 +567,13 @@ def article_tokens(examples, tokenizer, chunk: int = 1000) -> list[int]:
 
 def length_filter(task: str, examples: list[Example], tokenizer,
                   max_tokens: int | None = MAX_ARTICLE_TOKENS) -> tuple[list[Example], int]:
-    """(kept, number dropped): CNN/DM articles over max_tokens tokens of the teacher's tokenizer are left
+    """(kept, number dropped): CNN/DM articles (DialogSum dialogues) over max_tokens tokens of the teacher's tokenizer are left
     out, as in the seed; training, evaluation and the report all call this with the teacher's tokenizer,
     so they keep the same rows. max_tokens=None keeps everything (only for building tokenizers)."""
-    if task != "cnndm" or max_tokens is None:
+    if task not in SUMMARY_TASKS or max_tokens is None:
         return examples, 0
     if tokenizer is None:
-        raise ValueError("the CNN/DM length filter counts tokens of the run's teacher: pass tokenizer=... "
+        raise ValueError(f"the {task} length filter counts tokens of the run's teacher: pass tokenizer=... "
                          "(or max_article_tokens=None to keep every article)")
     # a huge article is found on a prefix (over_tokens), not tokenized whole; the rest are counted in chunks
     short = [e for e in examples if not over_tokens(tokenizer, e.prompt, max_tokens)]
@@ -569,11 +606,11 @@ def load_examples(task: str, split: str, *, source: str = "standin", path=None, 
         if verbose:
             print(f"[data] {task} {split}: {len(exs)} rows from {HUB_DATASETS[task]['id']}", flush=True)
     kept, dropped = length_filter(task, exs, tokenizer, max_article_tokens)
-    if verbose and task == "cnndm" and max_article_tokens is not None:
-        print(f"[data] {task} {split}: kept {len(kept)} of {len(exs)} articles, dropped {dropped} longer than "
+    if verbose and task in SUMMARY_TASKS and max_article_tokens is not None:
+        print(f"[data] {task} {split}: kept {len(kept)} of {len(exs)} {SUMMARY_TASKS[task]}s, dropped {dropped} longer than "
               f"{max_article_tokens} tokens (the teacher's tokenizer)", flush=True)
     if not kept:
-        raise DataError(f"{task} {split}: every one of the {len(exs)} articles is longer than "
+        raise DataError(f"{task} {split}: every one of the {len(exs)} {SUMMARY_TASKS.get(task, 'prompt')}s is longer than "
                         f"{max_article_tokens} tokens; nothing left to use")
     return kept if n is None else kept[:n]
 

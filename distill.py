@@ -111,7 +111,7 @@ class Config:
     config.json saves these names, and --resume compares them (rundir.check_same_run): renaming a
     field breaks old runs."""
     # what to distil
-    task: str = option("gsm8k", "task: gsm8k (low teacher entropy) or cnndm (high); default "
+    task: str = option("gsm8k", "task: gsm8k (low teacher entropy), cnndm or dialogsum (high); default "
                                 "%(default)s")
     div: str = option("rkl", "per-token divergence d(p, q): fkl, rkl, jsd, tvd, ajsd, nla or lk "
                              "(see divergences.py); default %(default)s")

@@ -115,6 +115,8 @@ PRESETS["smollm2"] = {
               "n_train": None, "n_eval_prompts": 128, "stop_tokens": _STOP,
               "source": "file", "data_path": "data/gsm8k"},
 }
+# DialogSum (data/dialogsum, vendored): the real open-ended task, the same recipe as gsm8k's
+PRESETS["smollm2"]["dialogsum"] = {**PRESETS["smollm2"]["gsm8k"], "data_path": "data/dialogsum"}
 PRESET_NAMES = tuple(PRESETS)
 LOCAL_PRESETS = ("tiny", "smollm2")      # presets whose models and data are folders of this repository
 
@@ -126,7 +128,7 @@ def check_preset(preset: str) -> str:
 
 
 def preset_tasks(preset: str) -> tuple[str, ...]:
-    """The tasks a preset has settings for (smollm2: gsm8k only)."""
+    """The tasks a preset has settings for (tiny, paper: gsm8k and cnndm; smollm2: gsm8k and dialogsum)."""
     return tuple(t for t in data.TASKS if t in PRESETS[check_preset(preset)])
 
 
@@ -1196,7 +1198,7 @@ def build_in_parallel(tasks, root="checkpoints", seed: int = 0, scale: str = "fu
 
 def main(argv=None):
     ap = cli.ArgumentParser(description="Build (or reuse) the tiny pairs and print their summary.")
-    ap.add_argument("--task", default="all", choices=("all",) + data.TASKS)
+    ap.add_argument("--task", default="all", choices=("all",) + preset_tasks("tiny"))
     ap.add_argument("--root", default="checkpoints")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", default="full", choices=tuple(SCALES))
@@ -1231,7 +1233,7 @@ def main(argv=None):
         print(f"the real pair: target {target} (from {SMOLLM2_GGUF}), draft {draft} "
               f"(its first {args.draft_layers} layers)")
         return
-    tasks = data.TASKS if args.task == "all" else (args.task,)
+    tasks = preset_tasks("tiny") if args.task == "all" else (args.task,)
     t0 = time.time()
     if args.build_only:
         for task in tasks:

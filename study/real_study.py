@@ -434,12 +434,12 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     md += ["## Not in this study yet", "",
            "- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts are "
            "measured on GSM8k only.",
-           "- A real high-entropy task: none could be vendored offline. The one source found with about 1,000 CNN/DM "
-           "articles and their highlights under a stated license (allenai/natural-instructions, task 1553, commit "
-           "f5284b2b) could not be brought in (a 3.2 GB repository); the others were code only, truncated "
-           "(yizhongw/self-instruct's 200 CNN/DM rows, 157 of them cut at ~2,000 characters), too few (its 427 "
-           "written instructions) or without a license. The temperature knob stands in for it: the same prompts "
-           "and models with the teacher's entropy raised by T.", ""]
+           "- A real high-entropy task: no CNN/DM source could be brought in offline (allenai/natural-instructions' "
+           "task 1553 sits in a 3.2 GB repository; yizhongw/self-instruct's 200 CNN/DM rows are truncated), but "
+           "DialogSum could: 1,000 real dialogues to summarise, vendored in data/dialogsum/ (CC BY-NC-SA 4.0) as the "
+           "task `dialogsum` (`make train PRESET=smollm2 TASK=dialogsum`). Its drafts are not in this study yet; "
+           "the temperature knob stands in for it meanwhile (the same prompts and models with the teacher's "
+           "entropy raised by T). Its teacher entropy, first look: docs/benchmarks.md.", ""]
     return cli.write_markdown(cfg.out, md)
 
 

@@ -512,7 +512,7 @@ def _train_rows(cfg: ReportConfig, task: str) -> list:
     if key not in _TRAIN_ROWS:
         pc = models.preset_config(cfg.preset, task)
         source, path = data.resolve_source(cfg.source, cfg.data_path, models.preset_data(cfg.preset, task))
-        tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0]) if task == "cnndm" else None
+        tok = models.load_tokenizer(models.resolve_pair(task, cfg.preset)[0]) if task in data.SUMMARY_TASKS else None
         _TRAIN_ROWS[key] = data.load_examples(task, "train", source=source, path=path, tokenizer=tok)
     return _TRAIN_ROWS[key]
 

@@ -18,7 +18,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pairs(root):
     """Both tiny pairs at test scale (seconds), built once for the module."""
-    return {task: models.ensure_tiny_pair(task, root=root, scale="test") for task in data.TASKS}
+    return {task: models.ensure_tiny_pair(task, root=root, scale="test") for task in models.preset_tasks("tiny")}
 
 
 # ---- presets ------------------------------------------------------------------------------
