@@ -15,8 +15,9 @@ tokens: the preset's protocol otherwise). The teacher's entropy is measured, not
 at every token the teacher samples on its own for the eval prompts (curve.teacher_entropy_per_prompt), the
 mean over tokens with a 95% bootstrap over prompts.
 
-Per (T, divergence), on the first N prompts of GSM8k's test split (every draft decodes the same prompts with the
-same sampling seed):
+Per (T, divergence), on the first N prompts of the task's test split (every draft decodes the same prompts with
+the same sampling seed). The task: GSM8k (default; REAL.md), or --task dialogsum, the real open-ended one
+(data/dialogsum: summaries of dialogues; its runs, ledger entries and report under <task>/ and REAL-dialogsum.md):
     token acceptance        accepted / drafted tokens, per prompt
     mean accepted length    tokens per target call (bonus included), per prompt
 each the mean over training seeds of the per-seed mean over prompts, with a 95% interval from the crossed
@@ -63,7 +64,8 @@ import divergences
 from study import estimates
 import models
 
-PRESET, TASK = "smollm2", "gsm8k"
+PRESET = "smollm2"
+TASK_NAMES = {"gsm8k": "GSM8k", "dialogsum": "DialogSum"}   # the preset's tasks, as the report names them
 PRESET_T = 0.6                       # the preset's temperature: where nla and lk are trained too
 HEADING = "# The real target: which divergence distils the best draft of SmolLM2-135M-Instruct"
 
@@ -74,7 +76,8 @@ class StudyConfig:
     divs: tuple = ("baseline", "fkl", "rkl", "jsd", "tvd")     # at every T
     extra_divs: tuple = ("nla", "lk")           # at PRESET_T only
     seeds: tuple = (0, 1)                       # training seeds
-    n_prompts: int = 256                        # GSM8k test prompts per evaluation
+    task: str = "gsm8k"                         # the smollm2 preset's task (dialogsum: the open-ended one)
+    n_prompts: int = 256                        # the task's test prompts per evaluation
     steps: int | None = None                    # distill.py's options; None: the preset's
     batch_size: int | None = None
     max_new_tokens: int | None = None
@@ -101,13 +104,18 @@ def divs_at(cfg: StudyConfig, t: float) -> tuple:
     return cfg.divs + (tuple(d for d in cfg.extra_divs if d not in cfg.divs) if t == PRESET_T else ())
 
 
+def task_folder(cfg: StudyConfig) -> str:
+    """'' for GSM8k (the study's first task: <runs>/T<T>, <ledger>/T<T>), else '<task>/'."""
+    return "" if cfg.task == "gsm8k" else f"{cfg.task}/"
+
+
 def setting_dir(cfg: StudyConfig, t: float) -> Path:
-    return Path(cfg.runs) / f"T{t:g}"
+    return Path(cfg.runs) / f"{task_folder(cfg)}T{t:g}"
 
 
 def ledger_path(cfg: StudyConfig, t: float, name: str) -> Path:
-    """<ledger>/T<T>/<name>.json: one measurement of setting T, kept with the results."""
-    return Path(cfg.ledger) / f"T{t:g}" / f"{name}.json"
+    """<ledger>/[<task>/]T<T>/<name>.json: one measurement of setting T, kept with the results."""
+    return Path(cfg.ledger) / f"{task_folder(cfg)}T{t:g}" / f"{name}.json"
 
 
 # ----------------------------------------------------------------------------- training (distill.py, cached)
@@ -115,8 +123,8 @@ def ledger_path(cfg: StudyConfig, t: float, name: str) -> Path:
 def distill_argv(cfg: StudyConfig, t: float, div: str, seed: int, out: Path) -> list[str]:
     """distill.py's command line for one draft: the preset's pair, data and recipe at temperature t; the study's
     budget where it sets one; validation of the final student for val_alpha."""
-    steps = cfg.steps or models.preset_config(PRESET, TASK)["steps"]
-    argv = ["--preset", PRESET, "--task", TASK, "--div", div, "--seed", str(seed), "--temperature", f"{t:g}",
+    steps = cfg.steps or models.preset_config(PRESET, cfg.task)["steps"]
+    argv = ["--preset", PRESET, "--task", cfg.task, "--div", div, "--seed", str(seed), "--temperature", f"{t:g}",
             "--out", str(out), "--eval-every", str(steps), "--eval-prompts", str(cfg.val_prompts),
             "--save-every", str(min(20, steps)), "--threads", str(cfg.threads)]
     for name in ("steps", "batch_size", "max_new_tokens", "n_train", "off_policy_warmup"):
@@ -238,10 +246,10 @@ class Setting:
 
 
 def load_setting(cfg: StudyConfig, t: float) -> Setting:
-    target_dir, baseline_dir = models.ensure_smollm2_pair(models.preset_config(PRESET, TASK)["draft_layers"])
+    target_dir, baseline_dir = models.ensure_smollm2_pair(models.preset_config(PRESET, cfg.task)["draft_layers"])
     teacher = models.load_model(target_dir, device="cpu").eval()
     tok = models.load_tokenizer(target_dir)
-    protocol = models.decoding_protocol(PRESET, tok, teacher, task=TASK, temperature=t,
+    protocol = models.decoding_protocol(PRESET, tok, teacher, task=cfg.task, temperature=t,
                                         max_new_tokens=cfg.max_new_tokens)
     from study import report
 
@@ -318,7 +326,7 @@ def draft_fingerprint(cfg: StudyConfig, t: float, div: str, seed, n_prompts: int
     """What a ledger entry's numbers depend on: the draft's recipe (distill.py's options, where it is written
     and with how many threads aside; the baseline: its layer count), the target, the prompts, the protocol."""
     if div == "baseline":
-        recipe = {"baseline_layers": models.preset_config(PRESET, TASK)["draft_layers"]}
+        recipe = {"baseline_layers": models.preset_config(PRESET, cfg.task)["draft_layers"]}
     else:
         argv = distill_argv(cfg, t, div, seed, Path("."))
         skip = {"--out", "--threads", "--save-every"}
@@ -339,11 +347,14 @@ def measure_draft(cfg: StudyConfig, t: float, div: str, seed, setting: Setting, 
 
 
 def eval_prompts(cfg: StudyConfig, tokenizer) -> list[list[int]]:
-    """The first n_prompts of the preset's GSM8k test split, through the chat template (make eval's prompts)."""
-    preset = models.preset_config(PRESET, TASK)
-    examples = data.load_examples(TASK, "eval", source="file", path=preset["data_path"], n=cfg.n_prompts,
+    """The first n_prompts of the task's test split, through the chat template (make eval's prompts)."""
+    preset = models.preset_config(PRESET, cfg.task)
+    examples = data.load_examples(cfg.task, "eval", source="file", path=preset["data_path"], n=cfg.n_prompts,
                                   tokenizer=tokenizer)
-    return [data.build_prompt_ids(tokenizer, TASK, e) for e in examples]
+    if len(examples) < cfg.n_prompts:               # the 512-token filter of a summary task left fewer
+        raise cli.BadInput(f"--n-prompts {cfg.n_prompts} is more than the {len(examples)} {TASK_NAMES[cfg.task]} "
+                           f"test prompts of at most {data.MAX_ARTICLE_TOKENS} tokens")
+    return [data.build_prompt_ids(tokenizer, cfg.task, e) for e in examples]
 
 
 # ----------------------------------------------------------------------------- the analysis (pure)
@@ -354,7 +365,7 @@ def build(results: dict, cfg: StudyConfig) -> curve.Curve:
     for t, r in results.items():
         collected.update(curve.collect({t: r["per_prompt"]}, divs_at(cfg, t), cfg.seeds))
     c = curve.build_curve(collected, {t: tuple(r["entropy"]) for t, r in results.items()}, cfg.n_boot)
-    c.knob, c.family = "T", "the real target (SmolLM2-135M-Instruct on GSM8k)"
+    c.knob, c.family = "T", f"the real target (SmolLM2-135M-Instruct on {TASK_NAMES[cfg.task]})"
     return c
 
 
@@ -404,9 +415,10 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
            f"![difference to the best]({plots['to_best']})", ""]
     md += ["## The setting", "",
            f"Target SmolLM2-135M-Instruct (the `smollm2` preset); baseline draft its first "
-           f"{models.preset_config(PRESET, TASK)['draft_layers']} layers; drafts distilled with distill.py "
+           f"{models.preset_config(PRESET, cfg.task)['draft_layers']} layers; drafts distilled with distill.py "
            f"(`python distill.py {command_template(cfg)}`), seeds {', '.join(map(str, cfg.seeds))}; nla and lk at "
-           f"T = {PRESET_T:g} only. Evaluation: batched speculative decoding of the first {cfg.n_prompts} GSM8k "
+           f"T = {PRESET_T:g} only. Evaluation: batched speculative decoding of the first {cfg.n_prompts} "
+           f"{TASK_NAMES[cfg.task]} "
            f"test prompts at the setting's temperature, the preset's protocol otherwise. The teacher's entropy "
            f"at each T, measured along its own samples of the same prompts:", ""]
     md += entropy_markdown(c, results) + [""]
@@ -431,15 +443,16 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     summary = {"all temperatures": estimates.compare(points)}
     md += estimates.estimates_markdown(summary, plots.get("estimates"))
     md += estimates.estimate_sentences("the real target", summary["all temperatures"]) + [""]
+    other = ("- The real open-ended task: no CNN/DM source could be brought in offline (allenai/natural-instructions' "
+             "task 1553 sits in a 3.2 GB repository; yizhongw/self-instruct's 200 CNN/DM rows are truncated), but "
+             "DialogSum could: 1,000 real dialogues to summarise, vendored in data/dialogsum/ (CC BY-NC-SA 4.0). "
+             "Its study is a run of its own, `python -m study.real_study --task dialogsum` -> REAL-dialogsum.md; "
+             "here the temperature knob raises the teacher's entropy on the same prompts and models."
+             if cfg.task == "gsm8k" else
+             "- GSM8k, the low-entropy task: its study is `python -m study.real_study` -> REAL.md.")
     md += ["## Not in this study yet", "",
-           "- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts are "
-           "measured on GSM8k only.",
-           "- A real high-entropy task: no CNN/DM source could be brought in offline (allenai/natural-instructions' "
-           "task 1553 sits in a 3.2 GB repository; yizhongw/self-instruct's 200 CNN/DM rows are truncated), but "
-           "DialogSum could: 1,000 real dialogues to summarise, vendored in data/dialogsum/ (CC BY-NC-SA 4.0) as the "
-           "task `dialogsum` (`make train PRESET=smollm2 TASK=dialogsum`). Its drafts are not in this study yet; "
-           "the temperature knob stands in for it meanwhile (the same prompts and models with the teacher's "
-           "entropy raised by T). Its teacher entropy, first look: docs/benchmarks.md.", ""]
+           f"- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts are "
+           f"measured on {TASK_NAMES[cfg.task]} only.", other, ""]
     return cli.write_markdown(cfg.out, md)
 
 
@@ -463,7 +476,7 @@ def _hours(h: float) -> str:
 
 def command_template(cfg: StudyConfig) -> str:
     """distill_argv with the per-run values named: what every run of the study runs."""
-    argv = distill_argv(cfg, PRESET_T, "DIV", 0, Path(cfg.runs) / "T<T>" / "DIV-s<SEED>")
+    argv = distill_argv(cfg, PRESET_T, "DIV", 0, Path(cfg.runs) / f"{task_folder(cfg)}T<T>" / "DIV-s<SEED>")
     named = {"--temperature": "T", "--seed": "SEED"}
     return " ".join(named.get(argv[i - 1], a) if i else a for i, a in enumerate(argv))
 
@@ -478,17 +491,21 @@ def parse_args(argv=None) -> StudyConfig:
     p.add_argument("--divs", nargs="+", default=None, help="baseline and divergences trained at every T")
     p.add_argument("--extra-divs", nargs="*", default=None, help=f"divergences trained at T = {PRESET_T:g} only")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds")
-    p.add_argument("--n-prompts", type=int, default=None, help="GSM8k test prompts per evaluation")
+    p.add_argument("--task", default=None, help=f"the smollm2 preset's task: {', '.join(TASK_NAMES)} (default "
+                   f"gsm8k; another task's runs, ledger and report: <runs>/<task>/, <ledger>/<task>/, REAL-<task>.md)")
+    p.add_argument("--n-prompts", type=int, default=None, help="the task's test prompts per evaluation")
     p.add_argument("--steps", type=int, default=None, help="distill.py --steps (default: the preset's)")
     p.add_argument("--runs", default=None, help="the cache of runs and evaluations (default runs/real-study)")
     p.add_argument("--ledger", default=None, help="the measurements kept with the results, read back on any "
                    "machine (default results/real-study)")
-    p.add_argument("--out", default=None, help="the report (default results/REAL.md)")
+    p.add_argument("--out", default=None, help="the report (default results/REAL.md; another task: REAL-<task>.md)")
     cli.add_threads_option(p)
     a = p.parse_args(argv)
     cfg = StudyConfig(quick=a.quick, threads=cli.check_threads(a.threads))
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "extra_divs", "seeds"),
-                        values=("n_prompts", "steps", "runs", "ledger", "out"))
+                        values=("task", "n_prompts", "steps", "runs", "ledger", "out"))
+    if cfg.task != "gsm8k" and a.out is None:
+        cfg.out = str(Path(cfg.out).with_name(f"REAL-{cfg.task}.md"))
     check_config(cfg)
     return cfg
 
@@ -512,9 +529,12 @@ def check_config(cfg: StudyConfig):
     for name in ("n_prompts", "steps"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise cli.BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    n_test = len(data.load_examples(TASK, "eval", source="file", path=models.preset_config(PRESET, TASK)["data_path"]))
+    if cfg.task not in TASK_NAMES:
+        raise cli.BadInput(f"unknown --task {cfg.task!r}; valid: {', '.join(TASK_NAMES)} (the smollm2 preset's tasks)")
+    n_test = len(data.load_examples(cfg.task, "eval", source="file", max_article_tokens=None,
+                                    path=models.preset_config(PRESET, cfg.task)["data_path"]))
     if cfg.n_prompts > n_test:
-        raise cli.BadInput(f"--n-prompts {cfg.n_prompts} is more than the {n_test} GSM8k test prompts")
+        raise cli.BadInput(f"--n-prompts {cfg.n_prompts} is more than the {n_test} {TASK_NAMES[cfg.task]} test prompts")
     models.smollm2_gguf()                   # the real model is installed (else: one line saying how)
     cli.check_markdown_out(cfg.out, HEADING, StudyConfig.out)
 

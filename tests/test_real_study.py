@@ -128,6 +128,8 @@ def test_the_budget_sums_every_cached_run():
     (["--divs", "baseline", "kl"], "unknown --divs"),
     (["--divs", "baseline"], "at least one trained divergence"),
     (["--n-prompts", "100000"], "more than the 1319 GSM8k test prompts"),
+    (["--task", "cnndm"], "unknown --task 'cnndm'; valid: gsm8k, dialogsum"),
+    (["--task", "dialogsum", "--n-prompts", "501"], "more than the 500 DialogSum test prompts"),
 ])
 def test_bad_options_are_one_line_before_any_model(args, message):
     """A study of hours must refuse a mistake before its first minute."""
@@ -235,3 +237,22 @@ def test_a_report_of_part_of_the_study_says_what_it_lacks():
     assert missing == ["temperatures 0.3, 1, 1.3 not yet in it", "divergences jsd, tvd not yet in it",
                        "acceptance objectives at T = 0.6 nla, lk not yet in it", "seeds 1 not yet in it"]
     assert R.missing_from_study(R.StudyConfig()) == []
+
+
+def test_another_task_keeps_its_runs_ledger_and_report_apart():
+    """GSM8k's ledger (results/real-study/T<T>/) was measured before tasks existed: a DialogSum draft of the
+    same divergence, seed and temperature must never be read back as GSM8k's, nor overwrite it."""
+    gsm, dia = R.parse_args([]), R.parse_args(["--task", "dialogsum"])
+    assert R.ledger_path(gsm, 0.6, "rkl-s0") == Path("results/real-study/T0.6/rkl-s0.json")
+    assert R.ledger_path(dia, 0.6, "rkl-s0") == Path("results/real-study/dialogsum/T0.6/rkl-s0.json")
+    assert R.setting_dir(dia, 0.6) == Path("runs/real-study/dialogsum/T0.6")
+    assert (gsm.out, dia.out) == ("results/REAL.md", "results/REAL-dialogsum.md")
+
+
+def test_a_dialogsum_draft_is_trained_on_dialogsum_and_fingerprinted_apart():
+    """The task is part of the recipe: distill.py gets --task dialogsum, and the ledger fingerprint differs from
+    GSM8k's draft of the same divergence, seed and temperature."""
+    gsm, dia = R.StudyConfig(), R.StudyConfig(task="dialogsum")
+    assert distill.parse_args(R.distill_argv(dia, 0.6, "rkl", 0, Path("x"))).task == "dialogsum"
+    assert R.draft_fingerprint(gsm, 0.6, "rkl", 0, 8, _Protocol(), "t") != \
+        R.draft_fingerprint(dia, 0.6, "rkl", 0, 8, _Protocol(), "t")
