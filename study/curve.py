@@ -652,8 +652,12 @@ def answer_sentences(c: Curve) -> list[str]:
                 f"acceptance {_lvl(c.levels[k][best][m])}")
         if runner is not None:
             text += f"; the runner-up {runner} is {_pts(c.to_best[m][k][runner])} points"
-        text += (f"; not separated from the best (95% interval includes 0): {', '.join(ties)}" if ties
-                 else "; every other divergence is separated below it")
+        if ties:
+            text += f"; not separated from the best (95% interval includes 0): {', '.join(ties)}"
+        elif others:
+            text += "; every other divergence is separated below it"
+        else:
+            text += " (the only divergence measured there)"
         out.append(text + ".")
     if len(c.order) < 2:                  # one setting: nothing changes along the knob, and no claim to test
         return out

@@ -109,6 +109,12 @@ def task_folder(cfg: StudyConfig) -> str:
     return "" if cfg.task == "gsm8k" else f"{cfg.task}/"
 
 
+def figure_prefix(cfg: StudyConfig) -> str:
+    """The report's plots: figures/real_<plot>.png for GSM8k, figures/real-<task>_<plot>.png for another task (its
+    report must not overwrite REAL.md's plots)."""
+    return "real" if cfg.task == "gsm8k" else f"real-{cfg.task}"
+
+
 def setting_dir(cfg: StudyConfig, t: float) -> Path:
     return Path(cfg.runs) / f"{task_folder(cfg)}T{t:g}"
 
@@ -549,18 +555,19 @@ def main(argv=None) -> Path:
     t0, commit = time.time(), report.source_commit()
     log = lambda msg: print(f"[real-study {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     n = sum(len([d for d in divs_at(cfg, t) if d != "baseline"]) for t in cfg.settings) * len(cfg.seeds)
-    log(f"plan: temperatures {', '.join(f'{t:g}' for t in cfg.settings)}; {n} distilled drafts + a baseline per "
+    log(f"plan: temperatures {', '.join(f'{t:g}' for t in cfg.settings)}; {n} distilled draft(s) + a baseline per "
         f"temperature, {cfg.n_prompts} eval prompts each; cached under {cfg.runs}")
     order = sorted(cfg.settings, key=lambda t: t != PRESET_T)      # the preset's temperature first: most drafts
     results = {t: run_setting(cfg, t, log) for t in order}
     c = build(results, cfg)
     out_dir = Path(cfg.out).parent
     fig = out_dir / "figures"
-    plots = {m: curve.plot_levels(c, m, fig / f"real_{m}.png") for m in curve.METRICS}
-    plots["to_best"] = curve.plot_to_best(c, fig / "real_to_best.png")
+    prefix = figure_prefix(cfg)
+    plots = {m: curve.plot_levels(c, m, fig / f"{prefix}_{m}.png") for m in curve.METRICS}
+    plots["to_best"] = curve.plot_to_best(c, fig / f"{prefix}_to_best.png")
     plots["estimates"] = estimates.plot_estimates({"the real target": [p for r in results.values()
                                                                        for p in r["points"]]},
-                                                  fig / "real_estimates.png")
+                                                  fig / f"{prefix}_estimates.png")
     plots = {key: Path(p).relative_to(out_dir).as_posix() for key, p in plots.items()}
     meta = report._meta(t0, argv, commit)
     meta["command"] = " ".join(["python -m study.real_study", *argv])

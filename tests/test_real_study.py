@@ -247,6 +247,7 @@ def test_another_task_keeps_its_runs_ledger_and_report_apart():
     assert R.ledger_path(dia, 0.6, "rkl-s0") == Path("results/real-study/dialogsum/T0.6/rkl-s0.json")
     assert R.setting_dir(dia, 0.6) == Path("runs/real-study/dialogsum/T0.6")
     assert (gsm.out, dia.out) == ("results/REAL.md", "results/REAL-dialogsum.md")
+    assert (R.figure_prefix(gsm), R.figure_prefix(dia)) == ("real", "real-dialogsum")
 
 
 def test_a_dialogsum_draft_is_trained_on_dialogsum_and_fingerprinted_apart():
