@@ -1141,11 +1141,12 @@ def journaled_run(cfg: Config, argv: list[str], inputs: dict, fp: dict, answers_
     batched_keys = {(r, c, m.name) for r in range(cfg.repeats) for c in range(n_chunks)
                     for m in batched_methods(methods)}
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    with cli.before_the_work():
+    commit = report.source_commit()     # before the journal gets this session's line: the run's own writes
+    with cli.before_the_work():         # must not make its header say "+ uncommitted changes"
         journal = open_journal(answers_root, fp, cfg, set(keys), batched_keys, argv, warn)
     how = "failed"
     try:
-        doc = loaded_run(cfg, argv, inputs, journal, len(keys), len(batched_keys), t0)
+        doc = loaded_run(cfg, argv, inputs, journal, commit, len(keys), len(batched_keys), t0)
         how = "completed"
         return doc
     except KeyboardInterrupt as e:
@@ -1161,8 +1162,8 @@ def journaled_run(cfg: Config, argv: list[str], inputs: dict, fp: dict, answers_
             pass
 
 
-def loaded_run(cfg: Config, argv, inputs, journal: Journal, n_answers: int, n_batched: int, t0: float) -> dict:
-    commit = report.source_commit()
+def loaded_run(cfg: Config, argv, inputs, journal: Journal, commit: str, n_answers: int, n_batched: int,
+               t0: float) -> dict:
     cli.set_threads(cfg.threads)
     log = lambda msg: print(f"[specbench {time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     target = models.load_model(inputs["teacher"], device="cpu")

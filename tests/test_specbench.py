@@ -389,6 +389,19 @@ def test_a_finished_journal_is_read_back_without_decoding(bench, pair, tmp_path,
     assert token_numbers(doc) == token_numbers(bench[0])
 
 
+def test_the_header_commit_is_read_before_this_session_writes_the_journal(bench, pair, tmp_path, monkeypatch):
+    """The journal is a tracked file: read after this session's first journal line, the commit of a clean checkout
+    would say "+ uncommitted changes" in every report, as the first full run's header did."""
+    shutil.copytree(bench[1], tmp_path / "results")
+    journal = tmp_path / "results" / "tiny" / "specbench" / specbench.JOURNAL
+    lines_before = journal.read_text().count("\n")
+    seen = []
+    monkeypatch.setattr(specbench.report, "source_commit", lambda: seen.append(journal.read_text().count("\n")) or "c0")
+    doc = specbench.main(bench_argv(pair, bench[1].parent, tmp_path / "results"))
+    assert seen == [lines_before] and journal.read_text().count("\n") > lines_before
+    assert doc["commit"] == "c0"
+
+
 def test_an_interrupt_says_how_to_continue(bench, pair, tmp_path, capsys):
     """Ctrl-C or SIGTERM (cli.Terminated) mid-run ends with one line: how far the run got, where the finished items
     are, and the command that continues it (the same one, less --fresh, which would throw them away)."""
