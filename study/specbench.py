@@ -18,8 +18,9 @@ Methods (one answer file each, per repeat):
                ("specdec-baseline") and every distilled draft ("specdec-<run>")
 
 Answer file (Spec-Bench's format, JSON lines, one per question, sorted by question_id):
-  question_id, category, answer_id (a fresh uuid4 hex), model_id ("<preset>-<method>-float32-temp-<T>"), tstamp
-  (unix seconds), choices: [{index: 0, turns: [answer text per turn], decoding_steps: [target forwards per turn],
+  question_id, category, answer_id (a uuid5 hex of model_id, question_id and tstamp), model_id
+  ("<preset>-<method>-float32-temp-<T>"), tstamp (unix seconds the journal recorded the answer at: a rewrite of
+  the files from the journal gives the same bytes), choices: [{index: 0, turns: [answer text per turn], decoding_steps: [target forwards per turn],
   new_tokens: [generated tokens per turn, the stop token included], wall_time: [seconds per turn],
   accept_lengths: [for every target forward of every turn, the tokens it produced = accepted drafts + 1]}]
   (vanilla: every accept length is 1). Written under <results>/<preset>/specbench/run_<r>/<model_id>.jsonl, the
@@ -331,13 +332,14 @@ def model_id(preset: str, method: str, temperature: float) -> str:
     return f"{preset}-{method}-float32-temp-{temperature:.1f}"
 
 
-def answer_record(question: dict, model: str, texts: list[str], turns: list[Turn]) -> dict:
-    """One line of a Spec-Bench answer file (the fields of evaluation/eval.py's answer files)."""
+def answer_record(question: dict, model: str, texts: list[str], turns: list[Turn], at: float) -> dict:
+    """One line of a Spec-Bench answer file (the fields of evaluation/eval.py's answer files), answered at `at`."""
     choice = {"index": 0, "turns": texts, "decoding_steps": [len(t.accept_lengths) for t in turns],
               "new_tokens": [len(t.tokens) for t in turns], "wall_time": [t.seconds for t in turns],
               "accept_lengths": [n for t in turns for n in t.accept_lengths]}
     return {"question_id": question["question_id"], "category": question["category"],
-            "answer_id": uuid.uuid4().hex, "model_id": model, "choices": [choice], "tstamp": time.time()}
+            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model}/{question['question_id']}/{at!r}").hex,
+            "model_id": model, "choices": [choice], "tstamp": at}
 
 
 def write_answers(path: Path, records: list[dict]) -> Path:
@@ -513,6 +515,7 @@ class Journal:
     def __init__(self, path: Path | None = None):
         self.path = path
         self.answers: dict[tuple, list[Turn]] = {}      # (repeat, method, question_id) -> turns
+        self.answered_at: dict[tuple, float] = {}       # (repeat, method, question_id) -> unix seconds
         self.batched: dict[tuple, dict] = {}            # (repeat, chunk, method) -> seconds, tokens, per_row
         self.earlier_seconds = 0.0                      # the earlier sessions' time (from their lines)
         self.sessions = 1
@@ -530,9 +533,11 @@ class Journal:
             os.fsync(f.fileno())
 
     def add_answer(self, repeat: int, method: str, question_id: int, turns: list[Turn]):
+        at = time.time()
         self.append({"kind": "answer", "repeat": repeat, "method": method, "question_id": question_id,
-                     "at": time.time(), "turns": [asdict(t) for t in turns]})
+                     "at": at, "turns": [asdict(t) for t in turns]})
         self.answers[(repeat, method, question_id)] = turns
+        self.answered_at[(repeat, method, question_id)] = at
 
     def add_batched(self, repeat: int, chunk: int, method: str, item: dict):
         self.append({"kind": "batched", "repeat": repeat, "chunk": chunk, "method": method, "at": time.time(), **item})
@@ -639,6 +644,7 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
                     if key not in answer_keys or key in journal.answers:
                         raise ValueError(f"{'a second' if key in journal.answers else 'no'} answer {key} of this run")
                     journal.answers[key] = [Turn(**t) for t in row["turns"]]
+                    journal.answered_at[key] = float(row["at"])
                 elif kind == "batched":
                     key = (row["repeat"], row["chunk"], row["method"])
                     if key not in batched_keys or key in journal.batched:
@@ -776,7 +782,7 @@ def run_repeats(cfg: Config, methods, target, tokenizer, questions, protocol, lo
             for r in range(cfg.repeats)}
 
 
-def write_repeat_files(cfg: Config, results: dict, tokenizer, protocol) -> dict:
+def write_repeat_files(cfg: Config, results: dict, answered_at: dict, tokenizer, protocol) -> dict:
     """Each repeat's answer files -> {repeat: {method: records}} (what Spec-Bench's tools read back)."""
     root = Path(cfg.results) / cfg.preset / "specbench"
     files = {}
@@ -784,7 +790,8 @@ def write_repeat_files(cfg: Config, results: dict, tokenizer, protocol) -> dict:
         files[r] = {}
         for name, answered in by_method.items():
             mid = model_id(cfg.preset, name, cfg.temperature)
-            records = [answer_record(q, mid, [answer_text(tokenizer, t.tokens, protocol.stop_ids) for t in turns], turns)
+            records = [answer_record(q, mid, [answer_text(tokenizer, t.tokens, protocol.stop_ids) for t in turns], turns,
+                                     answered_at[(r, name, q["question_id"])])
                        for q, turns in answered]
             write_answers(root / f"run_{r + 1}" / f"{mid}.jsonl", records)
             files[r][name] = records
@@ -1185,7 +1192,7 @@ def run_and_report(cfg: Config, argv, inputs, methods, target, tokenizer, protoc
     questions = inputs["questions"]
     answers_root = Path(cfg.results) / cfg.preset / "specbench"
     results = run_repeats(cfg, methods, target, tokenizer, questions, protocol, log, journal)
-    files = write_repeat_files(cfg, results, tokenizer, protocol)
+    files = write_repeat_files(cfg, results, journal.answered_at, tokenizer, protocol)
     spec = [m.name for m in methods if m.kind != "vanilla"]
     acceptance = {m: per_question_acceptance(results, m) for m in spec}
     gains = {m.name: {"specdec-baseline": paired_by_subtask(acceptance[m.name], acceptance["specdec-baseline"],

@@ -389,6 +389,18 @@ def test_a_finished_journal_is_read_back_without_decoding(bench, pair, tmp_path,
     assert token_numbers(doc) == token_numbers(bench[0])
 
 
+def test_answer_files_rewritten_from_the_journal_are_the_same_bytes(bench, pair, tmp_path):
+    """The answer files are committed; a report rerun from a finished journal must not churn them: answer_id and
+    tstamp come from the journal's record of each answer (not a fresh uuid4 and the clock), and ids stay unique."""
+    shutil.copytree(bench[1], tmp_path / "results")
+    specbench.main(bench_argv(pair, bench[1].parent, tmp_path / "results"))
+    before = sorted((bench[1] / "tiny" / "specbench").glob("run_*/*.jsonl"))
+    after = sorted((tmp_path / "results" / "tiny" / "specbench").glob("run_*/*.jsonl"))
+    assert [f.read_bytes() for f in after] == [f.read_bytes() for f in before] and len(before) == 2 * 4
+    ids = [r["answer_id"] for f in before for r in specbench.read_answers(f)]
+    assert len(set(ids)) == len(ids)
+
+
 def test_the_header_commit_is_read_before_this_session_writes_the_journal(bench, pair, tmp_path, monkeypatch):
     """The journal is a tracked file: read after this session's first journal line, the commit of a clean checkout
     would say "+ uncommitted changes" in every report, as the first full run's header did."""
