@@ -89,6 +89,7 @@ class StudyConfig:
     runs: str = "runs/real-study"
     ledger: str = "results/real-study"          # the measurements, committed (see "The ledger" above)
     out: str = "results/REAL.md"
+    specbench: str = "results/smollm2/specbench/specbench.json"    # specbench.py's full run, read if there
     quick: bool = False
     threads: int = cli.DEFAULT_THREADS
 
@@ -96,7 +97,7 @@ class StudyConfig:
 QUICK = dict(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0,), n_prompts=6, steps=2,
              batch_size=2, max_new_tokens=12, n_train=16, off_policy_warmup=1, val_prompts=2, eval_batch=6,
              n_boot=200, runs="runs/real-study-quick", ledger="results/quick/real-study",
-             out="results/quick/REAL.md")
+             out="results/quick/REAL.md", specbench="results/quick/specbench.json")
 
 
 def divs_at(cfg: StudyConfig, t: float) -> tuple:
@@ -391,6 +392,25 @@ def curve_verdict(path: Path) -> str | None:
     return lines[0] if lines else None
 
 
+def specbench_sentence(path: Path, task_name: str) -> str:
+    """What Spec-Bench's full run (specbench.json) says of the distilled drafts it ran: token acceptance minus the
+    baseline draft's per leaderboard column, paired by question. Its protocol is Spec-Bench's (greedy), not a
+    temperature of this study."""
+    if not path.exists():
+        return (f"- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts "
+                f"are measured on {task_name} only.")
+    doc = json.loads(path.read_text())
+    gains = {name: doc["gains"][f"specdec-{name}"]["specdec-baseline"]
+             for name, _, _ in doc["drafts"] if name != "baseline"}
+    ran = "; ".join(f"{name}: " + ", ".join(f"{col} {curve._pts((g['mean'], g['lo'], g['hi']))}"
+                                            for col, g in by_col.items()) for name, by_col in gains.items())
+    return (f"- Spec-Bench's categories (SPECBENCH.md: greedy, batch 1, {doc['protocol']['max_new_tokens']} new "
+            f"tokens per turn, so none of this study's temperatures) hold only the distilled draft(s) "
+            f"{', '.join(f'{n} ({p})' for n, _, p in doc['drafts'] if n != 'baseline')}; token acceptance minus "
+            f"the baseline draft's, points, paired by question: {ran}. This study's other drafts are not yet run "
+            f"there.")
+
+
 # ----------------------------------------------------------------------------- REAL.md
 
 def entropy_markdown(c: curve.Curve, results: dict) -> list[str]:
@@ -457,8 +477,7 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
              if cfg.task == "gsm8k" else
              "- GSM8k, the low-entropy task: its study is `python -m study.real_study` -> REAL.md.")
     md += ["## Not in this study yet", "",
-           f"- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts are "
-           f"measured on {TASK_NAMES[cfg.task]} only.", other, ""]
+           specbench_sentence(Path(cfg.specbench), TASK_NAMES[cfg.task]), other, ""]
     return cli.write_markdown(cfg.out, md)
 
 

@@ -257,3 +257,19 @@ def test_a_dialogsum_draft_is_trained_on_dialogsum_and_fingerprinted_apart():
     assert distill.parse_args(R.distill_argv(dia, 0.6, "rkl", 0, Path("x"))).task == "dialogsum"
     assert R.draft_fingerprint(gsm, 0.6, "rkl", 0, 8, _Protocol(), "t") != \
         R.draft_fingerprint(dia, 0.6, "rkl", 0, 8, _Protocol(), "t")
+
+
+def test_spec_bench_gains_are_the_distilled_drafts_minus_the_baseline_draft(tmp_path):
+    """REAL.md quotes Spec-Bench's full run: each distilled draft's acceptance gain over the BASELINE draft (not over
+    sps, nor its raw acceptance), per column, in points; with no run recorded it says so."""
+    path = tmp_path / "specbench.json"
+    assert "has not been recorded yet" in R.specbench_sentence(path, "GSM8k")
+    gain = lambda m: {"mean": m, "lo": m - 0.003, "hi": m + 0.003, "n_prompts": 80}  # noqa: E731
+    path.write_text(json.dumps({
+        "protocol": {"max_new_tokens": 64},
+        "drafts": [["baseline", "b", "ckpt/draft"], ["jsd-s0", "j", "runs/x/jsd-s0/final"]],
+        "gains": {"specdec-jsd-s0": {"specdec-baseline": {"Translation": gain(0.006), "Overall": gain(0.020)},
+                                     "sps": {"Translation": gain(0.5), "Overall": gain(0.5)}}}}))
+    line = R.specbench_sentence(path, "GSM8k")
+    assert "jsd-s0 (runs/x/jsd-s0/final)" in line and "64 new tokens" in line
+    assert "Translation +0.6 [+0.3, +0.9], Overall +2.0 [+1.7, +2.3]" in line and "+50.0" not in line
