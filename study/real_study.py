@@ -400,15 +400,14 @@ def specbench_sentence(path: Path, task_name: str) -> str:
         return (f"- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts "
                 f"are measured on {task_name} only.")
     doc = json.loads(path.read_text())
-    gains = {name: doc["gains"][f"specdec-{name}"]["specdec-baseline"]
-             for name, _, _ in doc["drafts"] if name != "baseline"}
-    ran = "; ".join(f"{name}: " + ", ".join(f"{col} {curve._pts((g['mean'], g['lo'], g['hi']))}"
-                                            for col, g in by_col.items()) for name, by_col in gains.items())
+    distilled = [(name, folder) for name, _, folder in doc["drafts"] if name != "baseline"]
+    gains = "; ".join(f"{name}: " + ", ".join(f"{col} {curve._pts((g['mean'], g['lo'], g['hi']))}"
+                                              for col, g in doc["gains"][f"specdec-{name}"]["specdec-baseline"].items())
+                      for name, _ in distilled)
     return (f"- Spec-Bench's categories (SPECBENCH.md: greedy, batch 1, {doc['protocol']['max_new_tokens']} new "
             f"tokens per turn, so none of this study's temperatures) hold only the distilled draft(s) "
-            f"{', '.join(f'{n} ({p})' for n, _, p in doc['drafts'] if n != 'baseline')}; token acceptance minus "
-            f"the baseline draft's, points, paired by question: {ran}. This study's other drafts are not yet run "
-            f"there.")
+            f"{', '.join(f'{name} ({folder})' for name, folder in distilled)}; token acceptance minus the baseline "
+            f"draft's, points, paired by question: {gains}. This study's other drafts are not yet run there.")
 
 
 # ----------------------------------------------------------------------------- REAL.md

@@ -20,8 +20,9 @@ Methods (one answer file each, per repeat):
 Answer file (Spec-Bench's format, JSON lines, one per question, sorted by question_id):
   question_id, category, answer_id (a uuid5 hex of model_id, question_id and tstamp), model_id
   ("<preset>-<method>-float32-temp-<T>"), tstamp (unix seconds the journal recorded the answer at: a rewrite of
-  the files from the journal gives the same bytes), choices: [{index: 0, turns: [answer text per turn], decoding_steps: [target forwards per turn],
-  new_tokens: [generated tokens per turn, the stop token included], wall_time: [seconds per turn],
+  the files from the journal gives the same bytes), choices: [{index: 0, turns: [answer text per turn],
+  decoding_steps: [target forwards per turn], new_tokens: [generated tokens per turn, the stop token included],
+  wall_time: [seconds per turn],
   accept_lengths: [for every target forward of every turn, the tokens it produced = accepted drafts + 1]}]
   (vanilla: every accept length is 1). Written under <results>/<preset>/specbench/run_<r>/<model_id>.jsonl, the
   layout of Spec-Bench's own mean-of-3-runs report. Spec-Bench's tools read them: evaluation/speed.py and
@@ -790,9 +791,8 @@ def write_repeat_files(cfg: Config, results: dict, answered_at: dict, tokenizer,
         files[r] = {}
         for name, answered in by_method.items():
             mid = model_id(cfg.preset, name, cfg.temperature)
-            records = [answer_record(q, mid, [answer_text(tokenizer, t.tokens, protocol.stop_ids) for t in turns], turns,
-                                     answered_at[(r, name, q["question_id"])])
-                       for q, turns in answered]
+            records = [answer_record(q, mid, [answer_text(tokenizer, t.tokens, protocol.stop_ids) for t in turns],
+                                     turns, answered_at[(r, name, q["question_id"])]) for q, turns in answered]
             write_answers(root / f"run_{r + 1}" / f"{mid}.jsonl", records)
             files[r][name] = records
     return files

@@ -250,7 +250,6 @@ def test_markdown_tables_show_the_numbers_and_the_answer_says_the_verdict():
     assert "HOLDS" in text and "from rkl to fkl" in text
 
 
-
 def test_one_divergence_is_not_said_to_beat_the_others():
     """A partial study with a single trained divergence has no runner-up: the answer must not claim that every
     other divergence is separated below it (there is none), but say it is the only one measured."""
@@ -258,6 +257,7 @@ def test_one_divergence_is_not_said_to_beat_the_others():
     c = C.build_curve(C.collect(_synthetic(levels), ("baseline", "rkl"), (0, 1)), {1: (0, 0, 0)}, 300)
     (text,) = C.answer_sentences(c)
     assert "only divergence measured" in text and "every other" not in text
+
 
 # ----------------------------------------------------------------------------- end to end
 
