@@ -29,7 +29,10 @@ train_alpha and val_alpha (logged while training, estimates.py) against the meas
 
 Budget and caching. On one CPU thread a draft costs ~35 min of training (80 steps of 8 prompts x 128 tokens) and
 ~N/10 min of evaluation, so the study (4 temperatures x 4 divergences x 2 seeds, + nla and lk at T = 0.6) is a
-few dozen CPU hours. Everything is cached under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run
+few dozen CPU hours. REAL.md's budget prices the rest of the study at the measured means, and estimates one
+GPU's time by counting each run's sequential forward steps (a model this small is launch-bound there; the step
+cost is the line through the project's two H100 measurements, gpu_step_ms). --device cuda runs it on a GPU: the
+recipe (and so the ledger's fingerprint) is the same, its seconds are kept apart from the CPU's (cost_key). Everything is cached under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run
 resumes from its newest checkpoint; once final/ exists the intermediate checkpoints are removed), and its
 real_eval.json its evaluation, with a fingerprint of everything the numbers depend on (read back only when all of
 it matches, else measured again). A run found under another configuration is refused, naming the difference. So
@@ -92,6 +95,7 @@ class StudyConfig:
     specbench: str = "results/smollm2/specbench/specbench.json"    # specbench.py's full run, read if there
     quick: bool = False
     threads: int = cli.DEFAULT_THREADS
+    device: str = "cpu"                         # where the teacher, the training and the evaluation run
 
 
 QUICK = dict(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0,), n_prompts=6, steps=2,
@@ -137,15 +141,16 @@ def distill_argv(cfg: StudyConfig, t: float, div: str, seed: int, out: Path) -> 
     for name in ("steps", "batch_size", "max_new_tokens", "n_train", "off_policy_warmup"):
         if getattr(cfg, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
-    return argv
+    return argv + ["--device", cfg.device]
 
 
 def config_differences(run_dir: Path, argv: list[str]) -> list[str]:
     """The options of `argv` whose value differs from the run's config.json (which distill.py wrote):
-    a cached run is reused only for the very command the study would run."""
+    a cached run is reused only for the very command the study would run (where it runs aside: a run begun on
+    the CPU may be resumed on a GPU)."""
     import distill
 
-    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")} - {"out", "save_every"}
+    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")} - {"out", "save_every", "device"}
     wanted = asdict(distill.parse_args(argv))
     saved = json.loads((run_dir / "config.json").read_text())
     return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {wanted[k]!r}" for k in sorted(given)
@@ -171,7 +176,7 @@ def train_draft(cfg: StudyConfig, t: float, div: str, seed: int, log) -> Path:
         t0 = time.time()
         log(f"T={t:g}: {'resuming' if resumable else 'training'} {out.name}")
         distill.main(argv + (["--resume"] if resumable else []))
-        record_cost(out, "train_s", time.time() - t0)
+        record_cost(out, cost_key("train", cfg.device), time.time() - t0)
     for ckpt in out.glob("ckpt-*"):          # final/ is the result; the resume points are no longer needed
         shutil.rmtree(ckpt)
     return out / "final"
@@ -194,8 +199,14 @@ def wait_while_in_use(out: Path, log, poll_s: float = 60.0):
             time.sleep(poll_s)
 
 
+def cost_key(phase: str, device: str) -> str:
+    """The cost entry of a phase ("train", "eval", "entropy"): <phase>_s for CPU seconds (one thread),
+    <phase>_gpu_s for seconds on an accelerator; the budget adds each kind up apart."""
+    return f"{phase}_s" if device == "cpu" else f"{phase}_gpu_s"
+
+
 def record_cost(run_dir: Path, key: str, seconds: float):
-    """Add measured seconds to <run>/study_cost.json (the study's CPU budget, summed over sessions)."""
+    """Add measured seconds to <run>/study_cost.json (the study's budget, summed over sessions)."""
     path = run_dir / "study_cost.json"
     cost = json.loads(path.read_text()) if path.exists() else {}
     cost[key] = cost.get(key, 0.0) + seconds
@@ -254,7 +265,7 @@ class Setting:
 
 def load_setting(cfg: StudyConfig, t: float) -> Setting:
     target_dir, baseline_dir = models.ensure_smollm2_pair(models.preset_config(PRESET, cfg.task)["draft_layers"])
-    teacher = models.load_model(target_dir, device="cpu").eval()
+    teacher = models.load_model(target_dir, device=cfg.device).eval()
     tok = models.load_tokenizer(target_dir)
     protocol = models.decoding_protocol(PRESET, tok, teacher, task=cfg.task, temperature=t,
                                         max_new_tokens=cfg.max_new_tokens)
@@ -276,7 +287,7 @@ def measure_setting_entropy(cfg: StudyConfig, t: float, setting: Setting, log) -
     t0 = time.time()
     sums, counts = curve.teacher_entropy_per_prompt(setting.teacher, setting.prompts, setting.protocol)
     result = {"entropy": list(curve.measure_entropy(sums, counts, cfg.n_boot)), "tokens": int(counts.sum()),
-              "seconds": time.time() - t0}
+              "seconds" if cfg.device == "cpu" else "gpu_seconds": time.time() - t0}
     write_json(path, {"fingerprint": fp, "result": result, "commit": setting.commit})
     log(f"T={t:g}: teacher entropy {result['entropy'][0]:.3f} nats over {result['tokens']} tokens")
     return result
@@ -299,7 +310,7 @@ def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, setting
                                   record=False, desc=f"T{t:g}/{name}", **setting.protocol.speculative_kwargs())
     result = {"per_prompt": res["per_prompt"], "pooled_alpha": res["pooled_alpha"]}
     write_json(path, {"fingerprint": fp, "result": result})
-    record_cost(run_dir, "eval_s", time.time() - t0)
+    record_cost(run_dir, cost_key("eval", cfg.device), time.time() - t0)
     acc = np.nanmean(np.asarray(res["per_prompt"]["token_acceptance"], dtype=float))
     log(f"T={t:g}: {name} token acceptance {acc:.3f} ({time.time() - t0:.0f} s)")
     return result
@@ -336,7 +347,7 @@ def draft_fingerprint(cfg: StudyConfig, t: float, div: str, seed, n_prompts: int
         recipe = {"baseline_layers": models.preset_config(PRESET, cfg.task)["draft_layers"]}
     else:
         argv = distill_argv(cfg, t, div, seed, Path("."))
-        skip = {"--out", "--threads", "--save-every"}
+        skip = {"--out", "--threads", "--save-every", "--device"}   # where it ran: not what it is
         recipe = {"distill": [a for i, a in enumerate(argv) if a not in skip and argv[i - 1] not in skip]}
     return {**recipe, "target": target_sha, "n_prompts": n_prompts, "protocol": protocol.as_dict(),
             "batch": cfg.eval_batch, "seed": 0}
@@ -376,11 +387,14 @@ def build(results: dict, cfg: StudyConfig) -> curve.Curve:
     return c
 
 
-def cpu_hours(results: dict) -> tuple[float, float, float]:
-    """(training, evaluation, entropy) CPU hours of the whole study, summed over every cached run."""
-    train = sum(c.get("train_s", 0.0) for r in results.values() for c in r["cost"].values())
-    evals = sum(c.get("eval_s", 0.0) for r in results.values() for c in r["cost"].values())
-    ent = sum(r.get("seconds", 0.0) for r in results.values())
+def study_hours(results: dict, gpu: bool = False) -> tuple[float, float, float]:
+    """(training, evaluation, entropy) CPU hours of the whole study, summed over every cached run (gpu=True:
+    the hours measured on an accelerator instead, cost_key)."""
+    train = sum(c.get(cost_key("train", "cuda" if gpu else "cpu"), 0.0) for r in results.values()
+                for c in r["cost"].values())
+    evals = sum(c.get(cost_key("eval", "cuda" if gpu else "cpu"), 0.0) for r in results.values()
+                for c in r["cost"].values())
+    ent = sum(r.get("gpu_seconds" if gpu else "seconds", 0.0) for r in results.values())
     return train / 3600, evals / 3600, ent / 3600
 
 
@@ -410,6 +424,137 @@ def specbench_sentence(path: Path, task_name: str) -> str:
             f"draft's, points, paired by question: {gains}. This study's other drafts are not yet run there.")
 
 
+# ----------------------------------------------------------------------------- the budget: CPU measured, GPU estimated
+
+TARGET_LAYERS = 30      # SmolLM2-135M-Instruct's depth (its config.json); the draft keeps its first draft_layers
+# A forward step of a model this small on a GPU is bound by kernel launches, not by arithmetic: its time grows
+# with the layers and hardly with the rows. The one GPU the project was lent (docs/benchmarks.md, "On a GPU":
+# one H100, our autoregressive decoding at batch 8, final run) decoded 1306.2 tok/s with a 4-layer model and
+# 850.0 with a 12-layer one: 6.12 and 9.41 ms per step, a line of 4.48 ms + 0.411 ms per layer.
+H100_TOK_S_AT_BATCH_8 = {4: 1306.2, 12: 850.0}      # layers -> tokens/s
+
+
+def gpu_step_ms(layers: int) -> float:
+    """Estimated milliseconds of one forward step of a `layers`-deep model on one H100: the line through the
+    two measured points (H100_TOK_S_AT_BATCH_8)."""
+    (l1, tok1), (l2, tok2) = sorted(H100_TOK_S_AT_BATCH_8.items())
+    ms1, ms2 = 8 / tok1 * 1000, 8 / tok2 * 1000
+    return ms1 + (ms2 - ms1) / (l2 - l1) * (layers - l1)
+
+
+@dataclass
+class Steps:
+    """Sequential forward steps of the draft and of the target: what a launch-bound GPU's time follows."""
+    draft: float
+    target: float
+
+    def gpu_seconds(self, draft_layers: int) -> float:
+        return (self.draft * gpu_step_ms(draft_layers) + self.target * gpu_step_ms(TARGET_LAYERS)) / 1000
+
+
+def recipe(cfg: StudyConfig) -> dict:
+    """The numbers a run's cost follows: the preset's recipe, with the study's overrides."""
+    r = dict(models.preset_config(PRESET, cfg.task))
+    r.update({k: getattr(cfg, k) for k in ("steps", "max_new_tokens", "off_policy_warmup")
+              if getattr(cfg, k) is not None})
+    return r
+
+
+def training_steps(r: dict) -> Steps:
+    """One distill.py run: each on-policy step (after the warmup, a share lmbda of the steps) samples
+    max_new_tokens tokens with the draft, one step each; every step scores its batch with the teacher once
+    and runs the draft forward and backward (about 3 forward steps)."""
+    on_policy = max(r["steps"] - r["off_policy_warmup"], 0) * r["lmbda"]
+    return Steps(draft=on_policy * r["max_new_tokens"] + 3 * r["steps"], target=r["steps"])
+
+
+def decoding_steps(per_prompt: dict, gamma: int, batch: int) -> Steps:
+    """Batched speculative decoding of these prompts: a prompt needs generated / mean accepted length rounds;
+    `batch` prompts share each round, which drafts gamma tokens (gamma draft steps) and verifies them (one
+    target step). Slots are taken as always full, so this is a lower bound (no waiting for the slowest row)."""
+    rounds = sum(g / m for g, m in zip(per_prompt["generated"], per_prompt["mean_accepted_length"])) / batch
+    return Steps(draft=gamma * rounds, target=rounds)
+
+
+def gpu_minutes(cfg: StudyConfig, per_prompt: dict, trained: bool) -> float:
+    """One run's estimated minutes on one H100: its evaluation, and for a distilled draft its training and the
+    validation decoding of its final student (--eval-prompts of the same prompts' cost per prompt)."""
+    r = recipe(cfg)
+    ev = decoding_steps(per_prompt, r["gamma"], cfg.eval_batch)
+    seconds = ev.gpu_seconds(r["draft_layers"])
+    if trained:
+        n = len(per_prompt["generated"])
+        seconds += training_steps(r).gpu_seconds(r["draft_layers"]) + seconds * cfg.val_prompts / n
+    return seconds / 60
+
+
+def entropy_gpu_minutes(cfg: StudyConfig, n_prompts: int) -> float:
+    """The teacher sampling max_new_tokens tokens for the eval prompts, 16 rows at a time (entropy.py)."""
+    r = recipe(cfg)
+    return Steps(0, r["max_new_tokens"] * math.ceil(n_prompts / 16)).gpu_seconds(r["draft_layers"]) / 60
+
+
+def full_grid(cfg: StudyConfig) -> list[tuple[float, str]]:
+    """Every (T, run) of the whole study of this task (StudyConfig's defaults), the baselines included."""
+    full = StudyConfig(task=cfg.task)
+    return [(t, curve.run_name(d, None if d == "baseline" else s)) for t in full.settings
+            for d in divs_at(full, t) for s in (full.seeds if d != "baseline" else (0,))]
+
+
+def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
+    """REAL.md's budget: what the runs cost on the CPU (measured), what the rest of the study would, and what
+    one GPU would take (estimated: no GPU measured these runs)."""
+    costs = [(name, c) for r in results.values() for name, c in r["cost"].items()]
+    drafts = [c for name, c in costs if name != "baseline" and "train_s" in c]
+    baselines = [c for name, c in costs if name == "baseline" and "eval_s" in c]
+    if cfg.quick or not drafts:             # a smoke run's seconds price nothing
+        return []
+    train_min = np.mean([c["train_s"] for c in drafts]) / 60
+    eval_min = np.mean([c["eval_s"] for c in drafts]) / 60
+    base_min = np.mean([c["eval_s"] for c in baselines]) / 60 if baselines else eval_min
+    ent_min = np.mean([r["seconds"] for r in results.values() if "seconds" in r] or [0.0]) / 60
+    grid = full_grid(cfg)
+    lacking = [(t, name) for t, name in grid if not ledger_path(cfg, t, name).exists()]
+    lacking_settings = {t for t in StudyConfig().settings if not ledger_path(cfg, t, "teacher_entropy").exists()}
+    rest_h = (sum(base_min if name == "baseline" else train_min + eval_min for _, name in lacking)
+              + ent_min * len(lacking_settings)) / 60
+    gpu = {(t, name): gpu_minutes(cfg, pp, name != "baseline") for t, r in results.items()
+           for name, pp in r["per_prompt"].items()}
+    gpu_draft = np.mean([m for (t, name), m in gpu.items() if name != "baseline"])
+    gpu_base = np.mean([m for (t, name), m in gpu.items() if name == "baseline"] or [gpu_draft])
+    gpu_ent = entropy_gpu_minutes(cfg, cfg.n_prompts)
+    gpu_grid = (sum(gpu_base if name == "baseline" else gpu_draft for _, name in grid)
+                + gpu_ent * len(StudyConfig().settings))
+    cpu_grid = (sum(base_min if name == "baseline" else train_min + eval_min for _, name in grid)
+                + ent_min * len(StudyConfig().settings)) / 60
+    r = recipe(cfg)
+    return ["## Budget", "",
+            f"Measured on this machine (one CPU thread per run; the study's sessions ran two runs side by side on "
+            f"2 cores): a distilled draft cost on average {train_min:.0f} CPU min of training and {eval_min:.0f} "
+            f"of evaluation ({len(drafts)} draft{'s' if len(drafts) > 1 else ''}), the baseline draft's evaluation {base_min:.0f}, the teacher's "
+            f"entropy {ent_min:.0f} per temperature. The whole study of this task ({len(StudyConfig().settings)} "
+            f"temperatures, {len(grid)} runs with the baselines) would cost about {cpu_grid:.0f} CPU hours; "
+            f"{len(lacking)} of its runs are not in the ledger yet, about {rest_h:.0f} CPU hours more "
+            f"({rest_h / 2:.0f} hours of wall time at two runs at once).", "",
+            f"One GPU: an estimate, not a measurement (no GPU was lent to the sessions that ran these runs). The "
+            f"study's models are small enough that a GPU's forward step is bound by kernel launches: one H100 "
+            f"decoded at {gpu_step_ms(4):.2f} ms per step with 4 layers and {gpu_step_ms(12):.2f} with 12 "
+            f"(docs/benchmarks.md, \"On a GPU\"; batch 8): on that line, {gpu_step_ms(r['draft_layers']):.1f} ms for the {r['draft_layers']}-layer draft and "
+            f"{gpu_step_ms(TARGET_LAYERS):.1f} ms for the {TARGET_LAYERS}-layer target. Counting the sequential "
+            f"steps of each run from its recipe and its measured acceptance (training: "
+            f"({r['steps']} - {r['off_policy_warmup']}) x {r['lmbda']:g} on-policy steps of "
+            f"{r['max_new_tokens']} draft steps, plus a teacher and ~3 draft steps per step; evaluation: generated "
+            f"/ mean accepted length rounds per prompt, {cfg.eval_batch} prompts to a round, gamma = "
+            f"{r['gamma']} draft steps + 1 target step each), a distilled draft would take about "
+            f"{gpu_draft:.1f} GPU min (against {train_min + eval_min:.0f} CPU min measured), the baseline's "
+            f"evaluation {gpu_base:.1f}, the teacher's entropy {gpu_ent:.1f} per temperature: the whole study "
+            f"about {gpu_grid / 60:.1f} GPU hours on one H100, against {cpu_grid:.0f} CPU hours. Left out: "
+            f"loading the models (seconds per run) and the rounds a batch waits for its slowest row (1.1-1.8x "
+            f"the rounds on that GPU), so read it as a lower bound within a factor of about 2. `--device cuda` "
+            f"runs the study there; the ledger keeps GPU seconds apart (train_gpu_s, eval_gpu_s) and the header "
+            f"reports them.", ""]
+
+
 # ----------------------------------------------------------------------------- REAL.md
 
 def entropy_markdown(c: curve.Curve, results: dict) -> list[str]:
@@ -419,13 +564,13 @@ def entropy_markdown(c: curve.Curve, results: dict) -> list[str]:
 
 
 def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, meta: dict) -> Path:
-    train_h, eval_h, ent_h = cpu_hours(results)
+    train_h, eval_h, ent_h = study_hours(results)
     points = [p for r in results.values() for p in r["points"]]
     md = [HEADING + (" (QUICK smoke run)" if cfg.quick else ""), "",
           f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}; this "
           f"invocation {meta['minutes']:.1f} min. The study's runs (cached, measured over every session that ran "
           f"them) cost {_hours(train_h)} of training, {_hours(eval_h)} of evaluation and {_hours(ent_h)} of "
-          f"entropy measurement, one CPU thread each.", ""]
+          f"entropy measurement, one CPU thread each{gpu_hours_clause(results)}.", ""]
     if cfg.quick:
         md += ["**QUICK run: one setting, few steps, prompts and tokens. A smoke test of the pipeline, not a "
                "result.**", ""]
@@ -475,6 +620,7 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
              "here the temperature knob raises the teacher's entropy on the same prompts and models."
              if cfg.task == "gsm8k" else
              "- GSM8k, the low-entropy task: its study is `python -m study.real_study` -> REAL.md.")
+    md += budget_markdown(cfg, results)
     md += ["## Not in this study yet", "",
            specbench_sentence(Path(cfg.specbench), TASK_NAMES[cfg.task]), other, ""]
     return cli.write_markdown(cfg.out, md)
@@ -492,6 +638,15 @@ def missing_from_study(cfg: StudyConfig) -> list[str]:
     if cfg.n_prompts < full.n_prompts:
         out.append(f"{cfg.n_prompts} of {full.n_prompts} prompts")
     return out
+
+
+def gpu_hours_clause(results: dict) -> str:
+    """', and X GPU hours of ...' where runs were measured on an accelerator (--device), else ''."""
+    train_h, eval_h, ent_h = study_hours(results, gpu=True)
+    if train_h + eval_h + ent_h == 0:
+        return ""
+    return (f"; and on a GPU (--device) {train_h:.2f} hours of training, {eval_h:.2f} of evaluation, "
+            f"{ent_h:.2f} of entropy measurement")
 
 
 def _hours(h: float) -> str:
@@ -523,15 +678,31 @@ def parse_args(argv=None) -> StudyConfig:
     p.add_argument("--ledger", default=None, help="the measurements kept with the results, read back on any "
                    "machine (default results/real-study)")
     p.add_argument("--out", default=None, help="the report (default results/REAL.md; another task: REAL-<task>.md)")
+    p.add_argument("--device", default=None, help="where the teacher, training and evaluation run: cpu, cuda or "
+                   "cuda:N (default: cuda when torch sees a GPU, else cpu, as distill.py; the ledger's entries are "
+                   "the same whatever the device, its seconds are kept apart)")
     cli.add_threads_option(p)
     a = p.parse_args(argv)
-    cfg = StudyConfig(quick=a.quick, threads=cli.check_threads(a.threads))
+    cfg = StudyConfig(quick=a.quick, threads=cli.check_threads(a.threads), device=study_device(a.device))
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "extra_divs", "seeds"),
                         values=("task", "n_prompts", "steps", "runs", "ledger", "out"))
     if cfg.task != "gsm8k" and a.out is None:
         cfg.out = str(Path(cfg.out).with_name(f"REAL-{cfg.task}.md"))
     check_config(cfg)
     return cfg
+
+
+def study_device(name: str | None) -> str:
+    """--device checked (train_checks.check_device: a device this machine has), None: distill.py's default."""
+    import torch
+
+    from plumbing import train_checks
+
+    try:
+        train_checks.check_device(name)
+    except ValueError as e:
+        raise cli.BadInput(str(e)) from None
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_config(cfg: StudyConfig):

@@ -56,6 +56,14 @@ def test_draft_is_the_targets_first_layers(real_pair):
         assert torch.equal(w, t[name]), name
 
 
+def test_the_budgets_target_depth_is_the_real_models(real_pair):
+    """REAL.md's GPU estimate prices each target step by its layers: real_study.TARGET_LAYERS must be the
+    real target's depth, not a number typed once."""
+    from study import real_study
+
+    assert real_pair[0].config.num_hidden_layers == real_study.TARGET_LAYERS
+
+
 def test_chat_template_is_the_models_own(real_pair):
     """Prompts must be rendered by SmolLM2's own ChatML template (with the seed's system prompt), not ours."""
     tok = real_pair[2]

@@ -119,7 +119,7 @@ def test_the_budget_sums_every_cached_run():
     results = {t: {**setting({}, 1.0), "seconds": 360.0,
                    "cost": {"rkl-s0": {"train_s": 1800.0, "eval_s": 360.0}, "baseline": {"eval_s": 360.0}}}
                for t in (0.3, 0.6)}
-    assert R.cpu_hours(results) == pytest.approx((1.0, 0.4, 0.2))
+    assert R.study_hours(results) == pytest.approx((1.0, 0.4, 0.2))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -130,6 +130,8 @@ def test_the_budget_sums_every_cached_run():
     (["--n-prompts", "100000"], "more than the 1319 GSM8k test prompts"),
     (["--task", "cnndm"], "unknown --task 'cnndm'; valid: gsm8k, dialogsum"),
     (["--task", "dialogsum", "--n-prompts", "501"], "more than the 500 DialogSum test prompts"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--device", "tpu0"], "'tpu0' is not a device; valid: cpu, cuda"),
 ])
 def test_bad_options_are_one_line_before_any_model(args, message):
     """A study of hours must refuse a mistake before its first minute."""
@@ -167,9 +169,10 @@ def _setting(n_prompts=3) -> "R.Setting":
 
 
 def test_a_draft_trained_elsewhere_by_the_same_recipe_has_the_same_fingerprint():
-    """Where a run was written, with how many threads, and how often it saved do not change the draft: a
-    ledger entry must match whichever folder or machine trained it."""
-    a, b = R.StudyConfig(runs="runs/a", threads=1), R.StudyConfig(runs="elsewhere", threads=2)
+    """Where a run was written, with how many threads, on which device, and how often it saved do not change
+    the recipe: a ledger entry must match whichever folder or machine trained it."""
+    a = R.StudyConfig(runs="runs/a", threads=1)
+    b = R.StudyConfig(runs="elsewhere", threads=2, device="cuda")
     fa = R.draft_fingerprint(a, 0.6, "rkl", 0, 8, _Protocol(), "t")
     assert fa == R.draft_fingerprint(b, 0.6, "rkl", 0, 8, _Protocol(), "t")
     assert "--temperature" in fa["distill"] and "--out" not in fa["distill"]
@@ -273,3 +276,82 @@ def test_spec_bench_gains_are_the_distilled_drafts_minus_the_baseline_draft(tmp_
     line = R.specbench_sentence(path, "GSM8k")
     assert "jsd-s0 (runs/x/jsd-s0/final)" in line and "64 new tokens" in line
     assert "Translation +0.6 [+0.3, +0.9], Overall +2.0 [+1.7, +2.3]" in line and "+50.0" not in line
+
+
+def test_every_run_is_told_its_device_and_may_resume_on_another(tmp_path):
+    """distill.py picks a GPU by itself when there is one: the study must say where each run trains, and a run
+    begun on the CPU must be resumable on a GPU (where it runs is not what it is)."""
+    cfg = R.StudyConfig(device="cuda")
+    argv = R.distill_argv(cfg, 0.6, "rkl", 0, tmp_path)
+    assert argv[argv.index("--device") + 1] == "cuda"
+    cpu_argv = R.distill_argv(R.StudyConfig(), 0.6, "rkl", 0, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(R.asdict(distill.parse_args(cpu_argv))))
+    assert R.config_differences(tmp_path, argv) == []
+
+
+def test_gpu_seconds_are_kept_apart_from_cpu_hours():
+    """The header's CPU hours are one-thread CPU time: a run measured on a GPU must not be added to them, and
+    its own hours must be reported apart."""
+    results = {0.6: {**setting({}, 1.0), "gpu_seconds": 36.0,
+                     "cost": {"rkl-s0": {"train_gpu_s": 360.0, "eval_gpu_s": 72.0},
+                              "jsd-s0": {"train_s": 3600.0, "eval_s": 1800.0}}}}
+    assert R.study_hours(results) == pytest.approx((1.0, 0.5, 0.0))
+    assert R.study_hours(results, gpu=True) == pytest.approx((0.1, 0.02, 0.01))
+    assert R.cost_key("train", "cuda:0") == "train_gpu_s" and R.cost_key("eval", "cpu") == "eval_s"
+    assert "0.10 hours of training" in R.gpu_hours_clause(results)
+
+
+def test_the_gpu_step_model_passes_through_both_measured_points():
+    """The estimate's step cost is a line through the H100's two measured decoding speeds at batch 8
+    (docs/benchmarks.md): 1306.2 tok/s with 4 layers, 850.0 tok/s with 12."""
+    assert R.gpu_step_ms(4) == pytest.approx(8 / 1306.2 * 1000, abs=0.01)
+    assert R.gpu_step_ms(12) == pytest.approx(8 / 850.0 * 1000, abs=0.01)
+
+
+def test_training_steps_count_on_policy_sampling_only():
+    """Off-policy steps (the warmup, and 1 - lmbda of the rest) read dataset answers: only the on-policy
+    steps sample, max_new_tokens draft steps each; every step scores once with the teacher."""
+    steps = R.training_steps({"steps": 80, "off_policy_warmup": 30, "lmbda": 0.5, "max_new_tokens": 128})
+    assert (steps.draft, steps.target) == (25 * 128 + 3 * 80, 80)
+
+
+def test_decoding_rounds_follow_the_measured_accepted_length():
+    """A prompt needs generated / mean accepted length verification rounds, shared by a batch's rows; each
+    round is gamma draft steps and one target step."""
+    steps = R.decoding_steps({"generated": [128, 128], "mean_accepted_length": [2.0, 4.0]}, gamma=5, batch=2)
+    assert (steps.draft, steps.target) == (5 * 48, 48)
+
+
+def test_a_distilled_draft_adds_training_and_validation_to_its_evaluation():
+    """A draft's GPU minutes are its evaluation's, plus its training and the validation decoding of
+    val_prompts prompts at the evaluation's cost per prompt; the baseline is evaluation only."""
+    cfg = R.StudyConfig(val_prompts=1)
+    pp = {"generated": [128, 128], "mean_accepted_length": [2.0, 4.0]}
+    ev = R.decoding_steps(pp, 5, cfg.eval_batch).gpu_seconds(4) / 60
+    train = R.training_steps(R.recipe(cfg)).gpu_seconds(4) / 60
+    assert R.gpu_minutes(cfg, pp, trained=False) == pytest.approx(ev)
+    assert R.gpu_minutes(cfg, pp, trained=True) == pytest.approx(ev * 1.5 + train)
+
+
+def test_the_full_grid_holds_every_run_of_the_whole_study():
+    """The budget's 'runs not in the ledger yet' counts against the whole study: a baseline and every
+    divergence and seed at each temperature, the acceptance objectives at the preset's temperature."""
+    grid = R.full_grid(R.StudyConfig())
+    assert len(grid) == 4 * (1 + 4 * 2) + 2 * 2
+    assert (0.6, "nla-s1") in grid and (1.3, "nla-s0") not in grid and (0.3, "baseline") in grid
+
+
+def test_the_budget_reads_its_means_and_the_missing_runs_from_the_ledger(tmp_path):
+    """REAL.md's budget: the mean measured cost per draft, and the rest of the study priced at those means
+    from what the ledger lacks (here: everything but one setting's entropy, baseline and rkl-s0)."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), settings=(0.6,), seeds=(0,), divs=("baseline", "rkl"), extra_divs=())
+    for name in ("teacher_entropy", "baseline", "rkl-s0"):
+        R.write_json(R.ledger_path(cfg, 0.6, name), {})
+    pp = {"generated": [128] * 4, "mean_accepted_length": [2.0] * 4}
+    results = {0.6: {**setting({"baseline": pp, "rkl-s0": pp}, 0.4), "seconds": 600.0,
+                     "cost": {"baseline": {"eval_s": 1200.0}, "rkl-s0": {"train_s": 1800.0, "eval_s": 600.0}}}}
+    text = " ".join(R.budget_markdown(cfg, results))
+    assert "30 CPU min of training and 10 of evaluation (1 draft), the baseline draft's evaluation 20" in text
+    # 40 runs, 38 missing: 3 baselines at 20 min, 35 drafts at 40 min, 3 settings' entropy at 10 min
+    assert "38 of its runs are not in the ledger yet, about 25 CPU hours more" in text
+    assert f"a distilled draft would take about {R.gpu_minutes(cfg, pp, True):.1f} GPU min" in text
