@@ -32,9 +32,10 @@ Budget and caching. On one CPU thread a draft costs ~35 min of training (80 step
 few dozen CPU hours. REAL.md's budget prices the rest of the study at the measured means, and estimates one
 GPU's time by counting each run's sequential forward steps (a model this small is launch-bound there; the step
 cost is the line through the project's two H100 measurements, gpu_step_ms). --device cuda runs it on a GPU: the
-recipe (and so the ledger's fingerprint) is the same, its seconds are kept apart from the CPU's (cost_key). Everything is cached under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run
-resumes from its newest checkpoint; once final/ exists the intermediate checkpoints are removed), and its
-real_eval.json its evaluation, with a fingerprint of everything the numbers depend on (read back only when all of
+recipe (and so the ledger's fingerprint) is the same, its seconds are kept apart from the CPU's (cost_key).
+Everything is cached under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run resumes from its
+newest checkpoint; once final/ exists the intermediate checkpoints are removed), and its real_eval.json its
+evaluation, with a fingerprint of everything the numbers depend on (read back only when all of
 it matches, else measured again). A run found under another configuration is refused, naming the difference. So
 the study can be run a piece at a time (--settings, --divs, --seeds) and completed over several sessions; the
 report covers the settings it is given, and a missing draft stops it before anything is written.
@@ -501,58 +502,83 @@ def full_grid(cfg: StudyConfig) -> list[tuple[float, str]]:
             for d in divs_at(full, t) for s in (full.seeds if d != "baseline" else (0,))]
 
 
+@dataclass
+class CpuMeans:
+    """Measured CPU minutes per run, the means over the study's runs (one thread each)."""
+    train: float                 # a distilled draft's training
+    evaluation: float            # a distilled draft's evaluation
+    baseline: float              # the baseline draft's evaluation
+    entropy: float               # the teacher's entropy at one temperature
+    n_drafts: int
+
+    def run_minutes(self, name: str) -> float:
+        return self.baseline if name == "baseline" else self.train + self.evaluation
+
+
+def cpu_means(results: dict) -> CpuMeans | None:
+    """The mean measured cost of each kind of run (None before any draft was trained on the CPU)."""
+    costs = [(name, c) for r in results.values() for name, c in r["cost"].items()]
+    drafts = [c for name, c in costs if name != "baseline" and "train_s" in c]
+    baselines = [c["eval_s"] for name, c in costs if name == "baseline" and "eval_s" in c]
+    if not drafts:
+        return None
+    evaluation = np.mean([c["eval_s"] for c in drafts]) / 60
+    return CpuMeans(train=np.mean([c["train_s"] for c in drafts]) / 60, evaluation=evaluation,
+                    baseline=np.mean(baselines) / 60 if baselines else evaluation,
+                    entropy=np.mean([r["seconds"] for r in results.values() if "seconds" in r] or [0.0]) / 60,
+                    n_drafts=len(drafts))
+
+
+def grid_hours(runs: list, n_settings: int, run_minutes, entropy_minutes: float) -> float:
+    """Hours of these (T, run)s and of the teacher's entropy at n_settings temperatures."""
+    return (sum(run_minutes(name) for _, name in runs) + entropy_minutes * n_settings) / 60
+
+
 def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
     """REAL.md's budget: what the runs cost on the CPU (measured), what the rest of the study would, and what
     one GPU would take (estimated: no GPU measured these runs)."""
-    costs = [(name, c) for r in results.values() for name, c in r["cost"].items()]
-    drafts = [c for name, c in costs if name != "baseline" and "train_s" in c]
-    baselines = [c for name, c in costs if name == "baseline" and "eval_s" in c]
-    if cfg.quick or not drafts:             # a smoke run's seconds price nothing
+    cpu = cpu_means(results)
+    if cfg.quick or cpu is None:             # a smoke run's seconds price nothing
         return []
-    train_min = np.mean([c["train_s"] for c in drafts]) / 60
-    eval_min = np.mean([c["eval_s"] for c in drafts]) / 60
-    base_min = np.mean([c["eval_s"] for c in baselines]) / 60 if baselines else eval_min
-    ent_min = np.mean([r["seconds"] for r in results.values() if "seconds" in r] or [0.0]) / 60
-    grid = full_grid(cfg)
+    grid, n_settings = full_grid(cfg), len(StudyConfig().settings)
     lacking = [(t, name) for t, name in grid if not ledger_path(cfg, t, name).exists()]
-    lacking_settings = {t for t in StudyConfig().settings if not ledger_path(cfg, t, "teacher_entropy").exists()}
-    rest_h = (sum(base_min if name == "baseline" else train_min + eval_min for _, name in lacking)
-              + ent_min * len(lacking_settings)) / 60
-    gpu = {(t, name): gpu_minutes(cfg, pp, name != "baseline") for t, r in results.items()
-           for name, pp in r["per_prompt"].items()}
-    gpu_draft = np.mean([m for (t, name), m in gpu.items() if name != "baseline"])
-    gpu_base = np.mean([m for (t, name), m in gpu.items() if name == "baseline"] or [gpu_draft])
+    unmeasured = [t for t in StudyConfig().settings if not ledger_path(cfg, t, "teacher_entropy").exists()]
+    cpu_grid = grid_hours(grid, n_settings, cpu.run_minutes, cpu.entropy)
+    cpu_rest = grid_hours(lacking, len(unmeasured), cpu.run_minutes, cpu.entropy)
+    gpu = [(name, gpu_minutes(cfg, pp, name != "baseline")) for r in results.values()
+           for name, pp in r["per_prompt"].items()]
+    gpu_draft = np.mean([m for name, m in gpu if name != "baseline"])
+    gpu_base = np.mean([m for name, m in gpu if name == "baseline"] or [gpu_draft])
     gpu_ent = entropy_gpu_minutes(cfg, cfg.n_prompts)
-    gpu_grid = (sum(gpu_base if name == "baseline" else gpu_draft for _, name in grid)
-                + gpu_ent * len(StudyConfig().settings))
-    cpu_grid = (sum(base_min if name == "baseline" else train_min + eval_min for _, name in grid)
-                + ent_min * len(StudyConfig().settings)) / 60
+    gpu_grid = grid_hours(grid, n_settings, lambda name: gpu_base if name == "baseline" else gpu_draft, gpu_ent)
     r = recipe(cfg)
+    k = r["draft_layers"]
     return ["## Budget", "",
             f"Measured on this machine (one CPU thread per run; the study's sessions ran two runs side by side on "
-            f"2 cores): a distilled draft cost on average {train_min:.0f} CPU min of training and {eval_min:.0f} "
-            f"of evaluation ({len(drafts)} draft{'s' if len(drafts) > 1 else ''}), the baseline draft's evaluation {base_min:.0f}, the teacher's "
-            f"entropy {ent_min:.0f} per temperature. The whole study of this task ({len(StudyConfig().settings)} "
-            f"temperatures, {len(grid)} runs with the baselines) would cost about {cpu_grid:.0f} CPU hours; "
-            f"{len(lacking)} of its runs are not in the ledger yet, about {rest_h:.0f} CPU hours more "
-            f"({rest_h / 2:.0f} hours of wall time at two runs at once).", "",
+            f"2 cores): a distilled draft cost on average {cpu.train:.0f} CPU min of training and "
+            f"{cpu.evaluation:.0f} of evaluation ({cpu.n_drafts} draft{'s' if cpu.n_drafts > 1 else ''}), the "
+            f"baseline draft's evaluation {cpu.baseline:.0f}, the teacher's entropy {cpu.entropy:.0f} per "
+            f"temperature. The whole study of this task ({n_settings} temperatures, {len(grid)} runs with the "
+            f"baselines) would cost about {cpu_grid:.0f} CPU hours; {len(lacking)} of its runs are not in the "
+            f"ledger yet, about {cpu_rest:.0f} CPU hours more ({cpu_rest / 2:.0f} hours of wall time at two runs "
+            f"at once).", "",
             f"One GPU: an estimate, not a measurement (no GPU was lent to the sessions that ran these runs). The "
             f"study's models are small enough that a GPU's forward step is bound by kernel launches: one H100 "
             f"decoded at {gpu_step_ms(4):.2f} ms per step with 4 layers and {gpu_step_ms(12):.2f} with 12 "
-            f"(docs/benchmarks.md, \"On a GPU\"; batch 8): on that line, {gpu_step_ms(r['draft_layers']):.1f} ms for the {r['draft_layers']}-layer draft and "
-            f"{gpu_step_ms(TARGET_LAYERS):.1f} ms for the {TARGET_LAYERS}-layer target. Counting the sequential "
-            f"steps of each run from its recipe and its measured acceptance (training: "
+            f"(docs/benchmarks.md, \"On a GPU\"; batch 8): on that line, {gpu_step_ms(k):.1f} ms for the "
+            f"{k}-layer draft and {gpu_step_ms(TARGET_LAYERS):.1f} ms for the {TARGET_LAYERS}-layer target. "
+            f"Counting the sequential steps of each run from its recipe and its measured acceptance (training: "
             f"({r['steps']} - {r['off_policy_warmup']}) x {r['lmbda']:g} on-policy steps of "
             f"{r['max_new_tokens']} draft steps, plus a teacher and ~3 draft steps per step; evaluation: generated "
             f"/ mean accepted length rounds per prompt, {cfg.eval_batch} prompts to a round, gamma = "
             f"{r['gamma']} draft steps + 1 target step each), a distilled draft would take about "
-            f"{gpu_draft:.1f} GPU min (against {train_min + eval_min:.0f} CPU min measured), the baseline's "
-            f"evaluation {gpu_base:.1f}, the teacher's entropy {gpu_ent:.1f} per temperature: the whole study "
-            f"about {gpu_grid / 60:.1f} GPU hours on one H100, against {cpu_grid:.0f} CPU hours. Left out: "
-            f"loading the models (seconds per run) and the rounds a batch waits for its slowest row (1.1-1.8x "
-            f"the rounds on that GPU), so read it as a lower bound within a factor of about 2. `--device cuda` "
-            f"runs the study there; the ledger keeps GPU seconds apart (train_gpu_s, eval_gpu_s) and the header "
-            f"reports them.", ""]
+            f"{gpu_draft:.1f} GPU min (against {cpu.train + cpu.evaluation:.0f} CPU min measured), the "
+            f"baseline's evaluation {gpu_base:.1f}, the teacher's entropy {gpu_ent:.1f} per temperature: the "
+            f"whole study about {gpu_grid:.1f} GPU hours on one H100, against {cpu_grid:.0f} CPU hours. Left "
+            f"out: loading the models (seconds per run) and the rounds a batch waits for its slowest row "
+            f"(1.1-1.8x the rounds on that GPU), so read it as a lower bound within a factor of about 2. "
+            f"`--device cuda` runs the study there; the ledger keeps GPU seconds apart (train_gpu_s, "
+            f"eval_gpu_s) and the header reports them.", ""]
 
 
 # ----------------------------------------------------------------------------- REAL.md
