@@ -239,6 +239,13 @@ class Turn:
 
 
 @dataclass
+class Answer:
+    """One method's answer to one question, as the journal keeps it: its turns and when it was finished."""
+    turns: list[Turn]
+    at: float                   # unix seconds: the answer file's tstamp
+
+
+@dataclass
 class Method:
     """A decoding method: kind 'vanilla' | 'sps' (HF assisted) | 'specdec'; draft: a loaded model or None."""
     name: str
@@ -515,8 +522,7 @@ class Journal:
 
     def __init__(self, path: Path | None = None):
         self.path = path
-        self.answers: dict[tuple, list[Turn]] = {}      # (repeat, method, question_id) -> turns
-        self.answered_at: dict[tuple, float] = {}       # (repeat, method, question_id) -> unix seconds
+        self.answers: dict[tuple, Answer] = {}          # (repeat, method, question_id) -> turns, time
         self.batched: dict[tuple, dict] = {}            # (repeat, chunk, method) -> seconds, tokens, per_row
         self.earlier_seconds = 0.0                      # the earlier sessions' time (from their lines)
         self.sessions = 1
@@ -537,8 +543,7 @@ class Journal:
         at = time.time()
         self.append({"kind": "answer", "repeat": repeat, "method": method, "question_id": question_id,
                      "at": at, "turns": [asdict(t) for t in turns]})
-        self.answers[(repeat, method, question_id)] = turns
-        self.answered_at[(repeat, method, question_id)] = at
+        self.answers[(repeat, method, question_id)] = Answer(turns, at)
 
     def add_batched(self, repeat: int, chunk: int, method: str, item: dict):
         self.append({"kind": "batched", "repeat": repeat, "chunk": chunk, "method": method, "at": time.time(), **item})
@@ -644,8 +649,7 @@ def open_journal(root: Path, fp: dict, cfg: Config, answer_keys: set, batched_ke
                     key = (row["repeat"], row["method"], row["question_id"])
                     if key not in answer_keys or key in journal.answers:
                         raise ValueError(f"{'a second' if key in journal.answers else 'no'} answer {key} of this run")
-                    journal.answers[key] = [Turn(**t) for t in row["turns"]]
-                    journal.answered_at[key] = float(row["at"])
+                    journal.answers[key] = Answer([Turn(**t) for t in row["turns"]], float(row["at"]))
                 elif kind == "batched":
                     key = (row["repeat"], row["chunk"], row["method"])
                     if key not in batched_keys or key in journal.batched:
@@ -779,12 +783,13 @@ def run_repeats(cfg: Config, methods, target, tokenizer, questions, protocol, lo
             if ran and ((i + 1) % 10 == 0 or i + 1 == len(questions)):
                 log(f"repeat {r + 1}/{cfg.repeats}: {i + 1}/{len(questions)} questions; "
                     + progress_line("answers", done_now, read_back, total, time.time() - t0))
-    return {r: {m.name: [(q, journal.answers[(r, m.name, q["question_id"])]) for q in questions] for m in methods}
-            for r in range(cfg.repeats)}
+    return {r: {m.name: [(q, journal.answers[(r, m.name, q["question_id"])].turns) for q in questions]
+                for m in methods} for r in range(cfg.repeats)}
 
 
-def write_repeat_files(cfg: Config, results: dict, answered_at: dict, tokenizer, protocol) -> dict:
-    """Each repeat's answer files -> {repeat: {method: records}} (what Spec-Bench's tools read back)."""
+def write_repeat_files(cfg: Config, results: dict, answers: dict, tokenizer, protocol) -> dict:
+    """Each repeat's answer files -> {repeat: {method: records}} (what Spec-Bench's tools read back); `answers`:
+    the journal's, for each answer's time."""
     root = Path(cfg.results) / cfg.preset / "specbench"
     files = {}
     for r, by_method in results.items():
@@ -792,7 +797,7 @@ def write_repeat_files(cfg: Config, results: dict, answered_at: dict, tokenizer,
         for name, answered in by_method.items():
             mid = model_id(cfg.preset, name, cfg.temperature)
             records = [answer_record(q, mid, [answer_text(tokenizer, t.tokens, protocol.stop_ids) for t in turns],
-                                     turns, answered_at[(r, name, q["question_id"])]) for q, turns in answered]
+                                     turns, answers[(r, name, q["question_id"])].at) for q, turns in answered]
             write_answers(root / f"run_{r + 1}" / f"{mid}.jsonl", records)
             files[r][name] = records
     return files
@@ -1192,7 +1197,7 @@ def run_and_report(cfg: Config, argv, inputs, methods, target, tokenizer, protoc
     questions = inputs["questions"]
     answers_root = Path(cfg.results) / cfg.preset / "specbench"
     results = run_repeats(cfg, methods, target, tokenizer, questions, protocol, log, journal)
-    files = write_repeat_files(cfg, results, journal.answered_at, tokenizer, protocol)
+    files = write_repeat_files(cfg, results, journal.answers, tokenizer, protocol)
     spec = [m.name for m in methods if m.kind != "vanilla"]
     acceptance = {m: per_question_acceptance(results, m) for m in spec}
     gains = {m.name: {"specdec-baseline": paired_by_subtask(acceptance[m.name], acceptance["specdec-baseline"],
