@@ -407,10 +407,15 @@ def curve_verdict(path: Path) -> str | None:
     return lines[0] if lines else None
 
 
+def distilled_on(folder: str) -> str | None:
+    """The task a draft was distilled on, read from its run folder (runs/.../<task>/...), or None."""
+    return next((TASK_NAMES[part] for part in Path(folder).parts if part in TASK_NAMES), None)
+
+
 def specbench_sentence(path: Path, task_name: str) -> str:
     """What Spec-Bench's full run (specbench.json) says of the distilled drafts it ran: token acceptance minus the
     baseline draft's per leaderboard column, paired by question. Its protocol is Spec-Bench's (greedy), not a
-    temperature of this study."""
+    temperature of this study; a draft distilled on another task than this report's is named as such."""
     if not path.exists():
         return (f"- Spec-Bench's categories: its full run (specbench.py) has not been recorded yet, so these drafts "
                 f"are measured on {task_name} only.")
@@ -419,10 +424,15 @@ def specbench_sentence(path: Path, task_name: str) -> str:
     gains = "; ".join(f"{name}: " + ", ".join(f"{col} {curve._pts((g['mean'], g['lo'], g['hi']))}"
                                               for col, g in doc["gains"][f"specdec-{name}"]["specdec-baseline"].items())
                       for name, _ in distilled)
+    def elsewhere(folder: str) -> str:
+        task = distilled_on(folder)
+        return "" if task in (None, task_name) else f", distilled on {task}, not {task_name}"
+
     return (f"- Spec-Bench's categories (SPECBENCH.md: greedy, batch 1, {doc['protocol']['max_new_tokens']} new "
             f"tokens per turn, so none of this study's temperatures) hold only the distilled draft(s) "
-            f"{', '.join(f'{name} ({folder})' for name, folder in distilled)}; token acceptance minus the baseline "
-            f"draft's, points, paired by question: {gains}. This study's other drafts are not yet run there.")
+            f"{', '.join(f'{name} ({folder}{elsewhere(folder)})' for name, folder in distilled)}; token acceptance "
+            f"minus the baseline draft's, points, paired by question: {gains}. This study's other drafts are not "
+            f"yet run there.")
 
 
 # ----------------------------------------------------------------------------- the budget: CPU measured, GPU estimated

@@ -278,6 +278,17 @@ def test_spec_bench_gains_are_the_distilled_drafts_minus_the_baseline_draft(tmp_
     assert "Translation +0.6 [+0.3, +0.9], Overall +2.0 [+1.7, +2.3]" in line and "+50.0" not in line
 
 
+def test_a_spec_bench_draft_of_another_task_is_named_as_such(tmp_path):
+    """REAL-dialogsum.md quotes Spec-Bench's drafts too: one distilled on GSM8k must not read as a DialogSum
+    draft."""
+    path = tmp_path / "specbench.json"
+    path.write_text(json.dumps({"protocol": {"max_new_tokens": 64},
+                                "drafts": [["jsd-s0", "j", "runs/smollm2/gsm8k/jsd-s0/final"]],
+                                "gains": {"specdec-jsd-s0": {"specdec-baseline": {}}}}))
+    assert "distilled on GSM8k, not DialogSum" in R.specbench_sentence(path, "DialogSum")
+    assert "distilled on" not in R.specbench_sentence(path, "GSM8k")
+
+
 def test_every_run_is_told_its_device_and_may_resume_on_another(tmp_path):
     """distill.py picks a GPU by itself when there is one: the study must say where each run trains, and a run
     begun on the CPU must be resumable on a GPU (where it runs is not what it is)."""
