@@ -28,8 +28,8 @@ same question on a synthetic family with a controlled entropy knob; REAL.md on t
 train_alpha and val_alpha (logged while training, estimates.py) against the measured alpha of each draft.
 
 Budget and caching. On one CPU thread a draft costs ~35 min of training (80 steps of 8 prompts x 128 tokens) and
-~N/10 min of evaluation, so the study (4 temperatures x 4 divergences x 2 seeds, + nla and lk at T = 0.6) is a
-few dozen CPU hours. REAL.md's budget prices the rest of the study at the measured means, and estimates one
+~N/10 min of evaluation, so the study (3 temperatures x 4 divergences x 2 seeds, + nla and lk at T = 0.6, + the
+noise probe: WHOLE_STUDY) is a few dozen CPU hours. REAL.md's budget prices the rest of the study at the measured means, and estimates one
 GPU's time by counting each run's sequential forward steps (a model this small is launch-bound there; the step
 cost is the line through the project's two H100 measurements, gpu_step_ms). --device cuda runs it on a GPU: the
 recipe (and so the ledger's fingerprint) is the same, its seconds are kept apart from the CPU's (cost_key).
@@ -56,7 +56,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ HEADING = "# The real target: which divergence distils the best draft of SmolLM2
 
 @dataclass
 class StudyConfig:
-    settings: tuple = (0.3, 0.6, 1.0, 1.3)      # sampling temperatures T (training and evaluation)
+    settings: tuple = (0.3, 0.6, 1.0)           # sampling temperatures T (training and evaluation)
     divs: tuple = ("baseline", "fkl", "rkl", "jsd", "tvd")     # at every T
     extra_divs: tuple = ("nla", "lk")           # at PRESET_T only
     seeds: tuple = (0, 1)                       # training seeds
@@ -97,6 +97,22 @@ class StudyConfig:
     quick: bool = False
     threads: int = cli.DEFAULT_THREADS
     device: str = "cpu"                         # where the teacher, the training and the evaluation run
+
+
+# The whole study of each task: what its report calls complete. GSM8k carries the knob, up to T = 1.0: at its
+# noise probe, T = 1.3, the teacher's entropy is measured and the baseline draft evaluated, but no draft is
+# distilled (its entropy there is several nats, more than half of ln V: a teacher spread that thin writes
+# incoherent text, not solutions; REAL.md quotes the measured numbers). DialogSum is the real high-entropy task,
+# studied at the preset's temperature: the knob is GSM8k's.
+WHOLE_STUDY = {"gsm8k": {}, "dialogsum": dict(settings=(PRESET_T,), extra_divs=())}
+NOISE_PROBE_T = {"gsm8k": 1.3}
+
+
+def whole_study(task: str) -> StudyConfig:
+    """StudyConfig of the task's whole study (WHOLE_STUDY): the defaults of `--task TASK`."""
+    if task not in WHOLE_STUDY:
+        raise cli.BadInput(f"unknown --task {task!r}; valid: {', '.join(TASK_NAMES)} (the smollm2 preset's tasks)")
+    return StudyConfig(task=task, **WHOLE_STUDY[task])
 
 
 QUICK = dict(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0,), n_prompts=6, steps=2,
@@ -506,8 +522,8 @@ def entropy_gpu_minutes(cfg: StudyConfig, n_prompts: int) -> float:
 
 
 def full_grid(cfg: StudyConfig) -> list[tuple[float, str]]:
-    """Every (T, run) of the whole study of this task (StudyConfig's defaults), the baselines included."""
-    full = StudyConfig(task=cfg.task)
+    """Every (T, run) of the whole study of this task (whole_study), the baselines included."""
+    full = whole_study(cfg.task)
     return [(t, curve.run_name(d, None if d == "baseline" else s)) for t in full.settings
             for d in divs_at(full, t) for s in (full.seeds if d != "baseline" else (0,))]
 
@@ -550,9 +566,9 @@ def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
     cpu = cpu_means(results)
     if cfg.quick or cpu is None:             # a smoke run's seconds price nothing
         return []
-    grid, n_settings = full_grid(cfg), len(StudyConfig().settings)
+    grid, n_settings = full_grid(cfg), len(whole_study(cfg.task).settings)
     lacking = [(t, name) for t, name in grid if not ledger_path(cfg, t, name).exists()]
-    unmeasured = [t for t in StudyConfig().settings if not ledger_path(cfg, t, "teacher_entropy").exists()]
+    unmeasured = [t for t in whole_study(cfg.task).settings if not ledger_path(cfg, t, "teacher_entropy").exists()]
     cpu_grid = grid_hours(grid, n_settings, cpu.run_minutes, cpu.entropy)
     cpu_rest = grid_hours(lacking, len(unmeasured), cpu.run_minutes, cpu.entropy)
     gpu = [(name, gpu_minutes(cfg, pp, name != "baseline")) for r in results.values()
@@ -599,14 +615,32 @@ def entropy_markdown(c: curve.Curve, results: dict) -> list[str]:
     return lines
 
 
-def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, meta: dict) -> Path:
-    train_h, eval_h, ent_h = study_hours(results)
+def noise_probe_sentence(cfg: StudyConfig, c: curve.Curve, t: float, probe: dict) -> str:
+    """Why the knob stops below the noise probe T: the teacher's measured entropy there, as exp(H) (the number
+    of equally likely tokens with that entropy) beside the study's lowest setting and the most there is, ln V;
+    and the baseline draft's acceptance there."""
+    vocab = json.loads(ledger_path(cfg, t, "teacher_entropy").read_text())["fingerprint"]["protocol"]["vocab_size"]
+    h, lo, hi = probe["entropy"]
+    low = min(c.entropy, key=lambda s: c.entropy[s][0])
+    acc = float(np.nanmean(np.asarray(probe["per_prompt"]["baseline"]["token_acceptance"], dtype=float)))
+    return (f"The knob stops at T = {max(c.entropy):.1f}: at T = {t:g} the teacher's entropy is {h:.2f} "
+            f"[{lo:.2f}, {hi:.2f}] nats: exp(H) = {math.exp(h):.0f} equally likely tokens per step, against "
+            f"{math.exp(c.entropy[low][0]):.1f} at T = {low:g}, with ln V = {math.log(vocab):.2f} nats the most "
+            f"there is (V = {vocab}). A teacher spread that thin writes incoherent text rather than solutions, so "
+            f"no draft is distilled there; the probe measures the teacher and the baseline draft only (token "
+            f"acceptance {acc:.1%} over its {len(probe['per_prompt']['baseline']['token_acceptance'])} prompts).")
+
+
+def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, meta: dict,
+                 probe: tuple | None = None) -> Path:
+    measured = {**results, **dict([probe] if probe else [])}      # every run the report read, the probe's too
+    train_h, eval_h, ent_h = study_hours(measured)
     points = [p for r in results.values() for p in r["points"]]
     md = [HEADING + (" (QUICK smoke run)" if cfg.quick else ""), "",
           f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}), commit {meta['commit']}; this "
           f"invocation {meta['minutes']:.1f} min. The study's runs (cached, measured over every session that ran "
           f"them) cost {_hours(train_h)} of training, {_hours(eval_h)} of evaluation and {_hours(ent_h)} of "
-          f"entropy measurement, one CPU thread each{gpu_hours_clause(results)}.", ""]
+          f"entropy measurement, one CPU thread each{gpu_hours_clause(measured)}.", ""]
     if cfg.quick:
         md += ["**QUICK run: one setting, few steps, prompts and tokens. A smoke test of the pipeline, not a "
                "result.**", ""]
@@ -628,6 +662,8 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
            f"test prompts at the setting's temperature, the preset's protocol otherwise. The teacher's entropy "
            f"at each T, measured along its own samples of the same prompts:", ""]
     md += entropy_markdown(c, results) + [""]
+    if probe is not None:
+        md += [noise_probe_sentence(cfg, c, *probe), ""]
     md += ["## Token acceptance per temperature and divergence", "",
            "Mean over seeds of the per-seed mean over prompts, 95% interval from the crossed bootstrap over seeds "
            f"and prompts ({cfg.n_boot} resamples, stats.py); rows in order of measured entropy; the best trained "
@@ -656,15 +692,15 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
              "here the temperature knob raises the teacher's entropy on the same prompts and models."
              if cfg.task == "gsm8k" else
              "- GSM8k, the low-entropy task: its study is `python -m study.real_study` -> REAL.md.")
-    md += budget_markdown(cfg, results)
+    md += budget_markdown(cfg, measured)
     md += ["## Not in this study yet", "",
            specbench_sentence(Path(cfg.specbench), TASK_NAMES[cfg.task]), other, ""]
     return cli.write_markdown(cfg.out, md)
 
 
 def missing_from_study(cfg: StudyConfig) -> list[str]:
-    """What this report lacks of the whole study (StudyConfig's defaults), in words: [] when complete."""
-    full, out = StudyConfig(), []
+    """What this report lacks of its task's whole study (whole_study), in words: [] when complete."""
+    full, out = whole_study(cfg.task), []
     for name, what in (("settings", "temperatures"), ("divs", "divergences"), ("extra_divs",
                        f"acceptance objectives at T = {PRESET_T:g}"), ("seeds", "seeds")):
         lacking = [x for x in getattr(full, name) if x not in getattr(cfg, name)]
@@ -719,7 +755,8 @@ def parse_args(argv=None) -> StudyConfig:
                    "the same whatever the device, its seconds are kept apart)")
     cli.add_threads_option(p)
     a = p.parse_args(argv)
-    cfg = StudyConfig(quick=a.quick, threads=cli.check_threads(a.threads), device=study_device(a.device))
+    cfg = whole_study(a.task or "gsm8k")
+    cfg.quick, cfg.threads, cfg.device = a.quick, cli.check_threads(a.threads), study_device(a.device)
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "extra_divs", "seeds"),
                         values=("task", "n_prompts", "steps", "runs", "ledger", "out"))
     if cfg.task != "gsm8k" and a.out is None:
@@ -760,8 +797,6 @@ def check_config(cfg: StudyConfig):
     for name in ("n_prompts", "steps"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise cli.BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.task not in TASK_NAMES:
-        raise cli.BadInput(f"unknown --task {cfg.task!r}; valid: {', '.join(TASK_NAMES)} (the smollm2 preset's tasks)")
     n_test = len(data.load_examples(cfg.task, "eval", source="file", max_article_tokens=None,
                                     path=models.preset_config(PRESET, cfg.task)["data_path"]))
     if cfg.n_prompts > n_test:
@@ -784,6 +819,10 @@ def main(argv=None) -> Path:
         f"temperature, {cfg.n_prompts} eval prompts each; cached under {cfg.runs}")
     order = sorted(cfg.settings, key=lambda t: t != PRESET_T)      # the preset's temperature first: most drafts
     results = {t: run_setting(cfg, t, log) for t in order}
+    probe_t = NOISE_PROBE_T.get(cfg.task)
+    probe = None
+    if probe_t is not None and probe_t not in cfg.settings and not cfg.quick:   # the teacher and the baseline only
+        probe = (probe_t, run_setting(replace(cfg, divs=("baseline",), extra_divs=()), probe_t, log))
     c = build(results, cfg)
     out_dir = Path(cfg.out).parent
     fig = out_dir / "figures"
@@ -796,7 +835,7 @@ def main(argv=None) -> Path:
     plots = {key: Path(p).relative_to(out_dir).as_posix() for key, p in plots.items()}
     meta = report._meta(t0, argv, commit)
     meta["command"] = " ".join(["python -m study.real_study", *argv])
-    out = write_report(cfg, c, results, plots, meta)
+    out = write_report(cfg, c, results, plots, meta, probe)
     log(f"wrote {out}")
     return out
 

@@ -237,7 +237,7 @@ def test_a_report_of_part_of_the_study_says_what_it_lacks():
     say so in its header, naming what is missing, and the whole study must say nothing of the kind."""
     part = R.StudyConfig(settings=(0.6,), divs=("baseline", "fkl", "rkl"), extra_divs=(), seeds=(0,))
     missing = R.missing_from_study(part)
-    assert missing == ["temperatures 0.3, 1, 1.3 not yet in it", "divergences jsd, tvd not yet in it",
+    assert missing == ["temperatures 0.3, 1 not yet in it", "divergences jsd, tvd not yet in it",
                        "acceptance objectives at T = 0.6 nla, lk not yet in it", "seeds 1 not yet in it"]
     assert R.missing_from_study(R.StudyConfig()) == []
 
@@ -348,8 +348,20 @@ def test_the_full_grid_holds_every_run_of_the_whole_study():
     """The budget's 'runs not in the ledger yet' counts against the whole study: a baseline and every
     divergence and seed at each temperature, the acceptance objectives at the preset's temperature."""
     grid = R.full_grid(R.StudyConfig())
-    assert len(grid) == 4 * (1 + 4 * 2) + 2 * 2
-    assert (0.6, "nla-s1") in grid and (1.3, "nla-s0") not in grid and (0.3, "baseline") in grid
+    assert len(grid) == 3 * (1 + 4 * 2) + 2 * 2
+    assert (0.6, "nla-s1") in grid and (1.0, "nla-s0") not in grid and (0.3, "baseline") in grid
+    assert not [t for t, _ in grid if t == R.NOISE_PROBE_T["gsm8k"]]
+
+
+def test_dialogsums_whole_study_is_the_presets_temperature_with_two_seeds():
+    """DialogSum is the real high-entropy task, not a second knob: its report is complete with every main
+    divergence at two seeds at the preset's temperature, and must not call itself partial for lacking
+    temperatures or acceptance objectives."""
+    grid = R.full_grid(R.StudyConfig(task="dialogsum"))
+    assert sorted(grid) == sorted([(0.6, "baseline")] + [(0.6, f"{d}-s{s}") for d in ("fkl", "rkl", "jsd", "tvd")
+                                                          for s in (0, 1)])
+    assert R.parse_args(["--task", "dialogsum"]).settings == (0.6,)
+    assert R.missing_from_study(R.parse_args(["--task", "dialogsum", "--seeds", "0"])) == ["seeds 1 not yet in it"]
 
 
 def test_the_budget_reads_its_means_and_the_missing_runs_from_the_ledger(tmp_path):
@@ -363,6 +375,19 @@ def test_the_budget_reads_its_means_and_the_missing_runs_from_the_ledger(tmp_pat
                      "cost": {"baseline": {"eval_s": 1200.0}, "rkl-s0": {"train_s": 1800.0, "eval_s": 600.0}}}}
     text = " ".join(R.budget_markdown(cfg, results))
     assert "30 CPU min of training and 10 of evaluation (1 draft), the baseline draft's evaluation 20" in text
-    # 40 runs, 38 missing: 3 baselines at 20 min, 35 drafts at 40 min, 3 settings' entropy at 10 min
-    assert "38 of its runs are not in the ledger yet, about 25 CPU hours more" in text
+    # 31 runs, 29 missing: 2 baselines at 20 min, 27 drafts at 40 min, 2 settings' entropy at 10 min
+    assert "29 of its runs are not in the ledger yet, about 19 CPU hours more" in text
     assert f"a distilled draft would take about {R.gpu_minutes(cfg, pp, True):.1f} GPU min" in text
+
+
+def test_the_noise_probe_is_reported_from_its_measured_entropy(tmp_path):
+    """Why the knob stops where it does must be read from the probe's measurement: exp(H) of the teacher
+    there against the lowest setting's, ln V from the ledger's protocol, and the baseline's acceptance."""
+    cfg = R.StudyConfig(ledger=str(tmp_path))
+    R.write_json(R.ledger_path(cfg, 1.3, "teacher_entropy"), {"fingerprint": {"protocol": {"vocab_size": 49152}}})
+    c = curve.Curve.__new__(curve.Curve)
+    c.entropy = {0.6: (0.39, 0.38, 0.40), 1.0: (1.46, 1.41, 1.52)}
+    probe = {"entropy": [6.12, 6.01, 6.23], "per_prompt": {"baseline": metrics([0.01, 0.02])}}
+    line = R.noise_probe_sentence(cfg, c, 1.3, probe)
+    assert "stops at T = 1.0: at T = 1.3" in line and "6.12 [6.01, 6.23] nats: exp(H) = 455" in line
+    assert "against 1.5 at T = 0.6" in line and "ln V = 10.80" in line and "(token acceptance 1.5% over its 2" in line
