@@ -584,7 +584,8 @@ def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
             f"2 cores): a distilled draft cost on average {cpu.train:.0f} CPU min of training and "
             f"{cpu.evaluation:.0f} of evaluation ({cpu.n_drafts} draft{'s' if cpu.n_drafts > 1 else ''}), the "
             f"baseline draft's evaluation {cpu.baseline:.0f}, the teacher's entropy {cpu.entropy:.0f} per "
-            f"temperature. The whole study of this task ({n_settings} temperatures, {len(grid)} runs with the "
+            f"temperature. The whole study of this task ({n_settings} temperature{'s' if n_settings > 1 else ''}, "
+            f"{len(grid)} runs with the "
             f"baselines) would cost about {cpu_grid:.0f} CPU hours; {len(lacking)} of its runs are not in the "
             f"ledger yet, about {cpu_rest:.0f} CPU hours more ({cpu_rest / 2:.0f} hours of wall time at two runs "
             f"at once).", "",
