@@ -29,16 +29,17 @@ train_alpha and val_alpha (logged while training, estimates.py) against the meas
 
 Budget and caching. On one CPU thread a draft costs ~35 min of training (80 steps of 8 prompts x 128 tokens) and
 ~N/10 min of evaluation, so the study (3 temperatures x 4 divergences x 2 seeds, + nla and lk at T = 0.6, + the
-noise probe: WHOLE_STUDY) is a few dozen CPU hours. REAL.md's budget prices the rest of the study at the measured means, and estimates one
-GPU's time by counting each run's sequential forward steps (a model this small is launch-bound there; the step
-cost is the line through the project's two H100 measurements, gpu_step_ms). --device cuda runs it on a GPU: the
-recipe (and so the ledger's fingerprint) is the same, its seconds are kept apart from the CPU's (cost_key).
-Everything is cached under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run resumes from its
-newest checkpoint; once final/ exists the intermediate checkpoints are removed), and its real_eval.json its
-evaluation, with a fingerprint of everything the numbers depend on (read back only when all of
-it matches, else measured again). A run found under another configuration is refused, naming the difference. So
-the study can be run a piece at a time (--settings, --divs, --seeds) and completed over several sessions; the
-report covers the settings it is given, and a missing draft stops it before anything is written.
+noise probe: WHOLE_STUDY) is a few dozen CPU hours. REAL.md's budget prices the rest of the study at the
+measured means, and estimates one GPU's time by counting each run's sequential forward steps (a model this
+small is launch-bound there; the step cost is the line through the project's two H100 measurements,
+gpu_step_ms). --device cuda runs it on a GPU: the recipe (and so the ledger's fingerprint) is the same, its
+seconds are kept apart from the CPU's (cost_key) and each ledger entry names its device. Everything is cached
+under <runs>/T<T>/: <div>-s<seed>/ is distill.py's run (a killed run resumes from its newest checkpoint; once
+final/ exists the intermediate checkpoints are removed), and its real_eval.json its evaluation, with a
+fingerprint of everything the numbers depend on (read back only when all of it matches, else measured again).
+A run found under another configuration is refused, naming the difference. So the study can be run a piece at a
+time (--settings, --divs, --seeds) and completed over several sessions; the report covers the settings it is
+given, and a missing draft stops it before anything is written.
 
 The ledger. The drafts are hundreds of MB each and <runs> is not part of the repository, so a machine that is
 lost loses them. What the report needs of a draft is small: its per-prompt metrics, pooled alpha, train_alpha,
@@ -219,7 +220,13 @@ def wait_while_in_use(out: Path, log, poll_s: float = 60.0):
 def cost_key(phase: str, device: str) -> str:
     """The cost entry of a phase ("train", "eval", "entropy"): <phase>_s for CPU seconds (one thread),
     <phase>_gpu_s for seconds on an accelerator; the budget adds each kind up apart."""
-    return f"{phase}_s" if device == "cpu" else f"{phase}_gpu_s"
+    return f"{phase}_s" if on_cpu(device) else f"{phase}_gpu_s"
+
+
+def on_cpu(device: str) -> bool:
+    import torch
+
+    return torch.device(device).type == "cpu"
 
 
 def record_cost(run_dir: Path, key: str, seconds: float):
@@ -231,11 +238,12 @@ def record_cost(run_dir: Path, key: str, seconds: float):
 
 
 def run_cost(run_dir: Path) -> dict:
-    """{"train_s", "eval_s"} measured by the study; a run trained elsewhere (no train_s) is timed by its files:
-    config.json (written at the start) to final/ (the end)."""
+    """{"train_s", "eval_s"} (or their GPU keys, cost_key) measured by the study; a run trained elsewhere (no
+    training time of either kind) is timed by its files: config.json (written at the start) to final/ (the end)."""
     path = run_dir / "study_cost.json"
     cost = json.loads(path.read_text()) if path.exists() else {}
-    if "train_s" not in cost and (run_dir / "final").exists() and (run_dir / "config.json").exists():
+    timed = any(k in cost for k in (cost_key("train", "cpu"), cost_key("train", "cuda")))
+    if not timed and (run_dir / "final").exists() and (run_dir / "config.json").exists():
         cost["train_s"] = (run_dir / "final").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
     return cost
 
@@ -304,8 +312,8 @@ def measure_setting_entropy(cfg: StudyConfig, t: float, setting: Setting, log) -
     t0 = time.time()
     sums, counts = curve.teacher_entropy_per_prompt(setting.teacher, setting.prompts, setting.protocol)
     result = {"entropy": list(curve.measure_entropy(sums, counts, cfg.n_boot)), "tokens": int(counts.sum()),
-              "seconds" if cfg.device == "cpu" else "gpu_seconds": time.time() - t0}
-    write_json(path, {"fingerprint": fp, "result": result, "commit": setting.commit})
+              "seconds" if on_cpu(cfg.device) else "gpu_seconds": time.time() - t0}
+    write_json(path, {"fingerprint": fp, "result": result, "commit": setting.commit, "device": cfg.device})
     log(f"T={t:g}: teacher entropy {result['entropy'][0]:.3f} nats over {result['tokens']} tokens")
     return result
 
@@ -347,7 +355,8 @@ def run_setting(cfg: StudyConfig, t: float, log, setting: Setting | None = None)
         res = cached(ledger_path(cfg, t, name), fp)
         if res is None:                      # not in the ledger: train (or find) the draft and measure it
             res = measure_draft(cfg, t, div, seed, s, log)
-            write_json(ledger_path(cfg, t, name), {"fingerprint": fp, "result": res, "commit": s.commit})
+            write_json(ledger_path(cfg, t, name), {"fingerprint": fp, "result": res, "commit": s.commit,
+                                                   "device": cfg.device})    # where it ran: not in the fingerprint
         out["per_prompt"][name] = res["per_prompt"]
         out["cost"][name] = res["cost"]
         if div != "baseline":
@@ -424,8 +433,12 @@ def curve_verdict(path: Path) -> str | None:
 
 
 def distilled_on(folder: str) -> str | None:
-    """The task a draft was distilled on, read from its run folder (runs/.../<task>/...), or None."""
-    return next((TASK_NAMES[part] for part in Path(folder).parts if part in TASK_NAMES), None)
+    """The task a draft was distilled on: its run's config.json (distill.py writes it beside final/) where that
+    is on this machine, else its folder's path (runs/.../<task>/...); None when neither says."""
+    config = Path(folder).parent / "config.json"
+    task = json.loads(config.read_text()).get("task") if config.exists() else None
+    task = task or next((part for part in Path(folder).parts if part in TASK_NAMES), None)
+    return TASK_NAMES.get(task, task)
 
 
 def specbench_sentence(path: Path, task_name: str) -> str:
@@ -499,7 +512,8 @@ def decoding_steps(per_prompt: dict, gamma: int, batch: int) -> Steps:
     """Batched speculative decoding of these prompts: a prompt needs generated / mean accepted length rounds;
     `batch` prompts share each round, which drafts gamma tokens (gamma draft steps) and verifies them (one
     target step). Slots are taken as always full, so this is a lower bound (no waiting for the slowest row)."""
-    rounds = sum(g / m for g, m in zip(per_prompt["generated"], per_prompt["mean_accepted_length"])) / batch
+    rounds = sum(g / m for g, m in zip(per_prompt["generated"], per_prompt["mean_accepted_length"])
+                 if math.isfinite(m) and m > 0) / batch            # a row with no target call adds no round
     return Steps(draft=gamma * rounds, target=rounds)
 
 
@@ -516,16 +530,33 @@ def gpu_minutes(cfg: StudyConfig, per_prompt: dict, trained: bool) -> float:
 
 
 def entropy_gpu_minutes(cfg: StudyConfig, n_prompts: int) -> float:
-    """The teacher sampling max_new_tokens tokens for the eval prompts, 16 rows at a time (entropy.py)."""
+    """The teacher's entropy (entropy.teacher_sample_entropies): it samples max_new_tokens tokens for all the eval
+    prompts in one batch, then scores prompt + completion in one forward per 16 prompts."""
     r = recipe(cfg)
-    return Steps(0, r["max_new_tokens"] * math.ceil(n_prompts / 16)).gpu_seconds(r["draft_layers"]) / 60
+    return Steps(0, r["max_new_tokens"] + math.ceil(n_prompts / 16)).gpu_seconds(r["draft_layers"]) / 60
 
 
 def full_grid(cfg: StudyConfig) -> list[tuple[float, str]]:
-    """Every (T, run) of the whole study of this task (whole_study), the baselines included."""
+    """Every (T, run) of the whole study of this task (whole_study), the baselines included, and the noise
+    probe's baseline."""
     full = whole_study(cfg.task)
+    probe = [(NOISE_PROBE_T[cfg.task], "baseline")] if cfg.task in NOISE_PROBE_T else []
     return [(t, curve.run_name(d, None if d == "baseline" else s)) for t in full.settings
-            for d in divs_at(full, t) for s in (full.seeds if d != "baseline" else (0,))]
+            for d in divs_at(full, t) for s in (full.seeds if d != "baseline" else (0,))] + probe
+
+
+def entropy_settings(task: str) -> list[float]:
+    """Every temperature of the task's whole study at which the teacher's entropy is measured (the probe too)."""
+    return list(whole_study(task).settings) + ([NOISE_PROBE_T[task]] if task in NOISE_PROBE_T else [])
+
+
+def priced_like_the_whole_study(cfg: StudyConfig) -> bool:
+    """Whether this invocation's runs cost what the whole study's do: the preset's recipe and the whole study's
+    prompts (a smoke run, or fewer steps or prompts, would price the rest of the study wrong)."""
+    full = whole_study(cfg.task)
+    return (not cfg.quick and cfg.n_prompts == full.n_prompts and cfg.eval_batch == full.eval_batch
+            and all(getattr(cfg, k) is None for k in ("steps", "batch_size", "max_new_tokens", "n_train",
+                                                      "off_policy_warmup")))
 
 
 @dataclass
@@ -544,7 +575,7 @@ class CpuMeans:
 def cpu_means(results: dict) -> CpuMeans | None:
     """The mean measured cost of each kind of run (None before any draft was trained on the CPU)."""
     costs = [(name, c) for r in results.values() for name, c in r["cost"].items()]
-    drafts = [c for name, c in costs if name != "baseline" and "train_s" in c]
+    drafts = [c for name, c in costs if name != "baseline" and "train_s" in c and "eval_s" in c]
     baselines = [c["eval_s"] for name, c in costs if name == "baseline" and "eval_s" in c]
     if not drafts:
         return None
@@ -562,13 +593,14 @@ def grid_hours(runs: list, n_settings: int, run_minutes, entropy_minutes: float)
 
 def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
     """REAL.md's budget: what the runs cost on the CPU (measured), what the rest of the study would, and what
-    one GPU would take (estimated: no GPU measured these runs)."""
+    one GPU would take (estimated from step counts). `results`: the study's settings (the probe's baseline,
+    a cheaper run, is left out of the means)."""
     cpu = cpu_means(results)
-    if cfg.quick or cpu is None:             # a smoke run's seconds price nothing
+    if cpu is None or not priced_like_the_whole_study(cfg):
         return []
-    grid, n_settings = full_grid(cfg), len(whole_study(cfg.task).settings)
+    grid, n_settings = full_grid(cfg), len(entropy_settings(cfg.task))
     lacking = [(t, name) for t, name in grid if not ledger_path(cfg, t, name).exists()]
-    unmeasured = [t for t in whole_study(cfg.task).settings if not ledger_path(cfg, t, "teacher_entropy").exists()]
+    unmeasured = [t for t in entropy_settings(cfg.task) if not ledger_path(cfg, t, "teacher_entropy").exists()]
     cpu_grid = grid_hours(grid, n_settings, cpu.run_minutes, cpu.entropy)
     cpu_rest = grid_hours(lacking, len(unmeasured), cpu.run_minutes, cpu.entropy)
     gpu = [(name, gpu_minutes(cfg, pp, name != "baseline")) for r in results.values()
@@ -579,31 +611,35 @@ def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
     gpu_grid = grid_hours(grid, n_settings, lambda name: gpu_base if name == "baseline" else gpu_draft, gpu_ent)
     r = recipe(cfg)
     k = r["draft_layers"]
+    probe = f" and the noise probe at T = {NOISE_PROBE_T[cfg.task]:g}" if cfg.task in NOISE_PROBE_T else ""
+    gpu_measured = sum(study_hours(results, gpu=True))
+    measured_on_gpu = (f"{gpu_measured:.2f} GPU hours of this study's runs were measured on one (the header)"
+                       if gpu_measured else "no run of this study was measured on one")
     return ["## Budget", "",
-            f"Measured on this machine (one CPU thread per run; the study's sessions ran two runs side by side on "
-            f"2 cores): a distilled draft cost on average {cpu.train:.0f} CPU min of training and "
-            f"{cpu.evaluation:.0f} of evaluation ({cpu.n_drafts} draft{'s' if cpu.n_drafts > 1 else ''}), the "
-            f"baseline draft's evaluation {cpu.baseline:.0f}, the teacher's entropy {cpu.entropy:.0f} per "
-            f"temperature. The whole study of this task ({n_settings} temperature{'s' if n_settings > 1 else ''}, "
-            f"{len(grid)} runs with the "
-            f"baselines) would cost about {cpu_grid:.0f} CPU hours; {len(lacking)} of its runs are not in the "
+            f"Measured, one CPU thread per run: a distilled draft cost on average {cpu.train:.0f} CPU min of "
+            f"training and {cpu.evaluation:.0f} of evaluation ({cpu.n_drafts} draft{'s' if cpu.n_drafts > 1 else ''}), "
+            f"the baseline draft's evaluation {cpu.baseline:.0f}, the teacher's entropy {cpu.entropy:.0f} per "
+            f"temperature. The whole study of this task ({len(whole_study(cfg.task).settings)} "
+            f"temperature{'s' if len(whole_study(cfg.task).settings) > 1 else ''}{probe}, {len(grid)} runs with "
+            f"the baselines) would cost about {cpu_grid:.0f} CPU hours; {len(lacking)} of its runs are not in the "
             f"ledger yet, about {cpu_rest:.0f} CPU hours more ({cpu_rest / 2:.0f} hours of wall time at two runs "
-            f"at once).", "",
-            f"One GPU: an estimate, not a measurement (no GPU was lent to the sessions that ran these runs). The "
-            f"study's models are small enough that a GPU's forward step is bound by kernel launches: one H100 "
-            f"decoded at {gpu_step_ms(4):.2f} ms per step with 4 layers and {gpu_step_ms(12):.2f} with 12 "
-            f"(docs/benchmarks.md, \"On a GPU\"; batch 8): on that line, {gpu_step_ms(k):.1f} ms for the "
-            f"{k}-layer draft and {gpu_step_ms(TARGET_LAYERS):.1f} ms for the {TARGET_LAYERS}-layer target. "
-            f"Counting the sequential steps of each run from its recipe and its measured acceptance (training: "
-            f"({r['steps']} - {r['off_policy_warmup']}) x {r['lmbda']:g} on-policy steps of "
-            f"{r['max_new_tokens']} draft steps, plus a teacher and ~3 draft steps per step; evaluation: generated "
-            f"/ mean accepted length rounds per prompt, {cfg.eval_batch} prompts to a round, gamma = "
+            f"at once on 2 cores).", "",
+            f"One GPU: an estimate, not a measurement ({measured_on_gpu}). The study's models are small enough "
+            f"that a GPU's forward step is bound by kernel launches, so its time follows the number of layers: "
+            f"one H100 decoded at {gpu_step_ms(4):.2f} ms per step with 4 layers and {gpu_step_ms(12):.2f} with 12 "
+            f"(docs/benchmarks.md, \"On a GPU\": bench_specdec's small Llama-shaped models, batch 8); on that "
+            f"line, {gpu_step_ms(k):.1f} ms for the {k}-layer draft and {gpu_step_ms(TARGET_LAYERS):.1f} ms for the "
+            f"{TARGET_LAYERS}-layer target. Counting the sequential steps of each run from its recipe and its "
+            f"measured acceptance (training: ({r['steps']} - {r['off_policy_warmup']}) x {r['lmbda']:g} on-policy "
+            f"steps of {r['max_new_tokens']} draft steps, plus a teacher and ~3 draft steps per step; evaluation: "
+            f"generated / mean accepted length rounds per prompt, {cfg.eval_batch} prompts to a round, gamma = "
             f"{r['gamma']} draft steps + 1 target step each), a distilled draft would take about "
             f"{gpu_draft:.1f} GPU min (against {cpu.train + cpu.evaluation:.0f} CPU min measured), the "
             f"baseline's evaluation {gpu_base:.1f}, the teacher's entropy {gpu_ent:.1f} per temperature: the "
             f"whole study about {gpu_grid:.1f} GPU hours on one H100, against {cpu_grid:.0f} CPU hours. Left "
-            f"out: loading the models (seconds per run) and the rounds a batch waits for its slowest row "
-            f"(1.1-1.8x the rounds on that GPU), so read it as a lower bound within a factor of about 2. "
+            f"out: loading the models (seconds per run), the rounds a batch waits for its slowest row (1.1-1.8x "
+            f"the rounds on that GPU), SmolLM2's wider layers, and the spread between machines (absolute speeds "
+            f"moved up to 1.6x between fresh H100s): read it as a lower bound, good to a factor of about 2. "
             f"`--device cuda` runs the study there; the ledger keeps GPU seconds apart (train_gpu_s, "
             f"eval_gpu_s) and the header reports them.", ""]
 
@@ -624,12 +660,14 @@ def noise_probe_sentence(cfg: StudyConfig, c: curve.Curve, t: float, probe: dict
     h, lo, hi = probe["entropy"]
     low = min(c.entropy, key=lambda s: c.entropy[s][0])
     acc = float(np.nanmean(np.asarray(probe["per_prompt"]["baseline"]["token_acceptance"], dtype=float)))
-    return (f"The knob stops at T = {max(c.entropy):.1f}: at T = {t:g} the teacher's entropy is {h:.2f} "
+    return (f"The knob stops at T = {max(whole_study(cfg.task).settings):.1f}: at T = {t:g} the teacher's "
+            f"entropy is {h:.2f} "
             f"[{lo:.2f}, {hi:.2f}] nats: exp(H) = {math.exp(h):.0f} equally likely tokens per step, against "
             f"{math.exp(c.entropy[low][0]):.1f} at T = {low:g}, with ln V = {math.log(vocab):.2f} nats the most "
-            f"there is (V = {vocab}). A teacher spread that thin writes incoherent text rather than solutions, so "
-            f"no draft is distilled there; the probe measures the teacher and the baseline draft only (token "
-            f"acceptance {acc:.1%} over its {len(probe['per_prompt']['baseline']['token_acceptance'])} prompts).")
+            f"there is (V = {vocab}). The study distils no draft on a teacher spread that thin (its samples at that "
+            f"temperature read as incoherent text, not solutions: docs/benchmarks.md, session 15, quotes two); the "
+            f"probe measures the teacher and the baseline draft only (token acceptance {acc:.1%} over its "
+            f"{len(probe['per_prompt']['baseline']['token_acceptance'])} prompts).")
 
 
 def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, meta: dict,
@@ -657,11 +695,11 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     md += ["## The setting", "",
            f"Target SmolLM2-135M-Instruct (the `smollm2` preset); baseline draft its first "
            f"{models.preset_config(PRESET, cfg.task)['draft_layers']} layers; drafts distilled with distill.py "
-           f"(`python distill.py {command_template(cfg)}`), seeds {', '.join(map(str, cfg.seeds))}; nla and lk at "
-           f"T = {PRESET_T:g} only. Evaluation: batched speculative decoding of the first {cfg.n_prompts} "
-           f"{TASK_NAMES[cfg.task]} "
-           f"test prompts at the setting's temperature, the preset's protocol otherwise. The teacher's entropy "
-           f"at each T, measured along its own samples of the same prompts:", ""]
+           f"(`python distill.py {command_template(cfg)}`), seeds {', '.join(map(str, cfg.seeds))}"
+           f"{f'; {and_list(cfg.extra_divs)} at T = {PRESET_T:g} only' if cfg.extra_divs else ''}. Evaluation: "
+           f"batched speculative decoding of the first {cfg.n_prompts} {TASK_NAMES[cfg.task]} test prompts at the "
+           f"setting's temperature, the preset's protocol otherwise. The teacher's entropy at each T, measured "
+           f"along its own samples of the same prompts:", ""]
     md += entropy_markdown(c, results) + [""]
     if probe is not None:
         md += [noise_probe_sentence(cfg, c, *probe), ""]
@@ -693,7 +731,7 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
              "here the temperature knob raises the teacher's entropy on the same prompts and models."
              if cfg.task == "gsm8k" else
              "- GSM8k, the low-entropy task: its study is `python -m study.real_study` -> REAL.md.")
-    md += budget_markdown(cfg, measured)
+    md += budget_markdown(cfg, results)
     md += ["## Not in this study yet", "",
            specbench_sentence(Path(cfg.specbench), TASK_NAMES[cfg.task]), other, ""]
     return cli.write_markdown(cfg.out, md)
@@ -722,6 +760,12 @@ def gpu_hours_clause(results: dict) -> str:
             f"{ent_h:.2f} of entropy measurement")
 
 
+def and_list(items) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def _hours(h: float) -> str:
     return f"{h:.1f} CPU hours" if h >= 1 else f"{60 * h:.1f} CPU minutes"
 
@@ -729,6 +773,7 @@ def _hours(h: float) -> str:
 def command_template(cfg: StudyConfig) -> str:
     """distill_argv with the per-run values named: what every run of the study runs."""
     argv = distill_argv(cfg, PRESET_T, "DIV", 0, Path(cfg.runs) / f"{task_folder(cfg)}T<T>" / "DIV-s<SEED>")
+    argv = argv[:argv.index("--device")]                 # where the runs ran is not the recipe (header, ledger)
     named = {"--temperature": "T", "--seed": "SEED"}
     return " ".join(named.get(argv[i - 1], a) if i else a for i, a in enumerate(argv))
 
@@ -806,6 +851,16 @@ def check_config(cfg: StudyConfig):
     cli.check_markdown_out(cfg.out, HEADING, StudyConfig.out)
 
 
+def wants_probe(cfg: StudyConfig) -> bool:
+    """The noise probe is measured with the whole knob (every temperature of the whole study) and read back
+    whenever the ledger holds it: a run of a few settings does not pay its hour."""
+    t = NOISE_PROBE_T.get(cfg.task)
+    if t is None or cfg.quick or t in cfg.settings:
+        return False
+    in_ledger = all(ledger_path(cfg, t, name).exists() for name in ("teacher_entropy", "baseline"))
+    return in_ledger or set(whole_study(cfg.task).settings) <= set(cfg.settings)
+
+
 def main(argv=None) -> Path:
     from study import report
 
@@ -820,10 +875,10 @@ def main(argv=None) -> Path:
         f"temperature, {cfg.n_prompts} eval prompts each; cached under {cfg.runs}")
     order = sorted(cfg.settings, key=lambda t: t != PRESET_T)      # the preset's temperature first: most drafts
     results = {t: run_setting(cfg, t, log) for t in order}
-    probe_t = NOISE_PROBE_T.get(cfg.task)
     probe = None
-    if probe_t is not None and probe_t not in cfg.settings and not cfg.quick:   # the teacher and the baseline only
-        probe = (probe_t, run_setting(replace(cfg, divs=("baseline",), extra_divs=()), probe_t, log))
+    if wants_probe(cfg):                     # the teacher and the baseline only
+        t = NOISE_PROBE_T[cfg.task]
+        probe = (t, run_setting(replace(cfg, divs=("baseline",), extra_divs=()), t, log))
     c = build(results, cfg)
     out_dir = Path(cfg.out).parent
     fig = out_dir / "figures"

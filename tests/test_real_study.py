@@ -348,9 +348,9 @@ def test_the_full_grid_holds_every_run_of_the_whole_study():
     """The budget's 'runs not in the ledger yet' counts against the whole study: a baseline and every
     divergence and seed at each temperature, the acceptance objectives at the preset's temperature."""
     grid = R.full_grid(R.StudyConfig())
-    assert len(grid) == 3 * (1 + 4 * 2) + 2 * 2
+    assert len(grid) == 3 * (1 + 4 * 2) + 2 * 2 + 1
     assert (0.6, "nla-s1") in grid and (1.0, "nla-s0") not in grid and (0.3, "baseline") in grid
-    assert not [t for t, _ in grid if t == R.NOISE_PROBE_T["gsm8k"]]
+    assert [name for t, name in grid if t == R.NOISE_PROBE_T["gsm8k"]] == ["baseline"]   # the probe: no draft
 
 
 def test_dialogsums_whole_study_is_the_presets_temperature_with_two_seeds():
@@ -375,8 +375,9 @@ def test_the_budget_reads_its_means_and_the_missing_runs_from_the_ledger(tmp_pat
                      "cost": {"baseline": {"eval_s": 1200.0}, "rkl-s0": {"train_s": 1800.0, "eval_s": 600.0}}}}
     text = " ".join(R.budget_markdown(cfg, results))
     assert "30 CPU min of training and 10 of evaluation (1 draft), the baseline draft's evaluation 20" in text
-    # 31 runs, 29 missing: 2 baselines at 20 min, 27 drafts at 40 min, 2 settings' entropy at 10 min
-    assert "29 of its runs are not in the ledger yet, about 19 CPU hours more" in text
+    # 32 runs (the probe's baseline too), 30 missing: 3 baselines at 20 min, 27 drafts at 40 min, and the
+    # entropy at 3 temperatures (0.3, 1.0, the probe's 1.3) at 10 min
+    assert "30 of its runs are not in the ledger yet, about 20 CPU hours more" in text
     assert f"a distilled draft would take about {R.gpu_minutes(cfg, pp, True):.1f} GPU min" in text
 
 
@@ -391,3 +392,62 @@ def test_the_noise_probe_is_reported_from_its_measured_entropy(tmp_path):
     line = R.noise_probe_sentence(cfg, c, 1.3, probe)
     assert "stops at T = 1.0: at T = 1.3" in line and "6.12 [6.01, 6.23] nats: exp(H) = 455" in line
     assert "against 1.5 at T = 0.6" in line and "ln V = 10.80" in line and "(token acceptance 1.5% over its 2" in line
+
+
+def test_a_gpu_run_is_never_timed_as_cpu_time(tmp_path):
+    """A draft trained and evaluated on a GPU has no CPU seconds: run_cost must not make them up from its files'
+    times, and the budget's CPU means must leave it out (it used to be read as a CPU draft without eval_s)."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    R.record_cost(tmp_path, R.cost_key("train", "cuda"), 60.0)
+    R.record_cost(tmp_path, R.cost_key("eval", "cuda"), 30.0)
+    assert R.run_cost(tmp_path) == {"train_gpu_s": 60.0, "eval_gpu_s": 30.0}
+    pp = {"generated": [128], "mean_accepted_length": [2.0]}
+    results = {0.6: {**setting({"rkl-s0": pp, "jsd-s0": pp}, 0.4), "seconds": 60.0,
+                     "cost": {"rkl-s0": R.run_cost(tmp_path), "jsd-s0": {"train_s": 600.0, "eval_s": 300.0}}}}
+    assert R.cpu_means(results).n_drafts == 1 and R.cpu_means(results).train == pytest.approx(10.0)
+    assert R.cost_key("train", "cpu:0") == "train_s"
+
+
+def test_the_teachers_entropy_samples_every_prompt_in_one_batch():
+    """entropy.teacher_sample_entropies samples all prompts together (max_new_tokens target steps), then scores
+    them 16 at a time: that, not max_new_tokens per 16 prompts, is what its GPU time follows."""
+    cfg = R.StudyConfig()
+    expected = R.Steps(0, 128 + 16).gpu_seconds(4) / 60
+    assert R.entropy_gpu_minutes(cfg, 256) == pytest.approx(expected)
+
+
+def test_the_noise_probe_is_paid_for_only_by_the_whole_knob(tmp_path):
+    """The probe costs an hour: a run of a few settings reads it from the ledger when it is there and skips it
+    otherwise; the whole knob measures it; a smoke run never does."""
+    part = R.StudyConfig(ledger=str(tmp_path), settings=(0.6,))
+    assert not R.wants_probe(part)
+    assert R.wants_probe(R.StudyConfig(ledger=str(tmp_path)))
+    assert not R.wants_probe(R.StudyConfig(ledger=str(tmp_path), quick=True))
+    for name in ("teacher_entropy", "baseline"):
+        R.write_json(R.ledger_path(part, 1.3, name), {})
+    assert R.wants_probe(part)
+    assert not R.wants_probe(R.StudyConfig(task="dialogsum", ledger=str(tmp_path)))
+
+
+def test_a_budget_of_a_cheaper_recipe_is_not_written():
+    """Runs of fewer steps or prompts would price the rest of the study at their own, smaller cost."""
+    pp = {"generated": [128], "mean_accepted_length": [2.0]}
+    results = {0.6: {**setting({"rkl-s0": pp}, 0.4), "cost": {"rkl-s0": {"train_s": 60.0, "eval_s": 30.0}}}}
+    assert R.budget_markdown(R.StudyConfig(steps=10), results) == []
+    assert R.budget_markdown(R.StudyConfig(n_prompts=64), results) == []
+
+
+def test_the_reports_command_names_no_device():
+    """REAL.md shows the recipe every run ran; where a run ran is the ledger's business, not the command's."""
+    assert "--device" not in R.command_template(R.StudyConfig(device="cuda"))
+
+
+def test_a_study_drafts_task_is_read_from_its_config(tmp_path):
+    """GSM8k's study runs have no task folder (runs/real-study/T0.6/jsd-s0): the run's config.json says."""
+    run = tmp_path / "T0.6" / "jsd-s0"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"task": "gsm8k"}))
+    assert R.distilled_on(str(run / "final")) == "GSM8k"
+    assert R.distilled_on("runs/smollm2/dialogsum/x/final") == "DialogSum"
+    assert R.distilled_on("elsewhere/final") is None
