@@ -639,8 +639,8 @@ def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
             f"temperature: the whole study about {gpu_grid:.1f} GPU hours on one H100, against {cpu_grid:.0f} CPU "
             f"hours. Left out: loading the models (seconds per run), the rounds a batch waits for its slowest row "
             f"(1.1-1.8x the rounds on that GPU), SmolLM2's wider layers, and the spread between machines "
-            f"(absolute speeds moved up to 1.6x between fresh H100s): read it as a lower bound, good to a factor of about 2. "
-            f"`--device cuda` runs the study there; the ledger keeps GPU seconds apart (train_gpu_s, "
+            f"(absolute speeds moved up to 1.6x between fresh H100s): read it as a lower bound, good to a factor "
+            f"of about 2. `--device cuda` runs the study there; the ledger keeps GPU seconds apart (train_gpu_s, "
             f"eval_gpu_s) and the header reports them.", ""]
 
 
