@@ -116,6 +116,9 @@ def whole_study(task: str) -> StudyConfig:
     return StudyConfig(task=task, **WHOLE_STUDY[task])
 
 
+# distill.py's options the study may set (StudyConfig's fields of the same names; None: the preset's)
+DISTILL_OVERRIDES = ("steps", "batch_size", "max_new_tokens", "n_train", "off_policy_warmup")
+
 QUICK = dict(settings=(0.6,), divs=("baseline", "rkl", "jsd"), extra_divs=(), seeds=(0,), n_prompts=6, steps=2,
              batch_size=2, max_new_tokens=12, n_train=16, off_policy_warmup=1, val_prompts=2, eval_batch=6,
              n_boot=200, runs="runs/real-study-quick", ledger="results/quick/real-study",
@@ -156,7 +159,7 @@ def distill_argv(cfg: StudyConfig, t: float, div: str, seed: int, out: Path) -> 
     argv = ["--preset", PRESET, "--task", cfg.task, "--div", div, "--seed", str(seed), "--temperature", f"{t:g}",
             "--out", str(out), "--eval-every", str(steps), "--eval-prompts", str(cfg.val_prompts),
             "--save-every", str(min(20, steps)), "--threads", str(cfg.threads)]
-    for name in ("steps", "batch_size", "max_new_tokens", "n_train", "off_policy_warmup"):
+    for name in DISTILL_OVERRIDES:
         if getattr(cfg, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
     return argv + ["--device", cfg.device]
@@ -416,10 +419,10 @@ def build(results: dict, cfg: StudyConfig) -> curve.Curve:
 def study_hours(results: dict, gpu: bool = False) -> tuple[float, float, float]:
     """(training, evaluation, entropy) CPU hours of the whole study, summed over every cached run (gpu=True:
     the hours measured on an accelerator instead, cost_key)."""
-    train = sum(c.get(cost_key("train", "cuda" if gpu else "cpu"), 0.0) for r in results.values()
-                for c in r["cost"].values())
-    evals = sum(c.get(cost_key("eval", "cuda" if gpu else "cpu"), 0.0) for r in results.values()
-                for c in r["cost"].values())
+    device = "cuda" if gpu else "cpu"
+    costs = [c for r in results.values() for c in r["cost"].values()]
+    train = sum(c.get(cost_key("train", device), 0.0) for c in costs)
+    evals = sum(c.get(cost_key("eval", device), 0.0) for c in costs)
     ent = sum(r.get("gpu_seconds" if gpu else "seconds", 0.0) for r in results.values())
     return train / 3600, evals / 3600, ent / 3600
 
@@ -495,8 +498,7 @@ class Steps:
 def recipe(cfg: StudyConfig) -> dict:
     """The numbers a run's cost follows: the preset's recipe, with the study's overrides."""
     r = dict(models.preset_config(PRESET, cfg.task))
-    r.update({k: getattr(cfg, k) for k in ("steps", "max_new_tokens", "off_policy_warmup")
-              if getattr(cfg, k) is not None})
+    r.update({k: getattr(cfg, k) for k in DISTILL_OVERRIDES if getattr(cfg, k) is not None})
     return r
 
 
@@ -555,8 +557,7 @@ def priced_like_the_whole_study(cfg: StudyConfig) -> bool:
     prompts (a smoke run, or fewer steps or prompts, would price the rest of the study wrong)."""
     full = whole_study(cfg.task)
     return (not cfg.quick and cfg.n_prompts == full.n_prompts and cfg.eval_batch == full.eval_batch
-            and all(getattr(cfg, k) is None for k in ("steps", "batch_size", "max_new_tokens", "n_train",
-                                                      "off_policy_warmup")))
+            and all(getattr(cfg, k) is None for k in DISTILL_OVERRIDES))
 
 
 @dataclass
@@ -598,7 +599,7 @@ def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
     cpu = cpu_means(results)
     if cpu is None or not priced_like_the_whole_study(cfg):
         return []
-    grid, n_settings = full_grid(cfg), len(entropy_settings(cfg.task))
+    grid, n_settings, n_knob = full_grid(cfg), len(entropy_settings(cfg.task)), len(whole_study(cfg.task).settings)
     lacking = [(t, name) for t, name in grid if not ledger_path(cfg, t, name).exists()]
     unmeasured = [t for t in entropy_settings(cfg.task) if not ledger_path(cfg, t, "teacher_entropy").exists()]
     cpu_grid = grid_hours(grid, n_settings, cpu.run_minutes, cpu.entropy)
@@ -619,8 +620,8 @@ def budget_markdown(cfg: StudyConfig, results: dict) -> list[str]:
             f"Measured, one CPU thread per run: a distilled draft cost on average {cpu.train:.0f} CPU min of "
             f"training and {cpu.evaluation:.0f} of evaluation ({cpu.n_drafts} draft{'s' if cpu.n_drafts > 1 else ''}), "
             f"the baseline draft's evaluation {cpu.baseline:.0f}, the teacher's entropy {cpu.entropy:.0f} per "
-            f"temperature. The whole study of this task ({len(whole_study(cfg.task).settings)} "
-            f"temperature{'s' if len(whole_study(cfg.task).settings) > 1 else ''}{probe}, {len(grid)} runs with "
+            f"temperature. The whole study of this task ({n_knob} temperature{'s' if n_knob > 1 else ''}{probe}, "
+            f"{len(grid)} runs with "
             f"the baselines) would cost about {cpu_grid:.0f} CPU hours; {len(lacking)} of its runs are not in the "
             f"ledger yet, about {cpu_rest:.0f} CPU hours more ({cpu_rest / 2:.0f} hours of wall time at two runs "
             f"at once on 2 cores).", "",
@@ -661,13 +662,12 @@ def noise_probe_sentence(cfg: StudyConfig, c: curve.Curve, t: float, probe: dict
     low = min(c.entropy, key=lambda s: c.entropy[s][0])
     acc = float(np.nanmean(np.asarray(probe["per_prompt"]["baseline"]["token_acceptance"], dtype=float)))
     return (f"The knob stops at T = {max(whole_study(cfg.task).settings):.1f}: at T = {t:g} the teacher's "
-            f"entropy is {h:.2f} "
-            f"[{lo:.2f}, {hi:.2f}] nats: exp(H) = {math.exp(h):.0f} equally likely tokens per step, against "
-            f"{math.exp(c.entropy[low][0]):.1f} at T = {low:g}, with ln V = {math.log(vocab):.2f} nats the most "
-            f"there is (V = {vocab}). The study distils no draft on a teacher spread that thin (its samples at that "
-            f"temperature read as incoherent text, not solutions: docs/benchmarks.md, session 15, quotes two); the "
-            f"probe measures the teacher and the baseline draft only (token acceptance {acc:.1%} over its "
-            f"{len(probe['per_prompt']['baseline']['token_acceptance'])} prompts).")
+            f"entropy is {h:.2f} [{lo:.2f}, {hi:.2f}] nats: exp(H) = {math.exp(h):.0f} equally likely tokens per "
+            f"step, against {math.exp(c.entropy[low][0]):.1f} at T = {low:g}, with ln V = {math.log(vocab):.2f} "
+            f"nats the most there is (V = {vocab}). The study distils no draft on a teacher spread that thin (its "
+            f"samples at that temperature read as incoherent text, not solutions: docs/benchmarks.md, session 15, "
+            f"quotes two); the probe measures the teacher and the baseline draft only (token acceptance "
+            f"{acc:.1%} over its {len(probe['per_prompt']['baseline']['token_acceptance'])} prompts).")
 
 
 def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, meta: dict,
