@@ -47,7 +47,10 @@ val_alpha and cost. Each finished measurement is also written to the ledger, <le
 results/real-study/, committed with the results), under a fingerprint of the command that trained the draft
 (distill.py's options), the target's sha256, the prompts and the protocol. A ledger entry of the same
 fingerprint is read back without the draft: the study continues on a new machine from what was committed, and
-trains and evaluates only what the ledger lacks. The teacher's entropy per T is kept there too.
+trains and evaluates only what the ledger lacks. The teacher's entropy per T is kept there too. --from-ledger
+writes the report of the study so far and trains nothing: each temperature at the seeds the ledger holds for every
+one of its drafts (the divergences of a row are compared over the same seeds), a temperature it cannot report yet
+left out, and the header names what is missing.
 """
 from __future__ import annotations
 
@@ -96,6 +99,7 @@ class StudyConfig:
     out: str = "results/REAL.md"
     specbench: str = "results/smollm2/specbench/specbench.json"    # specbench.py's full run, read if there
     quick: bool = False
+    from_ledger: bool = False                   # report what the ledger holds; train and measure nothing
     threads: int = cli.DEFAULT_THREADS
     device: str = "cpu"                         # where the teacher, the training and the evaluation run
 
@@ -303,10 +307,15 @@ def load_setting(cfg: StudyConfig, t: float) -> Setting:
                    baseline_dir, report.source_commit())
 
 
+def entropy_fingerprint(setting: Setting) -> dict:
+    """What the teacher's entropy at T depends on: the target, the prompts, the protocol."""
+    return {"target": setting.target_sha, "n_prompts": len(setting.prompts), "protocol": setting.protocol.as_dict()}
+
+
 def measure_setting_entropy(cfg: StudyConfig, t: float, setting: Setting, log) -> dict:
     """The teacher's processed H(p) at T along its own samples: (mean, lo, hi) and the token count."""
     path = ledger_path(cfg, t, "teacher_entropy")
-    fp = {"target": setting.target_sha, "n_prompts": len(setting.prompts), "protocol": setting.protocol.as_dict()}
+    fp = entropy_fingerprint(setting)
     for known in (path, setting_dir(cfg, t) / "teacher_entropy.json"):   # the ledger, then the runs' cache
         if (hit := cached(known, fp)) is not None:
             if known != path:
@@ -347,15 +356,18 @@ def evaluate_one(cfg: StudyConfig, t: float, name: str, draft_dir: Path, setting
 def run_setting(cfg: StudyConfig, t: float, log, setting: Setting | None = None) -> dict:
     """Every draft of setting T and the teacher's entropy there: read from the ledger, or trained (or found)
     and measured now.
-    -> {"entropy", "tokens", "per_prompt": {run: metrics}, "points": [estimates], "cost": {run: seconds}}"""
+    -> {"entropy", "tokens", "seeds", "per_prompt": {run: metrics}, "points": [estimates], "cost": {run: seconds}}"""
     s = setting or load_setting(cfg, t)
-    out = {**measure_setting_entropy(cfg, t, s, log), "per_prompt": {}, "points": [], "cost": {}}
+    out = {**measure_setting_entropy(cfg, t, s, log), "seeds": tuple(cfg.seeds), "per_prompt": {}, "points": [],
+           "cost": {}}
     jobs = [(d, None if d == "baseline" else s) for d in divs_at(cfg, t)
             for s in (cfg.seeds if d != "baseline" else (0,))]
     for div, seed in jobs:
         name = curve.run_name(div, seed)
         fp = draft_fingerprint(cfg, t, div, seed, len(s.prompts), s.protocol, s.target_sha)
         res = cached(ledger_path(cfg, t, name), fp)
+        if res is None and cfg.from_ledger:
+            raise RuntimeError(f"--from-ledger measures nothing, but {ledger_path(cfg, t, name)} is not in the ledger")
         if res is None:                      # not in the ledger: train (or find) the draft and measure it
             res = measure_draft(cfg, t, div, seed, s, log)
             write_json(ledger_path(cfg, t, name), {"fingerprint": fp, "result": res, "commit": s.commit,
@@ -380,6 +392,23 @@ def draft_fingerprint(cfg: StudyConfig, t: float, div: str, seed, n_prompts: int
         recipe = {"distill": [a for i, a in enumerate(argv) if a not in skip and argv[i - 1] not in skip]}
     return {**recipe, "target": target_sha, "n_prompts": n_prompts, "protocol": protocol.as_dict(),
             "batch": cfg.eval_batch, "seed": 0}
+
+
+def in_ledger(cfg: StudyConfig, t: float, div: str, seed, setting: Setting) -> bool:
+    """Whether the ledger holds this draft's measurement at T under its fingerprint."""
+    fp = draft_fingerprint(cfg, t, div, seed, len(setting.prompts), setting.protocol, setting.target_sha)
+    return cached(ledger_path(cfg, t, curve.run_name(div, seed)), fp) is not None
+
+
+def ledger_seeds(cfg: StudyConfig, t: float, setting: Setting) -> tuple:
+    """The seeds of cfg.seeds at which the ledger holds EVERY distilled draft of T, when it also holds T's teacher
+    entropy and baseline draft: what --from-ledger reports of T (every divergence of a row over the same seeds,
+    so the rows compare like with like). (): nothing of T can be reported yet."""
+    if (cached(ledger_path(cfg, t, "teacher_entropy"), entropy_fingerprint(setting)) is None
+            or not in_ledger(cfg, t, "baseline", None, setting)):
+        return ()
+    trained = [d for d in divs_at(cfg, t) if d != "baseline"]
+    return tuple(seed for seed in cfg.seeds if all(in_ledger(cfg, t, d, seed, setting) for d in trained))
 
 
 def measure_draft(cfg: StudyConfig, t: float, div: str, seed, setting: Setting, log) -> dict:
@@ -410,7 +439,7 @@ def build(results: dict, cfg: StudyConfig) -> curve.Curve:
     """curve.Curve of the real study: settings T, each with its own divergences (collect raises on a missing draft)."""
     collected = {}
     for t, r in results.items():
-        collected.update(curve.collect({t: r["per_prompt"]}, divs_at(cfg, t), cfg.seeds))
+        collected.update(curve.collect({t: r["per_prompt"]}, divs_at(cfg, t), r.get("seeds", cfg.seeds)))
     c = curve.build_curve(collected, {t: tuple(r["entropy"]) for t, r in results.items()}, cfg.n_boot)
     c.knob, c.family = "T", f"the real target (SmolLM2-135M-Instruct on {TASK_NAMES[cfg.task]})"
     return c
@@ -683,7 +712,7 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     if cfg.quick:
         md += ["**QUICK run: one setting, few steps, prompts and tokens. A smoke test of the pipeline, not a "
                "result.**", ""]
-    elif (missing := missing_from_study(cfg)):
+    elif (missing := missing_from_study(cfg, results)):
         md += [f"**Partial study: {'; '.join(missing)}. The rest is being measured (the ledger, "
                f"results/real-study/, grows session by session); read these numbers as a first look.**", ""]
     md += ["## Answer", ""] + [f"- {x}" for x in curve.answer_sentences(c)]
@@ -695,7 +724,7 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     md += ["## The setting", "",
            f"Target SmolLM2-135M-Instruct (the `smollm2` preset); baseline draft its first "
            f"{models.preset_config(PRESET, cfg.task)['draft_layers']} layers; drafts distilled with distill.py "
-           f"(`python distill.py {command_template(cfg)}`), seeds {', '.join(map(str, cfg.seeds))}"
+           f"(`python distill.py {command_template(cfg)}`), {seeds_clause(cfg, results)}"
            f"{f'; {and_list(cfg.extra_divs)} at T = {PRESET_T:g} only' if cfg.extra_divs else ''}. Evaluation: "
            f"batched speculative decoding of the first {cfg.n_prompts} {TASK_NAMES[cfg.task]} test prompts at the "
            f"setting's temperature, the preset's protocol otherwise. The teacher's entropy at each T, measured "
@@ -737,18 +766,38 @@ def write_report(cfg: StudyConfig, c: curve.Curve, results: dict, plots: dict, m
     return cli.write_markdown(cfg.out, md)
 
 
-def missing_from_study(cfg: StudyConfig) -> list[str]:
-    """What this report lacks of its task's whole study (whole_study), in words: [] when complete."""
+def missing_from_study(cfg: StudyConfig, results: dict | None = None) -> list[str]:
+    """What this report lacks of its task's whole study (whole_study), in words: [] when complete. `results`: the
+    settings it reports, each at its own seeds (--from-ledger leaves out a setting, or seeds of one, the ledger
+    lacks)."""
     full, out = whole_study(cfg.task), []
+    if results:
+        cfg = replace(cfg, settings=tuple(sorted(results)), seeds=tuple(sorted(set().union(*(
+            r.get("seeds", cfg.seeds) for r in results.values())))))
     for name, what in (("settings", "temperatures"), ("divs", "divergences"), ("extra_divs",
                        f"acceptance objectives at T = {PRESET_T:g}"), ("seeds", "seeds")):
         lacking = [x for x in getattr(full, name) if x not in getattr(cfg, name)]
         if lacking:
             out.append(f"{what} {', '.join(f'{x:g}' if isinstance(x, float) else str(x) for x in lacking)} "
                        f"not yet in it")
+    for t, r in sorted((results or {}).items()):
+        if lacking := [str(x) for x in cfg.seeds if x not in r.get("seeds", cfg.seeds)]:
+            out.append(f"seed{'s' if len(lacking) > 1 else ''} {', '.join(lacking)} not yet at T = {t:g}")
     if cfg.n_prompts < full.n_prompts:
         out.append(f"{cfg.n_prompts} of {full.n_prompts} prompts")
     return out
+
+
+def seeds_clause(cfg: StudyConfig, results: dict) -> str:
+    """'seeds 0, 1', or each setting's own where they differ (--from-ledger): 'seeds 0, 1 at T = 0.6; seed 0 at
+    T = 1'."""
+    def named(seeds) -> str:
+        return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+    per_setting = {t: tuple(r.get("seeds", cfg.seeds)) for t, r in sorted(results.items())}
+    if len(set(per_setting.values())) <= 1:
+        return named(next(iter(per_setting.values()), cfg.seeds))
+    return "; ".join(f"{named(seeds)} at T = {t:g}" for t, seeds in per_setting.items())
 
 
 def gpu_hours_clause(results: dict) -> str:
@@ -799,10 +848,14 @@ def parse_args(argv=None) -> StudyConfig:
     p.add_argument("--device", default=None, help="where the teacher, training and evaluation run: cpu, cuda or "
                    "cuda:N (default: cuda when torch sees a GPU, else cpu, as distill.py; the ledger's entries are "
                    "the same whatever the device, its seconds are kept apart)")
+    p.add_argument("--from-ledger", action="store_true", help="report what the ledger holds, training and "
+                   "measuring nothing: each temperature at the seeds it holds for all of its drafts, a temperature "
+                   "it lacks left out (the header names what is missing)")
     cli.add_threads_option(p)
     a = p.parse_args(argv)
     cfg = whole_study(a.task or "gsm8k")
-    cfg.quick, cfg.threads, cfg.device = a.quick, cli.check_threads(a.threads), study_device(a.device)
+    cfg.quick, cfg.from_ledger = a.quick, a.from_ledger
+    cfg.threads, cfg.device = cli.check_threads(a.threads), study_device(a.device)
     cli.apply_overrides(cfg, a, QUICK if a.quick else None, sequences=("settings", "divs", "extra_divs", "seeds"),
                         values=("task", "n_prompts", "steps", "runs", "ledger", "out"))
     if cfg.task != "gsm8k" and a.out is None:
@@ -857,8 +910,27 @@ def wants_probe(cfg: StudyConfig) -> bool:
     t = NOISE_PROBE_T.get(cfg.task)
     if t is None or cfg.quick or t in cfg.settings:
         return False
-    in_ledger = all(ledger_path(cfg, t, name).exists() for name in ("teacher_entropy", "baseline"))
-    return in_ledger or set(whole_study(cfg.task).settings) <= set(cfg.settings)
+    kept = all(ledger_path(cfg, t, name).exists() for name in ("teacher_entropy", "baseline"))
+    return kept or (not cfg.from_ledger and set(whole_study(cfg.task).settings) <= set(cfg.settings))
+
+
+def ledger_results(cfg: StudyConfig, settings, log) -> dict:
+    """--from-ledger: each setting read back at the seeds the ledger holds for every one of its drafts
+    (ledger_seeds); a setting it cannot report yet is left out, and the report's header names what is missing.
+    Nothing is trained or measured, so a report of the study so far never starts hours of work."""
+    results = {}
+    for t in settings:
+        s = load_setting(cfg, t)
+        if seeds := ledger_seeds(cfg, t, s):
+            results[t] = run_setting(replace(cfg, seeds=seeds), t, log, s)
+        else:
+            log(f"T={t:g}: left out, the ledger lacks its teacher entropy, its baseline or one of its drafts at "
+                f"every seed of {list(cfg.seeds)}")
+    if not results:
+        raise cli.BadInput(f"--from-ledger: {cfg.ledger} holds no temperature of {list(cfg.settings)} with its "
+                           f"teacher entropy, its baseline and every draft of {', '.join(cfg.divs + cfg.extra_divs)} at "
+                           f"one seed of {list(cfg.seeds)}; run without --from-ledger to measure them")
+    return results
 
 
 def main(argv=None) -> Path:
@@ -874,7 +946,7 @@ def main(argv=None) -> Path:
     log(f"plan: temperatures {', '.join(f'{t:g}' for t in cfg.settings)}; {n} distilled draft(s) + a baseline per "
         f"temperature, {cfg.n_prompts} eval prompts each; cached under {cfg.runs}")
     order = sorted(cfg.settings, key=lambda t: t != PRESET_T)      # the preset's temperature first: most drafts
-    results = {t: run_setting(cfg, t, log) for t in order}
+    results = ledger_results(cfg, order, log) if cfg.from_ledger else {t: run_setting(cfg, t, log) for t in order}
     probe = None
     if wants_probe(cfg):                     # the teacher and the baseline only
         t = NOISE_PROBE_T[cfg.task]

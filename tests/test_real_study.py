@@ -451,3 +451,92 @@ def test_a_study_drafts_task_is_read_from_its_config(tmp_path):
     assert R.distilled_on(str(run / "final")) == "GSM8k"
     assert R.distilled_on("runs/smollm2/dialogsum/x/final") == "DialogSum"
     assert R.distilled_on("elsewhere/final") is None
+
+
+def _ledger_entry(cfg, t, div, seed, s, acceptance=(0.1, 0.2, 0.3)):
+    fp = R.draft_fingerprint(cfg, t, div, seed, len(s.prompts), s.protocol, s.target_sha)
+    entry = {"per_prompt": metrics(list(acceptance)), "pooled_alpha": 0.2, "cost": {"eval_s": 1.0},
+             "estimates": None if div == "baseline" else {"train_alpha": 0.3, "val_alpha": 0.25}}
+    R.write_json(R.ledger_path(cfg, t, curve.run_name(div, seed)), {"fingerprint": fp, "result": entry})
+
+
+def _ledger_entropy(cfg, t, s):
+    R.write_json(R.ledger_path(cfg, t, "teacher_entropy"),
+                 {"fingerprint": R.entropy_fingerprint(s), "result": {"entropy": [0.4, 0.3, 0.5], "tokens": 90}})
+
+
+def test_a_setting_is_reported_at_the_seeds_every_one_of_its_drafts_has(tmp_path):
+    """--from-ledger compares the divergences of a row over the same seeds: a seed one draft lacks is left out
+    for the whole row, else a two-seed mean would be ranked against a one-seed mean."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), seeds=(0, 1), divs=("baseline", "rkl", "jsd"), extra_divs=())
+    s = _setting()
+    assert R.ledger_seeds(cfg, 0.6, s) == ()                      # nothing measured yet
+    _ledger_entropy(cfg, 0.6, s)
+    for div, seed in (("baseline", None), ("rkl", 0), ("jsd", 0), ("rkl", 1)):
+        _ledger_entry(cfg, 0.6, div, seed, s)
+    assert R.ledger_seeds(cfg, 0.6, s) == (0,)
+    _ledger_entry(cfg, 0.6, "jsd", 1, s)
+    assert R.ledger_seeds(cfg, 0.6, s) == (0, 1)
+
+
+def test_a_setting_without_its_baseline_or_entropy_is_not_reported(tmp_path):
+    """The baseline is every row's reference and the entropy its position on the knob: without either the row
+    says nothing, whatever drafts the ledger holds."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), seeds=(0,), divs=("baseline", "rkl"), extra_divs=())
+    s = _setting()
+    _ledger_entry(cfg, 0.6, "rkl", 0, s)
+    _ledger_entropy(cfg, 0.6, s)
+    assert R.ledger_seeds(cfg, 0.6, s) == ()
+    _ledger_entry(cfg, 0.6, "baseline", None, s)
+    assert R.ledger_seeds(cfg, 0.6, s) == (0,)
+
+
+def test_a_ledger_entry_of_another_recipe_does_not_count(tmp_path):
+    """An entry written under another fingerprint (fewer steps, say) is not this study's draft."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), seeds=(0,), divs=("baseline", "rkl"), extra_divs=())
+    s = _setting()
+    _ledger_entropy(cfg, 0.6, s)
+    _ledger_entry(cfg, 0.6, "baseline", None, s)
+    _ledger_entry(R.StudyConfig(ledger=str(tmp_path), steps=40), 0.6, "rkl", 0, s)
+    assert R.ledger_seeds(cfg, 0.6, s) == ()
+
+
+def test_the_report_from_the_ledger_reads_without_measuring(tmp_path, monkeypatch):
+    """--from-ledger must never start training: a setting it reports is read back whole, one it cannot is left
+    out, and each row carries its own seeds into the analysis."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), seeds=(0, 1), settings=(0.6, 1.0), divs=("baseline", "rkl", "jsd"),
+                        extra_divs=(), from_ledger=True)
+    s = _setting()
+    monkeypatch.setattr(R, "load_setting", lambda cfg, t: s)
+
+    def no_work(*a, **k):
+        raise AssertionError("--from-ledger trained or measured something")
+    monkeypatch.setattr(R, "measure_draft", no_work)
+    monkeypatch.setattr(R.curve, "teacher_entropy_per_prompt", no_work)
+    _ledger_entropy(cfg, 0.6, s)
+    for div, seed in (("baseline", None), ("rkl", 0), ("jsd", 0), ("rkl", 1), ("jsd", 1)):
+        _ledger_entry(cfg, 0.6, div, seed, s)
+    _ledger_entry(cfg, 1.0, "baseline", None, s)              # T = 1.0: no entropy, no drafts
+    results = R.ledger_results(cfg, (0.6, 1.0), log=print)
+    assert set(results) == {0.6} and results[0.6]["seeds"] == (0, 1)
+    assert set(results[0.6]["per_prompt"]) == {"baseline", "rkl-s0", "jsd-s0", "rkl-s1", "jsd-s1"}
+
+
+def test_the_report_from_an_empty_ledger_is_refused(tmp_path, monkeypatch):
+    """Nothing to report is the user's mistake (a wrong --ledger, say): one line naming the ledger."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), seeds=(0,), settings=(0.6,), from_ledger=True)
+    monkeypatch.setattr(R, "load_setting", lambda cfg, t: _setting())
+    with pytest.raises(cli.BadInput, match=f"--from-ledger: {tmp_path} holds no temperature of \\[0.6\\]"):
+        R.ledger_results(cfg, (0.6,), log=print)
+
+
+def test_a_report_with_fewer_seeds_at_one_temperature_says_so():
+    """A row reported at seed 0 only beside rows at seeds 0 and 1 reads as weaker evidence: the header and the
+    setting's sentence must say which temperature lacks which seed, and a left-out temperature is missing."""
+    cfg = R.StudyConfig()
+    results = {0.6: {"seeds": (0, 1)}, 1.0: {"seeds": (0,)}}
+    assert R.missing_from_study(cfg, results) == ["temperatures 0.3 not yet in it", "seed 1 not yet at T = 1"]
+    assert R.seeds_clause(cfg, results) == "seeds 0, 1 at T = 0.6; seed 0 at T = 1"
+    assert R.seeds_clause(cfg, {0.6: {"seeds": (0, 1)}, 1.0: {"seeds": (0, 1)}}) == "seeds 0, 1"
+    both_seed_0 = {0.3: {"seeds": (0,)}, 0.6: {"seeds": (0,)}, 1.0: {"seeds": (0,)}}
+    assert R.missing_from_study(cfg, both_seed_0) == ["seeds 1 not yet in it"]
