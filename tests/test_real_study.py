@@ -540,3 +540,16 @@ def test_a_report_with_fewer_seeds_at_one_temperature_says_so():
     assert R.seeds_clause(cfg, {0.6: {"seeds": (0, 1)}, 1.0: {"seeds": (0, 1)}}) == "seeds 0, 1"
     both_seed_0 = {0.3: {"seeds": (0,)}, 0.6: {"seeds": (0,)}, 1.0: {"seeds": (0,)}}
     assert R.missing_from_study(cfg, both_seed_0) == ["seeds 1 not yet in it"]
+
+
+def test_the_report_from_the_ledger_never_measures_an_entropy(tmp_path, monkeypatch):
+    """The teacher's entropy costs half an hour per temperature: --from-ledger must stop, not measure it, where the
+    ledger's entry is of another protocol (a noise probe found by name but not by fingerprint, say)."""
+    cfg = R.StudyConfig(ledger=str(tmp_path), runs=str(tmp_path / "runs"), from_ledger=True)
+
+    def no_work(*a, **k):
+        raise AssertionError("--from-ledger measured the teacher's entropy")
+    monkeypatch.setattr(R.curve, "teacher_entropy_per_prompt", no_work)
+    R.write_json(R.ledger_path(cfg, 1.3, "teacher_entropy"), {"fingerprint": {"other": 1}, "result": {}})
+    with pytest.raises(RuntimeError, match="--from-ledger measures nothing"):
+        R.measure_setting_entropy(cfg, 1.3, _setting(), log=print)
