@@ -402,6 +402,12 @@ def in_ledger(cfg: StudyConfig, t: float, div: str, seed, setting: Setting) -> b
     return cached(ledger_path(cfg, t, curve.run_name(div, seed)), fp) is not None
 
 
+def setting_seeds(cfg: StudyConfig, r: dict) -> tuple:
+    """The seeds a setting's result is reported at: its own (run_setting; --from-ledger may give fewer), else
+    cfg.seeds."""
+    return tuple(r.get("seeds", cfg.seeds))
+
+
 def ledger_seeds(cfg: StudyConfig, t: float, setting: Setting) -> tuple:
     """The seeds of cfg.seeds at which the ledger holds EVERY distilled draft of T, when it also holds T's teacher
     entropy and baseline draft: what --from-ledger reports of T (every divergence of a row over the same seeds,
@@ -441,7 +447,7 @@ def build(results: dict, cfg: StudyConfig) -> curve.Curve:
     """curve.Curve of the real study: settings T, each with its own divergences (collect raises on a missing draft)."""
     collected = {}
     for t, r in results.items():
-        collected.update(curve.collect({t: r["per_prompt"]}, divs_at(cfg, t), r.get("seeds", cfg.seeds)))
+        collected.update(curve.collect({t: r["per_prompt"]}, divs_at(cfg, t), setting_seeds(cfg, r)))
     c = curve.build_curve(collected, {t: tuple(r["entropy"]) for t, r in results.items()}, cfg.n_boot)
     c.knob, c.family = "T", f"the real target (SmolLM2-135M-Instruct on {TASK_NAMES[cfg.task]})"
     return c
@@ -775,7 +781,7 @@ def missing_from_study(cfg: StudyConfig, results: dict | None = None) -> list[st
     full, out = whole_study(cfg.task), []
     if results:
         cfg = replace(cfg, settings=tuple(sorted(results)), seeds=tuple(sorted(set().union(*(
-            r.get("seeds", cfg.seeds) for r in results.values())))))
+            setting_seeds(cfg, r) for r in results.values())))))
     for name, what in (("settings", "temperatures"), ("divs", "divergences"), ("extra_divs",
                        f"acceptance objectives at T = {PRESET_T:g}"), ("seeds", "seeds")):
         lacking = [x for x in getattr(full, name) if x not in getattr(cfg, name)]
@@ -783,7 +789,7 @@ def missing_from_study(cfg: StudyConfig, results: dict | None = None) -> list[st
             out.append(f"{what} {', '.join(f'{x:g}' if isinstance(x, float) else str(x) for x in lacking)} "
                        f"not yet in it")
     for t, r in sorted((results or {}).items()):
-        if lacking := [str(x) for x in cfg.seeds if x not in r.get("seeds", cfg.seeds)]:
+        if lacking := [str(x) for x in cfg.seeds if x not in setting_seeds(cfg, r)]:
             out.append(f"seed{'s' if len(lacking) > 1 else ''} {', '.join(lacking)} not yet at T = {t:g}")
     if cfg.n_prompts < full.n_prompts:
         out.append(f"{cfg.n_prompts} of {full.n_prompts} prompts")
@@ -796,7 +802,7 @@ def seeds_clause(cfg: StudyConfig, results: dict) -> str:
     def named(seeds) -> str:
         return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
-    per_setting = {t: tuple(r.get("seeds", cfg.seeds)) for t, r in sorted(results.items())}
+    per_setting = {t: setting_seeds(cfg, r) for t, r in sorted(results.items())}
     if len(set(per_setting.values())) <= 1:
         return named(next(iter(per_setting.values()), cfg.seeds))
     return "; ".join(f"{named(seeds)} at T = {t:g}" for t, seeds in per_setting.items())
